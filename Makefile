@@ -1,0 +1,47 @@
+# dogbreed: train, tune and serve a dog-breed classifier on SageMaker (BYOC) or locally.
+SHELL := /bin/bash
+PYTHON_SYSTEM ?= python3
+VENV ?= .venv
+PYTHON ?= $(VENV)/bin/python
+SAMPLE_DATA ?= ../shared/data/dogs-sample
+PYTEST_ARGS ?=
+
+.DEFAULT_GOAL := help
+.PHONY: help install test test-all lint format demo bench-train bench-serve clean
+
+help: ## list the targets
+	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | sort | \
+	  awk 'BEGIN {FS = ":.*## "}; {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}'
+
+install: $(VENV)/.installed ## create .venv with the package and every dependency (idempotent)
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PYTHON) || $(PYTHON_SYSTEM) -m venv $(VENV)
+	$(PYTHON) -m pip install --upgrade --quiet "pip>=24"
+	$(PYTHON) -m pip install --quiet -e '.[all,dev]'
+	touch $@
+
+test: install ## run the test suite (CPU; real MMS and Java; docker tests run in test-docker)
+	$(PYTHON) -m pytest $(PYTEST_ARGS)
+
+lint: install ## ruff over src, scripts and tests
+	$(PYTHON) -m ruff check src scripts tests
+
+format: install ## ruff format + import sort
+	$(PYTHON) -m ruff check --fix --select I src scripts tests
+	$(PYTHON) -m ruff format src scripts tests
+
+demo: install ## train ResNet18 + MobileNetV2 on the sample data, serve both locally, invoke by TargetModel
+	$(VENV)/bin/dogbreed demo --data $(SAMPLE_DATA)
+
+bench-train: install ## training throughput benchmark (JSON; --quick on CPU)
+	$(PYTHON) scripts/bench_train.py $(if $(filter cuda,$(DEVICE)),,--quick)
+
+bench-serve: install ## serving latency benchmark through real MMS (JSON)
+	$(PYTHON) scripts/bench_serve.py
+
+clean: ## remove build outputs (keeps .venv)
+	rm -rf build .pytest_cache .ruff_cache
+	find . -name __pycache__ -type d -prune -not -path './$(VENV)/*' -exec rm -rf {} +
+
+-include docker/images.mk

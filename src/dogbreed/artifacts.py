@@ -1,0 +1,226 @@
+"""The model artifact: ``model.pt`` + ``model.json`` in a dir, packed as ``model.tar.gz``.
+
+``model.pt`` is a plain state_dict (``torch.load(weights_only=True)``) and ``model.json`` holds
+everything else a server needs: architecture, class names, image and resize size,
+normalisation, metrics, hyperparameters and library versions. Nothing is pickled.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import os
+import platform
+import shutil
+import tarfile
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from dogbreed.contract import ARCHITECTURES
+
+WEIGHTS_FILE = "model.pt"
+METADATA_FILE = "model.json"
+ARCHIVE_NAME = "model.tar.gz"
+FORMAT_VERSION = 1
+# A model.tar.gz holding more than this unpacked is refused (a ResNet50 is ~95 MB).
+MAX_UNPACKED_BYTES = 2 * 1024**3
+
+
+class ArtifactError(ValueError):
+    """An artifact is missing files, malformed or unsafe to unpack."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelMetadata:
+    arch: str
+    class_names: list[str]
+    image_size: int
+    resize_size: int
+    mean: list[float]
+    std: list[float]
+    metrics: dict[str, Any] = dataclasses.field(default_factory=dict)
+    hyperparameters: dict[str, Any] = dataclasses.field(default_factory=dict)
+    versions: dict[str, str] = dataclasses.field(default_factory=dict)
+    format_version: int = FORMAT_VERSION
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def to_json(self) -> str:
+        return json.dumps({**dataclasses.asdict(self), "num_classes": self.num_classes}, indent=2)
+
+    @classmethod
+    def from_mapping(cls, raw: Mapping[str, Any], source: str = METADATA_FILE) -> ModelMetadata:
+        if not isinstance(raw, Mapping):
+            raise ArtifactError(f"{source}: expected a JSON object")
+        try:
+            meta = cls(
+                arch=str(raw["arch"]),
+                class_names=[str(c) for c in raw["class_names"]],
+                image_size=int(raw["image_size"]),
+                resize_size=int(raw["resize_size"]),
+                mean=[float(x) for x in raw["mean"]],
+                std=[float(x) for x in raw["std"]],
+                metrics=dict(raw.get("metrics") or {}),
+                hyperparameters=dict(raw.get("hyperparameters") or {}),
+                versions=dict(raw.get("versions") or {}),
+                format_version=int(raw.get("format_version", FORMAT_VERSION)),
+            )
+        except KeyError as exc:
+            raise ArtifactError(f"{source}: missing field {exc.args[0]!r}") from None
+        except (TypeError, ValueError) as exc:
+            raise ArtifactError(f"{source}: bad field value: {exc}") from None
+        if meta.format_version > FORMAT_VERSION:
+            raise ArtifactError(f"{source}: format_version {meta.format_version} is newer than this server")
+        if meta.arch not in ARCHITECTURES:
+            raise ArtifactError(f"{source}: unknown arch {meta.arch!r} (known: {', '.join(ARCHITECTURES)})")
+        if not meta.class_names:
+            raise ArtifactError(f"{source}: class_names is empty")
+        if len(meta.mean) != 3 or len(meta.std) != 3 or min(meta.std) <= 0:
+            raise ArtifactError(f"{source}: mean and std need 3 values each, std > 0")
+        if not 16 <= meta.image_size <= meta.resize_size <= 4096:
+            raise ArtifactError(f"{source}: need 16 <= image_size <= resize_size <= 4096")
+        return meta
+
+
+def library_versions() -> dict[str, str]:
+    import torchvision
+
+    return {"python": platform.python_version(), "torch": torch.__version__,
+            "torchvision": torchvision.__version__}
+
+
+def save_model_dir(model_dir: Path, model: nn.Module, metadata: ModelMetadata) -> None:
+    """Write model.pt and model.json (each atomically, so a reader never sees half a file)."""
+    model_dir.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    _atomic_write(model_dir / WEIGHTS_FILE, buffer.getvalue())
+    _atomic_write(model_dir / METADATA_FILE, metadata.to_json().encode())
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def read_metadata(model_dir: Path) -> ModelMetadata:
+    path = model_dir / METADATA_FILE
+    if not path.is_file():
+        raise ArtifactError(f"model dir {model_dir} has no {METADATA_FILE}")
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ArtifactError(f"{path}: not valid JSON: {exc}") from None
+    return ModelMetadata.from_mapping(raw, str(path))
+
+
+def find_model_dir(root: Path) -> Path:
+    """The folder holding model.json: ``root`` itself or its only subfolder that has one."""
+    if (root / METADATA_FILE).is_file():
+        return root
+    candidates = [p.parent for p in root.glob(f"*/{METADATA_FILE}")]
+    if len(candidates) == 1:
+        return candidates[0]
+    raise ArtifactError(f"no {METADATA_FILE} in {root}")
+
+
+def load_model(model_dir: Path, device: torch.device | str = "cpu") -> tuple[nn.Module, ModelMetadata]:
+    """Rebuild the trained model from a model dir (weights_only load), in eval mode."""
+    from dogbreed.models import build_for_inference
+
+    model_dir = find_model_dir(Path(model_dir))
+    metadata = read_metadata(model_dir)
+    weights = model_dir / WEIGHTS_FILE
+    if not weights.is_file():
+        raise ArtifactError(f"model dir {model_dir} has no {WEIGHTS_FILE}")
+    try:
+        state = torch.load(weights, map_location="cpu", weights_only=True)
+    except Exception as exc:  # pickle/zip errors have many types; all mean a bad file
+        raise ArtifactError(f"{weights}: cannot load state_dict: {exc}") from None
+    if not isinstance(state, dict):
+        raise ArtifactError(f"{weights}: does not hold a state_dict")
+    try:
+        model = build_for_inference(metadata.arch, metadata.num_classes, state)
+    except RuntimeError as exc:
+        raise ArtifactError(f"{weights} does not match {metadata.arch} with "
+                            f"{metadata.num_classes} classes: {str(exc)[:300]}") from None
+    return model.to(device), metadata
+
+
+# --- model.tar.gz -------------------------------------------------------------------------------
+def pack(model_dir: Path, archive: Path) -> Path:
+    """Pack the files of ``model_dir`` (flat, as SageMaker does) into ``archive``."""
+    model_dir = Path(model_dir)
+    for required in (WEIGHTS_FILE, METADATA_FILE):
+        if not (model_dir / required).is_file():
+            raise ArtifactError(f"cannot pack {model_dir}: {required} is missing")
+    archive.parent.mkdir(parents=True, exist_ok=True)
+    tmp = archive.with_name(archive.name + ".partial")
+    with tarfile.open(tmp, "w:gz") as tar:
+        for path in sorted(model_dir.rglob("*")):
+            if path.is_file() and not path.is_symlink():
+                tar.add(path, arcname=str(path.relative_to(model_dir)), recursive=False)
+    os.replace(tmp, archive)
+    return archive
+
+
+def _check_member(member: tarfile.TarInfo) -> None:
+    name = member.name
+    parts = Path(name).parts
+    if name.startswith(("/", "\\")) or (parts and ":" in parts[0]) or ".." in parts:
+        raise ArtifactError(f"unsafe path in archive: {name!r}")
+    if not (member.isfile() or member.isdir()):
+        raise ArtifactError(f"archive member {name!r} is a link or device; refusing to unpack")
+
+
+def safe_extract(archive: Path, destination: Path, max_bytes: int = MAX_UNPACKED_BYTES) -> Path:
+    """Unpack ``archive`` into ``destination``, refusing tar-slip, links, devices and bombs.
+
+    Every member is checked before anything is written; extraction goes to a temp dir beside
+    ``destination`` that is renamed into place, so a refused archive leaves nothing behind.
+    """
+    destination = Path(destination)
+    try:
+        tar = tarfile.open(archive, "r:*")
+    except (tarfile.TarError, OSError) as exc:
+        raise ArtifactError(f"{archive}: not a readable tar archive: {exc}") from None
+    with tar:
+        try:
+            members = tar.getmembers()
+        except (tarfile.TarError, EOFError, OSError) as exc:
+            raise ArtifactError(f"{archive}: corrupt archive: {exc}") from None
+        total = 0
+        for member in members:
+            _check_member(member)
+            total += member.size
+            if total > max_bytes:
+                raise ArtifactError(f"{archive}: unpacks to more than {max_bytes} bytes")
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(dir=destination.parent, prefix=f".{destination.name}."))
+        try:
+            # The "data" filter (PEP 706) re-checks every member as it is written.
+            tar.extractall(staging, members=members, filter="data")
+            if destination.exists():
+                shutil.rmtree(destination)
+            os.replace(staging, destination)
+        except BaseException as exc:
+            shutil.rmtree(staging, ignore_errors=True)
+            if isinstance(exc, (tarfile.TarError, OSError, EOFError)):
+                raise ArtifactError(f"{archive}: cannot unpack: {exc}") from None
+            raise
+    return destination

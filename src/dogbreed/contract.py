@@ -1,0 +1,421 @@
+"""The SageMaker container contract: the only module that knows /opt/ml, SM_* and HP parsing.
+
+Training, serving and the launcher import their paths, environment names and hyperparameter
+rules from here. The layout follows sagemaker-training's ``environment.py``: everything hangs
+off one base directory (``/opt/ml``), overridable with ``SAGEMAKER_BASE_DIR`` so tests and local
+runs can use a temp dir, and ``SM_*`` variables (set by the toolkit) win over derived paths.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+# --- environment names ----------------------------------------------------------------------
+BASE_DIR_ENV = "SAGEMAKER_BASE_DIR"
+DEFAULT_BASE_DIR = "/opt/ml"
+
+SM_MODEL_DIR = "SM_MODEL_DIR"
+SM_OUTPUT_DIR = "SM_OUTPUT_DIR"
+SM_OUTPUT_DATA_DIR = "SM_OUTPUT_DATA_DIR"
+SM_INPUT_CONFIG_DIR = "SM_INPUT_CONFIG_DIR"
+SM_CHANNELS = "SM_CHANNELS"
+SM_CHANNEL_PREFIX = "SM_CHANNEL_"
+SM_HPS = "SM_HPS"
+SM_CURRENT_HOST = "SM_CURRENT_HOST"
+SM_HOSTS = "SM_HOSTS"
+SM_NUM_GPUS = "SM_NUM_GPUS"
+# Not a toolkit variable: lets a local run or a test put checkpoints elsewhere.
+CHECKPOINT_DIR_ENV = "DOGBREED_CHECKPOINT_DIR"
+# smdebug's own override for the hook config file, and our switch to turn the hook off.
+SMDEBUG_CONFIG_FILE_ENV = "SMDEBUG_CONFIG_FILE_PATH"
+USE_SMDEBUG_ENV = "USE_SMDEBUG"
+
+# Serving (sagemaker-inference / MME contract).
+SAGEMAKER_BIND_TO_PORT = "SAGEMAKER_BIND_TO_PORT"
+SAGEMAKER_MULTI_MODEL = "SAGEMAKER_MULTI_MODEL"
+SAGEMAKER_MODEL_SERVER_WORKERS = "SAGEMAKER_MODEL_SERVER_WORKERS"
+SAGEMAKER_MODEL_SERVER_TIMEOUT = "SAGEMAKER_MODEL_SERVER_TIMEOUT"
+BIND_HOST_ENV = "DOGBREED_BIND_HOST"
+DEFAULT_BIND_HOST = "0.0.0.0"
+DEFAULT_BIND_PORT = 8080
+
+# File names inside the contract.
+HYPERPARAMETERS_FILE = "hyperparameters.json"
+INPUT_DATA_CONFIG_FILE = "inputdataconfig.json"
+RESOURCE_CONFIG_FILE = "resourceconfig.json"
+DEBUG_HOOK_CONFIG_FILE = "debughookconfig.json"
+FAILURE_FILE = "failure"
+
+# Channel names: one ``training`` channel holding train/valid/test, or one channel per split.
+TRAINING_CHANNEL = "training"
+SPLIT_CHANNELS = {"train": ("train",), "valid": ("valid", "validation"), "test": ("test",)}
+
+# SageMaker adds these to the hyperparameters of tuning and SDK jobs; they are not ours.
+IGNORED_HYPERPARAMETER_PREFIXES = ("sagemaker_", "_")
+
+
+class ContractError(ValueError):
+    """The job's configuration breaks the contract (bad hyperparameter, missing channel...)."""
+
+
+# --- paths ------------------------------------------------------------------------------------
+def base_dir() -> Path:
+    return Path(os.environ.get(BASE_DIR_ENV) or DEFAULT_BASE_DIR)
+
+
+@dataclasses.dataclass(frozen=True)
+class Paths:
+    """Every path of the /opt/ml layout, resolved once from the base dir and SM_* overrides."""
+
+    base: Path
+    input_config_dir: Path
+    data_dir: Path
+    model_dir: Path
+    output_dir: Path
+    output_data_dir: Path
+    checkpoints_dir: Path
+    code_dir: Path
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Paths:
+        env = os.environ if env is None else env
+        base = Path(env.get(BASE_DIR_ENV) or DEFAULT_BASE_DIR)
+        output_dir = Path(env.get(SM_OUTPUT_DIR) or base / "output")
+        return cls(
+            base=base,
+            input_config_dir=Path(env.get(SM_INPUT_CONFIG_DIR) or base / "input" / "config"),
+            data_dir=base / "input" / "data",
+            model_dir=Path(env.get(SM_MODEL_DIR) or base / "model"),
+            output_dir=output_dir,
+            output_data_dir=Path(env.get(SM_OUTPUT_DATA_DIR) or output_dir / "data"),
+            checkpoints_dir=Path(env.get(CHECKPOINT_DIR_ENV) or base / "checkpoints"),
+            code_dir=base / "code",
+        )
+
+    @property
+    def hyperparameters_file(self) -> Path:
+        return self.input_config_dir / HYPERPARAMETERS_FILE
+
+    @property
+    def input_data_config_file(self) -> Path:
+        return self.input_config_dir / INPUT_DATA_CONFIG_FILE
+
+    @property
+    def resource_config_file(self) -> Path:
+        return self.input_config_dir / RESOURCE_CONFIG_FILE
+
+    @property
+    def debug_hook_config_file(self) -> Path:
+        return self.input_config_dir / DEBUG_HOOK_CONFIG_FILE
+
+    @property
+    def failure_file(self) -> Path:
+        return self.output_dir / FAILURE_FILE
+
+    def create_output_dirs(self) -> None:
+        for path in (self.model_dir, self.output_data_dir, self.checkpoints_dir):
+            path.mkdir(parents=True, exist_ok=True)
+
+
+def write_failure(message: str, paths: Paths | None = None) -> Path:
+    """Write the reason a job failed where SageMaker reads it (``FailureReason``)."""
+    paths = paths or Paths.from_env()
+    paths.output_dir.mkdir(parents=True, exist_ok=True)
+    # SageMaker truncates FailureReason at 1024 characters; keep the first line readable.
+    paths.failure_file.write_text(message.strip()[:1024] + "\n", encoding="utf-8")
+    return paths.failure_file
+
+
+# --- channels -----------------------------------------------------------------------------------
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except json.JSONDecodeError as exc:
+        raise ContractError(f"{path} is not valid JSON: {exc}") from exc
+
+
+def input_data_config(paths: Paths) -> dict[str, dict[str, Any]]:
+    return _read_json(paths.input_data_config_file) or {}
+
+
+def resource_config(paths: Paths) -> dict[str, Any]:
+    return _read_json(paths.resource_config_file) or {}
+
+
+def channel_names(paths: Paths, env: Mapping[str, str] | None = None) -> list[str]:
+    """Channels from SM_CHANNELS, else inputdataconfig.json, else the folders under input/data."""
+    env = os.environ if env is None else env
+    if env.get(SM_CHANNELS):
+        return sorted(json.loads(env[SM_CHANNELS]))
+    config = input_data_config(paths)
+    if config:
+        return sorted(config)
+    if paths.data_dir.is_dir():
+        return sorted(p.name for p in paths.data_dir.iterdir() if p.is_dir())
+    return []
+
+
+def channel_dir(name: str, paths: Paths, env: Mapping[str, str] | None = None) -> Path:
+    env = os.environ if env is None else env
+    return Path(env.get(SM_CHANNEL_PREFIX + name.upper()) or paths.data_dir / name)
+
+
+def resolve_splits(paths: Paths, env: Mapping[str, str] | None = None) -> dict[str, Path]:
+    """Map ``train``/``valid``/``test`` to folders of class subfolders.
+
+    Either one ``training`` channel holding ``train/ valid/ test/`` (how the seeds upload
+    dogImages), or one channel per split. ``train`` and ``valid`` are required; ``test`` is used
+    when present.
+    """
+    env = os.environ if env is None else env
+    config = input_data_config(paths)
+    for name, channel in config.items():
+        if channel.get("TrainingInputMode", "File") == "Pipe":
+            raise ContractError(
+                f"channel {name!r} uses Pipe mode; this container reads files: use File or FastFile"
+            )
+    names = channel_names(paths, env)
+    splits: dict[str, Path] = {}
+    for split, aliases in SPLIT_CHANNELS.items():
+        for alias in aliases:
+            if alias in names:
+                splits[split] = channel_dir(alias, paths, env)
+                break
+    if TRAINING_CHANNEL in names:
+        root = channel_dir(TRAINING_CHANNEL, paths, env)
+        for split, aliases in SPLIT_CHANNELS.items():
+            if split in splits:
+                continue
+            for alias in aliases:
+                if (root / alias).is_dir():
+                    splits[split] = root / alias
+                    break
+    missing = [s for s in ("train", "valid") if s not in splits]
+    if missing:
+        raise ContractError(
+            f"missing data split(s) {', '.join(missing)}: give a '{TRAINING_CHANNEL}' channel with "
+            f"train/ valid/ test/ folders, or channels named train and valid "
+            f"(channels found: {', '.join(names) or 'none'})"
+        )
+    return splits
+
+
+def num_hosts(paths: Paths) -> int:
+    return len(resource_config(paths).get("hosts", [])) or 1
+
+
+# --- hyperparameters ------------------------------------------------------------------------
+ARCHITECTURES = ("resnet18", "mobilenet_v2", "resnet50")
+OPTIMIZERS = ("sgd", "adamw")
+AMP_MODES = ("auto", "bf16", "fp16", "off")
+LR_SCHEDULES = ("cosine", "none")
+
+
+@dataclasses.dataclass(frozen=True)
+class Hyperparameters:
+    """Everything a training run can be told. Names use underscores; dashes are accepted."""
+
+    model: str = "resnet18"
+    epochs: int = 10
+    batch_size: int = 64
+    lr: float = 0.01
+    optimizer: str = "sgd"
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    label_smoothing: float = 0.0
+    lr_schedule: str = "cosine"
+    image_size: int = 224
+    weights: str = "imagenet"
+    freeze_backbone: bool = False
+    seed: int = 0
+    amp: str = "auto"
+    channels_last: bool = True
+    compile: bool = False
+    early_stopping_patience: int = 0
+    num_workers: int = 0
+    eval_batch_size: int = 256
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_sagemaker(self) -> dict[str, str]:
+        """Render as SageMaker wants them: dashed keys, string values."""
+        return {k.replace("_", "-"): _to_string(v) for k, v in self.to_dict().items()}
+
+
+_CHOICES: dict[str, tuple[str, ...]] = {
+    "model": ARCHITECTURES,
+    "optimizer": OPTIMIZERS,
+    "amp": AMP_MODES,
+    "lr_schedule": LR_SCHEDULES,
+}
+# (minimum, maximum) inclusive; None = unbounded.
+_RANGES: dict[str, tuple[float | None, float | None]] = {
+    "epochs": (1, 10_000),
+    "batch_size": (1, 65_536),
+    "eval_batch_size": (1, 65_536),
+    "lr": (0.0, None),
+    "momentum": (0.0, 1.0),
+    "weight_decay": (0.0, None),
+    "label_smoothing": (0.0, 0.99),
+    "image_size": (32, 1024),
+    "early_stopping_patience": (0, None),
+    "num_workers": (0, 256),
+}
+_FIELDS = {f.name: f for f in dataclasses.fields(Hyperparameters)}
+
+
+def _to_string(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+def _unwrap(value: Any) -> Any:
+    """Undo the JSON encoding the SageMaker SDK applies to hyperparameter values ("\"x\"")."""
+    if isinstance(value, str):
+        try:
+            decoded = json.loads(value)
+        except (json.JSONDecodeError, ValueError):
+            return value.strip()
+        if isinstance(decoded, (str, int, float, bool)):
+            return decoded
+    return value
+
+
+def _convert(name: str, raw: Any) -> Any:
+    field_type = _FIELDS[name].type
+    value = _unwrap(raw)
+    try:
+        if field_type == "bool":
+            if isinstance(value, bool):
+                return value
+            text = str(value).strip().lower()
+            if text in ("true", "1", "yes", "on"):
+                return True
+            if text in ("false", "0", "no", "off"):
+                return False
+            raise ValueError("expected true or false")
+        if field_type == "int":
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError("expected a whole number")
+            return int(value)
+        if field_type == "float":
+            return float(value)
+        return str(value)
+    except (TypeError, ValueError) as exc:
+        raise ContractError(f"hyperparameter {_dashed(name)}={raw!r}: {exc}") from None
+
+
+def _dashed(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def valid_hyperparameter_names() -> list[str]:
+    return sorted(_dashed(n) for n in _FIELDS)
+
+
+def parse_hyperparameters(*sources: Mapping[str, Any]) -> Hyperparameters:
+    """Merge hyperparameter mappings (later wins) into a validated :class:`Hyperparameters`.
+
+    Values may be strings (SageMaker passes nothing else), JSON-encoded strings (the SageMaker
+    SDK's ``"\\"resnet18\\""``) or native values. Keys SageMaker adds itself
+    (``_tuning_objective_metric``, ``sagemaker_*``) are ignored; any other unknown key fails.
+    """
+    values: dict[str, Any] = {}
+    unknown: list[str] = []
+    for source in sources:
+        for key, raw in source.items():
+            if key.startswith(IGNORED_HYPERPARAMETER_PREFIXES):
+                continue
+            name = key.strip().lstrip("-").replace("-", "_")
+            if name not in _FIELDS:
+                unknown.append(key)
+                continue
+            values[name] = _convert(name, raw)
+    if unknown:
+        raise ContractError(
+            f"unknown hyperparameter(s) {', '.join(sorted(set(unknown)))}; "
+            f"valid: {', '.join(valid_hyperparameter_names())}"
+        )
+    for name, value in values.items():
+        if name in _CHOICES and value not in _CHOICES[name]:
+            raise ContractError(
+                f"hyperparameter {_dashed(name)}={value!r}: choose one of {', '.join(_CHOICES[name])}"
+            )
+        low, high = _RANGES.get(name, (None, None))
+        if (low is not None and value < low) or (high is not None and value > high):
+            bounds = f"[{low}, {high if high is not None else 'inf'}]"
+            raise ContractError(f"hyperparameter {_dashed(name)}={value!r} is outside {bounds}")
+    if values.get("lr", 1.0) == 0.0:
+        raise ContractError("hyperparameter lr must be greater than 0")
+    return Hyperparameters(**values)
+
+
+def parse_cli_args(argv: Sequence[str]) -> dict[str, str]:
+    """Parse ``--key value`` / ``--key=value`` pairs (dashes or underscores), as the toolkit passes them."""
+    result: dict[str, str] = {}
+    args = list(argv)
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--") or arg == "--":
+            raise ContractError(f"unexpected argument {arg!r}: pass hyperparameters as --name value")
+        key, sep, value = arg[2:].partition("=")
+        if not sep:
+            if i + 1 >= len(args) or args[i + 1].startswith("--"):
+                raise ContractError(f"argument --{key} needs a value")
+            value = args[i + 1]
+            i += 1
+        result[key] = value
+        i += 1
+    return result
+
+
+def load_hyperparameters(
+    argv: Sequence[str] = (), paths: Paths | None = None, env: Mapping[str, str] | None = None
+) -> Hyperparameters:
+    """Defaults < hyperparameters.json < SM_HPS < command-line arguments."""
+    paths = paths or Paths.from_env(env)
+    env = os.environ if env is None else env
+    sources: list[Mapping[str, Any]] = []
+    file_values = _read_json(paths.hyperparameters_file)
+    if file_values is not None:
+        if not isinstance(file_values, dict):
+            raise ContractError(f"{paths.hyperparameters_file} must hold a JSON object")
+        sources.append(file_values)
+    if env.get(SM_HPS):
+        try:
+            sources.append(json.loads(env[SM_HPS]))
+        except json.JSONDecodeError as exc:
+            raise ContractError(f"{SM_HPS} is not valid JSON: {exc}") from exc
+    sources.append(parse_cli_args(argv))
+    return parse_hyperparameters(*sources)
+
+
+def build_arg_parser_help() -> argparse.ArgumentParser:
+    """An argparse parser used only to render ``--help`` with every hyperparameter."""
+    parser = argparse.ArgumentParser(
+        prog="dogbreed-train",
+        description=(
+            "Fine-tune a dog-breed classifier under the SageMaker training contract. Reads "
+            f"{DEFAULT_BASE_DIR} (or ${BASE_DIR_ENV}); values here override hyperparameters.json."
+        ),
+    )
+    defaults = Hyperparameters()
+    for name in _FIELDS:
+        choices = _CHOICES.get(name)
+        parser.add_argument(
+            f"--{_dashed(name)}",
+            metavar="VALUE" if not choices else "{" + ",".join(choices) + "}",
+            help=f"default: {_to_string(getattr(defaults, name))}",
+        )
+    return parser

@@ -1,0 +1,264 @@
+"""Dataset discovery, decode-once image cache and on-device augmentation.
+
+Every image is decoded and resized once into a fixed ``cache_size`` square of uint8 pixels
+(on the GPU when it fits), so JPEG decode is paid once per run instead of once per epoch.
+Training augmentation (random resized crop + flip + normalise) and the evaluation transform
+(centre crop + normalise) then run batched on the device. Serving uses the same
+:func:`decode_image` and :func:`eval_transform`, so a served prediction sees exactly the pixels
+an evaluation batch saw.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import logging
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import torchvision.io
+import torchvision.transforms.v2.functional as TF
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png"})
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+# Random-resized-crop bounds (torchvision's reference recipe uses scale 0.08; with the image
+# already centre-cropped to a square cache, 0.25 keeps most of the dog in view).
+CROP_SCALE = (0.25, 1.0)
+CROP_RATIO = (3 / 4, 4 / 3)
+
+
+class DataError(ValueError):
+    """The data on disk cannot be used (missing/empty split or class, nothing decodable)."""
+
+
+def resize_size_for(image_size: int) -> int:
+    """Short side images are resized to before the centre crop (256 for 224, as ImageNet)."""
+    return int(math.ceil(image_size * 256 / 224))
+
+
+def breed_name(class_name: str) -> str:
+    """``"016.Beagle"`` → ``"Beagle"``; other folder names are kept as they are."""
+    prefix, dot, rest = class_name.partition(".")
+    return rest if dot and prefix.isdigit() and rest else class_name
+
+
+@dataclasses.dataclass(frozen=True)
+class SplitIndex:
+    root: Path
+    class_names: list[str]
+    files: list[Path]
+    labels: list[int]
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+
+def index_split(root: Path, class_names: Sequence[str] | None = None) -> SplitIndex:
+    """List ``root/<class>/*.jpg|png``. Without ``class_names`` the sorted folders define them.
+
+    With ``class_names`` (valid/test use train's), a folder absent from train is an error, since
+    the model has no output for it.
+    """
+    if not root.is_dir():
+        raise DataError(f"data split folder {root} does not exist")
+    folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not folders:
+        raise DataError(f"data split {root} has no class folders (expected NNN.Breed_name/)")
+    names = [p.name for p in folders] if class_names is None else list(class_names)
+    positions = {name: i for i, name in enumerate(names)}
+    files: list[Path] = []
+    labels: list[int] = []
+    for folder in folders:
+        if folder.name not in positions:
+            raise DataError(f"class folder {folder} is not among the training classes")
+        images = sorted(
+            p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
+        )
+        if not images and class_names is None:
+            raise DataError(f"class folder {folder} holds no .jpg/.jpeg/.png images")
+        files.extend(images)
+        labels.extend([positions[folder.name]] * len(images))
+    if not files:
+        raise DataError(f"data split {root} holds no images")
+    return SplitIndex(root=root, class_names=names, files=files, labels=labels)
+
+
+# --- decoding ----------------------------------------------------------------------------------
+def decode_image(data: bytes | torch.Tensor, cache_size: int) -> torch.Tensor:
+    """Decode JPEG/PNG bytes to a ``uint8[3, cache_size, cache_size]`` tensor (RGB).
+
+    Short side resized to ``cache_size`` (antialiased), then centre-cropped to a square. Raises
+    ``ValueError``/``RuntimeError`` for undecodable input.
+    """
+    raw = data if isinstance(data, torch.Tensor) else torch.frombuffer(bytearray(data), dtype=torch.uint8)
+    if raw.numel() == 0:
+        raise ValueError("empty image")
+    image = torchvision.io.decode_image(
+        raw, mode=torchvision.io.ImageReadMode.RGB, apply_exif_orientation=True
+    )
+    return resize_and_crop(image, cache_size)
+
+
+def resize_and_crop(image: torch.Tensor, cache_size: int) -> torch.Tensor:
+    image = TF.resize(image, [cache_size], antialias=True)
+    return TF.center_crop(image, [cache_size, cache_size])
+
+
+def _decode_file(path: Path, cache_size: int) -> torch.Tensor | None:
+    try:
+        return decode_image(torchvision.io.read_file(str(path)), cache_size)
+    except (RuntimeError, ValueError, OSError) as exc:
+        log.warning("event=skip_image path=%s reason=%s", path, str(exc).splitlines()[0][:200])
+        return None
+
+
+def _decode_on_gpu(files: Sequence[Path], cache_size: int, device: torch.device,
+                   batch: int = 256) -> list[torch.Tensor | None]:
+    """nvJPEG batch decode; PNGs and anything nvJPEG refuses fall back to the CPU path."""
+    results: list[torch.Tensor | None] = [None] * len(files)
+    for start in range(0, len(files), batch):
+        chunk = list(range(start, min(start + batch, len(files))))
+        jpeg_positions, jpeg_data = [], []
+        for i in chunk:
+            if files[i].suffix.lower() in (".jpg", ".jpeg"):
+                try:
+                    jpeg_data.append(torchvision.io.read_file(str(files[i])))
+                    jpeg_positions.append(i)
+                except (RuntimeError, OSError):
+                    pass
+        decoded: list[torch.Tensor] | None = None
+        if jpeg_data:
+            try:
+                decoded = torchvision.io.decode_jpeg(
+                    jpeg_data, mode=torchvision.io.ImageReadMode.RGB, device=device
+                )
+            except RuntimeError:
+                decoded = None  # one bad file fails the whole batch: redo those on the CPU
+        if decoded is not None:
+            for i, image in zip(jpeg_positions, decoded):
+                results[i] = resize_and_crop(image, cache_size)
+        for i in chunk:
+            if results[i] is None:
+                cpu = _decode_file(files[i], cache_size)
+                results[i] = None if cpu is None else cpu.to(device)
+    return results
+
+
+@dataclasses.dataclass
+class DecodedSplit:
+    """A split decoded once: ``images uint8[N,3,S,S]`` and ``labels int64[N]``."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    class_names: list[str]
+    skipped: int
+
+    def __len__(self) -> int:
+        return int(self.labels.numel())
+
+    @property
+    def device(self) -> torch.device:
+        return self.images.device
+
+
+def decode_split(
+    index: SplitIndex,
+    cache_size: int,
+    device: torch.device,
+    num_workers: int = 0,
+    keep_on_device: bool = True,
+) -> DecodedSplit:
+    """Decode every file of ``index`` once. Unreadable files are skipped, counted and logged.
+
+    On CUDA, JPEGs go through nvJPEG; otherwise ``num_workers`` threads decode on the CPU
+    (torchvision's decoders release the GIL). With ``keep_on_device=False`` the cache stays in
+    pinned host memory and batches are copied to the device as they are used.
+    """
+    workers = num_workers or min(32, os.cpu_count() or 1)
+    if device.type == "cuda":
+        decoded = _decode_on_gpu(index.files, cache_size, device)
+    else:
+        with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
+            decoded = list(pool.map(lambda p: _decode_file(p, cache_size), index.files))
+    kept = [(img, label) for img, label in zip(decoded, index.labels) if img is not None]
+    skipped = len(index.files) - len(kept)
+    if not kept:
+        raise DataError(f"none of the {len(index.files)} images in {index.root} could be decoded")
+    if skipped:
+        log.warning("event=skipped_images split=%s skipped=%d kept=%d", index.root, skipped, len(kept))
+    target = device if keep_on_device else torch.device("cpu")
+    images = torch.stack([img.to(target) for img, _ in kept])
+    labels = torch.tensor([label for _, label in kept], dtype=torch.int64, device=target)
+    if not keep_on_device and device.type == "cuda":
+        images, labels = images.pin_memory(), labels.pin_memory()
+    return DecodedSplit(images=images, labels=labels, class_names=index.class_names, skipped=skipped)
+
+
+def fits_on_device(num_images: int, cache_size: int, device: torch.device, fraction: float = 0.5) -> bool:
+    """Whether a uint8 cache of ``num_images`` fits in ``fraction`` of the device's free memory."""
+    if device.type != "cuda":
+        return True
+    free, _ = torch.cuda.mem_get_info(device)
+    return num_images * 3 * cache_size * cache_size <= free * fraction
+
+
+# --- transforms on batches -------------------------------------------------------------------
+def normalize(batch: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """uint8 or [0,255] float ``[N,3,H,W]`` → normalised float32."""
+    mean_t = torch.tensor(mean, device=batch.device, dtype=torch.float32).view(1, 3, 1, 1) * 255
+    std_t = torch.tensor(std, device=batch.device, dtype=torch.float32).view(1, 3, 1, 1) * 255
+    return (batch.float() - mean_t) / std_t
+
+
+def eval_transform(
+    batch: torch.Tensor,
+    image_size: int,
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
+) -> torch.Tensor:
+    """The evaluation (and serving) transform: centre crop ``image_size`` + normalise."""
+    if batch.dim() == 3:
+        batch = batch.unsqueeze(0)
+    return normalize(TF.center_crop(batch, [image_size, image_size]), mean, std)
+
+
+def train_transform(
+    batch: torch.Tensor,
+    image_size: int,
+    generator: torch.Generator | None = None,
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
+) -> torch.Tensor:
+    """Random resized crop + horizontal flip + normalise, for a whole batch in one sampling op.
+
+    Each sample gets its own crop box (area fraction in ``CROP_SCALE``, aspect in
+    ``CROP_RATIO``) expressed as an affine map; ``grid_sample`` then resamples all of them to
+    ``image_size`` at once, on whatever device the batch lives on.
+    """
+    n = batch.shape[0]
+    device = batch.device
+    rand = torch.rand(n, 5, generator=generator, device=generator.device if generator else "cpu").to(device)
+    area = CROP_SCALE[0] + (CROP_SCALE[1] - CROP_SCALE[0]) * rand[:, 0]
+    log_lo, log_hi = math.log(CROP_RATIO[0]), math.log(CROP_RATIO[1])
+    aspect = torch.exp(log_lo + (log_hi - log_lo) * rand[:, 1])
+    width = torch.sqrt(area * aspect).clamp(max=1.0)
+    height = torch.sqrt(area / aspect).clamp(max=1.0)
+    center_x = (1 - width) * (2 * rand[:, 2] - 1)
+    center_y = (1 - height) * (2 * rand[:, 3] - 1)
+    flip = torch.where(rand[:, 4] < 0.5, -1.0, 1.0).to(device)
+    theta = torch.zeros(n, 2, 3, device=device)
+    theta[:, 0, 0] = width * flip
+    theta[:, 0, 2] = center_x
+    theta[:, 1, 1] = height
+    theta[:, 1, 2] = center_y
+    grid = F.affine_grid(theta, [n, 3, image_size, image_size], align_corners=False)
+    pixels = F.grid_sample(batch.float(), grid, mode="bilinear", padding_mode="reflection",
+                           align_corners=False)
+    return normalize(pixels, mean, std)

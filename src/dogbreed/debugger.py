@@ -1,0 +1,54 @@
+"""smdebug wiring: a hook only when a debugger hook config is present, otherwise nothing at all.
+
+SageMaker writes ``debughookconfig.json`` into the input config dir when a training job has a
+``DebugHookConfig``; ``SMDEBUG_CONFIG_FILE_PATH`` points elsewhere, and ``USE_SMDEBUG=0`` turns
+the hook off. smdebug is imported lazily so runs without a config pay nothing for it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from dogbreed.contract import SMDEBUG_CONFIG_FILE_ENV, USE_SMDEBUG_ENV, Paths
+
+log = logging.getLogger(__name__)
+
+
+def hook_config_path(paths: Paths) -> Path | None:
+    if os.environ.get(USE_SMDEBUG_ENV, "1").strip().lower() in ("0", "false", "no", "off"):
+        return None
+    explicit = os.environ.get(SMDEBUG_CONFIG_FILE_ENV)
+    candidate = Path(explicit) if explicit else paths.debug_hook_config_file
+    return candidate if candidate.is_file() else None
+
+
+def create_hook(paths: Paths, model: nn.Module, loss_fn: nn.Module) -> Any:
+    """An smdebug hook registered on ``model`` and ``loss_fn``, or ``None`` without a config."""
+    config = hook_config_path(paths)
+    if config is None:
+        return None
+    import smdebug.pytorch as smd  # lazy: pulls in pandas, boto3 and the profiler
+
+    hook = smd.Hook.create_from_json_file(json_file_path=str(config))
+    hook.register_module(model)
+    hook.register_loss(loss_fn)
+    log.info("event=smdebug_hook config=%s out_dir=%s", config, hook.out_dir)
+    return hook
+
+
+def set_mode(hook: Any, train: bool) -> None:
+    if hook is None:
+        return
+    import smdebug.pytorch as smd
+
+    hook.set_mode(smd.modes.TRAIN if train else smd.modes.EVAL)
+
+
+def close(hook: Any) -> None:
+    if hook is not None:
+        hook.close()
