@@ -419,3 +419,43 @@ def build_arg_parser_help() -> argparse.ArgumentParser:
             help=f"default: {_to_string(getattr(defaults, name))}",
         )
     return parser
+
+
+# --- local jobs -----------------------------------------------------------------------------------
+def prepare_local_job(
+    base: Path,
+    hyperparameters: Mapping[str, Any],
+    channels: Mapping[str, Path],
+    copy_data: bool = False,
+) -> Paths:
+    """Lay out ``base`` as SageMaker lays out /opt/ml for a one-host training job.
+
+    Hyperparameters are written as strings (all SageMaker passes); each channel is linked (or
+    copied, for a container that cannot follow links out of its mount) into ``input/data``.
+    Returns the :class:`Paths` for ``base`` — run the entry point with ``SAGEMAKER_BASE_DIR=base``.
+    """
+    import shutil
+
+    paths = Paths.from_env({BASE_DIR_ENV: str(base)})
+    paths.input_config_dir.mkdir(parents=True, exist_ok=True)
+    paths.data_dir.mkdir(parents=True, exist_ok=True)
+    strings = {k: v if isinstance(v, str) else _to_string(v) for k, v in hyperparameters.items()}
+    paths.hyperparameters_file.write_text(json.dumps(strings, indent=2))
+    data_config = {}
+    for name, source in channels.items():
+        target = paths.data_dir / name
+        if target.is_symlink() or target.is_file():
+            target.unlink()
+        elif target.exists():
+            shutil.rmtree(target)
+        if copy_data:
+            shutil.copytree(Path(source), target)
+        else:
+            target.symlink_to(Path(source).resolve(), target_is_directory=True)
+        data_config[name] = {"TrainingInputMode": "File", "S3DistributionType": "FullyReplicated",
+                             "RecordWrapperType": "None"}
+    paths.input_data_config_file.write_text(json.dumps(data_config, indent=2))
+    # "localhost" keeps sagemaker-training from waiting on DNS for the host (it does for algo-N).
+    paths.resource_config_file.write_text(json.dumps(
+        {"current_host": "localhost", "hosts": ["localhost"], "network_interface_name": "lo"}))
+    return paths

@@ -212,7 +212,8 @@ def evaluate(model: nn.Module, split: data.DecodedSplit, hp: Hyperparameters, ru
             inputs = inputs.contiguous(memory_format=torch.channels_last)
         with runtime.autocast():
             logits = model(inputs).float()
-        losses.append(nn.functional.cross_entropy(logits, labels, reduction="sum"))
+        # Through the same loss module as training, so smdebug records EVAL losses too.
+        losses.append(loss_fn(logits, labels) * labels.numel())
         predictions.append(logits.argmax(1))
     preds = torch.cat(predictions).cpu()
     labels_cpu = split.labels.cpu()
@@ -429,6 +430,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     configure_logging()
     paths = Paths.from_env()
+    # A failure file left by an earlier (e.g. interrupted) run in this dir is not this run's.
+    paths.failure_file.unlink(missing_ok=True)
     stop = StopFlag()
     stop.install()
     try:

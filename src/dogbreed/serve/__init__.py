@@ -1,0 +1,32 @@
+"""Serving: Multi Model Server (MMS) + a sagemaker-inference handler, driven like SageMaker.
+
+    dogbreed-serve                      # single-model: loads /opt/ml/model
+    SAGEMAKER_MULTI_MODEL=true dogbreed-serve   # multi-model: POST /models {"model_name","url"}
+
+Modules:
+
+- :mod:`dogbreed.serve.inference` request parsing, image checks, prediction and JSON output
+  (``model_fn``/``input_fn``/``predict_fn``/``output_fn``), independent of MMS.
+- :mod:`dogbreed.serve.handler` the class MMS loads in each backend worker.
+- :mod:`dogbreed.serve.server` ``dogbreed-serve`` and :class:`~dogbreed.serve.server.ModelServer`
+  (start/stop MMS from Python), with the small HTTP front that sits before MMS.
+- :mod:`dogbreed.serve.zygote` a fork server that hands MMS pre-imported Python workers.
+
+This module holds only the serving-specific environment names (the SageMaker ones live in
+:mod:`dogbreed.contract`); it imports nothing heavy, since the worker shim imports it.
+"""
+
+# Where the server keeps its MMS config, sockets, pid file, logs and unpacked models.
+RUN_DIR_ENV = "DOGBREED_RUN_DIR"
+# Comma-separated hosts an ``{"url": ...}`` request may fetch from; unset = URL input disabled.
+ALLOW_URL_HOSTS_ENV = "DOGBREED_ALLOW_URL_HOSTS"
+URL_MAX_BYTES_ENV = "DOGBREED_URL_MAX_BYTES"
+URL_TIMEOUT_ENV = "DOGBREED_URL_TIMEOUT"
+# Largest image (width x height) a request may decode to.
+MAX_IMAGE_PIXELS_ENV = "DOGBREED_MAX_IMAGE_PIXELS"
+# torch intra-op threads per backend worker (default: CPUs / workers per model).
+TORCH_THREADS_ENV = "DOGBREED_TORCH_THREADS"
+# "0" starts backend workers as fresh Python processes instead of forking them from the zygote.
+ZYGOTE_ENV = "DOGBREED_SERVE_ZYGOTE"
+# JVM options for MMS, replacing the base file's ``vmargs``.
+JVM_OPTS_ENV = "DOGBREED_MMS_JVM_OPTS"

@@ -1,0 +1,169 @@
+"""Launcher settings: command-line flags > environment (``DOGBREED_*``) > config file > defaults.
+
+The config file is TOML (Python 3.11+) or JSON with the field names below, found at
+``--config PATH``, ``$DOGBREED_CONFIG`` or ``./dogbreed.toml`` / ``./dogbreed.json``. The region
+also falls back to boto3's own ``AWS_REGION`` / ``AWS_DEFAULT_REGION``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+ENV_PREFIX = "DOGBREED_"
+CONFIG_ENV = "DOGBREED_CONFIG"
+DEFAULT_CONFIG_FILES = ("dogbreed.toml", "dogbreed.json")
+TRAIN_REPOSITORY = "dogbreed-train"
+SERVE_REPOSITORY = "dogbreed-serve"
+
+
+class SettingsError(ValueError):
+    pass
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """Everything a launcher command may need; fields left ``None`` are resolved or refused later."""
+
+    region: str | None = None
+    role_arn: str | None = None
+    bucket: str | None = None
+    prefix: str = "dogbreed"
+    train_image: str | None = None
+    serve_image: str | None = None
+    train_instance_type: str = "ml.g4dn.xlarge"
+    train_instance_count: int = 1
+    train_volume_gb: int = 30
+    max_run_seconds: int = 4 * 3600
+    serve_instance_type: str = "ml.m5.xlarge"
+    serve_instance_count: int = 1
+    endpoint_name: str = "dogbreed-mme"
+    # Local backend.
+    workdir: str = ".dogbreed"
+    max_loaded_models: int = 4
+    port: int = 8090
+    poll_seconds: float = 30.0
+
+    @property
+    def has_aws(self) -> bool:
+        """Whether enough is configured to talk to SageMaker (a role and a bucket)."""
+        return bool(self.role_arn and self.bucket)
+
+    @property
+    def workdir_path(self) -> Path:
+        return Path(self.workdir).expanduser()
+
+    def s3_uri(self, *parts: str) -> str:
+        bucket = self.bucket or "<bucket>"
+        key = "/".join(p.strip("/") for p in (self.prefix, *parts) if p and p.strip("/"))
+        return f"s3://{bucket}/{key}"
+
+    @property
+    def data_uri(self) -> str:
+        return self.s3_uri("data")
+
+    @property
+    def output_uri(self) -> str:
+        return self.s3_uri("output")
+
+    @property
+    def models_uri(self) -> str:
+        """The MME model prefix: each model is ``<models_uri>/<name>/model.tar.gz``."""
+        return self.s3_uri("models") + "/"
+
+    @property
+    def checkpoints_uri(self) -> str:
+        return self.s3_uri("checkpoints")
+
+    @property
+    def debug_uri(self) -> str:
+        return self.s3_uri("debug")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(Settings)}
+
+
+def env_name(field: str) -> str:
+    return ENV_PREFIX + field.upper()
+
+
+def _coerce(name: str, value: Any) -> Any:
+    if value is None:
+        return None
+    kind = FIELDS[name].type
+    try:
+        if kind == "int":
+            return int(value)
+        if kind == "float":
+            return float(value)
+    except (TypeError, ValueError):
+        raise SettingsError(f"setting {name}={value!r}: expected a number") from None
+    return str(value)
+
+
+def read_config_file(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise SettingsError(f"cannot read config file {path}: {exc}") from None
+    if path.suffix == ".toml":
+        try:
+            import tomllib
+        except ModuleNotFoundError:  # Python 3.10
+            raise SettingsError(f"{path}: TOML config files need Python 3.11; use JSON") from None
+        try:
+            raw = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as exc:
+            raise SettingsError(f"{path}: not valid TOML: {exc}") from None
+    else:
+        try:
+            raw = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise SettingsError(f"{path}: not valid JSON: {exc}") from None
+    if not isinstance(raw, dict):
+        raise SettingsError(f"{path}: expected a table/object of settings")
+    raw = {k.replace("-", "_"): v for k, v in raw.items()}
+    unknown = sorted(set(raw) - set(FIELDS))
+    if unknown:
+        raise SettingsError(f"{path}: unknown setting(s) {', '.join(unknown)}; "
+                            f"valid: {', '.join(FIELDS)}")
+    return raw
+
+
+def find_config_file(explicit: str | None, env: Mapping[str, str], cwd: Path) -> Path | None:
+    if explicit:
+        return Path(explicit)
+    if env.get(CONFIG_ENV):
+        return Path(env[CONFIG_ENV])
+    for name in DEFAULT_CONFIG_FILES:
+        if (cwd / name).is_file():
+            return cwd / name
+    return None
+
+
+def load(flags: Mapping[str, Any] | None = None, config_file: str | None = None,
+         env: Mapping[str, str] | None = None, cwd: Path | None = None) -> Settings:
+    """Merge defaults < config file < environment < flags (a flag left ``None`` is not given)."""
+    env = os.environ if env is None else env
+    values: dict[str, Any] = {}
+    path = find_config_file(config_file, env, cwd or Path.cwd())
+    if path is not None:
+        values.update(read_config_file(path))
+    if "region" not in values:
+        region = env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION")
+        if region:
+            values["region"] = region
+    for name in FIELDS:
+        if env.get(env_name(name)):
+            values[name] = env[env_name(name)]
+    for name, value in (flags or {}).items():
+        if name in FIELDS and value is not None:
+            values[name] = value
+    return Settings(**{k: _coerce(k, v) for k, v in values.items()})

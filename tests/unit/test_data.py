@@ -1,0 +1,111 @@
+import io
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from dogbreed import data
+
+
+def test_index_uses_sorted_class_folders(sample_data: Path):
+    index = data.index_split(sample_data / "train")
+    assert index.class_names == sorted(index.class_names)
+    assert index.class_names[0] == "001.Beagle" and len(index.class_names) == 5
+    assert len(index) == 80 and sorted(set(index.labels)) == [0, 1, 2, 3, 4]
+    valid = data.index_split(sample_data / "valid", index.class_names)
+    assert valid.class_names == index.class_names and len(valid) == 20
+
+
+def test_breed_name():
+    assert data.breed_name("016.Beagle") == "Beagle"
+    assert data.breed_name("Labrador_retriever") == "Labrador_retriever"
+
+
+def test_empty_class_folder_and_unknown_class_fail(sample_copy: Path):
+    (sample_copy / "train" / "006.Empty_breed").mkdir()
+    with pytest.raises(data.DataError, match="006.Empty_breed holds no"):
+        data.index_split(sample_copy / "train")
+    (sample_copy / "valid" / "007.Stray").mkdir()
+    classes = [p.name for p in sorted((sample_copy / "train").iterdir()) if p.name != "006.Empty_breed"]
+    with pytest.raises(data.DataError, match="not among the training classes"):
+        data.index_split(sample_copy / "valid", classes)
+
+
+def _encoded(size: tuple[int, int], fmt: str, mode: str = "RGB") -> bytes:
+    buffer = io.BytesIO()
+    Image.new(mode, size, color=128 if mode == "L" else (200, 30, 60)).save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("fmt,mode", [("JPEG", "RGB"), ("PNG", "RGBA"), ("PNG", "L"), ("JPEG", "L")])
+def test_decode_image_gives_rgb_square(fmt: str, mode: str):
+    image = data.decode_image(_encoded((500, 375), fmt, mode), 74)
+    assert image.shape == (3, 74, 74) and image.dtype == torch.uint8
+
+
+def test_decode_rejects_empty_and_garbage():
+    with pytest.raises(ValueError):
+        data.decode_image(b"", 64)
+    with pytest.raises(RuntimeError):
+        data.decode_image(b"definitely not an image", 64)
+
+
+def test_decode_split_skips_and_counts_corrupt_files(sample_copy: Path):
+    victim = next((sample_copy / "train" / "001.Beagle").iterdir())
+    victim.write_bytes(victim.read_bytes()[:200])  # truncated JPEG
+    (sample_copy / "train" / "001.Beagle" / "junk.jpg").write_bytes(b"not a jpeg")
+    index = data.index_split(sample_copy / "train")
+    split = data.decode_split(index, 40, torch.device("cpu"), num_workers=2)
+    assert split.skipped >= 1 and len(split) == len(index) - split.skipped
+    assert split.images.shape[1:] == (3, 40, 40)
+
+
+def test_all_corrupt_split_fails(sample_copy: Path):
+    for path in (sample_copy / "train").rglob("*.jpg"):
+        path.write_bytes(b"garbage")
+    with pytest.raises(data.DataError, match="none of the 80 images"):
+        data.decode_split(data.index_split(sample_copy / "train"), 40, torch.device("cpu"))
+
+
+def test_eval_transform_is_centre_crop_and_normalise():
+    batch = torch.randint(0, 256, (2, 3, 74, 74), dtype=torch.uint8)
+    out = data.eval_transform(batch, 64)
+    assert out.shape == (2, 3, 64, 64) and out.dtype == torch.float32
+    expected = (batch[:, :, 5:69, 5:69].float() / 255 - torch.tensor(data.IMAGENET_MEAN).view(1, 3, 1, 1)) \
+        / torch.tensor(data.IMAGENET_STD).view(1, 3, 1, 1)
+    assert torch.allclose(out, expected, atol=1e-5)
+    assert data.eval_transform(batch[0], 64).shape == (1, 3, 64, 64)
+
+
+def test_train_transform_random_crops_are_seeded_and_varied():
+    batch = torch.randint(0, 256, (8, 3, 74, 74), dtype=torch.uint8)
+    a = data.train_transform(batch, 64, torch.Generator().manual_seed(1))
+    b = data.train_transform(batch, 64, torch.Generator().manual_seed(1))
+    c = data.train_transform(batch, 64, torch.Generator().manual_seed(2))
+    assert a.shape == (8, 3, 64, 64)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    # Values stay within the normalised range of real pixels (reflection padding adds none).
+    low = (0 - max(data.IMAGENET_MEAN)) / min(data.IMAGENET_STD)
+    high = (1 - min(data.IMAGENET_MEAN)) / min(data.IMAGENET_STD)
+    assert a.min() >= low - 1e-4 and a.max() <= high + 1e-4
+
+
+def test_train_transform_full_crop_without_flip_is_identity_resample():
+    # With scale (1,1), ratio (1,1) and no flip the affine map is the identity.
+    batch = torch.randint(0, 256, (1, 3, 32, 32), dtype=torch.uint8)
+    original = (data.CROP_SCALE, data.CROP_RATIO)
+    try:
+        data.CROP_SCALE, data.CROP_RATIO = (1.0, 1.0), (1.0, 1.0)
+        # train_transform draws 5 numbers per sample; the 5th < 0.5 means "flip": avoid it.
+        seed = next(s for s in range(100) if torch.rand(1, 5, generator=torch.Generator().manual_seed(s))[0, 4] >= 0.5)
+        gen = torch.Generator().manual_seed(seed)
+        out = data.train_transform(batch, 32, gen)
+    finally:
+        data.CROP_SCALE, data.CROP_RATIO = original
+    assert torch.allclose(out, data.eval_transform(batch, 32), atol=1e-4)
+
+
+def test_resize_size_matches_imagenet_ratio():
+    assert data.resize_size_for(224) == 256
+    assert data.resize_size_for(64) == 74
