@@ -201,6 +201,25 @@ def decode_split(
     return DecodedSplit(images=images, labels=labels, class_names=index.class_names, skipped=skipped)
 
 
+class DecodeCache:
+    """Decoded splits kept for the life of a process, so HPO trials run back to back in one
+    process (or a benchmark's runs) pay for JPEG decode once."""
+
+    def __init__(self) -> None:
+        self._splits: dict[tuple, DecodedSplit] = {}
+
+    def get(self, index: SplitIndex, cache_size: int, device: torch.device, num_workers: int = 0,
+            keep_on_device: bool = True) -> DecodedSplit:
+        key = (str(index.root), tuple(index.class_names), len(index), cache_size, str(device),
+               keep_on_device)
+        if key not in self._splits:
+            self._splits[key] = decode_split(index, cache_size, device, num_workers, keep_on_device)
+        return self._splits[key]
+
+    def clear(self) -> None:
+        self._splits.clear()
+
+
 def fits_on_device(num_images: int, cache_size: int, device: torch.device, fraction: float = 0.5) -> bool:
     """Whether a uint8 cache of ``num_images`` fits in ``fraction`` of the device's free memory."""
     if device.type != "cuda":

@@ -117,6 +117,10 @@ def select_runtime(hp: Hyperparameters, device: torch.device | None = None) -> R
     if amp == "auto":
         amp = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "off"
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[amp]
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed input size: let cuDNN pick the fastest kernels
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
     if dtype is torch.float16 and device.type != "cuda":
         raise ContractError("amp=fp16 needs a GPU; use amp=bf16 or amp=off on CPU")
     return Runtime(device=device, amp_dtype=dtype,
@@ -273,9 +277,14 @@ class TrainResult:
 
 def run(hp: Hyperparameters, paths: Paths, stop: StopFlag | None = None,
         on_epoch: Callable[[EpochResult], None] | None = None,
-        device: torch.device | None = None) -> TrainResult:
-    """Train with ``hp`` on the channels under ``paths``; write the artifact and reports."""
+        device: torch.device | None = None, cache: data.DecodeCache | None = None) -> TrainResult:
+    """Train with ``hp`` on the channels under ``paths``; write the artifact and reports.
+
+    ``on_epoch`` sees every epoch's result (a tuner may raise there to prune the trial);
+    ``cache`` lets runs in one process share decoded images.
+    """
     stop = stop or StopFlag()
+    cache = cache or data.DecodeCache()
     run_started = time.perf_counter()
     runtime = select_runtime(hp, device)
     seed_everything(hp.seed)
@@ -299,7 +308,7 @@ def run(hp: Hyperparameters, paths: Paths, stop: StopFlag | None = None,
     decode_started = time.perf_counter()
 
     def decode(index: data.SplitIndex) -> data.DecodedSplit:
-        return data.decode_split(index, cache_size, runtime.device, hp.num_workers, on_device)
+        return cache.get(index, cache_size, runtime.device, hp.num_workers, on_device)
 
     train_split, valid_split = decode(train_index), decode(valid_index)
     test_split = decode(test_index) if test_index else None
