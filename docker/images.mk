@@ -21,11 +21,12 @@ TAG ?= $(shell git rev-parse --short HEAD 2>/dev/null || echo dev)
 CA_BUNDLE ?= $(firstword $(wildcard $(PIP_CERT) $(SSL_CERT_FILE) /etc/ssl/certs/ca-certificates.crt))
 BAKE_IMAGENET_WEIGHTS ?= false
 REGISTRY ?=
+comma := ,
 
 IMAGE_VERSION = $(shell python3 docker/pyproject_info.py version 2>/dev/null || echo unknown)
 SOURCE_URL ?= $(or $(shell git config --get remote.origin.url 2>/dev/null),unknown)
 DOCKER_BUILD = DOCKER_BUILDKIT=1 $(DOCKER) build --network host \
-	$(if $(CA_BUNDLE),--secret id=cacert,src=$(CA_BUNDLE)) \
+	$(if $(CA_BUNDLE),--secret id=cacert$(comma)src=$(CA_BUNDLE)) \
 	--build-arg VERSION=$(IMAGE_VERSION) --build-arg GIT_SHA=$(GIT_SHA) --build-arg SOURCE_URL=$(SOURCE_URL)
 
 # Local runs use the last build (`latest`).
