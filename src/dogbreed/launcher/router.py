@@ -1,0 +1,505 @@
+"""A local multi-model endpoint: what SageMaker does in front of an MME container, on 127.0.0.1.
+
+SageMaker's runtime receives ``InvokeEndpoint`` with a ``TargetModel`` (a path relative to the
+model's S3 prefix), downloads and unpacks that ``model.tar.gz`` on first use, loads it into the
+container with ``POST /models``, forwards the request to ``POST /models/{name}/invoke`` and
+unloads the least recently used model when the instance runs out of room. :class:`Router` does
+the same against a local model store folder (``<store>/<name>/model.tar.gz``) and an MMS server:
+
+* ``POST /endpoints/{EndpointName}/invocations`` — what boto3's ``sagemaker-runtime`` client
+  sends (point it here with ``endpoint_url``) — and ``POST /invocations``; the target comes from
+  the ``X-Amzn-SageMaker-Target-Model`` header.
+* Errors are JSON with an ``x-amzn-ErrorType`` header, shaped like SageMaker's so the boto3
+  client raises the modeled exception: unknown target → 404 ``ValidationError``, a request the
+  router refuses → 400 ``ValidationError``, a model that rejects the request (bad body) or
+  fails to load → 424 ``ModelError`` with ``OriginalStatusCode`` / ``OriginalMessage``.
+* ``GET /ping`` → 200; ``GET /models`` → the store and what is loaded.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import hashlib
+import http.client
+import json
+import re
+import shutil
+import threading
+import urllib.parse
+from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+from dogbreed import artifacts
+from dogbreed.launcher import events
+
+TARGET_HEADER = "X-Amzn-SageMaker-Target-Model"
+CUSTOM_ATTRIBUTES_HEADER = "X-Amzn-SageMaker-Custom-Attributes"
+VARIANT_HEADER = "X-Amzn-Invoked-Production-Variant"
+ERROR_TYPE_HEADER = "x-amzn-ErrorType"
+REQUEST_ID_HEADER = "x-amzn-RequestId"
+VARIANT_NAME = "AllTraffic"
+# SageMaker real-time endpoints take at most 6 MB per request.
+MAX_BODY_BYTES = 6 * 1024 * 1024
+FORWARDED_HEADERS = ("Content-Type", "Accept", CUSTOM_ATTRIBUTES_HEADER)
+_ENDPOINT_PATH = re.compile(r"^/endpoints/([^/]+)/invocations$")
+
+
+class RouterError(Exception):
+    """An error answered to the caller: HTTP status, SageMaker error code, message, extra fields."""
+
+    def __init__(self, status: int, code: str, message: str, **fields: Any) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.fields = fields
+
+    def body(self) -> dict[str, Any]:
+        return {"ErrorCode": self.code, "Message": self.message, **self.fields}
+
+
+def model_error(status: int, message: str, what: str = "model") -> RouterError:
+    kind = "client" if 400 <= status < 500 else "server"
+    return RouterError(424, "ModelError",
+                       f'Received {kind} error ({status}) from {what} with message "{message}"',
+                       OriginalStatusCode=status, OriginalMessage=message)
+
+
+# --- the model store ---------------------------------------------------------------------------
+class ModelStore:
+    """A folder of ``<name>/model.tar.gz`` (any depth), addressed by relative ``TargetModel`` paths."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root).resolve()
+
+    def resolve(self, target: str) -> Path:
+        """The archive for ``target``, refusing anything that is not a file inside the store."""
+        if not target or target.startswith(("/", "\\")) or "\\" in target or "\x00" in target:
+            raise RouterError(400, "ValidationError", f"invalid TargetModel {target!r}")
+        parts = target.split("/")
+        if any(p in ("", ".", "..") for p in parts):
+            raise RouterError(400, "ValidationError", f"invalid TargetModel {target!r}")
+        path = (self.root / target).resolve()
+        if not path.is_relative_to(self.root) or not path.is_file():
+            raise RouterError(
+                404, "ValidationError",
+                f"Failed to download model data (TargetModel: {target}): no such model in the "
+                f"model store {self.root}. Add it with `dogbreed add-model --local`.")
+        return path
+
+    def add(self, name: str, archive: Path) -> Path:
+        """Copy ``archive`` to ``<store>/<name>/model.tar.gz`` atomically."""
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}", name) or ".." in name:
+            raise ValueError(f"model name {name!r}: letters, digits, '.', '_' and '-' only")
+        target = self.root / name / artifacts.ARCHIVE_NAME
+        target.parent.mkdir(parents=True, exist_ok=True)
+        partial = target.with_name(target.name + ".partial")
+        shutil.copyfile(archive, partial)
+        partial.replace(target)
+        return target
+
+    def targets(self) -> list[str]:
+        if not self.root.is_dir():
+            return []
+        return sorted(p.relative_to(self.root).as_posix()
+                      for p in self.root.rglob(artifacts.ARCHIVE_NAME) if p.is_file())
+
+
+def mms_model_name(target: str) -> str:
+    """A model name MMS accepts, unique per target (SageMaker uses a hash too)."""
+    stem = re.sub(r"[^A-Za-z0-9_-]+", "_", target.removesuffix(".tar.gz").removesuffix("/model"))
+    return f"{stem[:48].strip('_') or 'model'}-{hashlib.sha1(target.encode()).hexdigest()[:8]}"
+
+
+# --- the MMS side ------------------------------------------------------------------------------
+@dataclasses.dataclass
+class Reply:
+    status: int
+    headers: dict[str, str]
+    body: bytes
+
+    def message(self) -> str:
+        try:
+            data = json.loads(self.body)
+            if isinstance(data, dict):
+                return str(data.get("message") or data.get("Message") or data.get("error") or data)
+        except (ValueError, UnicodeDecodeError):
+            pass
+        return self.body.decode("utf-8", "replace")[:500]
+
+
+class ModelServerClient:
+    """The MMS management and inference API (``POST /models``, ``DELETE``, ``/invoke``)."""
+
+    def __init__(self, url: str, timeout: float = 120.0) -> None:
+        parsed = urllib.parse.urlsplit(url)
+        if parsed.scheme != "http" or not parsed.hostname:
+            raise ValueError(f"model server URL must be http://host:port, got {url!r}")
+        self.host, self.port = parsed.hostname, parsed.port or 80
+        self.timeout = timeout
+
+    def request(self, method: str, path: str, body: bytes | None = None,
+                headers: dict[str, str] | None = None) -> Reply:
+        connection = http.client.HTTPConnection(self.host, self.port, timeout=self.timeout)
+        try:
+            connection.request(method, path, body=body, headers=headers or {})
+            response = connection.getresponse()
+            return Reply(response.status, dict(response.getheaders()), response.read())
+        except OSError as exc:
+            raise RouterError(503, "ServiceUnavailable",
+                              f"model server at {self.host}:{self.port} is unreachable: {exc}") from None
+        finally:
+            connection.close()
+
+    def load(self, name: str, url: str) -> Reply:
+        body = json.dumps({"model_name": name, "url": url}).encode()
+        return self.request("POST", "/models", body, {"Content-Type": "application/json"})
+
+    def unload(self, name: str) -> Reply:
+        return self.request("DELETE", f"/models/{urllib.parse.quote(name)}")
+
+    def invoke(self, name: str, body: bytes, headers: dict[str, str]) -> Reply:
+        return self.request("POST", f"/models/{urllib.parse.quote(name)}/invoke", body, headers)
+
+
+# --- routing with LRU loading ------------------------------------------------------------------
+@dataclasses.dataclass(eq=False)
+class _Entry:
+    target: str
+    name: str
+    directory: Path
+    ready: bool = False
+    in_flight: int = 0
+    unloaded: threading.Event = dataclasses.field(default_factory=threading.Event)
+
+
+class ModelCache:
+    """Which targets are loaded in the model server; loads on first use, unloads the LRU.
+
+    Thread-safe: concurrent first requests for one target load it once; a model is never
+    unloaded while a request is using it (the cache may run over ``max_loaded`` for as long as
+    every loaded model is busy, and trims back as they finish).
+    """
+
+    def __init__(self, store: ModelStore, server: ModelServerClient, work_dir: Path,
+                 max_loaded: int = 4) -> None:
+        if max_loaded < 1:
+            raise ValueError("max_loaded must be at least 1")
+        self.store = store
+        self.server = server
+        self.work_dir = Path(work_dir)
+        self.max_loaded = max_loaded
+        self._cond = threading.Condition()
+        self._entries: collections.OrderedDict[str, _Entry] = collections.OrderedDict()
+        self._unloading: dict[str, _Entry] = {}
+        self.loads = 0
+        self.unloads = 0
+
+    def loaded(self) -> list[str]:
+        """Loaded targets, least recently used first."""
+        with self._cond:
+            return [t for t, e in self._entries.items() if e.ready]
+
+    def acquire(self, target: str) -> _Entry:
+        archive = self.store.resolve(target)
+        with self._cond:
+            while True:
+                entry = self._entries.get(target)
+                if entry is not None and entry.ready:
+                    entry.in_flight += 1
+                    self._entries.move_to_end(target)
+                    return entry
+                if entry is None:
+                    break
+                self._cond.wait()  # another request is loading it
+            entry = _Entry(target, mms_model_name(target), self.work_dir / mms_model_name(target))
+            entry.in_flight = 1
+            self._entries[target] = entry
+            previous = self._unloading.get(target)
+            victims = self._pick_victims()
+        try:
+            self._unload_all(victims)
+            if previous is not None:
+                previous.unloaded.wait(timeout=self.server.timeout)
+            self._load(entry, archive)
+        except BaseException:
+            with self._cond:
+                self._entries.pop(target, None)
+                self._cond.notify_all()
+            shutil.rmtree(entry.directory, ignore_errors=True)
+            raise
+        with self._cond:
+            entry.ready = True
+            self._cond.notify_all()
+        return entry
+
+    def release(self, entry: _Entry) -> None:
+        with self._cond:
+            entry.in_flight -= 1
+            victims = self._pick_victims()
+        self._unload_all(victims)
+
+    def forget(self, entry: _Entry) -> None:
+        """Drop an entry the model server no longer knows (it answered 404 for it)."""
+        with self._cond:
+            if self._entries.get(entry.target) is entry:
+                del self._entries[entry.target]
+            self._cond.notify_all()
+        shutil.rmtree(entry.directory, ignore_errors=True)
+
+    def _pick_victims(self) -> list[_Entry]:
+        """Idle ready entries to unload, LRU first, until at most ``max_loaded`` remain. Locked."""
+        victims = []
+        excess = len(self._entries) - self.max_loaded
+        for entry in list(self._entries.values()):
+            if excess <= 0:
+                break
+            if entry.ready and entry.in_flight == 0:
+                del self._entries[entry.target]
+                self._unloading[entry.target] = entry
+                victims.append(entry)
+                excess -= 1
+        return victims
+
+    def _unload_all(self, victims: list[_Entry]) -> None:
+        for entry in victims:
+            try:
+                reply = self.server.unload(entry.name)
+                events.event("model_unloaded", target=entry.target, model=entry.name,
+                             status=reply.status)
+                self.unloads += 1
+            except RouterError as exc:
+                events.warning("model_unload_failed", target=entry.target, error=exc.message)
+            finally:
+                shutil.rmtree(entry.directory, ignore_errors=True)
+                with self._cond:
+                    if self._unloading.get(entry.target) is entry:
+                        del self._unloading[entry.target]
+                entry.unloaded.set()
+
+    def _load(self, entry: _Entry, archive: Path) -> None:
+        try:
+            model_dir = artifacts.safe_extract(archive, entry.directory)
+        except artifacts.ArtifactError as exc:
+            raise model_error(400, f"cannot unpack {entry.target}: {exc}", "model store") from None
+        reply = self.server.load(entry.name, str(model_dir))
+        if reply.status == 507:  # the server is out of memory: make room once and retry
+            with self._cond:
+                victims = self._pick_victims_beyond(1)
+            self._unload_all(victims)
+            reply = self.server.load(entry.name, str(model_dir))
+        if reply.status == 409:  # already loaded (e.g. a router restart): fine
+            reply.status = 200
+        if reply.status >= 300:
+            raise model_error(reply.status, reply.message(), f"model server loading {entry.target}")
+        self.loads += 1
+        events.event("model_loaded", target=entry.target, model=entry.name)
+
+    def _pick_victims_beyond(self, room: int) -> list[_Entry]:
+        saved, self.max_loaded = self.max_loaded, max(1, len(self._entries) - room)
+        try:
+            return self._pick_victims()
+        finally:
+            self.max_loaded = saved
+
+    def close(self) -> None:
+        with self._cond:
+            victims = [e for e in self._entries.values() if e.ready]
+            self._entries.clear()
+        for entry in victims:
+            shutil.rmtree(entry.directory, ignore_errors=True)
+
+
+@dataclasses.dataclass
+class Response:
+    status: int
+    body: bytes
+    headers: dict[str, str]
+
+
+class Router:
+    """The HTTP front. ``Router(store_dir, model_server_url, work_dir).start()``; ``.url``."""
+
+    def __init__(self, store_dir: Path, model_server_url: str, work_dir: Path, *,
+                 endpoint_name: str | None = None, max_loaded: int = 4, host: str = "127.0.0.1",
+                 port: int = 0, timeout: float = 120.0) -> None:
+        self.store = ModelStore(store_dir)
+        self.server = ModelServerClient(model_server_url, timeout)
+        self.cache = ModelCache(self.store, self.server, work_dir, max_loaded)
+        self.endpoint_name = endpoint_name
+        self.host, self.port = host, port
+        self._httpd: ThreadingHTTPServer | None = None
+        self._thread: threading.Thread | None = None
+        self._request_ids = iter(range(1, 1 << 62))
+        self._ids_lock = threading.Lock()
+
+    # -- lifecycle
+    @property
+    def url(self) -> str:
+        if self._httpd is None:
+            raise RuntimeError("router is not started")
+        host, port = self._httpd.server_address[:2]
+        return f"http://{host}:{port}"
+
+    def start(self) -> Router:
+        handler = _make_handler(self)
+        self._httpd = ThreadingHTTPServer((self.host, self.port), handler)
+        self._httpd.daemon_threads = True
+        self._thread = threading.Thread(target=self._httpd.serve_forever, args=(0.05,),
+                                        name="dogbreed-router",
+                                        daemon=True)
+        self._thread.start()
+        events.event("router_started", url=self.url, store=self.store.root,
+                     max_loaded=self.cache.max_loaded)
+        return self
+
+    def stop(self) -> None:
+        if self._httpd is not None:
+            self._httpd.shutdown()
+            self._httpd.server_close()
+            self._httpd = None
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+            self._thread = None
+        self.cache.close()
+
+    def __enter__(self) -> Router:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # -- requests
+    def request_id(self) -> str:
+        with self._ids_lock:
+            return f"local-{next(self._request_ids):08d}"
+
+    def invoke(self, endpoint: str | None, headers: dict[str, str], body: bytes) -> Response:
+        if endpoint is not None and self.endpoint_name and endpoint != self.endpoint_name:
+            raise RouterError(400, "ValidationError", f"Endpoint {endpoint} not found "
+                              f"(this local endpoint is {self.endpoint_name}).")
+        target = headers.get(TARGET_HEADER.lower())
+        if not target:
+            raise RouterError(400, "ValidationError",
+                              f"this is a multi-model endpoint: give TargetModel ({TARGET_HEADER} "
+                              f"header), e.g. one of {self.store.targets()[:5]}")
+        if not body:
+            raise RouterError(400, "ValidationError", "request body is empty")
+        forwarded = {h: headers[h.lower()] for h in FORWARDED_HEADERS if h.lower() in headers}
+        for attempt in (1, 2):
+            entry = self.cache.acquire(target)
+            try:
+                reply = self.server.invoke(entry.name, body, forwarded)
+            finally:
+                self.cache.release(entry)
+            if reply.status == 404 and attempt == 1:
+                # The server lost the model (restarted?): forget it and load it again once.
+                events.warning("model_missing_in_server", target=target, model=entry.name)
+                self.cache.forget(entry)
+                continue
+            break
+        if reply.status >= 300:
+            raise model_error(reply.status, reply.message(), f"model {target}")
+        out_headers = {"Content-Type": reply.headers.get("Content-Type")
+                       or reply.headers.get("content-type") or "application/json",
+                       VARIANT_HEADER: VARIANT_NAME}
+        for key, value in reply.headers.items():
+            if key.lower() == CUSTOM_ATTRIBUTES_HEADER.lower():
+                out_headers[CUSTOM_ATTRIBUTES_HEADER] = value
+        return Response(200, reply.body, out_headers)
+
+    def describe(self) -> dict[str, Any]:
+        return {"endpoint": self.endpoint_name, "store": str(self.store.root),
+                "models": self.store.targets(), "loaded": self.cache.loaded(),
+                "max_loaded": self.cache.max_loaded}
+
+
+def _make_handler(router: Router) -> Callable[..., BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+        server_version = "dogbreed-local-endpoint"
+
+        def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
+            pass  # one event per request is logged below instead
+
+        def _send(self, status: int, body: bytes, headers: dict[str, str], request_id: str) -> None:
+            self.send_response(status)
+            for key, value in headers.items():
+                self.send_header(key, value)
+            self.send_header("Content-Length", str(len(body)))
+            self.send_header(REQUEST_ID_HEADER, request_id)
+            self.end_headers()
+            self.wfile.write(body)
+
+        def _error(self, error: RouterError, request_id: str) -> None:
+            body = json.dumps(error.body()).encode()
+            self._send(error.status, body, {"Content-Type": "application/json",
+                                            ERROR_TYPE_HEADER: error.code}, request_id)
+
+        def _read_body(self) -> bytes:
+            if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+                self.close_connection = True
+                raise RouterError(411, "ValidationError", "chunked bodies are not supported; "
+                                  "send Content-Length")
+            try:
+                length = int(self.headers.get("Content-Length") or 0)
+            except ValueError:
+                self.close_connection = True
+                raise RouterError(400, "ValidationError", "bad Content-Length") from None
+            if length > MAX_BODY_BYTES:
+                self.close_connection = True  # the body is not read: do not reuse the socket
+                raise RouterError(413, "ValidationError",
+                                  f"request body of {length} bytes is over the {MAX_BODY_BYTES} byte limit")
+            return self.rfile.read(length) if length else b""
+
+        def _handle(self, method: str) -> None:
+            request_id = router.request_id()
+            path = urllib.parse.urlsplit(self.path).path
+            status = 500
+            target = self.headers.get(TARGET_HEADER)
+            try:
+                if method == "GET" and path == "/ping":
+                    response = Response(200, b'{"status": "healthy"}\n', {"Content-Type": "application/json"})
+                elif method == "GET" and path == "/models":
+                    response = Response(200, json.dumps(router.describe()).encode(),
+                                        {"Content-Type": "application/json"})
+                else:
+                    match = _ENDPOINT_PATH.match(path)
+                    if path != "/invocations" and not match:
+                        raise RouterError(404, "UnknownOperationException", f"no route for {method} {path}")
+                    if method != "POST":
+                        raise RouterError(405, "ValidationError", f"{path} takes POST")
+                    body = self._read_body()
+                    headers = {k.lower(): v for k, v in self.headers.items()}
+                    endpoint = urllib.parse.unquote(match.group(1)) if match else None
+                    response = router.invoke(endpoint, headers, body)
+                status = response.status
+                self._send(response.status, response.body, response.headers, request_id)
+            except RouterError as exc:
+                status = exc.status
+                self._error(exc, request_id)
+            except Exception as exc:  # noqa: BLE001 - the router must answer, never die
+                events.warning("router_error", error=f"{type(exc).__name__}: {exc}")
+                error = RouterError(500, "InternalFailure", f"{type(exc).__name__}: {exc}")
+                status = 500
+                self._error(error, request_id)
+            if path not in ("/ping",):
+                events.event("request", method=method, path=path, target=target, status=status,
+                             request_id=request_id)
+
+        def do_GET(self) -> None:  # noqa: N802 - stdlib naming
+            self._handle("GET")
+
+        def do_POST(self) -> None:  # noqa: N802
+            self._handle("POST")
+
+        def do_PUT(self) -> None:  # noqa: N802
+            self._handle("PUT")
+
+        def do_DELETE(self) -> None:  # noqa: N802
+            self._handle("DELETE")
+
+    return Handler

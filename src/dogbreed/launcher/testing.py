@@ -1,0 +1,121 @@
+"""Test doubles for the launcher: a tiny MMS management/inference server and fake model archives.
+
+Used by the launcher tests (no Java, no torch); kept in the package so other suites can too.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import urllib.parse
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+from dogbreed import artifacts
+
+
+def make_archive(tmp: Path, name: str, classes: list[str] | None = None) -> Path:
+    """A model.tar.gz holding a model.json (and a placeholder model.pt): enough for routing."""
+    model_dir = tmp / f"{name}-dir"
+    model_dir.mkdir(parents=True)
+    (model_dir / artifacts.WEIGHTS_FILE).write_bytes(b"not really weights")
+    (model_dir / artifacts.METADATA_FILE).write_text(json.dumps({"name": name,
+                                                                "class_names": classes or ["a", "b"]}))
+    return artifacts.pack(model_dir, tmp / f"{name}.tar.gz")
+
+
+class FakeModelServer:
+    """Speaks the MMS API used by the router: POST/DELETE/GET /models, POST /models/{n}/invoke.
+
+    ``invoke`` answers 400 for a body of ``b"bad"`` (the way MMS answers a non-image), else the
+    model name and the ``name`` field of its model.json, so a test can tell models apart.
+    """
+
+    def __init__(self) -> None:
+        self.loaded: dict[str, dict[str, Any]] = {}
+        self.calls: list[tuple[str, str]] = []
+        self.lock = threading.Lock()
+        self.fail_load_with: int | None = None
+        fake = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+            def reply(self, status: int, payload: Any) -> None:
+                body = json.dumps(payload).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def body(self) -> bytes:
+                return self.rfile.read(int(self.headers.get("Content-Length") or 0))
+
+            def do_POST(self) -> None:  # noqa: N802
+                parsed = urllib.parse.urlsplit(self.path)
+                data = self.body()
+                if parsed.path == "/models":
+                    spec = json.loads(data) if data else dict(urllib.parse.parse_qsl(parsed.query))
+                    name, url = spec["model_name"], spec["url"]
+                    with fake.lock:
+                        fake.calls.append(("load", name))
+                        if fake.fail_load_with:
+                            return self.reply(fake.fail_load_with, {"code": fake.fail_load_with,
+                                                                    "message": "cannot load"})
+                        if name in fake.loaded:
+                            return self.reply(409, {"code": 409, "message": f"{name} exists"})
+                        meta = json.loads((Path(url) / artifacts.METADATA_FILE).read_text())
+                        fake.loaded[name] = meta
+                    return self.reply(200, {"status": f"Model {name} registered"})
+                parts = parsed.path.strip("/").split("/")
+                if len(parts) == 3 and parts[0] == "models" and parts[2] == "invoke":
+                    name = parts[1]
+                    with fake.lock:
+                        fake.calls.append(("invoke", name))
+                        meta = fake.loaded.get(name)
+                    if meta is None:
+                        return self.reply(404, {"code": 404, "message": f"Model not found: {name}"})
+                    if data == b"bad":
+                        return self.reply(400, {"code": 400, "message": "not an image"})
+                    return self.reply(200, {"model": name, "artifact": meta["name"],
+                                            "content_type": self.headers.get("Content-Type"),
+                                            "custom": self.headers.get(
+                                                "X-Amzn-SageMaker-Custom-Attributes")})
+                self.reply(404, {"code": 404, "message": "no route"})
+
+            def do_DELETE(self) -> None:  # noqa: N802
+                name = self.path.strip("/").split("/")[-1]
+                with fake.lock:
+                    fake.calls.append(("unload", name))
+                    if fake.loaded.pop(name, None) is None:
+                        return self.reply(404, {"code": 404, "message": "not found"})
+                self.reply(200, {"status": f"Model {name} unregistered"})
+
+            def do_GET(self) -> None:  # noqa: N802
+                with fake.lock:
+                    self.reply(200, {"models": [{"modelName": n} for n in fake.loaded]})
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.thread = threading.Thread(target=self.httpd.serve_forever, args=(0.05,), daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.httpd.server_address[1]}"
+
+    def __enter__(self) -> FakeModelServer:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+    def count(self, kind: str) -> int:
+        with self.lock:
+            return sum(1 for k, _ in self.calls if k == kind)

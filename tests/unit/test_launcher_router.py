@@ -1,0 +1,209 @@
+"""The local multi-model endpoint router, against a fake MMS (no Java): routing, LRU, errors."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import http.client
+import json
+from pathlib import Path
+
+import boto3
+import pytest
+from botocore.config import Config
+
+from dogbreed.launcher import router as router_mod
+from dogbreed.launcher.router import ModelStore, Router, RouterError, mms_model_name
+from dogbreed.launcher.testing import FakeModelServer, make_archive
+
+ENDPOINT = "dogbreed-local"
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> ModelStore:
+    store = ModelStore(tmp_path / "store")
+    for name in ("resnet", "mobilenet", "third"):
+        store.add(name, make_archive(tmp_path / "archives", name))
+    return store
+
+
+@pytest.fixture
+def fake_server():
+    with FakeModelServer() as server:
+        yield server
+
+
+@pytest.fixture
+def endpoint(store: ModelStore, fake_server: FakeModelServer, tmp_path: Path):
+    with Router(store.root, fake_server.url, tmp_path / "work", endpoint_name=ENDPOINT,
+                max_loaded=2) as router:
+        yield router
+
+
+def post(url: str, path: str, body: bytes, headers: dict[str, str]) -> tuple[int, dict, dict]:
+    host, port = url.removeprefix("http://").split(":")
+    connection = http.client.HTTPConnection(host, int(port), timeout=10)
+    connection.request("POST", path, body=body, headers=headers)
+    response = connection.getresponse()
+    payload = json.loads(response.read() or b"{}")
+    result = response.status, {k.lower(): v for k, v in response.getheaders()}, payload
+    connection.close()
+    return result
+
+
+def invoke(url: str, target: str | None, body: bytes = b"jpeg bytes",
+           path: str = f"/endpoints/{ENDPOINT}/invocations") -> tuple[int, dict, dict]:
+    headers = {"Content-Type": "image/jpeg", "Accept": "application/json"}
+    if target is not None:
+        headers[router_mod.TARGET_HEADER] = target
+    return post(url, path, body, headers)
+
+
+def runtime_client(url: str):
+    return boto3.client("sagemaker-runtime", region_name="us-east-1", endpoint_url=url,
+                        aws_access_key_id="local", aws_secret_access_key="local",
+                        config=Config(retries={"max_attempts": 1}))
+
+
+def test_two_targets_route_to_their_own_model(endpoint: Router, fake_server: FakeModelServer) -> None:
+    status, headers, body = invoke(endpoint.url, "resnet/model.tar.gz")
+    assert status == 200 and body["artifact"] == "resnet"
+    assert headers["x-amzn-invoked-production-variant"] == "AllTraffic"
+    status, _, body = invoke(endpoint.url, "mobilenet/model.tar.gz", path="/invocations")
+    assert status == 200 and body["artifact"] == "mobilenet"
+    # A second call to a loaded target does not load it again.
+    invoke(endpoint.url, "resnet/model.tar.gz")
+    assert fake_server.count("load") == 2
+    assert endpoint.cache.loaded() == ["mobilenet/model.tar.gz", "resnet/model.tar.gz"]
+
+
+def test_lru_unloads_least_recently_used_past_max_loaded(endpoint: Router,
+                                                         fake_server: FakeModelServer) -> None:
+    for target in ("resnet", "mobilenet", "resnet", "third"):  # resnet was used after mobilenet
+        assert invoke(endpoint.url, f"{target}/model.tar.gz")[0] == 200
+    assert endpoint.cache.loaded() == ["resnet/model.tar.gz", "third/model.tar.gz"]
+    assert ("unload", mms_model_name("mobilenet/model.tar.gz")) in fake_server.calls
+    assert set(fake_server.loaded) == {mms_model_name("resnet/model.tar.gz"),
+                                       mms_model_name("third/model.tar.gz")}
+    # The unloaded model's unpacked copy is gone; it loads again on its next use.
+    assert not (endpoint.cache.work_dir / mms_model_name("mobilenet/model.tar.gz")).exists()
+    assert invoke(endpoint.url, "mobilenet/model.tar.gz")[2]["artifact"] == "mobilenet"
+    assert fake_server.count("load") == 4 and fake_server.count("unload") == 2
+
+
+def test_unknown_target_is_404_validation_error(endpoint: Router) -> None:
+    status, headers, body = invoke(endpoint.url, "nope/model.tar.gz")
+    assert status == 404
+    assert headers["x-amzn-errortype"] == "ValidationError"
+    assert "nope/model.tar.gz" in body["Message"]
+
+
+@pytest.mark.parametrize("target", ["../store/resnet/model.tar.gz", "/etc/passwd", "a//b", "resnet"])
+def test_targets_outside_the_store_are_refused(endpoint: Router, target: str) -> None:
+    status, headers, _ = invoke(endpoint.url, target)
+    assert status in (400, 404) and headers["x-amzn-errortype"] == "ValidationError"
+
+
+def test_bad_body_is_a_4xx_model_error(endpoint: Router) -> None:
+    status, headers, body = invoke(endpoint.url, "resnet/model.tar.gz", body=b"bad")
+    assert status == 424 and headers["x-amzn-errortype"] == "ModelError"
+    assert body["OriginalStatusCode"] == 400 and body["OriginalMessage"] == "not an image"
+
+
+@pytest.mark.parametrize(("target", "body", "path", "status"), [
+    (None, b"x", f"/endpoints/{ENDPOINT}/invocations", 400),         # no TargetModel
+    ("resnet/model.tar.gz", b"", f"/endpoints/{ENDPOINT}/invocations", 400),  # empty body
+    ("resnet/model.tar.gz", b"x", "/endpoints/other/invocations", 400),       # wrong endpoint
+    ("resnet/model.tar.gz", b"x", "/nowhere", 404),
+])
+def test_refused_requests(endpoint: Router, target, body, path, status) -> None:
+    got, headers, payload = invoke(endpoint.url, target, body, path)
+    assert got == status and payload["Message"] and headers["content-type"] == "application/json"
+
+
+def test_oversized_body_is_413(endpoint: Router, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(router_mod, "MAX_BODY_BYTES", 10)
+    assert invoke(endpoint.url, "resnet/model.tar.gz", body=b"x" * 11)[0] == 413
+
+
+def test_failed_load_is_a_model_error_and_is_not_cached(endpoint: Router,
+                                                        fake_server: FakeModelServer) -> None:
+    fake_server.fail_load_with = 400
+    status, _, body = invoke(endpoint.url, "resnet/model.tar.gz")
+    assert status == 424 and body["OriginalStatusCode"] == 400
+    assert endpoint.cache.loaded() == []
+    fake_server.fail_load_with = None
+    assert invoke(endpoint.url, "resnet/model.tar.gz")[0] == 200
+
+
+def test_model_lost_by_the_server_is_loaded_again(endpoint: Router,
+                                                  fake_server: FakeModelServer) -> None:
+    assert invoke(endpoint.url, "resnet/model.tar.gz")[0] == 200
+    fake_server.loaded.clear()  # e.g. the model server restarted
+    assert invoke(endpoint.url, "resnet/model.tar.gz")[0] == 200
+    assert fake_server.count("load") == 2
+
+
+def test_corrupt_archive_in_store_is_refused(endpoint: Router, store: ModelStore) -> None:
+    bad = store.root / "broken" / "model.tar.gz"
+    bad.parent.mkdir()
+    bad.write_bytes(b"not a tar")
+    status, headers, _ = invoke(endpoint.url, "broken/model.tar.gz")
+    assert status == 424 and headers["x-amzn-errortype"] == "ModelError"
+
+
+def test_concurrent_first_use_loads_once_and_respects_max(endpoint: Router,
+                                                          fake_server: FakeModelServer) -> None:
+    targets = ["resnet", "mobilenet", "third"] * 8
+    with concurrent.futures.ThreadPoolExecutor(max_workers=8) as pool:
+        results = list(pool.map(lambda t: invoke(endpoint.url, f"{t}/model.tar.gz"), targets))
+    assert all(status == 200 and body["artifact"] == t
+               for t, (status, _, body) in zip(targets, results, strict=True))
+    assert len(endpoint.cache.loaded()) <= 2
+    assert fake_server.count("load") - fake_server.count("unload") == len(fake_server.loaded) <= 2
+
+
+def test_boto3_sagemaker_runtime_client_works_unchanged(endpoint: Router) -> None:
+    client = runtime_client(endpoint.url)
+    response = client.invoke_endpoint(EndpointName=ENDPOINT, TargetModel="resnet/model.tar.gz",
+                                      ContentType="image/jpeg", Accept="application/json",
+                                      CustomAttributes="top_k=3", Body=b"jpeg bytes")
+    payload = json.loads(response["Body"].read())
+    assert payload["artifact"] == "resnet" and payload["custom"] == "top_k=3"
+    assert payload["content_type"] == "image/jpeg"
+    assert response["InvokedProductionVariant"] == "AllTraffic"
+
+    with pytest.raises(client.exceptions.ValidationError) as missing:
+        client.invoke_endpoint(EndpointName=ENDPOINT, TargetModel="nope/model.tar.gz",
+                               ContentType="image/jpeg", Body=b"jpeg bytes")
+    assert missing.value.response["ResponseMetadata"]["HTTPStatusCode"] == 404
+
+    with pytest.raises(client.exceptions.ModelError) as bad:
+        client.invoke_endpoint(EndpointName=ENDPOINT, TargetModel="resnet/model.tar.gz",
+                               ContentType="image/jpeg", Body=b"bad")
+    assert bad.value.response["OriginalStatusCode"] == 400
+    assert bad.value.response["ResponseMetadata"]["HTTPStatusCode"] == 424
+
+
+def test_ping_and_models(endpoint: Router) -> None:
+    host, port = endpoint.url.removeprefix("http://").split(":")
+    connection = http.client.HTTPConnection(host, int(port), timeout=5)
+    connection.request("GET", "/ping")
+    assert connection.getresponse().status == 200
+    connection.close()
+    assert endpoint.describe()["models"] == ["mobilenet/model.tar.gz", "resnet/model.tar.gz",
+                                             "third/model.tar.gz"]
+
+
+def test_store_refuses_bad_names(tmp_path: Path) -> None:
+    store = ModelStore(tmp_path)
+    with pytest.raises(ValueError):
+        store.add("../x", tmp_path / "whatever")
+    with pytest.raises(RouterError):
+        store.resolve("x/../../etc/passwd")
+
+
+def test_unreachable_model_server_is_503(store: ModelStore, tmp_path: Path) -> None:
+    with Router(store.root, "http://127.0.0.1:9", tmp_path / "w", timeout=2) as router:
+        status, headers, _ = invoke(router.url, "resnet/model.tar.gz",
+                                    path="/invocations")
+    assert status == 503 and headers["x-amzn-errortype"] == "ServiceUnavailable"
