@@ -119,9 +119,10 @@ def _decode_file(path: Path, cache_size: int) -> torch.Tensor | None:
         return None
 
 
-def _decode_on_gpu(files: Sequence[Path], cache_size: int, device: torch.device,
-                   batch: int = 256) -> list[torch.Tensor | None]:
-    """nvJPEG batch decode; PNGs and anything nvJPEG refuses fall back to the CPU path."""
+def decode_jpeg_batches(files: Sequence[Path], cache_size: int, device: torch.device,
+                        batch: int = 256) -> list[torch.Tensor | None]:
+    """Batched JPEG decode on ``device`` (nvJPEG on CUDA); PNGs and anything the batch decoder
+    refuses go through :func:`decode_image` one by one. ``None`` marks an undecodable file."""
     results: list[torch.Tensor | None] = [None] * len(files)
     for start in range(0, len(files), batch):
         chunk = list(range(start, min(start + batch, len(files))))
@@ -183,7 +184,7 @@ def decode_split(
     """
     workers = num_workers or min(32, os.cpu_count() or 1)
     if device.type == "cuda":
-        decoded = _decode_on_gpu(index.files, cache_size, device)
+        decoded = decode_jpeg_batches(index.files, cache_size, device)
     else:
         with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
             decoded = list(pool.map(lambda p: _decode_file(p, cache_size), index.files))

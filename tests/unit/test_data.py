@@ -109,3 +109,35 @@ def test_train_transform_full_crop_without_flip_is_identity_resample():
 def test_resize_size_matches_imagenet_ratio():
     assert data.resize_size_for(224) == 256
     assert data.resize_size_for(64) == 74
+
+
+def test_batched_jpeg_decode_matches_single_decode_and_falls_back(sample_copy: Path):
+    """The nvJPEG code path, run on the CPU: same pixels as decode_image, PNG and bad files handled."""
+    files = sorted((sample_copy / "train" / "001.Beagle").iterdir())[:5]
+    png = files[0].with_suffix(".png")
+    Image.open(files[0]).save(png)
+    bad = files[1].parent / "bad.jpg"
+    bad.write_bytes(b"\xff\xd8\xff\xe0 not really")
+    batch = [*files, png, bad]
+    decoded = data.decode_jpeg_batches(batch, 74, torch.device("cpu"), batch=3)
+    assert decoded[-1] is None
+    for path, image in zip(batch[:-1], decoded[:-1]):
+        assert torch.equal(image, data.decode_image(path.read_bytes(), 74)), path.name
+
+
+def test_host_memory_cache(sample_data: Path):
+    index = data.index_split(sample_data / "valid")
+    split = data.decode_split(index, 40, torch.device("cpu"), keep_on_device=False)
+    assert split.device.type == "cpu" and len(split) == 20
+
+
+def test_decode_cache_decodes_once(sample_data: Path, monkeypatch):
+    calls = []
+    real = data.decode_split
+    monkeypatch.setattr(data, "decode_split", lambda *a, **k: calls.append(1) or real(*a, **k))
+    cache = data.DecodeCache()
+    index = data.index_split(sample_data / "valid")
+    first = cache.get(index, 40, torch.device("cpu"))
+    assert cache.get(index, 40, torch.device("cpu")) is first
+    cache.get(index, 48, torch.device("cpu"))
+    assert len(calls) == 2
