@@ -29,15 +29,15 @@ def _value(value: Any) -> str:
     return text
 
 
-def format_event(name: str, **fields: Any) -> str:
+def format_event(name: str, /, **fields: Any) -> str:
     return " ".join([f"event={name}", *(f"{k}={_value(v)}" for k, v in fields.items() if v is not None)])
 
 
-def event(name: str, level: int = logging.INFO, **fields: Any) -> None:
+def event(name: str, level: int = logging.INFO, /, **fields: Any) -> None:
     log.log(level, format_event(name, **fields))
 
 
-def warning(name: str, **fields: Any) -> None:
+def warning(name: str, /, **fields: Any) -> None:
     event(name, logging.WARNING, **fields)
 
 
