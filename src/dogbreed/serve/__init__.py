@@ -24,9 +24,19 @@ URL_MAX_BYTES_ENV = "DOGBREED_URL_MAX_BYTES"
 URL_TIMEOUT_ENV = "DOGBREED_URL_TIMEOUT"
 # Largest image (width x height) a request may decode to.
 MAX_IMAGE_PIXELS_ENV = "DOGBREED_MAX_IMAGE_PIXELS"
-# torch intra-op threads per backend worker (default: CPUs / workers per model).
+# torch intra-op threads per backend worker (default 1, as MMS sets OMP_NUM_THREADS=1).
 TORCH_THREADS_ENV = "DOGBREED_TORCH_THREADS"
 # "0" starts backend workers as fresh Python processes instead of forking them from the zygote.
 ZYGOTE_ENV = "DOGBREED_SERVE_ZYGOTE"
 # JVM options for MMS, replacing the base file's ``vmargs``.
 JVM_OPTS_ENV = "DOGBREED_MMS_JVM_OPTS"
+
+
+LOAD_ERRORS_DIR = "load-errors"
+
+
+def load_error_file(run_dir: str, model_name: str) -> str:
+    """Where a worker that failed to load ``model_name`` leaves the reason for the front."""
+    from urllib.parse import quote
+
+    return f"{run_dir}/{LOAD_ERRORS_DIR}/{quote(model_name, safe='')}.json"

@@ -1,0 +1,252 @@
+#!/usr/bin/env python3
+"""Serving benchmark: the real server (HTTP front + MMS + Java + handler) against in-process.
+
+    python scripts/bench_serve.py                  # ResNet18 + MobileNetV2 at 224 px, prints JSON
+    python scripts/bench_serve.py --image-size 64 --requests 100
+
+For each architecture it writes a model artifact (random weights: serving cost does not depend
+on their values; ``--model NAME=DIR`` uses a trained one instead), starts one multi-model
+server on 127.0.0.1 and measures, with a 500x375 JPEG:
+
+- cold load: ``POST /models`` with the unpacked dir (what SageMaker sends) until the first
+  answer, and the same from ``model.tar.gz`` (adds the safe unpack);
+- batch-1 latency p50/p99 through HTTP (keep-alive, one client), through MMS's own socket
+  without the front, and the same decode+forward in this process (``inference.input_fn`` /
+  ``predict_fn`` / ``output_fn`` with the same torch thread count), interleaved in rounds so a
+  noisy machine hits all three alike; the ratio server/in-process;
+- requests/s with 4 concurrent clients (bounded by count and time).
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import io
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from dogbreed import artifacts, data, models
+from dogbreed.serve import TORCH_THREADS_ENV, front, inference
+from dogbreed.serve.server import ModelServer
+
+SAMPLE_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "dogs-sample"
+IMAGE_SIZE = (500, 375)
+NUM_CLASSES = 133  # the dogImages breeds
+
+
+def make_jpeg() -> bytes:
+    """A 500x375 photo (a sample dog, resized), JPEG quality 90; noise if there is no sample."""
+    samples = sorted(SAMPLE_DATA.rglob("*.jpg")) if SAMPLE_DATA.is_dir() else []
+    if samples:
+        image = Image.open(samples[0]).convert("RGB").resize(IMAGE_SIZE, Image.Resampling.LANCZOS)
+    else:
+        noise = torch.randint(0, 256, (IMAGE_SIZE[1], IMAGE_SIZE[0], 3), dtype=torch.uint8)
+        image = Image.fromarray(noise.numpy())
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=90)
+    return buffer.getvalue()
+
+
+def make_artifact(arch: str, image_size: int, root: Path) -> Path:
+    torch.manual_seed(0)
+    model = models.build_model(arch, NUM_CLASSES, models.WEIGHTS_NONE).eval()
+    metadata = artifacts.ModelMetadata(
+        arch=arch, class_names=[f"{i + 1:03d}.Breed_{i + 1}" for i in range(NUM_CLASSES)],
+        image_size=image_size, resize_size=data.resize_size_for(image_size),
+        mean=list(data.IMAGENET_MEAN), std=list(data.IMAGENET_STD),
+        versions=artifacts.library_versions(),
+    )
+    model_dir = root / arch / "model"
+    artifacts.save_model_dir(model_dir, model, metadata)
+    artifacts.pack(model_dir, root / arch / artifacts.ARCHIVE_NAME)
+    return model_dir
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    index = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
+    return ordered[index]
+
+
+def ms(seconds: float) -> float:
+    return round(seconds * 1000, 2)
+
+
+class Client:
+    """A kept-alive HTTP connection to the front, or to MMS's unix socket."""
+
+    def __init__(self, server: ModelServer, direct: bool = False) -> None:
+        import http.client
+
+        if direct:
+            self.conn = front.UnixHTTPConnection(str(server.mms_socket), timeout=120)
+        else:
+            self.conn = http.client.HTTPConnection(server.url.split("://", 1)[1], timeout=120)
+
+    def invoke(self, name: str, body: bytes) -> float:
+        start = time.perf_counter()
+        self.conn.request("POST", f"/models/{name}/invoke", body=body,
+                          headers={"Content-Type": "image/jpeg"})
+        response = self.conn.getresponse()
+        payload = response.read()
+        elapsed = time.perf_counter() - start
+        if response.status != 200:
+            raise RuntimeError(f"invoke {name}: HTTP {response.status} {payload[:200]!r}")
+        return elapsed
+
+
+def in_process(served: inference.ServedModel, body: bytes) -> float:
+    start = time.perf_counter()
+    request = inference.input_fn(body, "image/jpeg")
+    inference.output_fn(inference.predict_fn(request, served))
+    return time.perf_counter() - start
+
+
+def cold_load(server: ModelServer, name: str, url: Path, body: bytes) -> dict[str, float]:
+    start = time.perf_counter()
+    response = server.load_model(name, url)
+    loaded = time.perf_counter()
+    if response.status != 200:
+        raise RuntimeError(f"load {name}: HTTP {response.status} {response.body[:300]!r}")
+    answer = server.invoke(name, body, "image/jpeg")
+    done = time.perf_counter()
+    if answer.status != 200:
+        raise RuntimeError(f"first invoke {name}: HTTP {answer.status} {answer.body[:300]!r}")
+    return {"post_models_s": round(loaded - start, 3), "first_answer_s": round(done - start, 3)}
+
+
+def throughput(server: ModelServer, name: str, body: bytes, clients: int, max_requests: int,
+               max_seconds: float) -> dict[str, float]:
+    lock = threading.Lock()
+    count = {"sent": 0, "done": 0}
+    deadline = time.perf_counter() + max_seconds
+    latencies: list[float] = []
+
+    def worker() -> None:
+        client = Client(server)
+        while True:
+            with lock:
+                if count["sent"] >= max_requests or time.perf_counter() > deadline:
+                    return
+                count["sent"] += 1
+            elapsed = client.invoke(name, body)
+            with lock:
+                count["done"] += 1
+                latencies.append(elapsed)
+
+    start = time.perf_counter()
+    with concurrent.futures.ThreadPoolExecutor(clients) as pool:
+        for future in [pool.submit(worker) for _ in range(clients)]:
+            future.result()
+    elapsed = time.perf_counter() - start
+    return {"clients": clients, "requests": count["done"], "seconds": round(elapsed, 2),
+            "requests_per_s": round(count["done"] / elapsed, 2),
+            "p50_ms": ms(percentile(latencies, 50)), "p99_ms": ms(percentile(latencies, 99))}
+
+
+def bench_model(server: ModelServer, name: str, model_dir: Path, body: bytes, args: argparse.Namespace) -> dict:
+    result: dict = {"arch": artifacts.read_metadata(model_dir).arch,
+                    "image_size": artifacts.read_metadata(model_dir).image_size}
+    result["cold_load_dir"] = cold_load(server, name, model_dir, body)
+    archive = model_dir.parent / artifacts.ARCHIVE_NAME
+    if archive.is_file():
+        server.unload_model(name)
+        result["cold_load_archive"] = cold_load(server, name, archive, body)
+
+    served = inference.model_fn(model_dir)
+    http_client, direct_client = Client(server), Client(server, direct=True)
+    for _ in range(args.warmup):
+        http_client.invoke(name, body)
+        direct_client.invoke(name, body)
+        in_process(served, body)
+    timings: dict[str, list[float]] = {"server": [], "mms_direct": [], "in_process": []}
+    rounds = max(1, args.requests // args.round_size)
+    for _ in range(rounds):
+        for _ in range(args.round_size):
+            timings["server"].append(http_client.invoke(name, body))
+        for _ in range(args.round_size):
+            timings["mms_direct"].append(direct_client.invoke(name, body))
+        for _ in range(args.round_size):
+            timings["in_process"].append(in_process(served, body))
+    for key, values in timings.items():
+        result[key] = {"n": len(values), "p50_ms": ms(percentile(values, 50)),
+                       "p99_ms": ms(percentile(values, 99)), "mean_ms": ms(statistics.fmean(values))}
+    result["ratio_p50_server_vs_in_process"] = round(
+        percentile(timings["server"], 50) / percentile(timings["in_process"], 50), 3)
+    result["front_overhead_p50_ms"] = ms(
+        percentile(timings["server"], 50) - percentile(timings["mms_direct"], 50))
+    result["throughput"] = throughput(server, name, body, args.clients, args.throughput_requests,
+                                      args.throughput_seconds)
+    del served
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--archs", default="resnet18,mobilenet_v2")
+    parser.add_argument("--model", action="append", default=[], metavar="NAME=DIR",
+                        help="benchmark a trained model dir instead of a generated one")
+    parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--requests", type=int, default=150, help="per path (server, direct, in-process)")
+    parser.add_argument("--round-size", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--clients", type=int, default=4)
+    parser.add_argument("--throughput-requests", type=int, default=200)
+    parser.add_argument("--throughput-seconds", type=float, default=20.0)
+    parser.add_argument("--threads", type=int, default=None,
+                        help=f"torch threads in the workers and in-process (default: ${TORCH_THREADS_ENV} or 1)")
+    args = parser.parse_args(argv)
+
+    env = dict(os.environ)
+    if args.threads:
+        env[TORCH_THREADS_ENV] = str(args.threads)
+    threads = inference.configure_threads(env)
+    body = make_jpeg()
+    with tempfile.TemporaryDirectory(prefix="dogbreed-bench-") as tmp:
+        root = Path(tmp)
+        model_dirs: dict[str, Path] = {}
+        for spec in args.model:
+            name, _, path = spec.partition("=")
+            model_dirs[name] = artifacts.find_model_dir(Path(path))
+        if not args.model:
+            for arch in args.archs.split(","):
+                model_dirs[arch] = make_artifact(arch, args.image_size, root / "models")
+        load_before = os.getloadavg()
+        start = time.perf_counter()
+        with ModelServer(port=0, host="127.0.0.1", multi_model=True, run_dir=root / "run",
+                         log_file=root / "server.log", env=env) as server:
+            started = time.perf_counter() - start
+            results = {name: bench_model(server, name, path, body, args) for name, path in model_dirs.items()}
+            listed = sorted(server.list_models())
+    report = {
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
+                    "torch": torch.__version__, "torch_threads": threads,
+                    "load_avg_before": [round(x, 2) for x in load_before],
+                    "load_avg_after": [round(x, 2) for x in os.getloadavg()]},
+        "image": {"width": IMAGE_SIZE[0], "height": IMAGE_SIZE[1], "jpeg_bytes": len(body)},
+        "server_start_s": round(started, 2),
+        "models_loaded": listed,
+        "models": results,
+        "targets": {
+            "p50_ratio_max": 1.25, "cold_load_max_s": 1.0,
+            "resnet18_p50_ratio_ok": results.get("resnet18", {}).get("ratio_p50_server_vs_in_process", 99) <= 1.25,
+            "cold_load_ok": all(r["cold_load_dir"]["first_answer_s"] <= 1.0 for r in results.values()),
+        },
+    }
+    json.dump(report, sys.stdout, indent=2)
+    print()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

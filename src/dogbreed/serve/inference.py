@@ -1,0 +1,485 @@
+"""From request bytes to a JSON answer: the inference path, independent of MMS.
+
+The four SageMaker-style functions are the whole path:
+
+- :func:`model_fn` loads a model dir written by ``dogbreed-train`` (``model.json`` +
+  ``model.pt``, ``weights_only``) once per worker, on the GPU when there is one, and warms it up.
+- :func:`input_fn` accepts ``application/x-image``, ``image/jpeg`` and ``image/png`` bodies, or
+  ``application/json`` with ``{"image": <base64>}`` (or ``{"url": "https://..."}`` when
+  ``DOGBREED_ALLOW_URL_HOSTS`` allows the host) and an optional ``"top_k"``. Every image's
+  header is read (PIL, lazily) before anything is decoded: only JPEG/PNG, at most
+  ``DOGBREED_MAX_IMAGE_PIXELS`` pixels.
+- :func:`predict_fn` decodes with :func:`dogbreed.data.decode_image` and transforms with
+  :func:`dogbreed.data.eval_transform`, the code training evaluates with, then runs the model
+  under ``torch.inference_mode``.
+- :func:`output_fn` renders the top-k breeds as JSON.
+
+Anything wrong with a request raises :class:`RequestError` (an HTTP 4xx with a JSON body of the
+shape MMS uses for its own errors: ``{"code", "type", "message"}``); :class:`DogbreedTransformer`
+turns every failure into such a response, so a bad request never takes a worker down.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import dataclasses
+import functools
+import http.client
+import io
+import json
+import logging
+import os
+import ssl
+import time
+import warnings
+from collections.abc import Callable, Mapping
+from http import HTTPStatus
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import torch
+from PIL import Image, UnidentifiedImageError
+from sagemaker_inference import content_types, utils
+from sagemaker_inference.errors import BaseInferenceToolkitError
+from sagemaker_inference.transformer import Transformer
+from torch import nn
+
+from dogbreed import artifacts, data
+from dogbreed.serve import (
+    ALLOW_URL_HOSTS_ENV,
+    MAX_IMAGE_PIXELS_ENV,
+    TORCH_THREADS_ENV,
+    URL_MAX_BYTES_ENV,
+    URL_TIMEOUT_ENV,
+)
+
+log = logging.getLogger("dogbreed.serve")
+
+JSON = content_types.JSON
+IMAGE_CONTENT_TYPES = frozenset({"application/x-image", "image/jpeg", "image/jpg", "image/png"})
+ACCEPTED_CONTENT_TYPES = ", ".join(sorted(IMAGE_CONTENT_TYPES | {JSON}))
+IMAGE_FORMATS = frozenset({"JPEG", "PNG"})
+CUSTOM_ATTRIBUTES_HEADER = "X-Amzn-SageMaker-Custom-Attributes"
+TOP_K_FIELD = "top_k"
+DEFAULT_TOP_K = 5
+DEFAULT_MAX_IMAGE_PIXELS = 40_000_000  # e.g. 8000 x 5000; a 224 px model needs far less
+DEFAULT_URL_MAX_BYTES = 10 * 1024**2
+DEFAULT_URL_TIMEOUT = 5.0
+
+
+class RequestError(BaseInferenceToolkitError):
+    """A request the server refuses: an HTTP 4xx whose body is ``{"code","type","message"}``."""
+
+    def __init__(self, status: int, message: str, error_type: str | None = None) -> None:
+        phrase = HTTPStatus(status).phrase
+        super().__init__(status, message, phrase)
+        self.error_type = error_type or phrase.replace(" ", "")
+
+    def to_json(self) -> bytes:
+        return error_body(self.status_code, self.error_type, self.message)
+
+
+class ModelLoadFailed(BaseException):  # noqa: N818 - not an Exception on purpose
+    """Raised from the handler's ``initialize`` when the model cannot be loaded.
+
+    MMS's model loader catches any ``Exception`` from ``initialize`` and logs it, leaving a
+    registered model whose every request fails. A ``BaseException`` gets past that: the worker
+    exits, MMS answers the ``POST /models`` with an error and unregisters the model.
+    """
+
+
+def load_failure(exc: BaseException) -> tuple[int, str, str]:
+    """``(status, type, message)`` for a model that failed to load."""
+    if isinstance(exc, artifacts.ArtifactError):
+        return 400, "ArtifactError", str(exc)
+    if isinstance(exc, MemoryError):
+        return 507, "InsufficientStorage", "out of memory while loading the model"
+    return 500, type(exc).__name__, f"cannot load the model: {type(exc).__name__}: {exc}"
+
+
+def error_body(status: int, error_type: str, message: str) -> bytes:
+    """The JSON error body every layer of the server answers with (MMS's own shape)."""
+    return json.dumps({"code": status, "type": error_type, "message": message}).encode()
+
+
+# --- settings from the environment -------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class UrlPolicy:
+    """Which URLs a JSON request may make the server fetch. No hosts = URL input disabled."""
+
+    hosts: frozenset[str] = frozenset()
+    max_bytes: int = DEFAULT_URL_MAX_BYTES
+    timeout: float = DEFAULT_URL_TIMEOUT
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> UrlPolicy:
+        env = os.environ if env is None else env
+        hosts = frozenset(
+            h.strip().lower() for h in env.get(ALLOW_URL_HOSTS_ENV, "").split(",") if h.strip()
+        )
+        return cls(
+            hosts=hosts,
+            max_bytes=int(env.get(URL_MAX_BYTES_ENV) or DEFAULT_URL_MAX_BYTES),
+            timeout=float(env.get(URL_TIMEOUT_ENV) or DEFAULT_URL_TIMEOUT),
+        )
+
+    def allows(self, host: str) -> bool:
+        """Exact host names, or ``.example.com`` / ``*.example.com`` for any subdomain."""
+        host = host.lower().rstrip(".")
+        for allowed in self.hosts:
+            suffix = allowed[1:] if allowed.startswith("*.") else allowed
+            if host == allowed or (suffix.startswith(".") and host.endswith(suffix)):
+                return True
+        return False
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    url_policy: UrlPolicy = UrlPolicy()
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        env = os.environ if env is None else env
+        return cls(
+            url_policy=UrlPolicy.from_env(env),
+            max_image_pixels=int(env.get(MAX_IMAGE_PIXELS_ENV) or DEFAULT_MAX_IMAGE_PIXELS),
+        )
+
+
+@functools.lru_cache(maxsize=1)
+def settings() -> Settings:
+    """The worker's settings, read from its environment once."""
+    return Settings.from_env()
+
+
+# --- the model -----------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class ServedModel:
+    name: str
+    model: nn.Module
+    metadata: artifacts.ModelMetadata
+    device: torch.device
+    labels: tuple[str, ...]
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def configure_threads(env: Mapping[str, str] | None = None) -> int:
+    """Set this process's torch threads: ``DOGBREED_TORCH_THREADS``, else 1.
+
+    One intra-op thread per worker is MMS's own choice (it exports ``OMP_NUM_THREADS=1``) and
+    the robust one: on a busy or shared CPU a multi-threaded batch-1 forward waits at every op
+    for a descheduled thread (measured on a shared 2-vCPU box: ResNet18 at 64 px took 660 ms
+    with 2 threads against 22 ms with 1). On a dedicated instance, raise it for lower batch-1
+    latency; raise ``SAGEMAKER_MODEL_SERVER_WORKERS`` for throughput.
+    """
+    env = os.environ if env is None else env
+    threads = max(1, int(env.get(TORCH_THREADS_ENV) or 1))
+    torch.set_num_threads(threads)
+    try:
+        torch.set_num_interop_threads(1)
+    except RuntimeError:
+        pass  # already set, or inter-op work already ran in this process
+    return threads
+
+
+def model_fn(model_dir: str | Path, context: Any = None) -> ServedModel:
+    """Load the artifact in ``model_dir`` once; :class:`artifacts.ArtifactError` if it is bad.
+
+    (Two parameters exactly: the toolkit passes ``context`` when a function takes one more.)
+    """
+    device = default_device()
+    model, metadata = artifacts.load_model(Path(model_dir), device)
+    name = getattr(context, "model_name", None) or Path(model_dir).name
+    served = ServedModel(
+        name=name,
+        model=model.eval(),
+        metadata=metadata,
+        device=device,
+        labels=tuple(data.breed_name(c) for c in metadata.class_names),
+    )
+    # The first forward pays for oneDNN primitive creation and the thread pool; pay it at load
+    # time rather than in the first request.
+    with torch.inference_mode():
+        size = metadata.image_size
+        served.model(torch.zeros(1, 3, size, size, device=device))
+    return served
+
+
+# --- input ---------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class InferenceRequest:
+    image: bytes
+    top_k: int | None = None
+
+
+def mime_type(content_type: str | None) -> str:
+    return (content_type or "").split(";", 1)[0].strip().lower()
+
+
+def input_fn(input_data: bytes | bytearray | str | None, content_type: str | None,
+             config: Settings | None = None) -> InferenceRequest:
+    """Parse a request body into image bytes (header-checked, not yet decoded) and a top-k."""
+    config = config or settings()
+    mime = mime_type(content_type)
+    body = input_data.encode() if isinstance(input_data, str) else bytes(input_data or b"")
+    if not mime:
+        raise RequestError(415, f"missing Content-Type header; send one of {ACCEPTED_CONTENT_TYPES}")
+    if mime in IMAGE_CONTENT_TYPES:
+        check_image(body, config.max_image_pixels)
+        return InferenceRequest(body)
+    if mime == JSON:
+        return _json_request(body, config)
+    raise RequestError(415, f"unsupported Content-Type {mime!r}; send one of {ACCEPTED_CONTENT_TYPES}")
+
+
+def _json_request(body: bytes, config: Settings) -> InferenceRequest:
+    if not body:
+        raise RequestError(400, "empty request body")
+    try:
+        payload = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise RequestError(400, f"request body is not valid JSON: {exc}") from None
+    if not isinstance(payload, dict):
+        raise RequestError(400, 'JSON body must be an object: {"image": "<base64 JPEG/PNG>"}')
+    top_k = parse_top_k(payload[TOP_K_FIELD]) if TOP_K_FIELD in payload else None
+    if "image" in payload:
+        image = decode_base64(payload["image"])
+    elif "url" in payload:
+        image = fetch_image(payload["url"], config.url_policy)
+    else:
+        raise RequestError(400, 'JSON body has no image: send {"image": "<base64 JPEG/PNG>"}')
+    check_image(image, config.max_image_pixels)
+    return InferenceRequest(image, top_k)
+
+
+def decode_base64(value: Any) -> bytes:
+    if not isinstance(value, str) or not value:
+        raise RequestError(400, '"image" must be a non-empty base64 string')
+    if value.startswith("data:"):  # a data URI: data:image/jpeg;base64,....
+        value = value.partition(",")[2]
+    try:
+        return base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise RequestError(400, f'"image" is not valid base64: {exc}') from None
+
+
+def check_image(body: bytes, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> tuple[str, tuple[int, int]]:
+    """Read only the image header: JPEG or PNG, and no more than ``max_pixels`` once decoded."""
+    if not body:
+        raise RequestError(400, "empty request body: send a JPEG or PNG image")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(body)) as image:  # lazy: parses the header only
+                fmt, size = image.format, image.size
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise RequestError(413, f"image too large: {exc}") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError):
+        raise RequestError(400, "request body is not a readable JPEG or PNG image") from None
+    if fmt not in IMAGE_FORMATS:
+        raise RequestError(415, f"image format {fmt} is not supported; send JPEG or PNG")
+    width, height = size
+    if width * height > max_pixels:
+        raise RequestError(413, f"image is {width}x{height} pixels, more than the {max_pixels} allowed")
+    if width < 1 or height < 1:
+        raise RequestError(400, f"image has no pixels ({width}x{height})")
+    return fmt, size
+
+
+def fetch_image(url: Any, policy: UrlPolicy,
+                connection_factory: Callable[..., http.client.HTTPConnection] | None = None) -> bytes:
+    """GET an image over https from an allowed host, within the policy's size and time limits.
+
+    Redirects are not followed (one could lead to a host outside the allow-list).
+    """
+    if not policy.hosts:
+        raise RequestError(
+            403, f"URL input is disabled; send the image itself (or set {ALLOW_URL_HOSTS_ENV})"
+        )
+    if not isinstance(url, str) or not url:
+        raise RequestError(400, '"url" must be a non-empty string')
+    try:
+        parts = urlsplit(url)
+        port = parts.port or 443
+    except ValueError as exc:
+        raise RequestError(400, f"bad URL {url!r}: {exc}") from None
+    if parts.scheme.lower() != "https":
+        raise RequestError(400, "only https:// URLs can be fetched")
+    if parts.username or parts.password:
+        raise RequestError(400, "URLs with credentials are not fetched")
+    host = (parts.hostname or "").lower()
+    if not host or not policy.allows(host):
+        raise RequestError(403, f"host {host!r} is not in {ALLOW_URL_HOSTS_ENV}")
+    factory = connection_factory or functools.partial(
+        http.client.HTTPSConnection, context=ssl.create_default_context()
+    )
+    deadline = time.monotonic() + policy.timeout
+    target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    connection = factory(host, port, timeout=policy.timeout)
+    try:
+        connection.request("GET", target, headers={"Accept": "image/jpeg, image/png",
+                                                    "User-Agent": "dogbreed-serve"})
+        response = connection.getresponse()
+        if response.status != 200:
+            raise RequestError(400, f"fetching {url} answered HTTP {response.status} (redirects are not followed)")
+        length = response.getheader("Content-Length")
+        if length and length.isdigit() and int(length) > policy.max_bytes:
+            raise RequestError(413, f"{url} is {length} bytes, more than the {policy.max_bytes} allowed")
+        chunks: list[bytes] = []
+        total = 0
+        while chunk := response.read(64 * 1024):
+            total += len(chunk)
+            if total > policy.max_bytes:
+                raise RequestError(413, f"{url} is more than the {policy.max_bytes} bytes allowed")
+            if time.monotonic() > deadline:
+                raise RequestError(400, f"fetching {url} took more than {policy.timeout:g} s")
+            chunks.append(chunk)
+        return b"".join(chunks)
+    except RequestError:
+        raise
+    except TimeoutError:
+        raise RequestError(400, f"fetching {url} took more than {policy.timeout:g} s") from None
+    except (OSError, http.client.HTTPException) as exc:
+        raise RequestError(400, f"cannot fetch {url}: {type(exc).__name__}: {exc}") from None
+    finally:
+        connection.close()
+
+
+# --- top-k -----------------------------------------------------------------------------------------
+def parse_top_k(value: Any) -> int:
+    if isinstance(value, (bytes, bytearray)):
+        value = value.decode("utf-8", "replace")
+    if isinstance(value, bool):
+        value = None
+    try:
+        k = int(str(value).strip()) if not isinstance(value, int) else value
+    except (TypeError, ValueError):
+        k = 0
+    if k < 1:
+        raise RequestError(400, f"top_k must be a whole number >= 1, got {value!r}")
+    return k
+
+
+def custom_attributes(header: str | None) -> dict[str, str]:
+    """``X-Amzn-SageMaker-Custom-Attributes: top_k=3; trace=abc`` → ``{"top_k": "3", ...}``."""
+    result: dict[str, str] = {}
+    for item in (header or "").replace(",", ";").split(";"):
+        key, sep, value = item.partition("=")
+        if sep and key.strip():
+            result[key.strip().lower()] = value.strip()
+    return result
+
+
+# --- predict / output ----------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Prediction:
+    model: ServedModel
+    probabilities: torch.Tensor  # [num_classes], on the CPU
+    top_k: int
+
+
+def preprocess(image: bytes, metadata: artifacts.ModelMetadata, device: torch.device) -> torch.Tensor:
+    """Exactly the evaluation pipeline: decode + resize + centre crop, then crop + normalise."""
+    try:
+        pixels = data.decode_image(image, metadata.resize_size)
+    except (RuntimeError, ValueError) as exc:
+        reason = str(exc).strip().splitlines()[-1][:200] if str(exc).strip() else type(exc).__name__
+        raise RequestError(400, f"cannot decode image: {reason}") from None
+    return data.eval_transform(pixels.to(device), metadata.image_size, metadata.mean, metadata.std)
+
+
+def predict_fn(request: InferenceRequest, served: ServedModel) -> Prediction:
+    batch = preprocess(request.image, served.metadata, served.device)
+    with torch.inference_mode():
+        logits = served.model(batch)
+        probabilities = torch.softmax(logits.float(), dim=1)[0].cpu()
+    return Prediction(served, probabilities, request.top_k or DEFAULT_TOP_K)
+
+
+def output_fn(prediction: Prediction, accept: str | None = None) -> tuple[bytes, str]:
+    if accept and not any(t in accept for t in (JSON, "*/*", "application/*")):
+        raise RequestError(406, f"cannot answer Accept: {accept}; this server answers {JSON}")
+    served = prediction.model
+    k = min(prediction.top_k, served.metadata.num_classes)
+    values, indices = torch.topk(prediction.probabilities, k)
+    class_names = served.metadata.class_names
+    predictions = [
+        {"label": served.labels[i], "class_name": class_names[i], "index": i, "probability": round(p, 6)}
+        for p, i in zip(values.tolist(), indices.tolist())
+    ]
+    body = {"model": served.name, "arch": served.metadata.arch, "predictions": predictions}
+    return json.dumps(body).encode(), JSON
+
+
+# --- the sagemaker-inference transformer ------------------------------------------------------------
+def _header(headers: Mapping[str, Any], name: str) -> str | None:
+    name = name.lower()
+    for key, value in headers.items():
+        if isinstance(key, str) and key.lower() == name:
+            return value.decode() if isinstance(value, (bytes, bytearray)) else str(value)
+    return None
+
+
+class DogbreedTransformer(Transformer):
+    """sagemaker-inference's Transformer with this module's functions and JSON errors.
+
+    The toolkit's version looks the functions up in a user module (``SAGEMAKER_PROGRAM``) and
+    answers errors with a plain-text traceback; here the functions are fixed and every failure
+    becomes ``{"code","type","message"}`` with a 4xx (bad request) or 5xx (server) status.
+    """
+
+    def _validate_user_module_and_set_functions(self) -> None:
+        self._pre_model_fn = None
+        self._model_warmup_fn = None
+        self._model_fn = model_fn
+        self._input_fn = input_fn
+        self._predict_fn = predict_fn
+        self._output_fn = output_fn
+        self._transform_fn = None
+
+    def transform(self, data: list[dict[str, Any]], context: Any) -> list[bytes]:
+        responses: list[bytes] = []
+        for idx, item in enumerate(data):
+            try:
+                body, content_type = self._handle_one(item, context, idx)
+            except RequestError as exc:
+                body, content_type = exc.to_json(), JSON
+                context.set_response_status(code=exc.status_code, phrase=exc.phrase, idx=idx)
+            except MemoryError:
+                log.exception("event=predict_failed reason=out_of_memory")
+                body, content_type = error_body(507, "InsufficientStorage", "out of memory"), JSON
+                context.set_response_status(code=507, phrase="Insufficient Storage", idx=idx)
+            except Exception as exc:  # a bug, not the caller's fault: log it, answer 500
+                log.exception("event=predict_failed")
+                message = utils.remove_crlf(f"prediction failed: {type(exc).__name__}: {exc}")[:500]
+                body, content_type = error_body(500, "InternalServerError", message), JSON
+                context.set_response_status(code=500, phrase="Internal Server Error", idx=idx)
+            context.set_response_content_type(idx, content_type)
+            responses.append(body)
+        return responses
+
+    def _handle_one(self, item: Mapping[str, Any], context: Any, idx: int) -> tuple[bytes, str]:
+        if not self._initialized:
+            raise RequestError(503, "model is not loaded")
+        headers = context.request_processor[idx].get_request_properties()
+        if "body" not in item:
+            raise RequestError(
+                415, f"send the image as the raw request body (Content-Type one of {ACCEPTED_CONTENT_TYPES}), "
+                "not as a form"
+            )
+        request = self._input_fn(item.get("body"), utils.retrieve_content_type_header(headers))
+        if request.top_k is None:
+            # A query parameter (?top_k=3, local use), else SageMaker's CustomAttributes header.
+            raw = item.get(TOP_K_FIELD)
+            if raw is None:
+                raw = custom_attributes(_header(headers, CUSTOM_ATTRIBUTES_HEADER)).get(TOP_K_FIELD)
+            if raw is not None:
+                request = dataclasses.replace(request, top_k=parse_top_k(raw))
+        prediction = self._predict_fn(request, self._model)
+        return self._output_fn(prediction, _header(headers, "Accept"))

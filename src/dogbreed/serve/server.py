@@ -1,0 +1,554 @@
+"""``dogbreed-serve`` and :class:`ModelServer`: Multi Model Server run the way SageMaker runs it.
+
+    dogbreed-serve                              # single model: loads /opt/ml/model at start
+    SAGEMAKER_MULTI_MODEL=true dogbreed-serve   # multi-model: POST /models {"model_name","url"}
+
+Environment (names from :mod:`dogbreed.contract`): ``SAGEMAKER_BIND_TO_PORT`` (8080),
+``DOGBREED_BIND_HOST`` (0.0.0.0), ``SAGEMAKER_MULTI_MODEL``, ``SAGEMAKER_MODEL_SERVER_WORKERS``
+(workers per model, 1), ``SAGEMAKER_MODEL_SERVER_TIMEOUT`` (seconds per request, 60),
+``SAGEMAKER_BASE_DIR`` (the model dir is ``$SAGEMAKER_BASE_DIR/model``), ``DOGBREED_RUN_DIR``.
+
+The process stays in the foreground; SIGTERM or SIGINT stops everything it started. Processes::
+
+    dogbreed-serve          the HTTP front on the public port (dogbreed.serve.front), supervisor
+    ├── zygote              torch & co. imported once; forks every backend worker
+    │   └── worker (one per model worker: mms/model_service_worker.py) ── its request process
+    └── java                MMS's frontend, listening on a unix socket in the run dir
+        └── shim            stands in, for MMS, for the worker the zygote forked
+
+Run dir (``DOGBREED_RUN_DIR``, else a fresh temp dir removed at stop): ``mms.properties`` (the
+packaged base file + this start's settings), ``log4j2.properties``, ``mms.sock``, the workers'
+sockets, ``zygote.sock``, the shim, ``*.pid``, ``models/`` (unpacked archives), ``load-errors/``.
+
+From Python (the launcher, tests, the benchmark)::
+
+    with ModelServer(port=0, host="127.0.0.1", multi_model=True) as server:
+        server.load_model("resnet18", "/path/to/model.tar.gz")
+        server.invoke("resnet18", jpeg_bytes).json()
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import dataclasses
+import http.client
+import json
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Mapping
+from importlib import resources
+from pathlib import Path
+from typing import IO, Any
+from urllib.parse import quote
+
+from dogbreed import artifacts, contract
+from dogbreed.serve import JVM_OPTS_ENV, RUN_DIR_ENV, ZYGOTE_ENV, front, zygote
+
+log = logging.getLogger("dogbreed.serve")
+
+HANDLER_MODULE = "dogbreed.serve.handler"
+SINGLE_MODEL_NAME = "model"  # what sagemaker-inference calls the model of a single-model endpoint
+MMS_SOCKET = "mms.sock"
+MMS_MAIN_CLASS = "com.amazonaws.ml.mms.ModelServer"
+PID_FILE = "dogbreed-serve.pid"
+# A unix socket path must fit in sun_path (108 bytes on Linux); MMS adds "/.mms.sock.NNNN".
+MAX_RUN_DIR_LENGTH = 80
+LOAD_TIMEOUT = 180.0  # MMS gives a worker 2 minutes to start
+
+
+class ServerError(RuntimeError):
+    """The server cannot start, or died."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Response:
+    status: int
+    headers: dict[str, str]
+    body: bytes
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+def _read_properties(text: str) -> dict[str, str]:
+    props: dict[str, str] = {}
+    for line in text.splitlines():
+        line = line.strip()
+        if line and not line.startswith(("#", "!")) and "=" in line:
+            key, _, value = line.partition("=")
+            props[key.strip()] = value.strip()
+    return props
+
+
+def _env_int(env: Mapping[str, str], name: str) -> int | None:
+    raw = env.get(name)
+    if raw is None or not raw.strip():
+        return None
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ServerError(f"{name}={raw!r} is not a whole number") from None
+    if value < 1:
+        raise ServerError(f"{name}={raw!r} must be at least 1")
+    return value
+
+
+def _java() -> str:
+    java_home = os.environ.get("JAVA_HOME")
+    java = str(Path(java_home) / "bin" / "java") if java_home else shutil.which("java")
+    if not java or not os.access(java, os.X_OK):
+        raise ServerError("java not found: MMS needs a Java runtime (apt-get install openjdk-17-jre-headless)")
+    return java
+
+
+def _mms_home() -> Path:
+    import mms
+
+    return Path(mms.__file__).resolve().parent.parent
+
+
+class ModelServer:
+    """MMS + the handler + the HTTP front, started and stopped from Python.
+
+    Arguments left as None come from the environment, as ``dogbreed-serve`` reads it.
+    ``port=0`` picks a free port (see :attr:`url`). ``log_file``: where MMS, the zygote and the
+    workers write (None: this process's stdout). Use as a context manager, or call
+    :meth:`start`, :meth:`wait_ready` and :meth:`stop`.
+    """
+
+    def __init__(
+        self,
+        port: int | None = None,
+        host: str | None = None,
+        run_dir: str | Path | None = None,
+        multi_model: bool | None = None,
+        model_dir: str | Path | None = None,
+        workers: int | None = None,
+        timeout: int | None = None,
+        model_store: str | Path = "/",
+        log_file: str | Path | None = None,
+        use_zygote: bool | None = None,
+        env: Mapping[str, str] | None = None,
+    ) -> None:
+        self.env = dict(os.environ if env is None else env)
+        if port is None:
+            port = _env_int(self.env, contract.SAGEMAKER_BIND_TO_PORT) or contract.DEFAULT_BIND_PORT
+        self.port = int(port)
+        self.host = host or self.env.get(contract.BIND_HOST_ENV) or contract.DEFAULT_BIND_HOST
+        if multi_model is None:
+            multi_model = self.env.get(contract.SAGEMAKER_MULTI_MODEL, "").strip().lower() == "true"
+        self.multi_model = multi_model
+        self.model_dir = Path(model_dir) if model_dir else contract.Paths.from_env(self.env).model_dir
+        self.workers = workers or _env_int(self.env, contract.SAGEMAKER_MODEL_SERVER_WORKERS)
+        self.timeout = timeout or _env_int(self.env, contract.SAGEMAKER_MODEL_SERVER_TIMEOUT)
+        self.model_store = Path(model_store)
+        self.log_file = Path(log_file) if log_file else None
+        if use_zygote is None:
+            use_zygote = self.env.get(ZYGOTE_ENV, "1").strip().lower() not in ("0", "false", "no", "off")
+        self.use_zygote = use_zygote
+        requested = run_dir or self.env.get(RUN_DIR_ENV)
+        self._own_run_dir = not requested
+        self.run_dir = Path(requested) if requested else None
+        self.java: subprocess.Popen | None = None
+        self.zygote: subprocess.Popen | None = None
+        self.front: front.Front | None = None
+        self._front_thread: threading.Thread | None = None
+        self._log: IO[bytes] | None = None
+        self._stopped = False
+
+    # -- properties ------------------------------------------------------------------------------
+    @property
+    def url(self) -> str:
+        """Base URL to reach the front (127.0.0.1 when bound to every interface)."""
+        host = self.host
+        if host in ("0.0.0.0", "::", ""):
+            host = "127.0.0.1"
+        elif ":" in host:
+            host = f"[{host}]"
+        return f"http://{host}:{self.port}"
+
+    @property
+    def mms_socket(self) -> Path:
+        assert self.run_dir is not None
+        return self.run_dir / MMS_SOCKET
+
+    def pids(self) -> dict[str, int | None]:
+        return {"front": os.getpid(), "java": self.java.pid if self.java else None,
+                "zygote": self.zygote.pid if self.zygote else None}
+
+    def alive(self) -> bool:
+        procs = [self.java] + ([self.zygote] if self.use_zygote else [])
+        return all(p is not None and p.poll() is None for p in procs)
+
+    # -- lifecycle ---------------------------------------------------------------------------------
+    def __enter__(self) -> ModelServer:
+        self.start()
+        try:
+            self.wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def start(self) -> ModelServer:
+        if self.java is not None:
+            raise ServerError("server already started")
+        java = _java()
+        self._make_run_dir()
+        try:
+            self._start_processes(java, None if self.multi_model else self._single_model_dir())
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _single_model_dir(self) -> Path:
+        """Single-model mode: the model dir (or archive) checked before MMS starts."""
+        assert self.run_dir is not None
+        try:
+            model_dir, _ = front.resolve_model_source(
+                str(self.model_dir), self.model_store, self.run_dir / "models", SINGLE_MODEL_NAME
+            )
+        except FileNotFoundError:
+            raise ServerError(f"single-model mode: model dir {self.model_dir} does not exist") from None
+        except artifacts.ArtifactError as exc:
+            raise ServerError(f"single-model mode: {exc}") from None
+        return model_dir
+
+    def _make_run_dir(self) -> None:
+        if self.run_dir is None:
+            self.run_dir = Path(tempfile.mkdtemp(prefix="dogbreed-serve-"))
+        self.run_dir = self.run_dir.resolve()
+        if len(str(self.run_dir)) > MAX_RUN_DIR_LENGTH:
+            raise ServerError(f"run dir {self.run_dir} is too long for unix sockets "
+                              f"(at most {MAX_RUN_DIR_LENGTH} characters)")
+        self.run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        pid_file = self.run_dir / PID_FILE
+        if pid_file.is_file():
+            try:
+                other = int(pid_file.read_text().split()[0])
+                os.kill(other, 0)
+            except (ValueError, IndexError, ProcessLookupError, PermissionError):
+                pass
+            else:
+                if other != os.getpid():
+                    raise ServerError(f"run dir {self.run_dir} is in use by process {other}")
+        pid_file.write_text(f"{os.getpid()}\n")
+
+    def _write_config(self) -> tuple[Path, list[str]]:
+        assert self.run_dir is not None
+        package = resources.files("dogbreed.serve")
+        base = package.joinpath("mms.properties").read_text(encoding="utf-8")
+        (self.run_dir / "log4j2.properties").write_text(
+            package.joinpath("log4j2.properties").read_text(encoding="utf-8"), encoding="utf-8"
+        )
+        settings = {
+            "inference_address": f"unix:{self.mms_socket}",
+            "management_address": f"unix:{self.mms_socket}",
+            "model_store": str(self.model_store),
+            "default_service_handler": HANDLER_MODULE,
+            "load_models": "",
+        }
+        if self.workers:
+            settings["default_workers_per_model"] = str(self.workers)
+        if self.timeout:
+            # MMS reads default_response_timeout in minutes; SageMaker's variable is seconds.
+            settings["default_response_timeout_seconds"] = str(self.timeout)
+        lines = [base.rstrip(), "", "# Added by dogbreed-serve for this start."]
+        lines += [f"{k}={v}" for k, v in settings.items()]
+        config = self.run_dir / "mms.properties"
+        config.write_text("\n".join(lines) + "\n", encoding="utf-8")
+        props = _read_properties(config.read_text(encoding="utf-8"))
+        vmargs = self.env.get(JVM_OPTS_ENV) or props.get("vmargs", "")
+        self._max_request = int(props.get("max_request_size", 6553600))
+        self._response_timeout = float(props.get("default_response_timeout_seconds", 60))
+        return config, vmargs.split()
+
+    def _start_processes(self, java: str, single_model_dir: Path | None) -> None:
+        assert self.run_dir is not None
+        config, vmargs = self._write_config()
+        env = dict(self.env)
+        env[RUN_DIR_ENV] = str(self.run_dir)
+        env["LOG_LOCATION"] = env["METRICS_LOCATION"] = str(self.run_dir / "logs")
+        if self.workers:
+            env[contract.SAGEMAKER_MODEL_SERVER_WORKERS] = str(self.workers)
+        env.pop("MMS_CONFIG_FILE", None)  # would replace our -f
+        if self.log_file:
+            self.log_file.parent.mkdir(parents=True, exist_ok=True)
+            self._log = open(self.log_file, "ab")  # noqa: SIM115 - closed in stop()
+        out = self._log if self._log else None
+        python = sys.executable
+        if self.use_zygote:
+            sock = str(self.run_dir / zygote.SOCKET_NAME)
+            python = zygote.write_shim(str(self.run_dir / zygote.SHIM_NAME), sock)
+            self.zygote = subprocess.Popen(
+                [sys.executable, "-m", "dogbreed.serve.zygote", sock],
+                cwd=self.run_dir, env=env, stdout=out, stderr=subprocess.STDOUT if out else None,
+                start_new_session=True,
+            )
+            (self.run_dir / "zygote.pid").write_text(f"{self.zygote.pid}\n")
+        mms_home = _mms_home()
+        cmd = [
+            java,
+            f"-Dmodel_server_home={mms_home}",
+            f"-Dlog4j.configurationFile=file://{self.run_dir / 'log4j2.properties'}",
+            f"-Djava.io.tmpdir={self.run_dir}",
+            *vmargs,
+            "-cp", f"{mms_home / 'mms' / 'frontend'}/*",
+            MMS_MAIN_CLASS,
+            "--python", python,
+            "-f", str(config),
+            "-s", str(self.model_store),
+        ]
+        if single_model_dir is not None:
+            cmd += ["-m", f"{SINGLE_MODEL_NAME}={single_model_dir}"]
+        log.info("event=start_mms run_dir=%s cmd=%s", self.run_dir, " ".join(cmd))
+        self.java = subprocess.Popen(
+            cmd, cwd=self.run_dir, env=env, stdout=out, stderr=subprocess.STDOUT if out else None,
+            start_new_session=True,
+        )
+        (self.run_dir / "mms.pid").write_text(f"{self.java.pid}\n")
+        self.front = front.Front(
+            (self.host, self.port), str(self.mms_socket), self.run_dir, self.model_store,
+            max_request_bytes=self._max_request,
+            response_timeout=self._response_timeout + 30,
+            load_timeout=LOAD_TIMEOUT,
+        )
+        self.port = self.front.server_address[1]
+        self._front_thread = threading.Thread(
+            target=self.front.serve_forever, kwargs={"poll_interval": 0.2},
+            name="dogbreed-front", daemon=True,
+        )
+        self._front_thread.start()
+        log.info("event=front_listening url=%s multi_model=%s", self.url, self.multi_model)
+
+    def wait_ready(self, timeout: float = 120.0) -> ModelServer:
+        """Block until MMS answers ``/ping`` (and, single-model, the model's worker is up)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            if not self.alive():
+                raise ServerError(f"the model server exited during start-up{self._log_hint()}")
+            if self._ready():
+                return self
+            if time.monotonic() > deadline:
+                raise ServerError(f"the model server was not ready within {timeout:g} s{self._log_hint()}")
+            time.sleep(0.1)
+
+    def _ready(self) -> bool:
+        assert self.run_dir is not None
+        if self.use_zygote and not (self.run_dir / zygote.READY_FILE).exists():
+            return False
+        try:
+            ping = self._backend("GET", "/ping", timeout=5)
+            if ping.status != 200:
+                return False
+            if not self.multi_model:
+                workers = self._backend("GET", f"/models/{SINGLE_MODEL_NAME}", timeout=5)
+                return workers.status == 200 and any(
+                    w.get("status") == "READY" for w in workers.json().get("workers", [])
+                )
+            return True
+        except (OSError, http.client.HTTPException, ValueError):
+            return False
+
+    def _backend(self, method: str, path: str, timeout: float) -> Response:
+        conn = front.UnixHTTPConnection(str(self.mms_socket), timeout=timeout)
+        try:
+            conn.request(method, path)
+            resp = conn.getresponse()
+            return Response(resp.status, dict(resp.getheaders()), resp.read())
+        finally:
+            conn.close()
+
+    def _log_hint(self) -> str:
+        if self.log_file and self.log_file.is_file():
+            tail = self.log_file.read_bytes()[-3000:].decode("utf-8", "replace")
+            return f"; log {self.log_file} ends with:\n{tail}"
+        return ""
+
+    def stop(self, grace: float = 5.0) -> None:
+        """Stop the front, MMS, the zygote and every worker; remove a temp run dir."""
+        if self._stopped:
+            return
+        self._stopped = True
+        if self.front is not None:
+            self.front.shutdown()
+            self.front.server_close()
+        procs = [p for p in (self.java, self.zygote) if p is not None]
+        descendants = self._descendants()
+        for proc in procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        for proc in procs:
+            try:
+                proc.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pass
+        for proc in procs:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+        self._kill(descendants | self._descendants())
+        for proc in procs:
+            try:
+                proc.wait(5)
+            except subprocess.TimeoutExpired:
+                log.error("event=stop_failed pid=%d", proc.pid)
+        if self._log is not None:
+            self._log.close()
+        if self.run_dir is not None:
+            if self._own_run_dir:
+                shutil.rmtree(self.run_dir, ignore_errors=True)
+            else:
+                (self.run_dir / PID_FILE).unlink(missing_ok=True)
+                shutil.rmtree(self.run_dir / "models", ignore_errors=True)
+        log.info("event=stopped")
+
+    def _descendants(self) -> set[Any]:
+        """Every process started for this server: our children's trees, and anything (say an
+        orphaned worker) that still carries this server's run dir in its environment."""
+        import psutil
+
+        found: set[psutil.Process] = set()
+        for proc in (self.java, self.zygote):
+            if proc is None:
+                continue
+            try:
+                parent = psutil.Process(proc.pid)
+                found.update(parent.children(recursive=True))
+            except psutil.Error:
+                pass
+        if self.run_dir is not None:
+            me = os.getpid()
+            for proc in psutil.process_iter():
+                try:
+                    if proc.pid != me and proc.environ().get(RUN_DIR_ENV) == str(self.run_dir):
+                        found.add(proc)
+                except psutil.Error:
+                    continue
+        return found
+
+    @staticmethod
+    def _kill(processes: set[Any]) -> None:
+        import psutil
+
+        for proc in processes:
+            try:
+                proc.kill()
+            except psutil.Error:
+                pass
+        psutil.wait_procs(list(processes), timeout=5)
+
+    # -- a small client (for tests, the benchmark and the launcher's router) ---------------------
+    def request(self, method: str, path: str, body: bytes | None = None,
+                headers: Mapping[str, str] | None = None, timeout: float = 120.0) -> Response:
+        conn = http.client.HTTPConnection(self.url.split("://", 1)[1], timeout=timeout)
+        try:
+            conn.request(method, path, body=body, headers=dict(headers or {}))
+            resp = conn.getresponse()
+            return Response(resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read())
+        finally:
+            conn.close()
+
+    def load_model(self, name: str, url: str | Path, timeout: float = LOAD_TIMEOUT) -> Response:
+        """``POST /models {"model_name": name, "url": url}``, as SageMaker sends it."""
+        body = json.dumps({"model_name": name, "url": str(url)}).encode()
+        return self.request("POST", "/models", body, {"Content-Type": "application/json"}, timeout)
+
+    def unload_model(self, name: str) -> Response:
+        return self.request("DELETE", f"/models/{quote(name, safe='')}")
+
+    def list_models(self) -> list[str]:
+        return [m["modelName"] for m in self.request("GET", "/models").json().get("models", [])]
+
+    def invoke(self, name: str | None, body: bytes, content_type: str = "application/x-image",
+               headers: Mapping[str, str] | None = None) -> Response:
+        """``POST /models/{name}/invoke`` (or ``/invocations`` when ``name`` is None)."""
+        path = "/invocations" if name is None else f"/models/{quote(name, safe='')}/invoke"
+        return self.request("POST", path, body, {"Content-Type": content_type, **(headers or {})})
+
+
+# --- dogbreed-serve -----------------------------------------------------------------------------------
+def _become_subreaper() -> None:
+    """Orphaned descendants come back to this process (Linux), so stop() can find them all."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER
+    except (OSError, AttributeError):
+        pass
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dogbreed-serve",
+        description="Serve dog-breed models with Multi Model Server under the SageMaker "
+        "container contract (single-model /invocations, or multi-model POST /models).",
+        epilog=__doc__.split("Environment", 1)[1].split("The process", 1)[0].strip()
+        if __doc__ else None,
+    )
+    parser.add_argument("--port", type=int, help=f"default: ${contract.SAGEMAKER_BIND_TO_PORT} or "
+                        f"{contract.DEFAULT_BIND_PORT}")
+    parser.add_argument("--host", help=f"default: ${contract.BIND_HOST_ENV} or {contract.DEFAULT_BIND_HOST}")
+    parser.add_argument("--multi-model", action="store_true", default=None,
+                        help=f"default: ${contract.SAGEMAKER_MULTI_MODEL}=true")
+    parser.add_argument("--model-dir", help="single-model mode: default $SAGEMAKER_BASE_DIR/model")
+    parser.add_argument("--run-dir", help=f"default: ${RUN_DIR_ENV} or a temp dir")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, stream=sys.stdout,
+                        format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    _become_subreaper()
+    stop = threading.Event()
+    received: list[int] = []
+
+    def on_signal(signum: int, _frame: object) -> None:
+        received.append(signum)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    try:
+        server = ModelServer(port=args.port, host=args.host, run_dir=args.run_dir,
+                             multi_model=args.multi_model, model_dir=args.model_dir)
+        server.start()
+    except ServerError as exc:
+        log.error("event=start_failed reason=%s", exc)
+        return 1
+    code = 0
+    try:
+        server.wait_ready(timeout=float(LOAD_TIMEOUT))
+        log.info("event=ready url=%s", server.url)
+        while not stop.wait(1.0):
+            if not server.alive():
+                log.error("event=child_exited pids=%s", server.pids())
+                code = 1
+                break
+    except ServerError as exc:
+        if not stop.is_set():
+            log.error("event=start_failed reason=%s", exc)
+            code = 1
+    finally:
+        server.stop()
+    if received:
+        log.info("event=signal signum=%d", received[0])
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
