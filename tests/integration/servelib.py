@@ -1,0 +1,153 @@
+"""Helpers for the serving contract suite: the endpoint client, trained models, process checks.
+
+See ``conftest.py`` for the fixtures and how to point the suite at a running server.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import subprocess
+import sys
+import urllib.parse
+import uuid
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from dogbreed import artifacts, contract, data
+
+SERVE_URL_ENV = "DOGBREED_SERVE_URL"
+MODEL_ROOT_ENV = "DOGBREED_SERVE_MODEL_ROOT"
+ARCHS = ("resnet18", "mobilenet_v2")
+TINY = {"epochs": "1", "batch-size": "16", "image-size": "64", "weights": "none"}
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainedModel:
+    arch: str
+    model_dir: Path
+    archive: Path
+    class_names: list[str]
+
+    @property
+    def labels(self) -> list[str]:
+        return [data.breed_name(c) for c in self.class_names]
+
+
+@dataclasses.dataclass(frozen=True)
+class Reply:
+    status: int
+    headers: dict[str, str]
+    body: bytes
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+def server_processes(run_dir: Path) -> list[Any]:
+    """Live processes started for the server whose run dir is ``run_dir``."""
+    import psutil
+
+    from dogbreed.serve import RUN_DIR_ENV
+
+    found = []
+    for proc in psutil.process_iter():
+        try:
+            if proc.pid == os.getpid() or proc.status() == psutil.STATUS_ZOMBIE:
+                continue
+            if proc.environ().get(RUN_DIR_ENV) == str(run_dir) or str(run_dir) in " ".join(proc.cmdline()):
+                found.append(proc)
+        except psutil.Error:
+            continue
+    return found
+
+
+class ServeEndpoint:
+    def __init__(self, url: str, host_root: Path, server_root: str, server: Any = None) -> None:
+        parts = urllib.parse.urlsplit(url)
+        self.url = url.rstrip("/")
+        self.host, self.port = parts.hostname or "127.0.0.1", parts.port or 80
+        self.host_root, self.server_root = host_root, server_root.rstrip("/")
+        self.server = server
+        self._session = uuid.uuid4().hex[:6]
+
+    def unique(self, prefix: str) -> str:
+        return f"{prefix}-{self._session}-{uuid.uuid4().hex[:4]}"
+
+    def request(self, method: str, path: str, body: bytes | None = None,
+                headers: Mapping[str, str] | None = None, timeout: float = 180) -> Reply:
+        import http.client
+
+        conn = http.client.HTTPConnection(self.host, self.port, timeout=timeout)
+        try:
+            conn.request(method, path, body=body, headers=dict(headers or {}))
+            response = conn.getresponse()
+            return Reply(response.status, {k.lower(): v for k, v in response.getheaders()}, response.read())
+        finally:
+            conn.close()
+
+    def ping(self) -> Reply:
+        return self.request("GET", "/ping", timeout=10)
+
+    def stage(self, source: Path) -> str:
+        """Copy a model dir or file where the server can read it; the path as the server sees it."""
+        folder = uuid.uuid4().hex[:10]
+        target = self.host_root / folder / source.name
+        target.parent.mkdir(parents=True)
+        if source.is_dir():
+            shutil.copytree(source, target, symlinks=True)
+        else:
+            shutil.copy2(source, target, follow_symlinks=False)
+        return f"{self.server_root}/{folder}/{source.name}"
+
+    def load(self, name: str, source: Path | str, stage: bool = True) -> Reply:
+        url = self.stage(Path(source)) if stage else str(source)
+        body = json.dumps({"model_name": name, "url": url}).encode()
+        return self.request("POST", "/models", body, {"Content-Type": "application/json"})
+
+    def unload(self, name: str) -> Reply:
+        return self.request("DELETE", f"/models/{urllib.parse.quote(name, safe='')}")
+
+    def describe(self, name: str) -> Reply:
+        return self.request("GET", f"/models/{urllib.parse.quote(name, safe='')}")
+
+    def invoke(self, name: str, body: bytes, content_type: str | None = "image/jpeg",
+               headers: Mapping[str, str] | None = None, query: str = "") -> Reply:
+        all_headers = dict(headers or {})
+        if content_type is not None:
+            all_headers["Content-Type"] = content_type
+        path = f"/models/{urllib.parse.quote(name, safe='')}/invoke" + (f"?{query}" if query else "")
+        return self.request("POST", path, body, all_headers)
+
+    def log_text(self) -> str:
+        if self.server is None or self.server.log_file is None or not self.server.log_file.is_file():
+            return ""
+        return self.server.log_file.read_text(encoding="utf-8", errors="replace")
+
+
+def train_models(root: Path, sample_data: Path, archs: tuple[str, ...] = ARCHS) -> dict[str, TrainedModel]:
+    """Run ``dogbreed-train`` once per architecture (in parallel), as a training job does."""
+    script = Path(sys.executable).with_name("dogbreed-train")
+    jobs = {}
+    for arch in archs:
+        paths = contract.prepare_local_job(root / arch, {"model": arch, **TINY},
+                                           {"training": sample_data}, copy_data=True)
+        env = {**os.environ, contract.BASE_DIR_ENV: str(paths.base)}
+        env.pop(contract.SM_HPS, None)
+        log = open(root / f"{arch}.log", "w")  # noqa: SIM115 - closed below
+        jobs[arch] = (paths, log, subprocess.Popen([str(script)], env=env, stdout=log, stderr=subprocess.STDOUT))
+    models = {}
+    for arch, (paths, log, proc) in jobs.items():
+        code = proc.wait(timeout=600)
+        log.close()
+        if code != 0:
+            pytest.fail(f"dogbreed-train {arch} exited {code}:\n{(root / f'{arch}.log').read_text()[-3000:]}")
+        archive = artifacts.pack(paths.model_dir, root / "archives" / arch / artifacts.ARCHIVE_NAME)
+        models[arch] = TrainedModel(arch, paths.model_dir, archive,
+                                    artifacts.read_metadata(paths.model_dir).class_names)
+    return models
