@@ -197,7 +197,7 @@ def safe_extract(archive: Path, destination: Path, max_bytes: int = MAX_UNPACKED
     destination = Path(destination)
     try:
         tar = tarfile.open(archive, "r:*")
-    except (tarfile.TarError, OSError) as exc:
+    except (tarfile.TarError, OSError, EOFError) as exc:  # EOFError: a cut-off gzip header
         raise ArtifactError(f"{archive}: not a readable tar archive: {exc}") from None
     with tar:
         try:
