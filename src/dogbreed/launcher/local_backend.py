@@ -31,7 +31,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +46,8 @@ _METRIC_PATTERNS = [(d["Name"], re.compile(d["Regex"])) for d in METRIC_DEFINITI
 STATE_FILE = "state.json"
 TRAIN_LOG = "train.log"
 PRUNE_GRACE_SECONDS = 30.0
+# The entry point, run as SageMaker runs it (the train image's `train` runs the same module).
+TRAIN_COMMAND = (sys.executable, "-m", "dogbreed.train")
 
 
 class LocalError(RuntimeError):
@@ -124,8 +126,9 @@ class TrainingRun:
                  docker_image: str | None = None, docker: str = "docker",
                  echo: Callable[[str], None] | None = None,
                  on_epoch: Callable[[int, dict[str, float]], bool] | None = None,
-                 keep_checkpoints: bool = True) -> None:
+                 keep_checkpoints: bool = True, train_command: Sequence[str] | None = None) -> None:
         self.base = Path(base).resolve()
+        self.train_command = list(train_command or TRAIN_COMMAND)
         self.hyperparameters = dict(hyperparameters)
         self.data = Path(data).resolve()
         self.docker_image = docker_image
@@ -157,7 +160,7 @@ class TrainingRun:
                      contract.SM_OUTPUT_DATA_DIR, contract.SM_CHANNELS, contract.CHECKPOINT_DIR_ENV):
             env.pop(name, None)
         if not self.docker_image:
-            return [sys.executable, "-m", "dogbreed.train"], env
+            return list(self.train_command), env
         container = contract.Paths.from_env({})
         channel = contract.channel_dir(contract.TRAINING_CHANNEL, container, {})
         command = [self.docker, "run", "--rm", "--network", "host", "--name", self.container,
@@ -230,8 +233,10 @@ class TrainingRun:
 # --- the backend -------------------------------------------------------------------------------------
 class LocalBackend:
     def __init__(self, settings: Settings, *, docker_image: str | None = None,
-                 progress: events.Progress | None = None) -> None:
+                 progress: events.Progress | None = None,
+                 train_command: Sequence[str] | None = None) -> None:
         self.settings = settings
+        self.train_command = train_command
         self.workdir = settings.workdir_path.resolve()
         self.docker_image = docker_image
         self.progress = progress or events.Progress()
@@ -252,7 +257,7 @@ class LocalBackend:
         events.event("training_started", job=name, base=base, docker=self.docker_image or "no",
                      **{k.replace("-", "_"): v for k, v in hyperparameters.items()})
         run = TrainingRun(base, hyperparameters, data, docker_image=self.docker_image,
-                          echo=(lambda line: print(line, file=sys.stderr, flush=True)) if echo else None)
+                          train_command=self.train_command, echo=(lambda line: print(line, file=sys.stderr, flush=True)) if echo else None)
         result = run.run()
         if result.returncode != 0:
             raise LocalError(f"training job {name} failed (exit {result.returncode}): "
@@ -317,7 +322,8 @@ class LocalBackend:
                 return trial.should_prune()
 
             run = TrainingRun(root / f"trial-{trial.number:03d}", hps, data, docker_image=self.docker_image,
-                              on_epoch=on_epoch, keep_checkpoints=False)
+                              on_epoch=on_epoch, keep_checkpoints=False,
+                              train_command=self.train_command)
             result = run.run()
             self.progress.close()
             record = {"number": trial.number, "hyperparameters": tuned,
@@ -336,7 +342,7 @@ class LocalBackend:
                               or f"exit {result.returncode}; log {result.base / TRAIN_LOG}")
             records.append(record)
             events.event("trial", study=name, number=trial.number, state=record["state"],
-                         value=record["value"], epochs=record["epochs_completed"],
+                         value=record["value"], epochs_completed=record["epochs_completed"],
                          seconds=record["seconds"],
                          **{k.replace("-", "_"): v for k, v in tuned.items()})
         complete = [r for r in records if r["state"] == "COMPLETE"]

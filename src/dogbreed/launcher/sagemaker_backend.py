@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import functools
 import json
 import mimetypes
 import re
 import time
+import urllib.parse
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -269,13 +271,18 @@ class Recorded:
         return {"service": self.service, "operation": self.operation, "request": self.request}
 
 
+@functools.cache
+def _service_model(service: str) -> Any:
+    import botocore.session
+
+    return botocore.session.get_session().get_service_model(service)
+
+
 def validate_request(service: str, operation: str, request: Mapping[str, Any]) -> None:
     """Check ``request`` against botocore's service model (what a real client does first)."""
-    import botocore.session
     from botocore.validate import validate_parameters
 
-    model = botocore.session.get_session().get_service_model(service)
-    validate_parameters(dict(request), model.operation_model(operation).input_shape)
+    validate_parameters(dict(request), _service_model(service).operation_model(operation).input_shape)
 
 
 class SageMakerBackend:
@@ -577,10 +584,11 @@ class SageMakerBackend:
                     model_data = description["ModelArtifacts"]["S3ModelArtifacts"]
             assert model_data is not None
             if self.dry_run and model_data.startswith("<"):
-                source = {"Bucket": "<bucket>", "Key": model_data}
+                source = model_data
             else:
+                # The wire form of CopySource: "bucket/url-quoted key" (what boto3 sends).
                 src_bucket, src_key = split_s3_uri(model_data)
-                source = {"Bucket": src_bucket, "Key": src_key}
+                source = f"{src_bucket}/{urllib.parse.quote(src_key, safe='/~')}"
             self.send("s3", "copy_object", {"Bucket": bucket, "Key": key, "CopySource": source})
         uri = f"s3://{bucket}/{key}"
         if not self.dry_run:

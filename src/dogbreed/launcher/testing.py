@@ -12,11 +12,15 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-from dogbreed import artifacts
+# The artifact file names (dogbreed.artifacts owns them; the fake trainer must not import torch).
+WEIGHTS_FILE = "model.pt"
+METADATA_FILE = "model.json"
 
 
 def make_archive(tmp: Path, name: str, classes: list[str] | None = None) -> Path:
     """A model.tar.gz holding a model.json (and a placeholder model.pt): enough for routing."""
+    from dogbreed import artifacts
+
     model_dir = tmp / f"{name}-dir"
     model_dir.mkdir(parents=True)
     (model_dir / artifacts.WEIGHTS_FILE).write_bytes(b"not really weights")
@@ -69,7 +73,7 @@ class FakeModelServer:
                                                                     "message": "cannot load"})
                         if name in fake.loaded:
                             return self.reply(409, {"code": 409, "message": f"{name} exists"})
-                        meta = json.loads((Path(url) / artifacts.METADATA_FILE).read_text())
+                        meta = json.loads((Path(url) / METADATA_FILE).read_text())
                         fake.loaded[name] = meta
                     return self.reply(200, {"status": f"Model {name} registered"})
                 parts = parsed.path.strip("/").split("/")
@@ -119,3 +123,63 @@ class FakeModelServer:
     def count(self, kind: str) -> int:
         with self.lock:
             return sum(1 for k, _ in self.calls if k == kind)
+
+
+# --- a fake training entry point ---------------------------------------------------------------------
+FAKE_EPOCH_SECONDS_ENV = "DOGBREED_FAKE_EPOCH_SECONDS"
+FAKE_FAIL_ENV = "DOGBREED_FAKE_FAIL"  # set: fail every run with this reason
+
+
+def fake_accuracy(lr: float, epoch: int, epochs: int) -> float:
+    """Deterministic: a larger lr scores higher (0.2 at 1e-3 … 0.7 at 1e-1), rising per epoch."""
+    import math
+
+    base = 0.2 + 0.25 * (math.log10(lr) + 3)
+    return round(base * epoch / epochs, 4)
+
+
+def fake_train_main() -> int:
+    """Behaves like ``python -m dogbreed.train`` on the outside, in milliseconds: reads the
+    /opt/ml layout, prints per-epoch metric lines and the final line, writes model.pt +
+    model.json, stops on SIGTERM with exit 143 and a failure file, fails on a bad hyperparameter."""
+    import os
+    import signal
+    import sys
+    import time
+
+    from dogbreed import contract
+
+    paths = contract.Paths.from_env()
+    stopped = []
+    signal.signal(signal.SIGTERM, lambda *_: stopped.append(True))
+    try:
+        hp = contract.load_hyperparameters([], paths)
+    except contract.ContractError as exc:
+        contract.write_failure(f"ContractError: {exc}", paths)
+        return 1
+    paths.create_output_dirs()
+    if os.environ.get(FAKE_FAIL_ENV):
+        contract.write_failure(os.environ[FAKE_FAIL_ENV], paths)
+        return 1
+    delay = float(os.environ.get(FAKE_EPOCH_SECONDS_ENV, "0.02"))
+    for epoch in range(1, hp.epochs + 1):
+        time.sleep(delay)
+        if stopped:
+            contract.write_failure("stopped by SIGTERM", paths)
+            return 143
+        acc = fake_accuracy(hp.lr, epoch, hp.epochs)
+        print(f"epoch={epoch} train_loss={1 - acc:.4f} train_accuracy={acc:.4f} "
+              f"valid_loss={1 - acc:.4f} valid_accuracy={acc:.4f} images_per_sec=100.0 "
+              f"epoch_seconds={delay:.2f} lr={hp.lr:.6g}", flush=True)
+    print(f"best_epoch={hp.epochs} valid_loss={1 - acc:.4f} valid_accuracy={acc:.4f}", flush=True)
+    (paths.model_dir / WEIGHTS_FILE).write_bytes(b"fake weights")
+    (paths.model_dir / METADATA_FILE).write_text(json.dumps(
+        {"name": hp.model, "hyperparameters": hp.to_dict()}))
+    print("fake training done", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(fake_train_main())

@@ -1,0 +1,165 @@
+"""The local backend with a fake training entry point (same contract, milliseconds per run)."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import sys
+from pathlib import Path
+
+import pytest
+
+from dogbreed import artifacts, contract, train
+from dogbreed.launcher import local_backend, search_space
+from dogbreed.launcher.local_backend import LocalBackend, LocalError, TrainingRun, parse_metrics
+from dogbreed.launcher.settings import Settings, SettingsError
+from dogbreed.launcher.testing import FAKE_FAIL_ENV, METADATA_FILE, WEIGHTS_FILE, fake_accuracy
+
+FAKE_TRAIN = [sys.executable, "-m", "dogbreed.launcher.testing"]
+
+
+@pytest.fixture
+def backend(tmp_path: Path) -> LocalBackend:
+    return LocalBackend(Settings(workdir=str(tmp_path / "work")), train_command=FAKE_TRAIN)
+
+
+def test_fake_trainer_uses_the_real_artifact_names() -> None:
+    assert (WEIGHTS_FILE, METADATA_FILE) == (artifacts.WEIGHTS_FILE, artifacts.METADATA_FILE)
+
+
+def test_metric_lines_parse_with_the_sagemaker_metric_definitions() -> None:
+    line = ("epoch=3 train_loss=0.8100 train_accuracy=0.7000 valid_loss=0.9000 "
+            "valid_accuracy=0.7100 images_per_sec=912.0 epoch_seconds=1.25 lr=0.01")
+    metrics = parse_metrics(line)
+    assert metrics["valid_accuracy"] == 0.71 and metrics["train_loss"] == 0.81
+    assert set(metrics) == {d["Name"] for d in train.METRIC_DEFINITIONS} - {"test_loss", "test_accuracy"}
+    assert parse_metrics("best_epoch=2 valid_loss=1.5 valid_accuracy=0.35") == {
+        "valid_loss": 1.5, "valid_accuracy": 0.35}
+    assert parse_metrics("2026-01-01 INFO event=start model=resnet18") == {}
+
+
+def test_training_run_lays_out_opt_ml_and_streams_epochs(tmp_path: Path, sample_data: Path) -> None:
+    seen = []
+    run = TrainingRun(tmp_path / "job", {"epochs": "3", "lr": "0.01"}, sample_data,
+                      train_command=FAKE_TRAIN, on_epoch=lambda e, m: seen.append(e) and False)
+    result = run.run()
+    assert result.returncode == 0 and seen == [1, 2, 3]
+    assert result.objective == fake_accuracy(0.01, 3, 3)
+    paths = result.paths
+    assert json.loads(paths.hyperparameters_file.read_text()) == {"epochs": "3", "lr": "0.01"}
+    assert contract.resolve_splits(paths)["train"].resolve() == (sample_data / "train").resolve()
+    assert "fake training done" in (paths.base / local_backend.TRAIN_LOG).read_text()
+
+
+def test_stopping_a_run_sends_sigterm(tmp_path: Path, sample_data: Path,
+                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DOGBREED_FAKE_EPOCH_SECONDS", "0.2")
+    run = TrainingRun(tmp_path / "job", {"epochs": "10"}, sample_data, train_command=FAKE_TRAIN,
+                      on_epoch=lambda epoch, _m: epoch >= 1)
+    result = run.run()
+    assert result.pruned and result.returncode == 143 and len(result.epochs) == 1
+    assert "SIGTERM" in result.failure()
+
+
+def test_local_train_packs_model_and_add_model_fills_the_store(backend: LocalBackend,
+                                                               sample_data: Path) -> None:
+    job = backend.train(name="job-1", hyperparameters={"epochs": "2", "model": "mobilenet_v2"},
+                        data=sample_data, echo=False)
+    archive = Path(job["model_data"])
+    assert archive.name == "model.tar.gz" and archive.parent.name == "output"
+    assert job["final_metrics"]["valid_accuracy"] == fake_accuracy(0.01, 2, 2)
+    added = backend.add_model("dogs", training_job="job-1")
+    assert added["target_model"] == "dogs/model.tar.gz"
+    assert backend.store.targets() == ["dogs/model.tar.gz"]
+    with pytest.raises(SettingsError):
+        backend.add_model("dogs", training_job="no-such-job")
+    with pytest.raises(SettingsError):
+        backend.add_model("../escape", training_job="job-1")
+
+
+def test_failed_training_reports_the_failure_file(backend: LocalBackend, sample_data: Path) -> None:
+    with pytest.raises(contract.ContractError):
+        backend.train(name="bad", hyperparameters={"epochs": "zero"}, data=sample_data)
+    run = TrainingRun(backend.workdir / "jobs" / "bad", {"epochs": "zero"}, sample_data,
+                      train_command=FAKE_TRAIN)
+    result = run.run()
+    assert result.returncode == 1 and "epochs" in result.failure()
+
+
+def test_local_tune_prunes_and_saves_the_best(backend: LocalBackend, sample_data: Path,
+                                              tmp_path: Path) -> None:
+    result = backend.tune(name="study", data=sample_data, static_hyperparameters={"image-size": "64"},
+                          trials=8, epochs_max=3, seed=1)
+    assert result["counts"]["COMPLETE"] + result["counts"]["PRUNED"] == 8
+    assert result["counts"]["PRUNED"] >= 1
+    for trial in result["trials"]:
+        hps = trial["hyperparameters"]
+        assert set(hps) == {"lr", "batch-size", "epochs"}
+        assert 1e-3 <= float(hps["lr"]) <= 1e-1 and hps["batch-size"] in {"16", "32", "64", "128", "256"}
+        assert 2 <= int(hps["epochs"]) <= 3
+        if trial["state"] == "PRUNED":
+            assert 1 <= trial["epochs_completed"] <= int(hps["epochs"]) and trial["value"] is None
+    complete = [t for t in result["trials"] if t["state"] == "COMPLETE"]
+    assert result["best_objective"] == max(t["value"] for t in complete)
+    assert result["best_hyperparameters"]["image-size"] == "64"
+    saved = json.loads(Path(result["result_file"]).read_text())
+    assert saved["best_hyperparameters"] == result["best_hyperparameters"]
+    assert Path(result["best_model_data"]).is_file()
+    # train --from-tuning-job reads it back (by name or by file).
+    assert backend.best_hyperparameters("study") == result["best_hyperparameters"]
+    assert backend.best_hyperparameters(result["result_file"]) == result["best_hyperparameters"]
+
+
+def test_tune_refuses_fixing_a_tuned_hyperparameter(backend: LocalBackend, sample_data: Path) -> None:
+    with pytest.raises(SettingsError, match="lr"):
+        backend.tune(name="s", data=sample_data, static_hyperparameters={"lr": "0.1"}, trials=1)
+
+
+def test_tune_with_every_trial_failing_is_an_error(backend: LocalBackend, sample_data: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(FAKE_FAIL_ENV, "WeightsError: no network")
+    with pytest.raises(LocalError, match="no trial.*WeightsError: no network"):
+        backend.tune(name="s", data=sample_data, static_hyperparameters={}, trials=2)
+
+
+def test_default_weights_fall_back_offline(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(local_backend, "imagenet_weights_cached", lambda arch: False)
+    assert local_backend.default_weights({}, explicit=False)["weights"] == "none"
+    assert local_backend.default_weights({"weights": "imagenet"}, explicit=True)["weights"] == "imagenet"
+    monkeypatch.setattr(local_backend, "imagenet_weights_cached", lambda arch: True)
+    assert "weights" not in local_backend.default_weights({}, explicit=False)
+
+
+def test_docker_mode_runs_the_train_image(tmp_path: Path, sample_data: Path,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """`--docker`: docker run --network host, /opt/ml mounted, data as the training channel."""
+    record = tmp_path / "docker-args.json"
+    fake = tmp_path / "bin" / "docker"
+    fake.parent.mkdir()
+    fake.write_text(f"""#!{sys.executable}
+import json, os, sys
+json.dump(sys.argv[1:], open({str(record)!r}, "w"))
+base = sys.argv[sys.argv.index("-v") + 1].split(":")[0]
+os.environ["SAGEMAKER_BASE_DIR"] = base
+from dogbreed.launcher.testing import fake_train_main
+sys.exit(fake_train_main())
+""")
+    fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
+    monkeypatch.setenv("PATH", f"{fake.parent}{os.pathsep}{os.environ['PATH']}")
+    backend = LocalBackend(Settings(workdir=str(tmp_path / "work")), docker_image="dogbreed-train:latest")
+    job = backend.train(name="in-docker", hyperparameters={"epochs": "1"}, data=sample_data, echo=False)
+    args = json.loads(record.read_text())
+    assert args[:4] == ["run", "--rm", "--network", "host"]
+    assert args[-2:] == ["dogbreed-train:latest", "train"]
+    base = backend.workdir / "jobs" / "in-docker"
+    assert f"{base}:/opt/ml" in args
+    assert f"{sample_data.resolve()}:/opt/ml/input/data/training:ro" in args
+    # The channel is a plain mount point in docker mode, not a link to a host path.
+    assert (base / "input" / "data" / "training").is_dir()
+    assert not (base / "input" / "data" / "training").is_symlink()
+    assert Path(job["model_data"]).is_file()
+
+
+def test_search_space_is_the_one_definition() -> None:
+    assert [p.name for p in search_space.SEARCH_SPACE] == ["lr", "batch-size", "epochs"]
