@@ -370,9 +370,13 @@ class LocalBackend:
             "best_model_data": str(archive),
             "seconds": round(time.monotonic() - started, 1),
         }
-        path = output or self.workdir / "tuning" / f"{name}.json"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(result, indent=2) + "\n")
+        # Always under the work dir (so `train --from-tuning-job NAME` finds it), and at --output.
+        path = self.workdir / "tuning" / f"{name}.json"
+        for target in (path, output):
+            if target is not None:
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_text(json.dumps(result, indent=2) + "\n")
+        path = output or path
         result["result_file"] = str(path)
         events.event("tuning_completed", study=name, best_trial=best["number"],
                      best_objective=best["value"], complete=result["counts"]["COMPLETE"],

@@ -385,7 +385,11 @@ class SageMakerBackend:
         if not (source / "train").is_dir():
             raise SettingsError(f"{source} has no train/ folder (expected train/ valid/ test/)")
         bucket, prefix = split_s3_uri(self.settings.data_uri)
-        files = sorted(p for p in source.rglob("*") if p.is_file() and not p.name.startswith("."))
+        # Only the splits the training channel reads (train/ valid/ test/), not READMEs.
+        splits = [a for aliases in contract.SPLIT_CHANNELS.values() for a in aliases]
+        files = sorted(p for split in splits if (source / split).is_dir()
+                       for p in (source / split).rglob("*")
+                       if p.is_file() and not p.name.startswith("."))
         existing: dict[str, int] = {}
         if not self.dry_run:
             paginator = self.client("s3").get_paginator("list_objects_v2")

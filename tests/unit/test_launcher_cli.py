@@ -1,0 +1,213 @@
+"""The `dogbreed` CLI: --help everywhere, --dry-run request JSON, settings precedence, local flows."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from dogbreed import train
+from dogbreed.launcher import cli, local_backend, search_space
+from dogbreed.launcher import settings as settings_mod
+from dogbreed.launcher.sagemaker_backend import validate_request
+
+SUBCOMMANDS = ["upload-data", "tune", "train", "deploy", "add-model", "invoke", "status",
+               "cleanup", "demo"]
+AWS = ["--region", "us-west-2", "--role-arn", "arn:aws:iam::123456789012:role/sm",
+       "--bucket", "my-bucket", "--train-image", "acct.dkr.ecr.us-west-2.amazonaws.com/t:1",
+       "--serve-image", "acct.dkr.ecr.us-west-2.amazonaws.com/s:1"]
+
+
+@pytest.fixture(autouse=True)
+def isolated(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.chdir(tmp_path)
+    for name in list(settings_mod.FIELDS) + ["config"]:
+        monkeypatch.delenv(settings_mod.env_name(name), raising=False)
+    for name in ("AWS_REGION", "AWS_DEFAULT_REGION"):
+        monkeypatch.delenv(name, raising=False)
+
+
+@pytest.fixture
+def run(capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture):
+    """``run(*argv)`` → (exit code, stdout parsed as JSON, stderr + log events)."""
+    caplog.set_level("INFO")
+
+    def runner(*argv: str) -> tuple[int, object, str]:
+        caplog.clear()
+        code = cli.main(list(argv))
+        out, err = capsys.readouterr()
+        try:
+            payload = json.loads(out) if out.strip() else None
+        except json.JSONDecodeError:
+            payload = out
+        return code, payload, err + caplog.text
+
+    return runner
+
+
+@pytest.mark.parametrize("command", [None, *SUBCOMMANDS])
+def test_help(command: str | None, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main([command, "--help"] if command else ["--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert "--dry-run" in out or command is None
+    assert "usage: dogbreed" in out
+
+
+def test_tune_dry_run_prints_the_tuning_request(run) -> None:
+    code, request, err = run("tune", "--dry-run", *AWS, "--trials", "10",
+                             "--max-parallel", "2", "--strategy", "Random", "--image-size", "224",
+                             "--name", "dogbreed-tune-x", "--poll-seconds", "5")
+    assert code == 0, err
+    assert request["service"] == "sagemaker" and request["operation"] == "CreateHyperParameterTuningJob"
+    body = request["request"]
+    validate_request("sagemaker", "CreateHyperParameterTuningJob", body)
+    config = body["HyperParameterTuningJobConfig"]
+    assert config["Strategy"] == "Random"
+    assert config["ParameterRanges"] == search_space.to_sagemaker(search_space.SEARCH_SPACE)
+    assert config["ResourceLimits"]["MaxNumberOfTrainingJobs"] == 10
+    definition = body["TrainingJobDefinition"]
+    assert definition["AlgorithmSpecification"]["MetricDefinitions"] == train.METRIC_DEFINITIONS
+    assert definition["RoleArn"] == AWS[3]
+    assert definition["StaticHyperParameters"] == {"image-size": "224"}
+    assert definition["InputDataConfig"][0]["DataSource"]["S3DataSource"]["S3Uri"] == "s3://my-bucket/dogbreed/data"
+
+
+def test_tune_dry_run_without_settings_shows_placeholders(run) -> None:
+    code, request, err = run("tune", "--dry-run")
+    assert code == 0, err
+    assert request["operation"] == "CreateHyperParameterTuningJob"
+    assert "<role-arn" in request["request"]["TrainingJobDefinition"]["RoleArn"]
+    assert "event=dry_run_backend" in err
+
+
+def test_tune_dry_run_local_shows_the_optuna_plan(run) -> None:
+    code, plan, err = run("tune", "--local", "--dry-run", "--trials", "6", "--epochs-max", "3",
+                          "--weights", "none")
+    assert code == 0, err
+    assert plan["backend"] == "local" and plan["pruner"]["name"] == "MedianPruner"
+    assert plan["sampler"]["name"] == "TPESampler"
+    assert plan["search_space"][2] == {"name": "epochs", "type": "integer", "low": 2, "high": 3,
+                                       "log": False}
+
+
+@pytest.mark.parametrize(("argv", "operations"), [
+    (["train", "--epochs", "5", "--lr", "0.02", "--spot"], ["CreateTrainingJob"]),
+    (["train", "--from-tuning-job", "dogbreed-tune-x"], ["DescribeHyperParameterTuningJob", "CreateTrainingJob"]),
+    (["deploy"], ["CreateModel", "CreateEndpointConfig", "CreateEndpoint"]),
+    (["add-model", "dogs", "--job", "dogbreed-train-x"], ["DescribeTrainingJob", "CopyObject"]),
+    (["add-model", "dogs", "--model-data", "s3://b/k/model.tar.gz"], ["CopyObject"]),
+    (["cleanup", "--delete-models"], ["DescribeEndpoint", "DeleteEndpoint", "DeleteEndpointConfig",
+                                      "DeleteModel", "ListObjectsV2", "DeleteObjects"]),
+])
+def test_every_command_dry_runs(argv: list[str], operations: list[str],
+                                run) -> None:
+    code, payload, err = run(*argv, "--dry-run", *AWS)
+    assert code == 0, err
+    items = payload if isinstance(payload, list) else [payload]
+    assert [i["operation"] for i in items] == operations
+    for item in items:
+        if not item["request"].get("Key", "").startswith("<"):
+            validate_request(item["service"], item["operation"], item["request"])
+    if argv[0] == "deploy":
+        assert items[0]["request"]["PrimaryContainer"]["Mode"] == "MultiModel"
+        assert items[0]["request"]["PrimaryContainer"]["ModelDataUrl"] == "s3://my-bucket/dogbreed/models/"
+    if argv[:2] == ["train", "--epochs"]:
+        request = items[0]["request"]
+        assert request["HyperParameters"] == {"epochs": "5", "lr": "0.02"}
+        assert request["EnableManagedSpotTraining"] is True
+        assert {r["RuleConfigurationName"] for r in request["DebugRuleConfigurations"]} >= {
+            "VanishingGradient", "Overfit", "Overtraining", "PoorWeightInitialization", "LossNotDecreasing"}
+
+
+def test_invoke_and_upload_dry_run(run, tmp_path: Path,
+                                   sample_data: Path) -> None:
+    image = next((sample_data / "test").rglob("*.jpg"))
+    code, payload, err = run("invoke", str(image), "--target-model", "dogs/model.tar.gz",
+                             "--dry-run", *AWS)
+    assert code == 0, err
+    assert payload["operation"] == "InvokeEndpoint"
+    assert payload["request"]["TargetModel"] == "dogs/model.tar.gz"
+    assert payload["request"]["ContentType"] == "image/jpeg"
+    code, payload, err = run("upload-data", "--data", str(sample_data), "--dry-run", *AWS)
+    assert code == 0, err
+    assert payload[0]["operation"] == "PutObject" and "120 files" in payload[-1]["request"]["summary"]
+
+
+def test_errors_are_one_line_and_exit_non_zero(run) -> None:
+    code, _, err = run("tune", "--dry-run", *AWS, "--hp", "lr=0.1")
+    assert code == cli.EXIT_USAGE and "tuned" in err
+    code, _, err = run("train", "--dry-run", *AWS, "--hp", "nonsense")
+    assert code == cli.EXIT_USAGE and "NAME=VALUE" in err
+    code, _, err = run("train", "--sagemaker", "--region", "us-east-1")
+    assert code == cli.EXIT_USAGE and "--role-arn" in err
+    code, _, err = run("invoke", "/no/such.jpg", "--target-model", "x", "--local")
+    assert code == cli.EXIT_USAGE and "no such image" in err
+
+
+def test_settings_precedence(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    config = tmp_path / "dogbreed.toml"
+    config.write_text('region = "eu-west-1"\nbucket = "from-file"\nprefix = "p"\nport = 9000\n')
+    loaded = settings_mod.load({}, cwd=tmp_path, env={})
+    assert (loaded.region, loaded.bucket, loaded.prefix, loaded.port) == ("eu-west-1", "from-file", "p", 9000)
+    env = {"DOGBREED_BUCKET": "from-env", "AWS_REGION": "us-east-2"}
+    loaded = settings_mod.load({}, cwd=tmp_path, env=env)
+    assert loaded.bucket == "from-env" and loaded.region == "eu-west-1"  # the file names a region
+    loaded = settings_mod.load({"bucket": "from-flag", "region": None}, cwd=tmp_path, env=env)
+    assert loaded.bucket == "from-flag"
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps({"role-arn": "arn:aws:iam::1:role/x"}))
+    loaded = settings_mod.load({}, config_file=str(other), env={"AWS_DEFAULT_REGION": "ap-south-1"})
+    assert loaded.role_arn == "arn:aws:iam::1:role/x" and loaded.region == "ap-south-1"
+    other.write_text(json.dumps({"bukket": "typo"}))
+    with pytest.raises(settings_mod.SettingsError, match="bukket"):
+        settings_mod.load({}, config_file=str(other), env={})
+    assert settings_mod.Settings(bucket="b", prefix="x/").models_uri == "s3://b/x/models/"
+
+
+def test_backend_choice(run, monkeypatch: pytest.MonkeyPatch) -> None:
+    args = cli.build_parser().parse_args(["status"])
+    assert cli._backend_name(args, settings_mod.Settings()) == "local"
+    assert cli._backend_name(args, settings_mod.Settings(role_arn="r", bucket="b")) == "sagemaker"
+    args = cli.build_parser().parse_args(["status", "--local"])
+    assert cli._backend_name(args, settings_mod.Settings(role_arn="r", bucket="b")) == "local"
+
+
+def test_local_train_add_model_and_status(run, sample_data: Path,
+                                          tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(local_backend, "TRAIN_COMMAND", (sys.executable, "-m", "dogbreed.launcher.testing"))
+    work = str(tmp_path / "work")
+    code, job, err = run("train", "--local", "--data", str(sample_data), "--epochs", "2",
+                         "--weights", "none", "--name", "job-a", "--workdir", work)
+    assert code == 0, err
+    assert job["status"] == "Completed" and Path(job["model_data"]).is_file()
+    assert "epoch=2 " in err  # the entry point's own lines are passed through
+    code, added, err = run("add-model", "dogs", "--job", "job-a", "--local", "--workdir", work)
+    assert code == 0 and added["target_model"] == "dogs/model.tar.gz"
+    code, status, _ = run("status", "--local", "--workdir", work)
+    assert status["models"] == ["dogs/model.tar.gz"] and status["training_jobs"] == ["job-a"]
+    assert status["endpoint"] is None
+    code, _, err = run("invoke", str(next(sample_data.rglob("*.jpg"))), "--local",
+                       "--target-model", "dogs/model.tar.gz", "--workdir", work)
+    assert code == cli.EXIT_USAGE and "deploy --local" in err
+
+
+def test_local_tune_then_train_from_it(run, sample_data: Path,
+                                       tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(local_backend, "TRAIN_COMMAND", (sys.executable, "-m", "dogbreed.launcher.testing"))
+    work = str(tmp_path / "work")
+    out = tmp_path / "best.json"
+    code, result, err = run("tune", "--local", "--data", str(sample_data), "--trials", "4",
+                            "--epochs-max", "3", "--weights", "none", "--name", "study",
+                            "--output", str(out), "--workdir", work)
+    assert code == 0, err
+    assert json.loads(out.read_text())["best_hyperparameters"] == result["best_hyperparameters"]
+    assert err.count("event=trial ") == 4
+    code, plan, err = run("train", "--local", "--from-tuning-job", "study", "--dry-run",
+                          "--epochs", "4", "--workdir", work, "--data", str(sample_data))
+    assert code == 0, err
+    expected = {**result["best_hyperparameters"], "epochs": "4"}
+    assert plan["hyperparameters"] == expected
