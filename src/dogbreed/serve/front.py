@@ -322,8 +322,7 @@ class FrontHandler(BaseHTTPRequestHandler):
                 status, reason, headers, data = (int(reason_json["code"]), None,
                                                  [("Content-Type", "application/json")],
                                                  json.dumps(reason_json).encode())
-            self._send(status, reason, headers, data)
-        finally:
+        finally:  # tidy up before answering: the caller may look at once
             error_file.unlink(missing_ok=True)
             if unpacked is not None:
                 if ok:
@@ -331,6 +330,7 @@ class FrontHandler(BaseHTTPRequestHandler):
                         self.server.unpacked[name] = unpacked
                 else:
                     shutil.rmtree(unpacked, ignore_errors=True)
+        self._send(status, reason, headers, data)
 
     def _unregister(self, body: bytes, name: str) -> None:
         status, reason, headers, data = self._forward(body, timeout=self.server.load_timeout)
