@@ -122,8 +122,9 @@ def shim_main(socket_path: str, python: str) -> None:
 
 # --- the zygote ----------------------------------------------------------------------------------
 class Zygote:
-    def __init__(self, socket_path: str) -> None:
+    def __init__(self, socket_path: str, preload: tuple[str, ...] = PRELOAD) -> None:
         self.socket_path = socket_path
+        self.preload = preload
         self.children: dict[int, socket.socket] = {}  # worker pid -> its shim's connection
         self.selector = selectors.DefaultSelector()
         self.wakeup_r, self.wakeup_w = socket.socketpair()
@@ -136,7 +137,7 @@ class Zygote:
             os.unlink(self.socket_path)
         self.listener.bind(self.socket_path)
         self.listener.listen(64)
-        for name in PRELOAD:
+        for name in self.preload:
             __import__(name)
         ready = os.path.join(os.path.dirname(self.socket_path), READY_FILE)
         with open(ready, "w", encoding="utf-8") as handle:
