@@ -482,11 +482,11 @@ class ModelServer:
 
 
 # --- dogbreed-serve -----------------------------------------------------------------------------------
-def _become_subreaper() -> None:
-    """Orphaned descendants come back to this process (Linux), so stop() can find them all."""
+def _set_subreaper(on: bool) -> None:
+    """While on, orphaned descendants come back to this process (Linux), so stop() finds them."""
     try:
         libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER
+        libc.prctl(36, 1 if on else 0, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER
     except (OSError, AttributeError):
         pass
 
@@ -513,7 +513,6 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stdout,
                         format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    _become_subreaper()
     stop = threading.Event()
     received: list[int] = []
 
@@ -521,30 +520,35 @@ def main(argv: list[str] | None = None) -> int:
         received.append(signum)
         stop.set()
 
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+    _set_subreaper(True)
+    code = 0
     try:
         server = ModelServer(port=args.port, host=args.host, run_dir=args.run_dir,
                              multi_model=args.multi_model, model_dir=args.model_dir)
         server.start()
     except ServerError as exc:
         log.error("event=start_failed reason=%s", exc)
-        return 1
-    code = 0
-    try:
-        server.wait_ready(timeout=float(LOAD_TIMEOUT))
-        log.info("event=ready url=%s", server.url)
-        while not stop.wait(1.0):
-            if not server.alive():
-                log.error("event=child_exited pids=%s", server.pids())
+        code = 1
+    else:
+        try:
+            server.wait_ready(timeout=float(LOAD_TIMEOUT))
+            log.info("event=ready url=%s", server.url)
+            while not stop.wait(1.0):
+                if not server.alive():
+                    log.error("event=child_exited pids=%s", server.pids())
+                    code = 1
+                    break
+        except ServerError as exc:
+            if not stop.is_set():
+                log.error("event=start_failed reason=%s", exc)
                 code = 1
-                break
-    except ServerError as exc:
-        if not stop.is_set():
-            log.error("event=start_failed reason=%s", exc)
-            code = 1
+        finally:
+            server.stop()
     finally:
-        server.stop()
+        _set_subreaper(False)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     if received:
         log.info("event=signal signum=%d", received[0])
     return code

@@ -1,0 +1,127 @@
+"""ModelServer and dogbreed-serve without Java: settings from the environment, the MMS config it
+writes, and the refusals that happen before anything starts."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import pytest
+from test_artifacts import tiny_model_dir
+
+from dogbreed import contract
+from dogbreed.serve import RUN_DIR_ENV, server
+from dogbreed.serve.server import ModelServer, ServerError
+
+
+@pytest.fixture
+def run_dir() -> Path:
+    path = Path(tempfile.mkdtemp(prefix="dbu-"))
+    yield path
+    import shutil
+
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def test_settings_come_from_the_sagemaker_environment(tmp_path: Path) -> None:
+    env = {contract.SAGEMAKER_BIND_TO_PORT: "9090", contract.SAGEMAKER_MULTI_MODEL: "TRUE",
+           contract.SAGEMAKER_MODEL_SERVER_WORKERS: "2", contract.SAGEMAKER_MODEL_SERVER_TIMEOUT: "30",
+           contract.BASE_DIR_ENV: str(tmp_path), RUN_DIR_ENV: str(tmp_path / "run")}
+    s = ModelServer(env=env)
+    assert (s.port, s.host, s.multi_model, s.workers, s.timeout) == (9090, "0.0.0.0", True, 2, 30)
+    assert s.model_dir == tmp_path / "model" and s.run_dir == tmp_path / "run"
+    assert s.url == "http://127.0.0.1:9090"
+    s = ModelServer(env={contract.BIND_HOST_ENV: "127.0.0.1"})
+    assert (s.port, s.host, s.multi_model, s.workers, s.timeout) == (contract.DEFAULT_BIND_PORT, "127.0.0.1",
+                                                                     False, None, None)
+    assert s.model_dir == Path(contract.DEFAULT_BASE_DIR) / "model"
+    assert ModelServer(port=1, host="::1", env={}).url == "http://[::1]:1"
+    assert ModelServer(env={"DOGBREED_SERVE_ZYGOTE": "0"}).use_zygote is False
+
+
+@pytest.mark.parametrize("name,value", [(contract.SAGEMAKER_BIND_TO_PORT, "http"),
+                                        (contract.SAGEMAKER_MODEL_SERVER_WORKERS, "0"),
+                                        (contract.SAGEMAKER_MODEL_SERVER_TIMEOUT, "-5")])
+def test_bad_settings_are_refused(name: str, value: str) -> None:
+    with pytest.raises(ServerError, match=name):
+        ModelServer(env={name: value})
+
+
+def test_mms_config_is_the_packaged_base_plus_this_start(run_dir: Path) -> None:
+    s = ModelServer(port=0, run_dir=run_dir, multi_model=True, workers=3, timeout=45,
+                    env={"DOGBREED_MMS_JVM_OPTS": "-Xmx256m -Dx=1"})
+    s._make_run_dir()
+    config, vmargs = s._write_config()
+    props = server._read_properties(config.read_text())
+    assert config.parent == run_dir
+    assert props["inference_address"] == props["management_address"] == f"unix:{run_dir}/mms.sock"
+    assert props["default_service_handler"] == "dogbreed.serve.handler"
+    assert props["default_workers_per_model"] == "3"
+    assert props["default_response_timeout_seconds"] == "45"
+    assert props["decode_input_request"] == "false" and props["enable_envvars_config"] == "false"
+    assert vmargs == ["-Xmx256m", "-Dx=1"]
+    assert (run_dir / "log4j2.properties").read_text().startswith("#")
+    assert (run_dir / server.PID_FILE).read_text().strip() == str(os.getpid())
+    s2 = ModelServer(port=0, run_dir=run_dir, multi_model=True, env={})
+    _, vmargs = s2._write_config()
+    assert "-Xmx1g" in vmargs  # the base file's
+
+
+def test_a_run_dir_in_use_is_refused(run_dir: Path) -> None:
+    (run_dir / server.PID_FILE).write_text(f"{os.getppid()}\n")  # alive, and not us
+    with pytest.raises(ServerError, match="in use"):
+        ModelServer(port=0, run_dir=run_dir, multi_model=True, env={}).start()
+    (run_dir / server.PID_FILE).write_text("999999999\n")  # stale: taken over
+    ModelServer(port=0, run_dir=run_dir, multi_model=True, env={})._make_run_dir()
+
+
+def test_a_run_dir_too_long_for_unix_sockets_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ServerError, match="too long"):
+        ModelServer(port=0, run_dir=tmp_path / ("x" * 100), multi_model=True, env={}).start()
+
+
+def test_single_model_mode_checks_the_model_before_starting(tmp_path: Path, run_dir: Path) -> None:
+    with pytest.raises(ServerError, match="does not exist"):
+        ModelServer(port=0, run_dir=run_dir, multi_model=False, model_dir=tmp_path / "none", env={}).start()
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ServerError, match="neither model.json nor model.tar.gz"):
+        ModelServer(port=0, run_dir=run_dir, multi_model=False, model_dir=tmp_path / "empty", env={}).start()
+    assert not (run_dir / server.PID_FILE).exists()
+
+
+def test_java_is_required(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("JAVA_HOME", str(tmp_path / "no-java"))
+    with pytest.raises(ServerError, match="java not found"):
+        ModelServer(port=0, multi_model=True, env={}).start()
+
+
+def test_the_cli_exits_1_with_the_reason(tmp_path: Path, run_dir: Path, caplog: pytest.LogCaptureFixture,
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    import signal
+
+    monkeypatch.setenv(contract.BASE_DIR_ENV, str(tmp_path))
+    monkeypatch.delenv(contract.SAGEMAKER_MULTI_MODEL, raising=False)
+    before = signal.getsignal(signal.SIGTERM)
+    assert server.main(["--port", "0", "--run-dir", str(run_dir)]) == 1
+    assert "model dir" in caplog.text and "does not exist" in caplog.text
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_the_cli_documents_the_environment(capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit):
+        server.main(["--help"])
+    out = capsys.readouterr().out
+    assert contract.SAGEMAKER_BIND_TO_PORT in out and contract.BIND_HOST_ENV in out
+
+
+def test_single_model_archives_are_unpacked_into_the_run_dir(tmp_path: Path, run_dir: Path) -> None:
+    from dogbreed import artifacts
+
+    model = tiny_model_dir(tmp_path / "m")
+    base = tmp_path / "opt-ml" / "model"
+    artifacts.pack(model, base / artifacts.ARCHIVE_NAME)
+    s = ModelServer(port=0, run_dir=run_dir, multi_model=False, model_dir=base, env={})
+    s._make_run_dir()
+    model_dir = s._single_model_dir()
+    assert model_dir.parent == run_dir / "models" and (model_dir / artifacts.METADATA_FILE).is_file()
