@@ -24,8 +24,10 @@ def backend(tmp_path: Path) -> LocalBackend:
     return LocalBackend(Settings(workdir=str(tmp_path / "work")), train_command=FAKE_TRAIN)
 
 
-def test_fake_trainer_uses_the_real_artifact_names() -> None:
+def test_launcher_uses_the_real_artifact_names() -> None:
     assert (WEIGHTS_FILE, METADATA_FILE) == (artifacts.WEIGHTS_FILE, artifacts.METADATA_FILE)
+    assert local_backend.ARCHIVE_NAME == artifacts.ARCHIVE_NAME
+    assert local_backend.objective_metric() == train.OBJECTIVE_METRIC
 
 
 def test_metric_lines_parse_with_the_sagemaker_metric_definitions() -> None:

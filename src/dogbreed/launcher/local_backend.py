@@ -20,6 +20,7 @@ Work dir layout (``--workdir``, default ``.dogbreed``)::
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 import json
 import os
@@ -35,14 +36,26 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from dogbreed import artifacts, contract
+from dogbreed import contract
 from dogbreed.launcher import events, search_space
-from dogbreed.launcher.router import ModelStore, Router
+from dogbreed.launcher.router import ARCHIVE_NAME, ModelStore, Router
 from dogbreed.launcher.settings import Settings, SettingsError
-from dogbreed.train import METRIC_DEFINITIONS, OBJECTIVE_METRIC
 
 EPOCH_LINE = re.compile(r"^epoch=(\d+)\s")
-_METRIC_PATTERNS = [(d["Name"], re.compile(d["Regex"])) for d in METRIC_DEFINITIONS]
+@functools.cache
+def objective_metric() -> str:
+    """dogbreed.train.OBJECTIVE_METRIC, read lazily: train imports torch, and `dogbreed status`
+    or `invoke` should start fast."""
+    from dogbreed.train import OBJECTIVE_METRIC
+
+    return OBJECTIVE_METRIC
+
+
+@functools.cache
+def _metric_patterns() -> list[tuple[str, re.Pattern[str]]]:
+    from dogbreed.train import METRIC_DEFINITIONS
+
+    return [(d["Name"], re.compile(d["Regex"])) for d in METRIC_DEFINITIONS]
 STATE_FILE = "state.json"
 TRAIN_LOG = "train.log"
 PRUNE_GRACE_SECONDS = 30.0
@@ -57,7 +70,7 @@ class LocalError(RuntimeError):
 def parse_metrics(line: str) -> dict[str, float]:
     """The metrics in one log line, found with the SageMaker ``MetricDefinitions`` regexes."""
     found = {}
-    for name, pattern in _METRIC_PATTERNS:
+    for name, pattern in _metric_patterns():
         match = pattern.search(line)
         if match:
             found[name] = float(match.group(1))
@@ -112,7 +125,7 @@ class RunResult:
 
     @property
     def objective(self) -> float | None:
-        return self.final.get(OBJECTIVE_METRIC)
+        return self.final.get(objective_metric())
 
 
 class TrainingRun:
@@ -263,6 +276,8 @@ class LocalBackend:
             raise LocalError(f"training job {name} failed (exit {result.returncode}): "
                              f"{result.failure() or 'no failure file'}; log: {base / TRAIN_LOG}")
         paths = result.paths
+        from dogbreed import artifacts
+
         archive = artifacts.pack(paths.model_dir, paths.output_dir / artifacts.ARCHIVE_NAME)
         out = {"training_job": name, "status": "Completed", "model_data": str(archive),
                "model_dir": str(paths.model_dir), "output_data": str(paths.output_data_dir),
@@ -272,7 +287,7 @@ class LocalBackend:
         return out
 
     def job_archive(self, job: str) -> Path:
-        archive = self.workdir / "jobs" / job / "output" / artifacts.ARCHIVE_NAME
+        archive = self.workdir / "jobs" / job / "output" / ARCHIVE_NAME
         if not archive.is_file():
             raise SettingsError(f"no local training job {job!r} with a model "
                                 f"(looked for {archive})")
@@ -303,7 +318,7 @@ class LocalBackend:
         started = time.monotonic()
         records: list[dict[str, Any]] = []
         events.event("tuning_started", study=name, trials=trials, sampler="TPE",
-                     pruner="MedianPruner", objective=OBJECTIVE_METRIC,
+                     pruner="MedianPruner", objective=objective_metric(),
                      space=json.dumps(search_space.describe(space), separators=(",", ":")))
         for index in range(trials):
             trial = study.ask()
@@ -313,9 +328,9 @@ class LocalBackend:
 
             def on_epoch(epoch: int, metrics: dict[str, float], trial: Any = trial,
                          label: str = label) -> bool:
-                value = metrics.get(OBJECTIVE_METRIC)
+                value = metrics.get(objective_metric())
                 self.progress.update(f"{label} epoch {epoch} "
-                                     f"{OBJECTIVE_METRIC}={value}")
+                                     f"{objective_metric()}={value}")
                 if value is None:
                     return False
                 trial.report(value, epoch)
@@ -328,7 +343,7 @@ class LocalBackend:
             self.progress.close()
             record = {"number": trial.number, "hyperparameters": tuned,
                       "epochs_completed": len(result.epochs),
-                      "intermediate": [e.get(OBJECTIVE_METRIC) for e in result.epochs],
+                      "intermediate": [e.get(objective_metric()) for e in result.epochs],
                       "seconds": round(result.seconds, 1), "dir": str(result.base)}
             if result.pruned:
                 study.tell(trial, state=optuna.trial.TrialState.PRUNED)
@@ -355,11 +370,13 @@ class LocalBackend:
         for record in records:
             if record is not best:
                 shutil.rmtree(Path(record["dir"]) / "model", ignore_errors=True)
+        from dogbreed import artifacts
+
         archive = artifacts.pack(best_dir / "model", best_dir / "output" / artifacts.ARCHIVE_NAME)
         result = {
             "tuning_job": name,
             "backend": "local",
-            "objective": {"metric": OBJECTIVE_METRIC, "type": "Maximize"},
+            "objective": {"metric": objective_metric(), "type": "Maximize"},
             "search_space": search_space.describe(space),
             "static_hyperparameters": static,
             "trials": records,

@@ -32,7 +32,6 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-from dogbreed import artifacts
 from dogbreed.launcher import events
 
 TARGET_HEADER = "X-Amzn-SageMaker-Target-Model"
@@ -44,6 +43,9 @@ VARIANT_NAME = "AllTraffic"
 # SageMaker real-time endpoints take at most 6 MB per request.
 MAX_BODY_BYTES = 6 * 1024 * 1024
 FORWARDED_HEADERS = ("Content-Type", "Accept", CUSTOM_ATTRIBUTES_HEADER)
+# = dogbreed.artifacts.ARCHIVE_NAME (artifacts imports torch; the router needs it only to unpack;
+# a test checks they agree).
+ARCHIVE_NAME = "model.tar.gz"
 _ENDPOINT_PATH = re.compile(r"^/endpoints/([^/]+)/invocations$")
 
 
@@ -94,7 +96,7 @@ class ModelStore:
         """Copy ``archive`` to ``<store>/<name>/model.tar.gz`` atomically."""
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}", name) or ".." in name:
             raise ValueError(f"model name {name!r}: letters, digits, '.', '_' and '-' only")
-        target = self.root / name / artifacts.ARCHIVE_NAME
+        target = self.root / name / ARCHIVE_NAME
         target.parent.mkdir(parents=True, exist_ok=True)
         partial = target.with_name(target.name + ".partial")
         shutil.copyfile(archive, partial)
@@ -105,7 +107,7 @@ class ModelStore:
         if not self.root.is_dir():
             return []
         return sorted(p.relative_to(self.root).as_posix()
-                      for p in self.root.rglob(artifacts.ARCHIVE_NAME) if p.is_file())
+                      for p in self.root.rglob(ARCHIVE_NAME) if p.is_file())
 
 
 def mms_model_name(target: str) -> str:
@@ -281,6 +283,8 @@ class ModelCache:
                 entry.unloaded.set()
 
     def _load(self, entry: _Entry, archive: Path) -> None:
+        from dogbreed import artifacts
+
         try:
             model_dir = artifacts.safe_extract(archive, entry.directory)
         except artifacts.ArtifactError as exc:

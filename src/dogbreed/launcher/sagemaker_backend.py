@@ -23,7 +23,6 @@ from typing import Any
 from dogbreed import contract
 from dogbreed.launcher import events, rules, search_space
 from dogbreed.launcher.settings import SERVE_REPOSITORY, TRAIN_REPOSITORY, Settings, SettingsError
-from dogbreed.train import METRIC_DEFINITIONS, OBJECTIVE_METRIC
 
 STRATEGIES = ("Bayesian", "Random", "Hyperband", "Grid")
 VARIANT_NAME = "AllTraffic"
@@ -110,6 +109,8 @@ def tuning_request(
     random_seed: int | None = None,
 ) -> dict[str, Any]:
     """``CreateHyperParameterTuningJob`` over :data:`search_space.SEARCH_SPACE`."""
+    from dogbreed.train import METRIC_DEFINITIONS, OBJECTIVE_METRIC
+
     if strategy not in STRATEGIES:
         raise SettingsError(f"strategy {strategy!r}: choose one of {', '.join(STRATEGIES)}")
     if not 1 <= max_parallel <= max_jobs:
@@ -171,6 +172,8 @@ def training_request(
     instance_type: str | None = None,
 ) -> dict[str, Any]:
     """``CreateTrainingJob`` with the seeds' debugger rules, profiler and checkpoints."""
+    from dogbreed.train import METRIC_DEFINITIONS
+
     _check_name(name, JOB_NAME_MAX, "training job name")
     request: dict[str, Any] = {
         "TrainingJobName": name,
