@@ -306,7 +306,8 @@ def test_survives_200_bad_requests_without_a_worker_restart(
     log = serve_endpoint.log_text()
     if log:  # started here: the worker loaded this model once and never died
         assert log.count(f"event=model_loaded model={name} ") == 1
-        assert "Backend worker process died" not in log
+        # (Other models' workers die on purpose in other tests: unloads, refused loads.)
+        assert not [line for line in log.splitlines() if name[:25] in line and "died" in line]
 
 
 # --- single-model mode through the console script -----------------------------------------------------------
