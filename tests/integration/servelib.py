@@ -137,7 +137,8 @@ def train_models(root: Path, sample_data: Path, archs: tuple[str, ...] = ARCHS) 
     for arch in archs:
         paths = contract.prepare_local_job(root / arch, {"model": arch, **TINY},
                                            {"training": sample_data}, copy_data=True)
-        env = {**os.environ, contract.BASE_DIR_ENV: str(paths.base)}
+        # One thread each: two trainers on a small CPU otherwise wait on each other's cores.
+        env = {"OMP_NUM_THREADS": "1", **os.environ, contract.BASE_DIR_ENV: str(paths.base)}
         env.pop(contract.SM_HPS, None)
         log = open(root / f"{arch}.log", "w")  # noqa: SIM115 - closed below
         jobs[arch] = (paths, log, subprocess.Popen([str(script)], env=env, stdout=log, stderr=subprocess.STDOUT))
