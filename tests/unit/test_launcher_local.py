@@ -165,3 +165,11 @@ sys.exit(fake_train_main())
 
 def test_search_space_is_the_one_definition() -> None:
     assert [p.name for p in search_space.SEARCH_SPACE] == ["lr", "batch-size", "epochs"]
+
+
+def test_tuning_score_breaks_accuracy_ties_by_loss() -> None:
+    score = local_backend.tuning_score
+    assert score({"valid_accuracy": 0.25, "valid_loss": 9.0}) > score({"valid_accuracy": 0.2, "valid_loss": 0.1})
+    assert score({"valid_accuracy": 0.2, "valid_loss": 1.0}) > score({"valid_accuracy": 0.2, "valid_loss": 2.0})
+    assert score({"valid_accuracy": 0.2}) < 0.2 and score({"valid_loss": 1.0}) is None
+    assert 0.2 - local_backend.TIE_BREAK < score({"valid_accuracy": 0.2, "valid_loss": 1e9}) < 0.2

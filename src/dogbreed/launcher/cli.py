@@ -103,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trials", "--max-jobs", dest="trials", type=int, default=6,
                    help="number of trials / training jobs (default 6)")
     p.add_argument("--max-parallel", type=int, default=2, help="SageMaker: parallel jobs (default 2)")
-    p.add_argument("--strategy", default="Bayesian", choices=("Bayesian", "Random", "Hyperband", "Grid"))
+    p.add_argument("--strategy", default="Bayesian", choices=("Bayesian", "Random", "Hyperband"))
     p.add_argument("--epochs-max", type=int, help="cap the epochs range (e.g. 3 → 2..3)")
     p.add_argument("--no-early-stopping", dest="early_stopping", action="store_false",
                    help="SageMaker: TrainingJobEarlyStoppingType Off")

@@ -67,6 +67,24 @@ class LocalError(RuntimeError):
     """A local job or endpoint failed; the message says why (and where the log is)."""
 
 
+# Validation sets are small (20 images in the sample): accuracy comes in coarse steps and trials
+# tie. Optuna ranks trials by valid_accuracy with ties broken by lower valid_loss — the rule
+# dogbreed.train uses to pick its best epoch — folded into one number below the accuracy step.
+TIE_BREAK = 1e-4
+LOSS_METRIC = "valid_loss"
+
+
+def tuning_score(metrics: Mapping[str, float]) -> float | None:
+    """valid_accuracy, minus less than ``TIE_BREAK`` for a higher valid_loss (None: no value)."""
+    accuracy = metrics.get(objective_metric())
+    if accuracy is None:
+        return None
+    loss = metrics.get(LOSS_METRIC)
+    if loss is None or loss != loss or loss < 0:  # missing or NaN
+        return accuracy - TIE_BREAK
+    return accuracy - TIE_BREAK * (loss / (1.0 + loss))
+
+
 def parse_metrics(line: str) -> dict[str, float]:
     """The metrics in one log line, found with the SageMaker ``MetricDefinitions`` regexes."""
     found = {}
@@ -199,6 +217,7 @@ class TrainingRun:
                 assert self.process.stdout is not None
                 for line in self.process.stdout:
                     log_file.write(line)
+                    log_file.flush()
                     if self.echo:
                         self.echo(line.rstrip("\n"))
                     metrics = parse_metrics(line)
@@ -328,12 +347,12 @@ class LocalBackend:
 
             def on_epoch(epoch: int, metrics: dict[str, float], trial: Any = trial,
                          label: str = label) -> bool:
-                value = metrics.get(objective_metric())
+                score = tuning_score(metrics)
                 self.progress.update(f"{label} epoch {epoch} "
-                                     f"{objective_metric()}={value}")
-                if value is None:
+                                     f"{objective_metric()}={metrics.get(objective_metric())}")
+                if score is None:
                     return False
-                trial.report(value, epoch)
+                trial.report(score, epoch)
                 return trial.should_prune()
 
             run = TrainingRun(root / f"trial-{trial.number:03d}", hps, data, docker_image=self.docker_image,
@@ -349,8 +368,9 @@ class LocalBackend:
                 study.tell(trial, state=optuna.trial.TrialState.PRUNED)
                 record.update(state="PRUNED", value=None)
             elif result.returncode == 0 and result.objective is not None:
-                study.tell(trial, result.objective)
-                record.update(state="COMPLETE", value=result.objective)
+                score = tuning_score(result.final)
+                study.tell(trial, score)
+                record.update(state="COMPLETE", value=result.objective, score=score)
             else:
                 study.tell(trial, state=optuna.trial.TrialState.FAIL)
                 record.update(state="FAIL", value=None, failure=result.failure()
@@ -364,7 +384,7 @@ class LocalBackend:
         if not complete:
             raise LocalError(f"no trial of {name} completed: "
                              + "; ".join(f"{r['number']}: {r.get('failure', r['state'])}" for r in records))
-        best = max(complete, key=lambda r: r["value"])
+        best = max(complete, key=lambda r: r["score"])
         best_dir = Path(best["dir"])
         # Keep the best trial's model; drop the others' weights (tens of MB each).
         for record in records:
@@ -376,7 +396,9 @@ class LocalBackend:
         result = {
             "tuning_job": name,
             "backend": "local",
-            "objective": {"metric": objective_metric(), "type": "Maximize"},
+            "objective": {"metric": objective_metric(), "type": "Maximize",
+                          "ties": f"lower {LOSS_METRIC} wins (score = accuracy - "
+                                  f"{TIE_BREAK} * loss / (1 + loss))"},
             "search_space": search_space.describe(space),
             "static_hyperparameters": static,
             "trials": records,
