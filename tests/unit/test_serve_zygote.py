@@ -54,7 +54,7 @@ def zyg(tmp_path: Path) -> Iterator[dict]:
     run_dir = Path(tempfile.mkdtemp(prefix="dbz-"))
     sock = str(run_dir / zygote.SOCKET_NAME)
     proc = subprocess.Popen([sys.executable, "-c",
-                             f"from dogbreed.serve.zygote import Zygote; Zygote({sock!r}, preload=()).serve()"],
+                             f"from dogbreed.serve.zygote import Zygote; Zygote({sock!r}, preload=(), warm=()).serve()"],
                             start_new_session=True, stderr=subprocess.PIPE, text=True)
     wait_for(lambda: (run_dir / zygote.READY_FILE).exists())
     shim = zygote.write_shim(str(run_dir / zygote.SHIM_NAME), sock)

@@ -39,9 +39,10 @@ from dogbreed.serve import load_error_file
 log = logging.getLogger("dogbreed.serve")
 
 # Request headers that describe one hop, not the request (RFC 9110 7.6.1).
+# (``expect``: the front answers ``100-continue`` itself, then sends MMS the whole body.)
 HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-connection", "te", "trailer",
                         "transfer-encoding", "upgrade", "proxy-authorization", "proxy-authenticate",
-                        "content-length", "host"})
+                        "content-length", "host", "expect"})
 # Registration parameters passed on to MMS; anything else (``handler``, ``runtime``) is dropped.
 REGISTER_PARAMETERS = ("model_name", "url", "initial_workers", "batch_size", "max_batch_delay",
                        "response_timeout", "synchronous")
@@ -173,6 +174,8 @@ class FrontHandler(BaseHTTPRequestHandler):
     # Headers and body go out in two writes; with Nagle on, the body waits for the client's
     # delayed ACK of the headers (40 ms on Linux).
     disable_nagle_algorithm = True
+    # A caller that stops sending mid-request gives up its thread after this many seconds.
+    timeout = 120
     server_version = "dogbreed-serve"
     sys_version = ""
     server: Front

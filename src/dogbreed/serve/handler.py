@@ -17,12 +17,14 @@ from typing import Any
 
 from sagemaker_inference.default_handler_service import DefaultHandlerService
 
+from dogbreed.contract import SAGEMAKER_MULTI_MODEL
 from dogbreed.serve import RUN_DIR_ENV, load_error_file
 from dogbreed.serve.inference import (
     DogbreedTransformer,
     ModelLoadFailed,
     configure_threads,
     load_failure,
+    warm_up,
 )
 
 log = logging.getLogger("dogbreed.serve")
@@ -38,6 +40,8 @@ class HandlerService(DefaultHandlerService):
         start = time.perf_counter()
         try:
             self._service.validate_and_initialize(model_dir=model_dir, context=context)
+            if os.environ.get(SAGEMAKER_MULTI_MODEL, "").lower() != "true":
+                warm_up(self._service._model)
         except Exception as exc:
             status, error_type, message = load_failure(exc)
             log.error("event=model_load_failed model=%s dir=%s status=%d reason=%s",

@@ -193,6 +193,7 @@ def model_fn(model_dir: str | Path, context: Any = None) -> ServedModel:
 
     (Two parameters exactly: the toolkit passes ``context`` when a function takes one more.)
     """
+    start = time.perf_counter()
     device = default_device()
     model, metadata = artifacts.load_model(Path(model_dir), device)
     name = getattr(context, "model_name", None) or Path(model_dir).name
@@ -203,12 +204,19 @@ def model_fn(model_dir: str | Path, context: Any = None) -> ServedModel:
         device=device,
         labels=tuple(data.breed_name(c) for c in metadata.class_names),
     )
-    # The first forward pays for oneDNN primitive creation and the thread pool; pay it at load
-    # time rather than in the first request.
-    with torch.inference_mode():
-        size = metadata.image_size
-        served.model(torch.zeros(1, 3, size, size, device=device))
+    log.info("event=model_fn model=%s load_s=%.3f", name, time.perf_counter() - start)
     return served
+
+
+def warm_up(served: ServedModel) -> None:
+    """One forward at the model's input size: oneDNN builds its kernels now, not in a request.
+
+    Worth it where the load is not on a caller's clock (single-model: at start-up). In
+    multi-model mode the first request follows the load anyway, and this would add a forward.
+    """
+    size = served.metadata.image_size
+    with torch.inference_mode():
+        served.model(torch.zeros(1, 3, size, size, device=served.device))
 
 
 # --- input ---------------------------------------------------------------------------------------

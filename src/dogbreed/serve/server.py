@@ -280,6 +280,7 @@ class ModelServer:
         config, vmargs = self._write_config()
         env = dict(self.env)
         env[RUN_DIR_ENV] = str(self.run_dir)
+        env[contract.SAGEMAKER_MULTI_MODEL] = "true" if self.multi_model else "false"
         env["LOG_LOCATION"] = env["METRICS_LOCATION"] = str(self.run_dir / "logs")
         if self.workers:
             env[contract.SAGEMAKER_MODEL_SERVER_WORKERS] = str(self.workers)
@@ -491,6 +492,23 @@ def _set_subreaper(on: bool) -> None:
         pass
 
 
+def _reap_orphans(server: ModelServer) -> None:
+    """Collect exited descendants that were reparented to this (subreaper) process."""
+    import psutil
+
+    own = {p.pid for p in (server.java, server.zygote) if p is not None}  # Popen reaps these
+    try:
+        children = psutil.Process().children()
+    except psutil.Error:
+        return
+    for child in children:
+        try:
+            if child.pid not in own and child.status() == psutil.STATUS_ZOMBIE:
+                os.waitpid(child.pid, os.WNOHANG)
+        except (psutil.Error, ChildProcessError):
+            continue
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dogbreed-serve",
@@ -535,6 +553,7 @@ def main(argv: list[str] | None = None) -> int:
             server.wait_ready(timeout=float(LOAD_TIMEOUT))
             log.info("event=ready url=%s", server.url)
             while not stop.wait(1.0):
+                _reap_orphans(server)
                 if not server.alive():
                     log.error("event=child_exited pids=%s", server.pids())
                     code = 1

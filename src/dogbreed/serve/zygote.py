@@ -37,7 +37,12 @@ PRELOAD = (
     "mms.model_loader",
     "mms.service",
     "dogbreed.serve.handler",
+    "dogbreed.models",
 )
+# Architectures whose load path (weights_only unpickling, meta-device build, oneDNN kernels for
+# a 224 px forward) the zygote runs once, so every worker forked later finds it warm.
+WARM_ARCHITECTURES = ("resnet18", "mobilenet_v2")
+WARM_IMAGE_SIZE = 224
 _HEADER = struct.Struct("!I")
 
 
@@ -121,10 +126,35 @@ def shim_main(socket_path: str, python: str) -> None:
 
 
 # --- the zygote ----------------------------------------------------------------------------------
+def warm_up(architectures: tuple[str, ...] = WARM_ARCHITECTURES, size: int = WARM_IMAGE_SIZE) -> None:
+    """Take each architecture through what a model load and a first request do, in this process.
+
+    First calls are expensive in a fresh process: the weights_only unpickler, the meta-device
+    machinery, oneDNN generating its kernels. Done here once, forked workers inherit the result.
+    One torch thread only: no OpenMP pool may exist when the zygote forks.
+    """
+    import io
+
+    import torch
+
+    from dogbreed import models
+
+    torch.set_num_threads(1)
+    for arch in architectures:
+        buffer = io.BytesIO()
+        torch.save(models.build_model(arch, 2, models.WEIGHTS_NONE).state_dict(), buffer)
+        buffer.seek(0)
+        model = models.build_for_inference(arch, 2, torch.load(buffer, weights_only=True))
+        with torch.inference_mode():
+            model(torch.zeros(1, 3, size, size))
+
+
 class Zygote:
-    def __init__(self, socket_path: str, preload: tuple[str, ...] = PRELOAD) -> None:
+    def __init__(self, socket_path: str, preload: tuple[str, ...] = PRELOAD,
+                 warm: tuple[str, ...] = WARM_ARCHITECTURES) -> None:
         self.socket_path = socket_path
         self.preload = preload
+        self.warm = warm
         self.children: dict[int, socket.socket] = {}  # worker pid -> its shim's connection
         self.selector = selectors.DefaultSelector()
         self.wakeup_r, self.wakeup_w = socket.socketpair()
@@ -139,6 +169,8 @@ class Zygote:
         self.listener.listen(64)
         for name in self.preload:
             __import__(name)
+        if self.warm:
+            warm_up(self.warm)
         ready = os.path.join(os.path.dirname(self.socket_path), READY_FILE)
         with open(ready, "w", encoding="utf-8") as handle:
             handle.write(f"{os.getpid()}\n")
