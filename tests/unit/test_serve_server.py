@@ -125,3 +125,15 @@ def test_single_model_archives_are_unpacked_into_the_run_dir(tmp_path: Path, run
     s._make_run_dir()
     model_dir = s._single_model_dir()
     assert model_dir.parent == run_dir / "models" and (model_dir / artifacts.METADATA_FILE).is_file()
+
+
+def test_a_taken_port_fails_the_start_before_mms(run_dir: Path) -> None:
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        s = ModelServer(port=taken.getsockname()[1], host="127.0.0.1", run_dir=run_dir, multi_model=True, env={})
+        with pytest.raises(ServerError, match="cannot listen"):
+            s.start()
+    assert s.java is None and s.zygote is None

@@ -137,6 +137,8 @@ class Front(ThreadingHTTPServer):
         self.unpacked: dict[str, Path] = {}
         self.lock = threading.Lock()
         self.local = threading.local()
+        if ":" in address[0]:
+            self.address_family = socket.AF_INET6
         super().__init__(address, FrontHandler)
 
     def backend(self) -> UnixHTTPConnection:

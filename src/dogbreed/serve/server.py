@@ -278,6 +278,16 @@ class ModelServer:
     def _start_processes(self, java: str, single_model_dir: Path | None) -> None:
         assert self.run_dir is not None
         config, vmargs = self._write_config()
+        try:  # listen first: a taken port fails the start before anything else runs
+            self.front = front.Front(
+                (self.host, self.port), str(self.mms_socket), self.run_dir, self.model_store,
+                max_request_bytes=self._max_request,
+                response_timeout=self._response_timeout + 30,
+                load_timeout=LOAD_TIMEOUT,
+            )
+        except OSError as exc:
+            raise ServerError(f"cannot listen on {self.host}:{self.port}: {exc}") from None
+        self.port = self.front.server_address[1]
         env = dict(self.env)
         env[RUN_DIR_ENV] = str(self.run_dir)
         env[contract.SAGEMAKER_MULTI_MODEL] = "true" if self.multi_model else "false"
@@ -320,13 +330,6 @@ class ModelServer:
             start_new_session=True,
         )
         (self.run_dir / "mms.pid").write_text(f"{self.java.pid}\n")
-        self.front = front.Front(
-            (self.host, self.port), str(self.mms_socket), self.run_dir, self.model_store,
-            max_request_bytes=self._max_request,
-            response_timeout=self._response_timeout + 30,
-            load_timeout=LOAD_TIMEOUT,
-        )
-        self.port = self.front.server_address[1]
         self._front_thread = threading.Thread(
             target=self.front.serve_forever, kwargs={"poll_interval": 0.2},
             name="dogbreed-front", daemon=True,
