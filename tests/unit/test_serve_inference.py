@@ -118,6 +118,17 @@ def test_truncated_jpeg_fails_at_decode_as_400(served: inference.ServedModel) ->
     assert status_of(excinfo) == 400 and "cannot decode" in excinfo.value.message
 
 
+def test_16_bit_png_is_refused(served: inference.ServedModel) -> None:
+    import numpy as np
+
+    buffer = io.BytesIO()
+    Image.fromarray((np.arange(60 * 80).reshape(60, 80) * 13).astype(np.uint16)).save(buffer, format="PNG")
+    request = inference.input_fn(buffer.getvalue(), "image/png")
+    with pytest.raises(RequestError) as excinfo:
+        inference.predict_fn(request, served)
+    assert status_of(excinfo) == 415
+
+
 # --- top-k ------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("value,expected", [("3", 3), (3, 3), (b"7", 7), (" 2 ", 2)])
 def test_parse_top_k(value, expected: int) -> None:

@@ -399,6 +399,8 @@ def preprocess(image: bytes, metadata: artifacts.ModelMetadata, device: torch.de
     except (RuntimeError, ValueError) as exc:
         reason = str(exc).strip().splitlines()[-1][:200] if str(exc).strip() else type(exc).__name__
         raise RequestError(400, f"cannot decode image: {reason}") from None
+    if pixels.dtype != torch.uint8:  # a 16-bit PNG: the model was trained on 8-bit pixels
+        raise RequestError(415, f"{pixels.dtype} images are not supported; send 8 bits per channel")
     return data.eval_transform(pixels.to(device), metadata.image_size, metadata.mean, metadata.std)
 
 
