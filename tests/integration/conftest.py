@@ -31,6 +31,9 @@ Fixture API:
     ``.log_text()``. At teardown it stops the server and fails if any process it started is
     still alive.
 ``sample_jpeg`` (session) -> bytes of a sample dog photo.
+
+The classes and helpers behind them (``ServeEndpoint``, ``TrainedModel``, ``train_models``,
+``server_processes``) live in ``servelib.py``, importable without these fixtures.
 """
 
 from __future__ import annotations
