@@ -332,8 +332,10 @@ def test_invoke_sends_target_model_and_prints_top_k(settings: Settings, tmp_path
 def test_requests_without_a_role_are_refused(settings: Settings) -> None:
     import dataclasses
 
+    sm = SageMakerBackend(dataclasses.replace(settings, role_arn=None))
     with pytest.raises(SettingsError, match="role-arn"):
-        SageMakerBackend(dataclasses.replace(settings, role_arn=None))
+        sm.train(name="j", hyperparameters={})
+    assert sm.recorded == [] and sm._clients == {}
 
 
 def test_dry_run_sends_nothing_and_validates(settings: Settings) -> None:

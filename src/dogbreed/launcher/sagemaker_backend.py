@@ -299,13 +299,17 @@ class SageMakerBackend:
         self.recorded: list[Recorded] = []
         self.poll_seconds = settings.poll_seconds if poll_seconds is None else poll_seconds
         self.progress = progress or events.Progress()
-        if not dry_run:
-            missing = [n for n in ("role_arn", "bucket") if not getattr(settings, n)]
-            if missing:
-                raise SettingsError(
-                    "SageMaker needs " + " and ".join(f"--{m.replace('_', '-')}" for m in missing)
-                    + " (or DOGBREED_ROLE_ARN / DOGBREED_BUCKET, or a config file); "
-                    "use --local to run on this machine")
+
+    def require(self, *names: str) -> None:
+        """Refuse early (before any request) when a setting an operation needs is missing."""
+        if self.dry_run:
+            return  # a dry run shows placeholders instead
+        missing = [n for n in names if not getattr(self.settings, n)]
+        if missing:
+            raise SettingsError(
+                "SageMaker needs " + " and ".join(f"--{m.replace('_', '-')}" for m in missing)
+                + " (or DOGBREED_" + " / DOGBREED_".join(m.upper() for m in missing)
+                + ", or a config file); use --local to run on this machine")
 
     # -- plumbing
     def client(self, service: str) -> Any:
@@ -385,6 +389,7 @@ class SageMakerBackend:
     # -- data
     def upload_data(self, source: Path, workers: int = 8) -> dict[str, Any]:
         """Upload a dogImages-style folder to ``data_uri`` (skips files already there, same size)."""
+        self.require("bucket")
         source = Path(source)
         if not (source / "train").is_dir():
             raise SettingsError(f"{source} has no train/ folder (expected train/ valid/ test/)")
@@ -431,6 +436,7 @@ class SageMakerBackend:
 
     # -- tuning
     def tune(self, *, wait: bool = True, **kwargs: Any) -> dict[str, Any] | None:
+        self.require("role_arn", "bucket")
         request = tuning_request(self.settings, train_image=self.image_uri("train"), **kwargs)
         name = request["HyperParameterTuningJobName"]
         self.send("sagemaker", "create_hyper_parameter_tuning_job", request)
@@ -486,6 +492,7 @@ class SageMakerBackend:
 
     # -- training
     def train(self, *, wait: bool = True, **kwargs: Any) -> dict[str, Any] | None:
+        self.require("role_arn", "bucket")
         request = training_request(self.settings, train_image=self.image_uri("train"), **kwargs)
         name = request["TrainingJobName"]
         self.send("sagemaker", "create_training_job", request)
@@ -526,6 +533,7 @@ class SageMakerBackend:
 
     # -- endpoint
     def deploy(self, *, wait: bool = True, now: dt.datetime | None = None) -> dict[str, Any] | None:
+        self.require("role_arn", "bucket")
         endpoint = self.settings.endpoint_name
         if not self.dry_run and self._endpoint_exists(endpoint):
             raise BackendError(f"endpoint {endpoint} already exists; add models with "
@@ -567,6 +575,7 @@ class SageMakerBackend:
     def add_model(self, name: str, *, training_job: str | None = None,
                   model_data: str | None = None, file: Path | None = None) -> dict[str, Any]:
         """Put a model.tar.gz at ``<models_uri>/<name>/model.tar.gz`` (the MME picks it up)."""
+        self.require("bucket")
         if sum(x is not None for x in (training_job, model_data, file)) != 1:
             raise SettingsError("give exactly one of --job, --model-data or --file")
         bucket, key, target = target_model_key(self.settings, name)
@@ -623,6 +632,7 @@ class SageMakerBackend:
 
     # -- status and cleanup
     def status(self) -> dict[str, Any]:
+        self.require("bucket")
         sm = self.client("sagemaker")
         out: dict[str, Any] = {"endpoint": None, "models": [], "training_jobs": [], "tuning_jobs": []}
         try:
