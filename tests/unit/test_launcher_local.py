@@ -173,3 +173,21 @@ def test_tuning_score_breaks_accuracy_ties_by_loss() -> None:
     assert score({"valid_accuracy": 0.2, "valid_loss": 1.0}) > score({"valid_accuracy": 0.2, "valid_loss": 2.0})
     assert score({"valid_accuracy": 0.2}) < 0.2 and score({"valid_loss": 1.0}) is None
     assert 0.2 - local_backend.TIE_BREAK < score({"valid_accuracy": 0.2, "valid_loss": 1e9}) < 0.2
+
+
+def test_a_stale_endpoint_state_is_ignored(backend: LocalBackend) -> None:
+    """A state file whose pid is dead, or now belongs to another program, is never signalled."""
+    import subprocess
+
+    state_file = backend.endpoint_dir / local_backend.STATE_FILE
+    state_file.parent.mkdir(parents=True)
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        state_file.write_text(json.dumps({"pid": other.pid, "url": "http://127.0.0.1:1"}))
+        assert backend.state() is None and backend.stop_endpoint() is None
+        assert other.poll() is None  # not killed
+    finally:
+        other.kill()
+        other.wait()
+    state_file.write_text(json.dumps({"pid": 2**22 + 12345, "url": "http://127.0.0.1:1"}))
+    assert backend.state() is None

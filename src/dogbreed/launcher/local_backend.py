@@ -459,8 +459,8 @@ class LocalBackend:
         if not path.is_file():
             return None
         state = json.loads(path.read_text())
-        if not _pid_alive(state.get("pid", -1)):
-            return None
+        if not _pid_alive(state.get("pid", -1)) or not _is_endpoint_process(state["pid"]):
+            return None  # stale: the endpoint died without cleaning up (or its pid was reused)
         return state
 
     def serve_forever(self, port: int | None = None, max_loaded: int | None = None) -> None:
@@ -562,6 +562,15 @@ def _pid_alive(pid: int) -> bool:
             return stat.read().split(")")[-1].split()[0] != "Z"
     except OSError:
         return True
+
+
+def _is_endpoint_process(pid: int) -> bool:
+    """Whether ``pid`` runs ``dogbreed … deploy`` (so a reused pid is never signalled)."""
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return True  # no /proc (not Linux): trust the state file
+    return b"deploy" in argv and any(b"dogbreed" in arg for arg in argv)
 
 
 def _write_json(path: Path, payload: Mapping[str, Any]) -> None:
