@@ -10,9 +10,13 @@ the same against a local model store folder (``<store>/<name>/model.tar.gz``) an
   sends (point it here with ``endpoint_url``) — and ``POST /invocations``; the target comes from
   the ``X-Amzn-SageMaker-Target-Model`` header.
 * Errors are JSON with an ``x-amzn-ErrorType`` header, shaped like SageMaker's so the boto3
-  client raises the modeled exception: unknown target → 404 ``ValidationError``, a request the
-  router refuses → 400 ``ValidationError``, a model that rejects the request (bad body) or
-  fails to load → 424 ``ModelError`` with ``OriginalStatusCode`` / ``OriginalMessage``.
+  client raises the modeled exception (botocore's sagemaker-runtime model: ``ValidationError``
+  400, ``ModelError`` 424, ``ServiceUnavailable`` 503, …): a request the router refuses → 400
+  ``ValidationError``; unknown target → ``ValidationError`` too, as SageMaker answers ("Failed
+  to download model data"), but with status 404 rather than SageMaker's 400 so plain HTTP
+  callers can tell it apart; a model that rejects the request (bad body) or fails to load →
+  424 ``ModelError`` with ``OriginalStatusCode`` / ``OriginalMessage``, as SageMaker wraps a
+  container's error.
 * ``GET /ping`` → 200; ``GET /models`` → the store and what is loaded.
 """
 
