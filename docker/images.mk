@@ -15,8 +15,13 @@ LOCAL_BASE_IMAGE ?= local/debian:bookworm
 DEPS_IMAGE ?= dogbreed-deps
 TRAIN_IMAGE ?= dogbreed-train
 SERVE_IMAGE ?= dogbreed-serve
+# Read once (and passed on to sub-makes), so a commit landing mid-run cannot split the tags.
+ifndef GIT_SHA
 GIT_SHA := $(shell git rev-parse HEAD 2>/dev/null || echo unknown)
-TAG ?= $(shell git rev-parse --short HEAD 2>/dev/null || echo dev)
+endif
+ifndef TAG
+TAG := $(shell git rev-parse --short $(GIT_SHA) 2>/dev/null || echo dev)
+endif
 # Extra CA bundle for pip behind a TLS proxy: a BuildKit secret, never stored in an image.
 CA_BUNDLE ?= $(firstword $(wildcard $(PIP_CERT) $(SSL_CERT_FILE) /etc/ssl/certs/ca-certificates.crt))
 BAKE_IMAGENET_WEIGHTS ?= false
@@ -79,7 +84,7 @@ docker-up: ## install and start a local Docker engine and base image (Debian, ro
 	BASE_IMAGE=$(LOCAL_BASE_IMAGE) scripts/docker-up.sh
 
 test-docker: install docker-up ## build the images on the local base and run the docker tests
-	$(MAKE) --no-print-directory build BASE_IMAGE=$(LOCAL_BASE_IMAGE)
+	$(MAKE) --no-print-directory build BASE_IMAGE=$(LOCAL_BASE_IMAGE) TAG=$(TAG) GIT_SHA=$(GIT_SHA)
 	DOGBREED_DOCKER_TESTS=1 DOCKER=$(DOCKER) DOGBREED_IMAGE_TAG=$(TAG) \
 	  DOGBREED_TRAIN_IMAGE=$(TRAIN_IMAGE):$(TAG) DOGBREED_SERVE_IMAGE=$(SERVE_IMAGE):$(TAG) \
 	  $(PYTHON) -m pytest tests/docker tests/unit/test_push_images.py $(PYTEST_ARGS)
