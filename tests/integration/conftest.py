@@ -23,11 +23,12 @@ Fixture API:
     64 px): ``.model_dir`` (model.json + model.pt), ``.archive`` (model.tar.gz),
     ``.class_names``, ``.labels`` (breed names).
 ``serve_endpoint`` (session) -> :class:`ServeEndpoint`
-    ``.url``; ``.request(method, path, body=None, headers=None)`` -> :class:`Reply`
-    (``.status``, ``.headers``, ``.body``, ``.json()``); ``.ping()``; ``.load(name, source)``
-    stages a model dir or file and POSTs it; ``.unload(name)``; ``.invoke(name, body,
-    content_type="image/jpeg", headers=None)``; ``.describe(name)``; ``.unique(prefix)`` a
-    model name no other test uses; ``.server`` (the ModelServer, None when external);
+    a :class:`dogbreed.serve.client.ServeClient` (``.url``, ``.request(method, path, body,
+    headers)`` -> ``Response`` with ``.status``/``.headers``/``.body``/``.json()``, ``.ping()``,
+    ``.load_model(name, url)``, ``.unload_model(name)``, ``.describe_model(name)``,
+    ``.list_models()``, ``.invoke(name, body, content_type, headers, query)``) plus
+    ``.load(name, source)`` that stages a model dir or file first, ``.unique(prefix)`` a model
+    name no other test uses, ``.server`` (the ModelServer, None when external) and
     ``.log_text()``. At teardown it stops the server and fails if any process it started is
     still alive.
 ``sample_jpeg`` (session) -> bytes of a sample dog photo.

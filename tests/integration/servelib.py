@@ -6,20 +6,18 @@ See ``conftest.py`` for the fixtures and how to point the suite at a running ser
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import shutil
 import subprocess
 import sys
-import urllib.parse
 import uuid
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from dogbreed import artifacts, contract, data
+from dogbreed.serve.client import Response, ServeClient
 
 SERVE_URL_ENV = "DOGBREED_SERVE_URL"
 MODEL_ROOT_ENV = "DOGBREED_SERVE_MODEL_ROOT"
@@ -37,16 +35,6 @@ class TrainedModel:
     @property
     def labels(self) -> list[str]:
         return [data.breed_name(c) for c in self.class_names]
-
-
-@dataclasses.dataclass(frozen=True)
-class Reply:
-    status: int
-    headers: dict[str, str]
-    body: bytes
-
-    def json(self) -> Any:
-        return json.loads(self.body)
 
 
 def server_processes(run_dir: Path) -> list[Any]:
@@ -67,32 +55,17 @@ def server_processes(run_dir: Path) -> list[Any]:
     return found
 
 
-class ServeEndpoint:
+class ServeEndpoint(ServeClient):
+    """A :class:`ServeClient` that also hands the server model files by path (see conftest)."""
+
     def __init__(self, url: str, host_root: Path, server_root: str, server: Any = None) -> None:
-        parts = urllib.parse.urlsplit(url)
-        self.url = url.rstrip("/")
-        self.host, self.port = parts.hostname or "127.0.0.1", parts.port or 80
+        super().__init__(url, timeout=180)
         self.host_root, self.server_root = host_root, server_root.rstrip("/")
         self.server = server
         self._session = uuid.uuid4().hex[:6]
 
     def unique(self, prefix: str) -> str:
         return f"{prefix}-{self._session}-{uuid.uuid4().hex[:4]}"
-
-    def request(self, method: str, path: str, body: bytes | None = None,
-                headers: Mapping[str, str] | None = None, timeout: float = 180) -> Reply:
-        import http.client
-
-        conn = http.client.HTTPConnection(self.host, self.port, timeout=timeout)
-        try:
-            conn.request(method, path, body=body, headers=dict(headers or {}))
-            response = conn.getresponse()
-            return Reply(response.status, {k.lower(): v for k, v in response.getheaders()}, response.read())
-        finally:
-            conn.close()
-
-    def ping(self) -> Reply:
-        return self.request("GET", "/ping", timeout=10)
 
     def stage(self, source: Path) -> str:
         """Copy a model dir or file where the server can read it; the path as the server sees it."""
@@ -105,24 +78,9 @@ class ServeEndpoint:
             shutil.copy2(source, target, follow_symlinks=False)
         return f"{self.server_root}/{folder}/{source.name}"
 
-    def load(self, name: str, source: Path | str, stage: bool = True) -> Reply:
-        url = self.stage(Path(source)) if stage else str(source)
-        body = json.dumps({"model_name": name, "url": url}).encode()
-        return self.request("POST", "/models", body, {"Content-Type": "application/json"})
-
-    def unload(self, name: str) -> Reply:
-        return self.request("DELETE", f"/models/{urllib.parse.quote(name, safe='')}")
-
-    def describe(self, name: str) -> Reply:
-        return self.request("GET", f"/models/{urllib.parse.quote(name, safe='')}")
-
-    def invoke(self, name: str, body: bytes, content_type: str | None = "image/jpeg",
-               headers: Mapping[str, str] | None = None, query: str = "") -> Reply:
-        all_headers = dict(headers or {})
-        if content_type is not None:
-            all_headers["Content-Type"] = content_type
-        path = f"/models/{urllib.parse.quote(name, safe='')}/invoke" + (f"?{query}" if query else "")
-        return self.request("POST", path, body, all_headers)
+    def load(self, name: str, source: Path | str, stage: bool = True) -> Response:
+        """Stage ``source`` (unless ``stage=False``: send it as it is) and ``POST /models``."""
+        return self.load_model(name, self.stage(Path(source)) if stage else str(source))
 
     def log_text(self) -> str:
         if self.server is None or self.server.log_file is None or not self.server.log_file.is_file():

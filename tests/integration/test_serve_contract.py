@@ -134,7 +134,7 @@ def test_models_are_listed_and_described(serve_endpoint: ServeEndpoint, loaded: 
     listed = {m["modelName"] for m in serve_endpoint.request("GET", "/models").json()["models"]}
     assert set(loaded) <= listed
     for name in loaded:
-        reply = serve_endpoint.describe(name)
+        reply = serve_endpoint.describe_model(name)
         assert reply.status == 200
         described = reply.json()
         assert described["modelName"] == name
@@ -180,8 +180,8 @@ def test_loading_a_name_twice_is_a_conflict(serve_endpoint: ServeEndpoint, loade
 def test_unknown_model_is_404(serve_endpoint: ServeEndpoint, sample_jpeg: bytes) -> None:
     name = serve_endpoint.unique("never-loaded")
     assert_json_error(serve_endpoint.invoke(name, sample_jpeg), 404)
-    assert_json_error(serve_endpoint.describe(name), 404)
-    assert_json_error(serve_endpoint.unload(name), 404)
+    assert_json_error(serve_endpoint.describe_model(name), 404)
+    assert_json_error(serve_endpoint.unload_model(name), 404)
 
 
 def test_unloaded_model_is_404(serve_endpoint: ServeEndpoint, serve_models: dict[str, TrainedModel],
@@ -189,7 +189,7 @@ def test_unloaded_model_is_404(serve_endpoint: ServeEndpoint, serve_models: dict
     name = serve_endpoint.unique("short-lived")
     assert serve_endpoint.load(name, serve_models["mobilenet_v2"].archive).status == 200
     assert serve_endpoint.invoke(name, sample_jpeg).status == 200
-    assert serve_endpoint.unload(name).status == 200
+    assert serve_endpoint.unload_model(name).status == 200
     assert_json_error(serve_endpoint.invoke(name, sample_jpeg), 404)
     listed = {m["modelName"] for m in serve_endpoint.request("GET", "/models").json()["models"]}
     assert name not in listed
@@ -269,7 +269,7 @@ def test_bad_artifact_is_refused_with_the_reason(serve_endpoint: ServeEndpoint, 
     name = serve_endpoint.unique(kind)
     reply = serve_endpoint.load(name, bad_artifact(kind))
     assert_json_error(reply, 400)
-    assert serve_endpoint.describe(name).status == 404
+    assert serve_endpoint.describe_model(name).status == 404
     if kind == "tar-dotdot":
         assert "unsafe path" in reply.json()["message"]
 
@@ -285,7 +285,7 @@ def test_load_refusals_for_bad_urls(serve_endpoint: ServeEndpoint) -> None:
 def test_survives_200_bad_requests_without_a_worker_restart(
         serve_endpoint: ServeEndpoint, loaded: dict[str, TrainedModel], sample_jpeg: bytes, bad_artifact) -> None:
     name = name_of(loaded, "resnet18")
-    workers_before = serve_endpoint.describe(name).json()["workers"]
+    workers_before = serve_endpoint.describe_model(name).json()["workers"]
     expected = assert_prediction(serve_endpoint.invoke(name, sample_jpeg), name, loaded[name], k=5)
     cases = bad_requests(sample_jpeg)
     statuses = []
@@ -301,7 +301,7 @@ def test_survives_200_bad_requests_without_a_worker_restart(
     assert len(statuses) == 200
     after = assert_prediction(serve_endpoint.invoke(name, sample_jpeg), name, loaded[name], k=5)
     assert after == expected
-    workers_after = serve_endpoint.describe(name).json()["workers"]
+    workers_after = serve_endpoint.describe_model(name).json()["workers"]
     assert [(w["id"], w["startTime"]) for w in workers_after] == [(w["id"], w["startTime"]) for w in workers_before]
     log = serve_endpoint.log_text()
     if log:  # started here: the worker loaded this model once and never died

@@ -11,6 +11,7 @@ Modules:
 - :mod:`dogbreed.serve.server` ``dogbreed-serve`` and :class:`~dogbreed.serve.server.ModelServer`
   (start/stop MMS from Python), with the small HTTP front that sits before MMS.
 - :mod:`dogbreed.serve.zygote` a fork server that hands MMS pre-imported Python workers.
+- :mod:`dogbreed.serve.client` a small HTTP client for the endpoint.
 
 This module holds only the serving-specific environment names (the SageMaker ones live in
 :mod:`dogbreed.contract`); it imports nothing heavy, since the worker shim imports it.
@@ -33,6 +34,13 @@ JVM_OPTS_ENV = "DOGBREED_MMS_JVM_OPTS"
 
 
 LOAD_ERRORS_DIR = "load-errors"
+
+
+def error_body(status: int, error_type: str, message: str) -> bytes:
+    """The JSON error every layer of the server answers with (MMS's own shape)."""
+    import json
+
+    return json.dumps({"code": status, "type": error_type, "message": message}).encode()
 
 
 def load_error_file(run_dir: str, model_name: str) -> str:

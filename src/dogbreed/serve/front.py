@@ -34,7 +34,7 @@ from typing import Any
 from urllib.parse import parse_qsl, quote, unquote, urlsplit
 
 from dogbreed import artifacts
-from dogbreed.serve import load_error_file
+from dogbreed.serve import error_body, load_error_file
 
 log = logging.getLogger("dogbreed.serve")
 
@@ -64,10 +64,6 @@ class UnixHTTPConnection(http.client.HTTPConnection):
             sock.close()
             raise
         self.sock = sock
-
-
-def error_json(status: int, error_type: str, message: str) -> bytes:
-    return json.dumps({"code": status, "type": error_type, "message": message}).encode()
 
 
 # --- model sources ------------------------------------------------------------------------------
@@ -244,7 +240,7 @@ class FrontHandler(BaseHTTPRequestHandler):
 
     def _send_error(self, status: int, error_type: str, message: str, close: bool = False) -> None:
         self._send(status, None, [("Content-Type", "application/json")],
-                   error_json(status, error_type, message), close=close)
+                   error_body(status, error_type, message), close=close)
 
     def _forward(self, body: bytes, target: str | None = None, timeout: float | None = None,
                  json_body: bytes | None = None) -> tuple[int, str, list[tuple[str, str]], bytes]:

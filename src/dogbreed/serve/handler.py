@@ -8,7 +8,6 @@ sagemaker-inference Transformer wired to :mod:`dogbreed.serve.inference`'s funct
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -18,7 +17,7 @@ from typing import Any
 from sagemaker_inference.default_handler_service import DefaultHandlerService
 
 from dogbreed.contract import SAGEMAKER_MULTI_MODEL
-from dogbreed.serve import RUN_DIR_ENV, load_error_file
+from dogbreed.serve import RUN_DIR_ENV, error_body, load_error_file
 from dogbreed.serve.inference import (
     DogbreedTransformer,
     ModelLoadFailed,
@@ -50,7 +49,7 @@ class HandlerService(DefaultHandlerService):
             if run_dir:
                 path = Path(load_error_file(run_dir, context.model_name))
                 path.parent.mkdir(parents=True, exist_ok=True)
-                path.write_text(json.dumps({"code": status, "type": error_type, "message": message}))
+                path.write_bytes(error_body(status, error_type, message))
             raise ModelLoadFailed(message) from exc
         log.info("event=model_loaded model=%s dir=%s pid=%d torch_threads=%d seconds=%.3f",
                  context.model_name, model_dir, os.getpid(), threads, time.perf_counter() - start)

@@ -53,6 +53,7 @@ from dogbreed.serve import (
     TORCH_THREADS_ENV,
     URL_MAX_BYTES_ENV,
     URL_TIMEOUT_ENV,
+    error_body,
 )
 
 log = logging.getLogger("dogbreed.serve")
@@ -97,11 +98,6 @@ def load_failure(exc: BaseException) -> tuple[int, str, str]:
     if isinstance(exc, MemoryError):
         return 507, "InsufficientStorage", "out of memory while loading the model"
     return 500, type(exc).__name__, f"cannot load the model: {type(exc).__name__}: {exc}"
-
-
-def error_body(status: int, error_type: str, message: str) -> bytes:
-    """The JSON error body every layer of the server answers with (MMS's own shape)."""
-    return json.dumps({"code": status, "type": error_type, "message": message}).encode()
 
 
 # --- settings from the environment -------------------------------------------------------------

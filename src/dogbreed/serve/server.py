@@ -23,17 +23,15 @@ sockets, ``zygote.sock``, the shim, ``*.pid``, ``models/`` (unpacked archives), 
 From Python (the launcher, tests, the benchmark)::
 
     with ModelServer(port=0, host="127.0.0.1", multi_model=True) as server:
-        server.load_model("resnet18", "/path/to/model.tar.gz")
-        server.invoke("resnet18", jpeg_bytes).json()
+        server.client.load_model("resnet18", "/path/to/model.tar.gz")
+        server.client.invoke("resnet18", jpeg_bytes).json()
 """
 
 from __future__ import annotations
 
 import argparse
 import ctypes
-import dataclasses
 import http.client
-import json
 import logging
 import os
 import shutil
@@ -47,10 +45,10 @@ from collections.abc import Mapping
 from importlib import resources
 from pathlib import Path
 from typing import IO, Any
-from urllib.parse import quote
 
 from dogbreed import artifacts, contract
 from dogbreed.serve import JVM_OPTS_ENV, RUN_DIR_ENV, ZYGOTE_ENV, front, zygote
+from dogbreed.serve.client import LOAD_TIMEOUT, Response, ServeClient
 
 log = logging.getLogger("dogbreed.serve")
 
@@ -61,21 +59,10 @@ MMS_MAIN_CLASS = "com.amazonaws.ml.mms.ModelServer"
 PID_FILE = "dogbreed-serve.pid"
 # A unix socket path must fit in sun_path (108 bytes on Linux); MMS adds "/.mms.sock.NNNN".
 MAX_RUN_DIR_LENGTH = 80
-LOAD_TIMEOUT = 180.0  # MMS gives a worker 2 minutes to start
 
 
 class ServerError(RuntimeError):
     """The server cannot start, or died."""
-
-
-@dataclasses.dataclass(frozen=True)
-class Response:
-    status: int
-    headers: dict[str, str]
-    body: bytes
-
-    def json(self) -> Any:
-        return json.loads(self.body)
 
 
 def _read_properties(text: str) -> dict[str, str]:
@@ -179,6 +166,11 @@ class ModelServer:
     def mms_socket(self) -> Path:
         assert self.run_dir is not None
         return self.run_dir / MMS_SOCKET
+
+    @property
+    def client(self) -> ServeClient:
+        """A :class:`~dogbreed.serve.client.ServeClient` for this server (after :meth:`start`)."""
+        return ServeClient(self.url)
 
     def pids(self) -> dict[str, int | None]:
         return {"front": os.getpid(), "java": self.java.pid if self.java else None,
@@ -455,34 +447,6 @@ class ModelServer:
             except psutil.Error:
                 pass
         psutil.wait_procs(list(processes), timeout=5)
-
-    # -- a small client (for tests, the benchmark and the launcher's router) ---------------------
-    def request(self, method: str, path: str, body: bytes | None = None,
-                headers: Mapping[str, str] | None = None, timeout: float = 120.0) -> Response:
-        conn = http.client.HTTPConnection(self.url.split("://", 1)[1], timeout=timeout)
-        try:
-            conn.request(method, path, body=body, headers=dict(headers or {}))
-            resp = conn.getresponse()
-            return Response(resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read())
-        finally:
-            conn.close()
-
-    def load_model(self, name: str, url: str | Path, timeout: float = LOAD_TIMEOUT) -> Response:
-        """``POST /models {"model_name": name, "url": url}``, as SageMaker sends it."""
-        body = json.dumps({"model_name": name, "url": str(url)}).encode()
-        return self.request("POST", "/models", body, {"Content-Type": "application/json"}, timeout)
-
-    def unload_model(self, name: str) -> Response:
-        return self.request("DELETE", f"/models/{quote(name, safe='')}")
-
-    def list_models(self) -> list[str]:
-        return [m["modelName"] for m in self.request("GET", "/models").json().get("models", [])]
-
-    def invoke(self, name: str | None, body: bytes, content_type: str = "application/x-image",
-               headers: Mapping[str, str] | None = None) -> Response:
-        """``POST /models/{name}/invoke`` (or ``/invocations`` when ``name`` is None)."""
-        path = "/invocations" if name is None else f"/models/{quote(name, safe='')}/invoke"
-        return self.request("POST", path, body, {"Content-Type": content_type, **(headers or {})})
 
 
 # --- dogbreed-serve -----------------------------------------------------------------------------------

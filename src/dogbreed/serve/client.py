@@ -1,0 +1,77 @@
+"""A small client for a ``dogbreed-serve`` endpoint: the SageMaker container API over HTTP.
+
+    client = ServeClient("http://127.0.0.1:8080")
+    client.load_model("resnet18", "/opt/ml/models/resnet18/model")   # POST /models
+    client.invoke("resnet18", jpeg_bytes).json()                      # POST /models/{name}/invoke
+
+Every call returns a :class:`Response` (status, lower-cased headers, body); nothing raises for
+an HTTP error status. Standard library only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import http.client
+import json
+from collections.abc import Mapping
+from typing import Any
+from urllib.parse import quote, urlsplit
+
+LOAD_TIMEOUT = 180.0  # MMS gives a new worker 2 minutes to start
+
+
+@dataclasses.dataclass(frozen=True)
+class Response:
+    status: int
+    headers: dict[str, str]
+    body: bytes
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+class ServeClient:
+    def __init__(self, url: str, timeout: float = 120.0) -> None:
+        parts = urlsplit(url)
+        if parts.scheme != "http" or not parts.hostname:
+            raise ValueError(f"expected http://host:port, got {url!r}")
+        self.url = url.rstrip("/")
+        self.host, self.port = parts.hostname, parts.port or 80
+        self.timeout = timeout
+
+    def request(self, method: str, path: str, body: bytes | None = None,
+                headers: Mapping[str, str] | None = None, timeout: float | None = None) -> Response:
+        conn = http.client.HTTPConnection(self.host, self.port, timeout=timeout or self.timeout)
+        try:
+            conn.request(method, path, body=body, headers=dict(headers or {}))
+            resp = conn.getresponse()
+            return Response(resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read())
+        finally:
+            conn.close()
+
+    def ping(self) -> Response:
+        return self.request("GET", "/ping", timeout=10)
+
+    def load_model(self, name: str, url: str, timeout: float = LOAD_TIMEOUT) -> Response:
+        """``POST /models {"model_name": name, "url": url}``, as SageMaker sends it."""
+        body = json.dumps({"model_name": name, "url": str(url)}).encode()
+        return self.request("POST", "/models", body, {"Content-Type": "application/json"}, timeout)
+
+    def unload_model(self, name: str) -> Response:
+        return self.request("DELETE", f"/models/{quote(name, safe='')}", timeout=LOAD_TIMEOUT)
+
+    def describe_model(self, name: str) -> Response:
+        return self.request("GET", f"/models/{quote(name, safe='')}")
+
+    def list_models(self) -> list[str]:
+        return [m["modelName"] for m in self.request("GET", "/models").json().get("models", [])]
+
+    def invoke(self, name: str | None, body: bytes, content_type: str | None = "application/x-image",
+               headers: Mapping[str, str] | None = None, query: str = "") -> Response:
+        """``POST /models/{name}/invoke`` (``/invocations`` when ``name`` is None); a None
+        ``content_type`` sends no Content-Type header."""
+        path = "/invocations" if name is None else f"/models/{quote(name, safe='')}/invoke"
+        all_headers = dict(headers or {})
+        if content_type is not None:
+            all_headers["Content-Type"] = content_type
+        return self.request("POST", path + (f"?{query}" if query else ""), body, all_headers)
