@@ -137,3 +137,28 @@ def test_a_taken_port_fails_the_start_before_mms(run_dir: Path) -> None:
         with pytest.raises(ServerError, match="cannot listen"):
             s.start()
     assert s.java is None and s.zygote is None
+
+
+def test_the_stop_sweep_takes_only_processes_started_for_this_server(run_dir: Path) -> None:
+    import subprocess
+    import sys
+    import time
+
+    env = {**os.environ, RUN_DIR_ENV: str(run_dir)}
+    older = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"], env=env)
+    try:
+        time.sleep(1.5)
+        s = ModelServer(port=0, run_dir=run_dir, multi_model=True, env={})
+        s._started_at = time.time() - 0.1
+        newer = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"], env=env)
+        other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"],
+                                 env={**env, RUN_DIR_ENV: "/elsewhere"})
+        try:
+            assert {p.pid for p in s._descendants()} == {newer.pid}
+        finally:
+            for proc in (newer, other):
+                proc.kill()
+                proc.wait()
+    finally:
+        older.kill()
+        older.wait()

@@ -150,6 +150,7 @@ class ModelServer:
         self._front_thread: threading.Thread | None = None
         self._log: IO[bytes] | None = None
         self._stopped = False
+        self._started_at: float | None = None  # psutil create_time scale (epoch seconds)
 
     # -- properties ------------------------------------------------------------------------------
     @property
@@ -280,6 +281,7 @@ class ModelServer:
         except OSError as exc:
             raise ServerError(f"cannot listen on {self.host}:{self.port}: {exc}") from None
         self.port = self.front.server_address[1]
+        self._started_at = time.time() - 1.0  # create_time has a coarse clock
         env = dict(self.env)
         env[RUN_DIR_ENV] = str(self.run_dir)
         env[contract.SAGEMAKER_MULTI_MODEL] = "true" if self.multi_model else "false"
@@ -427,11 +429,15 @@ class ModelServer:
                 found.update(parent.children(recursive=True))
             except psutil.Error:
                 pass
-        if self.run_dir is not None:
-            me = os.getpid()
-            for proc in psutil.process_iter():
+        if self.run_dir is not None and self._started_at is not None:
+            # Only processes created since start(): never this process, its parents (a shell
+            # that exported DOGBREED_RUN_DIR), or another server's.
+            me = psutil.Process()
+            skip = {me.pid, *(p.pid for p in me.parents())}
+            for proc in psutil.process_iter(["pid", "create_time"]):
                 try:
-                    if proc.pid != me and proc.environ().get(RUN_DIR_ENV) == str(self.run_dir):
+                    if (proc.pid not in skip and proc.info["create_time"] >= self._started_at
+                            and proc.environ().get(RUN_DIR_ENV) == str(self.run_dir)):
                         found.add(proc)
                 except psutil.Error:
                     continue
