@@ -12,7 +12,6 @@ DOGBREED_BIND_HOST=127.0.0.1, as the non-root image user, models mounted read-on
 
 from __future__ import annotations
 
-import http.client
 import json
 import os
 import shutil
@@ -27,6 +26,7 @@ import pytest
 from dockerlib import REPO_ROOT, TrainRun, docker, free_port, logs, unique, wait_for
 
 from dogbreed import artifacts
+from dogbreed.serve.client import ServeClient
 
 pytestmark = pytest.mark.docker
 
@@ -35,29 +35,21 @@ MODELS = "/opt/ml/models"
 
 @dataclass
 class Endpoint:
+    """A serve container and a client for it."""
+
     container: str
-    port: int
+    client: ServeClient
     contract_root: Path  # host side of /opt/ml/models/contract
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def request(self, method: str, path: str, body: bytes | None = None,
-                headers: dict[str, str] | None = None, timeout: float = 180) -> tuple[int, bytes]:
-        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
-        try:
-            conn.request(method, path, body=body, headers=headers or {})
-            response = conn.getresponse()
-            return response.status, response.read()
-        finally:
-            conn.close()
 
     def ping(self) -> bool:
         try:
-            return self.request("GET", "/ping", timeout=5)[0] == 200
+            return self.client.ping().status == 200
         except OSError:
             return False
+
+
+def _endpoint(container: str, port: int, contract_root: Path) -> Endpoint:
+    return Endpoint(container, ServeClient(f"http://127.0.0.1:{port}", timeout=180), contract_root)
 
 
 def _readable_dirs(root: Path) -> None:
@@ -94,7 +86,7 @@ def wait_ready(endpoint: Endpoint, timeout: float = 240) -> None:
         assert state["Running"], f"serve container exited {state['ExitCode']}:\n{logs(endpoint.container)[-4000:]}"
         return endpoint.ping()
 
-    wait_for(ready, timeout=timeout, what=f"/ping on {endpoint.url}")
+    wait_for(ready, timeout=timeout, what=f"/ping on {endpoint.client.url}")
 
 
 @pytest.fixture(scope="module")
@@ -104,7 +96,7 @@ def endpoint(serve_image: str, model_store: Path, tmp_path_factory: pytest.TempP
     port = free_port()
     name = start_serve(serve_image, port, "-v", f"{model_store}:{MODELS}/trained:ro",
                        "-v", f"{contract_root}:{MODELS}/contract:ro")
-    endpoint = Endpoint(name, port, contract_root)
+    endpoint = _endpoint(name, port, contract_root)
     try:
         wait_ready(endpoint)
         yield endpoint
@@ -120,21 +112,19 @@ def test_serves_the_models_the_train_image_made(endpoint: Endpoint, model_store:
     class_names = artifacts.read_metadata(model_store / "mobilenet_v2" / "model").class_names
     for arch, url in sources.items():
         name = f"train-image-{arch}"
-        status, body = endpoint.request("POST", "/models", json.dumps({"model_name": name, "url": url}).encode(),
-                                        {"Content-Type": "application/json"})
-        assert status == 200, (arch, status, body[:1000])
-        status, body = endpoint.request("POST", f"/models/{name}/invoke", jpeg, {"Content-Type": "image/jpeg"})
-        assert status == 200, (arch, status, body[:1000])
-        answer = json.loads(body)
+        reply = endpoint.client.load_model(name, url)
+        assert reply.status == 200, (arch, reply.status, reply.body[:1000])
+        reply = endpoint.client.invoke(name, jpeg, "image/jpeg")
+        assert reply.status == 200, (arch, reply.status, reply.body[:1000])
+        answer = reply.json()
         assert answer["arch"] == arch and answer["model"] == name
         assert {p["class_name"] for p in answer["predictions"]} <= set(class_names)
-        status, _ = endpoint.request("DELETE", f"/models/{name}")
-        assert status == 200
+        assert endpoint.client.unload_model(name).status == 200
 
 
 def test_the_serving_contract_suite_passes_against_the_container(endpoint: Endpoint) -> None:
     """tests/integration/test_serve_contract.py, pointed at the container (DOGBREED_SERVE_URL)."""
-    env = {**os.environ, "DOGBREED_SERVE_URL": endpoint.url,
+    env = {**os.environ, "DOGBREED_SERVE_URL": endpoint.client.url,
            "DOGBREED_SERVE_MODEL_ROOT": f"{endpoint.contract_root}:{MODELS}/contract"}
     result = subprocess.run(
         [sys.executable, "-m", "pytest", "tests/integration/test_serve_contract.py", "-q",
@@ -154,7 +144,7 @@ def test_every_process_runs_as_non_root(endpoint: Endpoint) -> None:
 def test_docker_stop_reaches_the_server(serve_image: str, tmp_path: Path) -> None:
     """SIGTERM goes through tini to dogbreed-serve, which stops MMS: a quick, clean exit."""
     port = free_port()
-    endpoint = Endpoint(start_serve(serve_image, port), port, tmp_path)
+    endpoint = _endpoint(start_serve(serve_image, port), port, tmp_path)
     try:
         wait_ready(endpoint)
         started = time.monotonic()
