@@ -44,13 +44,13 @@ def engine_problem() -> str | None:
     if shutil.which(DOCKER) is None:
         return f"no Docker client ({DOCKER}): `make test-docker` installs and starts an engine"
     try:
-        result = subprocess.run([DOCKER, "info", "--format", "{{.ServerVersion}}"],
+        result = subprocess.run([DOCKER, "version", "--format", "{{.Server.Version}}"],
                                 capture_output=True, text=True, timeout=20, stdin=subprocess.DEVNULL)
     except subprocess.TimeoutExpired:
-        return "the Docker engine did not answer `docker info` within 20 s"
+        return "the Docker engine did not answer `docker version` within 20 s"
     if result.returncode != 0:
         lines = result.stderr.strip().splitlines()
-        return (f"no Docker engine reachable ({lines[-1] if lines else 'docker info failed'}): "
+        return (f"no Docker engine reachable ({lines[-1] if lines else 'docker version failed'}); "
                 "`make test-docker` starts one (scripts/docker-up.sh)")
     return None
 
