@@ -211,8 +211,9 @@ class DecodeCache:
 
     def get(self, index: SplitIndex, cache_size: int, device: torch.device, num_workers: int = 0,
             keep_on_device: bool = True) -> DecodedSplit:
-        key = (str(index.root), tuple(index.class_names), len(index), cache_size, str(device),
-               keep_on_device)
+        # Resolved: each trial sees the same data through its own /opt/ml channel link.
+        key = (str(index.root.resolve()), tuple(index.class_names), len(index), cache_size,
+               str(device), keep_on_device)
         if key not in self._splits:
             self._splits[key] = decode_split(index, cache_size, device, num_workers, keep_on_device)
         return self._splits[key]

@@ -21,7 +21,7 @@ def test_local_tune_prunes_and_reports_the_best(sample_data: Path, tmp_path: Pat
     output = tmp_path / "best.json"
     result = subprocess.run(
         [DOGBREED, "tune", "--local", "--trials", "6", "--epochs-max", "3", "--data", str(sample_data),
-         "--image-size", "64", "--workdir", str(tmp_path / "work"), "--output", str(output)],
+         "--image-size", "32", "--workdir", str(tmp_path / "work"), "--output", str(output)],
         capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-4000:]
     report = json.loads(result.stdout)
@@ -30,7 +30,7 @@ def test_local_tune_prunes_and_reports_the_best(sample_data: Path, tmp_path: Pat
     assert len(saved["trials"]) == 6 and saved["counts"]["FAIL"] == 0
     assert saved["counts"]["PRUNED"] >= 1, [t["intermediate"] for t in saved["trials"]]
     best = saved["best_hyperparameters"]
-    assert {"lr", "batch-size", "epochs"} <= set(best) and best["image-size"] == "64"
+    assert {"lr", "batch-size", "epochs"} <= set(best) and best["image-size"] == "32"
     assert 2 <= int(best["epochs"]) <= 3
     contract.parse_hyperparameters(best)
     for trial in saved["trials"]:

@@ -110,6 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="sampler seed (default 0)")
     p.add_argument("--prune-startup-trials", type=int, default=2,
                    help="local: trials that complete before pruning starts (default 2)")
+    p.add_argument("--in-process", action="store_true",
+                   help="local: run trials back to back in this process, sharing one decoded "
+                        "image cache (fast on a GPU); default: one process per trial")
     p.add_argument("--prune-warmup-epochs", type=int, default=0,
                    help="local: epochs before a trial may be pruned (default 0)")
     p.add_argument("--name", help="tuning job / study name (default dogbreed-tune-<time>)")
@@ -277,11 +280,13 @@ def cmd_tune(args: argparse.Namespace, settings: settings_mod.Settings, backend:
                            "n_warmup_steps": args.prune_warmup_epochs},
                 "objective": {"metric": "valid_accuracy", "direction": "maximize"},
                 "search_space": search_space.describe(space), "static_hyperparameters": static,
-                "data": str(args.data), "workdir": str(local.workdir), "docker": args.docker}
+                "data": str(args.data), "workdir": str(local.workdir), "docker": args.docker,
+                "mode": "in_process" if args.in_process else "subprocess"}
     return local.tune(name=name, data=_require_data(args), static_hyperparameters=static,
                       trials=args.trials, epochs_max=args.epochs_max, seed=args.seed,
                       prune_startup_trials=args.prune_startup_trials,
-                      prune_warmup_epochs=args.prune_warmup_epochs, output=args.output)
+                      prune_warmup_epochs=args.prune_warmup_epochs, output=args.output,
+                      in_process=args.in_process)
 
 
 def cmd_train(args: argparse.Namespace, settings: settings_mod.Settings, backend: str) -> Any:

@@ -19,6 +19,7 @@ Work dir layout (``--workdir``, default ``.dogbreed``)::
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import inspect
@@ -262,6 +263,66 @@ class TrainingRun:
                 pass
 
 
+class _Pruned(Exception):
+    """Raised from the per-epoch callback to end a pruned in-process trial."""
+
+
+class InProcessRun:
+    """One trial through ``dogbreed.train.run`` in this process, same interface as TrainingRun.
+
+    Trials share ``cache`` (a :class:`dogbreed.data.DecodeCache`), so JPEG decode — and on a GPU
+    the upload of the uint8 cache — is paid once for the whole study instead of once per trial.
+    Epoch lines go to the trial's ``train.log``, as a subprocess trial's do.
+    """
+
+    def __init__(self, base: Path, hyperparameters: Mapping[str, str], data: Path, *,
+                 cache: Any, device: Any = None,
+                 on_epoch: Callable[[int, dict[str, float]], bool] | None = None,
+                 keep_checkpoints: bool = True) -> None:
+        self.base = Path(base).resolve()
+        self.hyperparameters = dict(hyperparameters)
+        self.data = Path(data).resolve()
+        self.cache = cache
+        self.device = device
+        self.on_epoch = on_epoch
+        self.keep_checkpoints = keep_checkpoints
+
+    def run(self) -> RunResult:
+        from dogbreed import train
+
+        if self.base.exists():
+            shutil.rmtree(self.base)
+        paths = contract.prepare_local_job(self.base, self.hyperparameters,
+                                           {contract.TRAINING_CHANNEL: self.data})
+        started = time.monotonic()
+        epochs: list[dict[str, float]] = []
+        final: dict[str, float] = {}
+        pruned, returncode = False, 0
+
+        def on_epoch(result: Any) -> None:
+            metrics = {k: v for k, v in dataclasses.asdict(result).items() if k in train.METRIC_NAMES}
+            epochs.append({"epoch": result.epoch, **metrics})
+            final.update(metrics)
+            if self.on_epoch and self.on_epoch(result.epoch, metrics):
+                raise _Pruned()
+
+        with open(paths.base / TRAIN_LOG, "w", encoding="utf-8") as log_file, \
+                contextlib.redirect_stdout(log_file):
+            try:
+                hp = contract.parse_hyperparameters(self.hyperparameters)
+                outcome = train.run(hp, paths, on_epoch=on_epoch, device=self.device, cache=self.cache)
+                final.update({k: v for k, v in outcome.metrics.items()
+                              if k in train.METRIC_NAMES and isinstance(v, float)})
+            except _Pruned:
+                pruned = True
+            except Exception as exc:  # noqa: BLE001 - a failed trial is recorded, the study goes on
+                contract.write_failure(f"{type(exc).__name__}: {exc}", paths)
+                returncode = train.EXIT_FAILURE
+        if not self.keep_checkpoints:
+            shutil.rmtree(paths.checkpoints_dir, ignore_errors=True)
+        return RunResult(returncode, paths.base, epochs, final, pruned, time.monotonic() - started)
+
+
 # --- the backend -------------------------------------------------------------------------------------
 class LocalBackend:
     def __init__(self, settings: Settings, *, docker_image: str | None = None,
@@ -316,7 +377,11 @@ class LocalBackend:
     def tune(self, *, name: str, data: Path, static_hyperparameters: Mapping[str, str],
              trials: int = 6, epochs_max: int | None = None, seed: int | None = 0,
              prune_startup_trials: int = 2, prune_warmup_epochs: int = 0,
-             output: Path | None = None) -> dict[str, Any]:
+             output: Path | None = None, in_process: bool = False,
+             device: Any = None) -> dict[str, Any]:
+        """Optuna study over the search space. ``in_process``: trials run back to back in this
+        process sharing one decoded image cache (the fast path on a GPU); otherwise each trial
+        is its own process, as a SageMaker HPO trial is."""
         import optuna
 
         space = search_space.with_epochs_max(search_space.SEARCH_SPACE, epochs_max)
@@ -334,9 +399,17 @@ class LocalBackend:
         study = optuna.create_study(study_name=name, direction="maximize", sampler=sampler,
                                     pruner=pruner)
         root = self.workdir / "tuning" / name
+        if in_process and self.docker_image:
+            raise SettingsError("--in-process and --docker exclude each other")
+        cache = None
+        if in_process:
+            from dogbreed.data import DecodeCache
+
+            cache = DecodeCache()
         started = time.monotonic()
         records: list[dict[str, Any]] = []
         events.event("tuning_started", study=name, trials=trials, sampler="TPE",
+                     mode="in_process" if in_process else "subprocess",
                      pruner="MedianPruner", objective=objective_metric(),
                      space=json.dumps(search_space.describe(space), separators=(",", ":")))
         for index in range(trials):
@@ -355,9 +428,15 @@ class LocalBackend:
                 trial.report(score, epoch)
                 return trial.should_prune()
 
-            run = TrainingRun(root / f"trial-{trial.number:03d}", hps, data, docker_image=self.docker_image,
-                              on_epoch=on_epoch, keep_checkpoints=False,
-                              train_command=self.train_command)
+            trial_dir = root / f"trial-{trial.number:03d}"
+            run: TrainingRun | InProcessRun
+            if in_process:
+                run = InProcessRun(trial_dir, hps, data, cache=cache, device=device,
+                                   on_epoch=on_epoch, keep_checkpoints=False)
+            else:
+                run = TrainingRun(trial_dir, hps, data, docker_image=self.docker_image,
+                                  on_epoch=on_epoch, keep_checkpoints=False,
+                                  train_command=self.train_command)
             result = run.run()
             self.progress.close()
             record = {"number": trial.number, "hyperparameters": tuned,
@@ -396,6 +475,7 @@ class LocalBackend:
         result = {
             "tuning_job": name,
             "backend": "local",
+            "mode": "in_process" if in_process else "subprocess",
             "objective": {"metric": objective_metric(), "type": "Maximize",
                           "ties": f"lower {LOSS_METRIC} wins (score = accuracy - "
                                   f"{TIE_BREAK} * loss / (1 + loss))"},
@@ -651,3 +731,13 @@ class LocalEndpoint:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def tune_in_process(data: Path, workdir: Path, *, trials: int, device: Any = None,
+                    base_hyperparameters: Mapping[str, str] | None = None,
+                    epochs_max: int | None = None) -> dict[str, Any]:
+    """A local study with every trial in this process sharing one decode (for benchmarks)."""
+    backend = LocalBackend(Settings(workdir=str(workdir)))
+    return backend.tune(name="bench-tune", data=data, trials=trials, epochs_max=epochs_max,
+                        static_hyperparameters=dict(base_hyperparameters or {}),
+                        in_process=True, device=device)
