@@ -147,12 +147,13 @@ def test_the_stop_sweep_takes_only_processes_started_for_this_server(run_dir: Pa
     env = {**os.environ, RUN_DIR_ENV: str(run_dir)}
     older = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"], env=env)
     try:
-        time.sleep(1.5)
+        time.sleep(4.5)  # well before start(), whatever the clock rounding
         s = ModelServer(port=0, run_dir=run_dir, multi_model=True, env={})
-        s._started_at = time.time() - 0.1
+        s._started_at = time.time() - 2.0  # as _start_processes sets it
         newer = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"], env=env)
         other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"],
                                  env={**env, RUN_DIR_ENV: "/elsewhere"})
+        time.sleep(0.5)  # exec'd, with their own environment
         try:
             assert {p.pid for p in s._descendants()} == {newer.pid}
         finally:

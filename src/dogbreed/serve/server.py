@@ -281,7 +281,8 @@ class ModelServer:
         except OSError as exc:
             raise ServerError(f"cannot listen on {self.host}:{self.port}: {exc}") from None
         self.port = self.front.server_address[1]
-        self._started_at = time.time() - 1.0  # create_time has a coarse clock
+        # psutil's create_time rests on the boot time in whole seconds: allow for it.
+        self._started_at = time.time() - 2.0
         env = dict(self.env)
         env[RUN_DIR_ENV] = str(self.run_dir)
         env[contract.SAGEMAKER_MULTI_MODEL] = "true" if self.multi_model else "false"
