@@ -107,11 +107,17 @@ def save_model_dir(model_dir: Path, model: nn.Module, metadata: ModelMetadata) -
     _atomic_write(model_dir / METADATA_FILE, metadata.to_json().encode())
 
 
+# Artifacts are written by training (often root) and read by a non-root model server.
+FILE_MODE = 0o644
+DIR_MODE = 0o755
+
+
 def _atomic_write(path: Path, data: bytes) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
+        os.chmod(tmp, FILE_MODE)  # mkstemp creates 0600
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -171,10 +177,17 @@ def pack(model_dir: Path, archive: Path) -> Path:
             raise ArtifactError(f"cannot pack {model_dir}: {required} is missing")
     archive.parent.mkdir(parents=True, exist_ok=True)
     tmp = archive.with_name(archive.name + ".partial")
+    def readable(info: tarfile.TarInfo) -> tarfile.TarInfo:
+        info.mode = DIR_MODE if info.isdir() else FILE_MODE
+        info.uid = info.gid = 0
+        info.uname = info.gname = ""
+        return info
+
     with tarfile.open(tmp, "w:gz") as tar:
         for path in sorted(model_dir.rglob("*")):
             if path.is_file() and not path.is_symlink():
-                tar.add(path, arcname=str(path.relative_to(model_dir)), recursive=False)
+                tar.add(path, arcname=str(path.relative_to(model_dir)), recursive=False,
+                        filter=readable)
     os.replace(tmp, archive)
     return archive
 
@@ -186,6 +199,13 @@ def _check_member(member: tarfile.TarInfo) -> None:
         raise ArtifactError(f"unsafe path in archive: {name!r}")
     if not (member.isfile() or member.isdir()):
         raise ArtifactError(f"archive member {name!r} is a link or device; refusing to unpack")
+
+
+def _make_readable(root: Path) -> None:
+    """Owner-writable, world-readable: a server running as another user can load the model."""
+    os.chmod(root, DIR_MODE)  # mkdtemp creates 0700
+    for path in root.rglob("*"):
+        os.chmod(path, DIR_MODE if path.is_dir() else FILE_MODE)
 
 
 def safe_extract(archive: Path, destination: Path, max_bytes: int = MAX_UNPACKED_BYTES) -> Path:
@@ -213,8 +233,14 @@ def safe_extract(archive: Path, destination: Path, max_bytes: int = MAX_UNPACKED
         destination.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(dir=destination.parent, prefix=f".{destination.name}."))
         try:
-            # The "data" filter (PEP 706) re-checks every member as it is written.
-            tar.extractall(staging, members=members, filter="data")
+            if hasattr(tarfile, "data_filter"):
+                # PEP 706's "data" filter re-checks every member as it is written.
+                tar.extractall(staging, members=members, filter="data")
+            else:
+                # Pythons before 3.11.4 (Debian bookworm's 3.11.2) lack extraction filters;
+                # every member was checked above.
+                tar.extractall(staging, members=members)
+            _make_readable(staging)
             if destination.exists():
                 shutil.rmtree(destination)
             os.replace(staging, destination)

@@ -180,3 +180,32 @@ def test_weights_load_without_pickle(model_dir: Path, tmp_path: Path) -> None:
     torch.save({"x": Evil()}, broken / artifacts.WEIGHTS_FILE)
     with pytest.raises(artifacts.ArtifactError, match="cannot load state_dict"):
         artifacts.load_model(broken)
+
+
+def test_artifacts_are_readable_by_another_user(model_dir: Path, tmp_path: Path) -> None:
+    """Training runs as root, the serve image as a non-root user: no 0600 files, no 0700 dirs."""
+    import stat
+
+    for name in (artifacts.WEIGHTS_FILE, artifacts.METADATA_FILE):
+        assert stat.S_IMODE((model_dir / name).stat().st_mode) == 0o644
+    archive = artifacts.pack(model_dir, tmp_path / "model.tar.gz")
+    with tarfile.open(archive) as tar:
+        assert {m.mode for m in tar.getmembers()} == {0o644}
+    (model_dir / artifacts.WEIGHTS_FILE).chmod(0o600)
+    destination = artifacts.safe_extract(artifacts.pack(model_dir, tmp_path / "m2.tar.gz"), tmp_path / "out")
+    assert stat.S_IMODE(destination.stat().st_mode) == 0o755
+    assert {stat.S_IMODE(p.stat().st_mode) for p in destination.iterdir()} == {0o644}
+
+
+def test_extraction_without_tarfile_filters(model_dir: Path, tmp_path: Path, monkeypatch) -> None:
+    """Debian bookworm's Python 3.11.2 has no extraction filters: the member checks still hold."""
+    monkeypatch.delattr(tarfile, "data_filter", raising=False)
+    archive = artifacts.pack(model_dir, tmp_path / "model.tar.gz")
+    out = artifacts.safe_extract(archive, tmp_path / "out")
+    assert (out / artifacts.WEIGHTS_FILE).is_file()
+    evil = tmp_path / "evil.tar.gz"
+    with tarfile.open(evil, "w:gz") as tar:
+        info = tarfile.TarInfo("../escape.txt")
+        tar.addfile(info, io.BytesIO(b""))
+    with pytest.raises(artifacts.ArtifactError, match="unsafe path"):
+        artifacts.safe_extract(evil, tmp_path / "out2")
