@@ -75,6 +75,7 @@ def serve_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServeEn
         host_root = Path(host_dir)
         host_root.mkdir(parents=True, exist_ok=True)
         host_root = Path(tempfile.mkdtemp(prefix="contract-", dir=host_root))
+        host_root.chmod(0o755)  # mkdtemp makes 0700; a non-root container user reads below it
         server_root = f"{(server_dir or host_dir).rstrip('/')}/{host_root.name}"
     else:
         host_root = tmp_path_factory.mktemp("serve-store")

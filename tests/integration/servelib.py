@@ -76,6 +76,10 @@ class ServeEndpoint(ServeClient):
             shutil.copytree(source, target, symlinks=True)
         else:
             shutil.copy2(source, target, follow_symlinks=False)
+        # A containerised server runs as another (non-root) user: it must be able to read them.
+        for path in [target.parent, target, *(target.rglob("*") if target.is_dir() else ())]:
+            if not path.is_symlink():
+                path.chmod(0o755 if path.is_dir() else 0o644)
         return f"{self.server_root}/{folder}/{source.name}"
 
     def load(self, name: str, source: Path | str, stage: bool = True) -> Response:
