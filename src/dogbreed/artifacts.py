@@ -15,6 +15,7 @@ import platform
 import shutil
 import tarfile
 import tempfile
+import zlib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -211,42 +212,44 @@ def _make_readable(root: Path) -> None:
 def safe_extract(archive: Path, destination: Path, max_bytes: int = MAX_UNPACKED_BYTES) -> Path:
     """Unpack ``archive`` into ``destination``, refusing tar-slip, links, devices and bombs.
 
-    Every member is checked before anything is written; extraction goes to a temp dir beside
-    ``destination`` that is renamed into place, so a refused archive leaves nothing behind.
+    One pass over the (compressed) stream: each member is checked before it is written, into a
+    temp dir beside ``destination`` that is renamed into place only when every member passed,
+    so a refused archive leaves nothing behind. (Listing first and extracting after would
+    decompress a gzip twice: half of a cold model load.)
     """
     destination = Path(destination)
     try:
         tar = tarfile.open(archive, "r:*")
     except (tarfile.TarError, OSError, EOFError) as exc:  # EOFError: a cut-off gzip header
         raise ArtifactError(f"{archive}: not a readable tar archive: {exc}") from None
-    with tar:
-        try:
-            members = tar.getmembers()
-        except (tarfile.TarError, EOFError, OSError) as exc:
-            raise ArtifactError(f"{archive}: corrupt archive: {exc}") from None
-        total = 0
-        for member in members:
-            _check_member(member)
-            total += member.size
-            if total > max_bytes:
-                raise ArtifactError(f"{archive}: unpacks to more than {max_bytes} bytes")
-        destination.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(dir=destination.parent, prefix=f".{destination.name}."))
-        try:
-            if hasattr(tarfile, "data_filter"):
-                # PEP 706's "data" filter re-checks every member as it is written.
-                tar.extractall(staging, members=members, filter="data")
-            else:
-                # Pythons before 3.11.4 (Debian bookworm's 3.11.2) lack extraction filters;
-                # every member was checked above.
-                tar.extractall(staging, members=members)
-            _make_readable(staging)
-            if destination.exists():
-                shutil.rmtree(destination)
-            os.replace(staging, destination)
-        except BaseException as exc:
-            shutil.rmtree(staging, ignore_errors=True)
-            if isinstance(exc, (tarfile.TarError, OSError, EOFError)):
-                raise ArtifactError(f"{archive}: cannot unpack: {exc}") from None
-            raise
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=destination.parent, prefix=f".{destination.name}."))
+    # PEP 706's "data" filter re-checks each member as it is written; Pythons before 3.11.4
+    # (Debian bookworm's 3.11.2) lack it, and the checks below stand on their own.
+    extract_kwargs = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
+    try:
+        with tar:
+            total = 0
+            while True:
+                try:
+                    member = tar.next()
+                except (tarfile.TarError, EOFError, OSError, zlib.error) as exc:
+                    raise ArtifactError(f"{archive}: corrupt archive: {exc}") from None
+                if member is None:
+                    break
+                _check_member(member)
+                total += member.size
+                if total > max_bytes:
+                    raise ArtifactError(f"{archive}: unpacks to more than {max_bytes} bytes")
+                try:
+                    tar.extract(member, staging, **extract_kwargs)
+                except (tarfile.TarError, EOFError, OSError, zlib.error) as exc:
+                    raise ArtifactError(f"{archive}: cannot unpack {member.name!r}: {exc}") from None
+        _make_readable(staging)
+        if destination.exists():
+            shutil.rmtree(destination)
+        os.replace(staging, destination)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     return destination
