@@ -122,10 +122,17 @@ def test_serves_the_models_the_train_image_made(endpoint: Endpoint, model_store:
         assert endpoint.client.unload_model(name).status == 200
 
 
-def test_the_serving_contract_suite_passes_against_the_container(endpoint: Endpoint) -> None:
-    """tests/integration/test_serve_contract.py, pointed at the container (DOGBREED_SERVE_URL)."""
+def test_the_serving_contract_suite_passes_against_the_container(
+        endpoint: Endpoint, trained_models: dict[str, TrainRun],
+        tmp_path_factory: pytest.TempPathFactory) -> None:
+    """tests/integration/test_serve_contract.py, pointed at the container (DOGBREED_SERVE_URL),
+    with the two models the train image made (DOGBREED_SERVE_TRAINED_MODELS)."""
+    made_by_train_image = tmp_path_factory.mktemp("train-image-models")
+    for arch, run in trained_models.items():
+        (made_by_train_image / arch).symlink_to(run.model_dir, target_is_directory=True)
     env = {**os.environ, "DOGBREED_SERVE_URL": endpoint.client.url,
-           "DOGBREED_SERVE_MODEL_ROOT": f"{endpoint.contract_root}:{MODELS}/contract"}
+           "DOGBREED_SERVE_MODEL_ROOT": f"{endpoint.contract_root}:{MODELS}/contract",
+           "DOGBREED_SERVE_TRAINED_MODELS": str(made_by_train_image)}
     result = subprocess.run(
         [sys.executable, "-m", "pytest", "tests/integration/test_serve_contract.py", "-q",
          "-p", "no:cacheprovider", "-o", "addopts=-ra"],

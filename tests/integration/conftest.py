@@ -20,8 +20,9 @@ Fixture API:
 
 ``serve_models`` (session) -> ``{"resnet18": TrainedModel, "mobilenet_v2": TrainedModel}``
     trained once per session by ``dogbreed-train`` on a copy of the sample data (1 epoch,
-    64 px): ``.model_dir`` (model.json + model.pt), ``.archive`` (model.tar.gz),
-    ``.class_names``, ``.labels`` (breed names).
+    64 px), or, with ``DOGBREED_SERVE_TRAINED_MODELS=DIR``, the model dirs ``DIR/resnet18`` and
+    ``DIR/mobilenet_v2`` made elsewhere (the train image): ``.model_dir`` (model.json +
+    model.pt), ``.archive`` (model.tar.gz), ``.class_names``, ``.labels`` (breed names).
 ``serve_endpoint`` (session) -> :class:`ServeEndpoint`
     a :class:`dogbreed.serve.client.ServeClient` (``.url``, ``.request(method, path, body,
     headers)`` -> ``Response`` with ``.status``/``.headers``/``.body``/``.json()``, ``.ping()``,
@@ -50,8 +51,10 @@ import pytest
 from servelib import (
     MODEL_ROOT_ENV,
     SERVE_URL_ENV,
+    TRAINED_MODELS_ENV,
     ServeEndpoint,
     TrainedModel,
+    existing_models,
     server_processes,
     train_models,
 )
@@ -59,7 +62,10 @@ from servelib import (
 
 @pytest.fixture(scope="session")
 def serve_models(sample_data: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, TrainedModel]:
-    return train_models(tmp_path_factory.mktemp("serve-models"), sample_data)
+    root = tmp_path_factory.mktemp("serve-models")
+    if os.environ.get(TRAINED_MODELS_ENV):
+        return existing_models(Path(os.environ[TRAINED_MODELS_ENV]), root)
+    return train_models(root, sample_data)
 
 
 @pytest.fixture(scope="session")

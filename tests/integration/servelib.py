@@ -21,6 +21,9 @@ from dogbreed.serve.client import Response, ServeClient
 
 SERVE_URL_ENV = "DOGBREED_SERVE_URL"
 MODEL_ROOT_ENV = "DOGBREED_SERVE_MODEL_ROOT"
+# A folder of <arch>/ model dirs made elsewhere (e.g. by the train image): used instead of
+# training the suite's own models.
+TRAINED_MODELS_ENV = "DOGBREED_SERVE_TRAINED_MODELS"
 ARCHS = ("resnet18", "mobilenet_v2")
 TINY = {"epochs": "1", "batch-size": "16", "image-size": "64", "weights": "none"}
 
@@ -90,6 +93,18 @@ class ServeEndpoint(ServeClient):
         if self.server is None or self.server.log_file is None or not self.server.log_file.is_file():
             return ""
         return self.server.log_file.read_text(encoding="utf-8", errors="replace")
+
+
+def existing_models(source: Path, root: Path, archs: tuple[str, ...] = ARCHS) -> dict[str, TrainedModel]:
+    """Models trained elsewhere: ``source/<arch>`` holds model.pt + model.json for each arch."""
+    models = {}
+    for arch in archs:
+        model_dir = source / arch
+        metadata = artifacts.read_metadata(model_dir)
+        assert metadata.arch == arch, f"{model_dir} holds a {metadata.arch}, not a {arch}"
+        archive = artifacts.pack(model_dir, root / "archives" / arch / artifacts.ARCHIVE_NAME)
+        models[arch] = TrainedModel(arch, model_dir, archive, metadata.class_names)
+    return models
 
 
 def train_models(root: Path, sample_data: Path, archs: tuple[str, ...] = ARCHS) -> dict[str, TrainedModel]:
