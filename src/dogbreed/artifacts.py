@@ -18,12 +18,13 @@ import tempfile
 import zlib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING, Any
 
 from dogbreed.contract import ARCHITECTURES
+
+if TYPE_CHECKING:  # torch is imported where it is used: the launcher and router stay light
+    import torch
+    from torch import nn
 
 WEIGHTS_FILE = "model.pt"
 METADATA_FILE = "model.json"
@@ -92,6 +93,7 @@ class ModelMetadata:
 
 
 def library_versions() -> dict[str, str]:
+    import torch
     import torchvision
 
     return {"python": platform.python_version(), "torch": torch.__version__,
@@ -100,6 +102,8 @@ def library_versions() -> dict[str, str]:
 
 def save_model_dir(model_dir: Path, model: nn.Module, metadata: ModelMetadata) -> None:
     """Write model.pt and model.json (each atomically, so a reader never sees half a file)."""
+    import torch
+
     model_dir.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     buffer = io.BytesIO()
@@ -148,6 +152,8 @@ def find_model_dir(root: Path) -> Path:
 
 def load_model(model_dir: Path, device: torch.device | str = "cpu") -> tuple[nn.Module, ModelMetadata]:
     """Rebuild the trained model from a model dir (weights_only load), in eval mode."""
+    import torch
+
     from dogbreed.models import build_for_inference
 
     model_dir = find_model_dir(Path(model_dir))

@@ -25,6 +25,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from dogbreed.artifacts import ARCHIVE_NAME
 from dogbreed.launcher import events
 from dogbreed.launcher import settings as settings_mod
 
@@ -344,7 +345,7 @@ def cmd_add_model(args: argparse.Namespace, settings: settings_mod.Settings, bac
     if args.dry_run:
         source = str(local.job_archive(args.job)) if args.job else str(args.file)
         return {"backend": "local", "copy": source,
-                "to": str(local.store.root / args.name / "model.tar.gz")}
+                "to": str(local.store.root / args.name / ARCHIVE_NAME)}
     return local.add_model(args.name, training_job=args.job, file=args.file)
 
 

@@ -38,8 +38,9 @@ from pathlib import Path
 from typing import Any
 
 from dogbreed import contract
+from dogbreed.artifacts import ARCHIVE_NAME
 from dogbreed.launcher import events, search_space
-from dogbreed.launcher.router import ARCHIVE_NAME, ModelStore, Router
+from dogbreed.launcher.router import ModelStore, Router
 from dogbreed.launcher.settings import Settings, SettingsError
 
 EPOCH_LINE = re.compile(r"^epoch=(\d+)\s")

@@ -36,6 +36,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+from dogbreed import artifacts
+from dogbreed.artifacts import ARCHIVE_NAME
 from dogbreed.launcher import events
 
 TARGET_HEADER = "X-Amzn-SageMaker-Target-Model"
@@ -47,9 +49,6 @@ VARIANT_NAME = "AllTraffic"
 # SageMaker real-time endpoints take at most 6 MB per request.
 MAX_BODY_BYTES = 6 * 1024 * 1024
 FORWARDED_HEADERS = ("Content-Type", "Accept", CUSTOM_ATTRIBUTES_HEADER)
-# = dogbreed.artifacts.ARCHIVE_NAME (artifacts imports torch; the router needs it only to unpack;
-# a test checks they agree).
-ARCHIVE_NAME = "model.tar.gz"
 _ENDPOINT_PATH = re.compile(r"^/endpoints/([^/]+)/invocations$")
 
 
@@ -287,8 +286,6 @@ class ModelCache:
                 entry.unloaded.set()
 
     def _load(self, entry: _Entry, archive: Path) -> None:
-        from dogbreed import artifacts
-
         try:
             model_dir = artifacts.safe_extract(archive, entry.directory)
         except artifacts.ArtifactError as exc:

@@ -12,15 +12,12 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-# The artifact file names (dogbreed.artifacts owns them; the fake trainer must not import torch).
-WEIGHTS_FILE = "model.pt"
-METADATA_FILE = "model.json"
+from dogbreed import artifacts
+from dogbreed.artifacts import METADATA_FILE, WEIGHTS_FILE  # noqa: F401 - re-exported for tests
 
 
 def make_archive(tmp: Path, name: str, classes: list[str] | None = None) -> Path:
     """A model.tar.gz holding a model.json (and a placeholder model.pt): enough for routing."""
-    from dogbreed import artifacts
-
     model_dir = tmp / f"{name}-dir"
     model_dir.mkdir(parents=True)
     (model_dir / artifacts.WEIGHTS_FILE).write_bytes(b"not really weights")
