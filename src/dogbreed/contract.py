@@ -12,6 +12,7 @@ import argparse
 import dataclasses
 import json
 import os
+import shutil
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -434,8 +435,6 @@ def prepare_local_job(
     copied, for a container that cannot follow links out of its mount) into ``input/data``.
     Returns the :class:`Paths` for ``base`` — run the entry point with ``SAGEMAKER_BASE_DIR=base``.
     """
-    import shutil
-
     paths = Paths.from_env({BASE_DIR_ENV: str(base)})
     paths.input_config_dir.mkdir(parents=True, exist_ok=True)
     paths.data_dir.mkdir(parents=True, exist_ok=True)
