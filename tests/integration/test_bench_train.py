@@ -15,7 +15,8 @@ pytestmark = pytest.mark.slow
 def test_quick_benchmark_reports_every_field(tmp_path: Path):
     result = subprocess.run(
         [sys.executable, str(REPO / "scripts" / "bench_train.py"), "--quick", "--models", "resnet18",
-         "--data-cache", str(tmp_path / "bench-data"), "--out", str(tmp_path / "bench.json")],
+         "--data-cache", str(tmp_path / "bench-data"), "--out", str(tmp_path / "bench.json"),
+         "--tune-trials", "2"],
         capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout)  # stdout is exactly one JSON document
@@ -30,6 +31,10 @@ def test_quick_benchmark_reports_every_field(tmp_path: Path):
         assert r18[field] > 0, field
     assert r18["time_to_first_epoch_s"] < r18["wall_seconds_total"]
     assert r18["peak_gpu_memory_gib"] is None  # CPU run
+    # HPO trials back to back in the benchmark's process, sharing one decode.
+    tuning = report["tuning"]
+    assert tuning["mode"] == "in_process" and len(tuning["trials"]) == 2
+    assert tuning["counts"]["FAIL"] == 0 and tuning["seconds"] > 0
     # The synthetic set is reused, not remade, on a second run with the same spec.
     marker = tmp_path / "bench-data-quick" / "bench-data.json"
     assert json.loads(marker.read_text())["images"] == 60
