@@ -108,8 +108,8 @@ def save_model_dir(model_dir: Path, model: nn.Module, metadata: ModelMetadata) -
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     buffer = io.BytesIO()
     torch.save(state, buffer)
-    _atomic_write(model_dir / WEIGHTS_FILE, buffer.getvalue())
-    _atomic_write(model_dir / METADATA_FILE, metadata.to_json().encode())
+    atomic_write(model_dir / WEIGHTS_FILE, buffer.getvalue())
+    atomic_write(model_dir / METADATA_FILE, metadata.to_json().encode())
 
 
 # Artifacts are written by training (often root) and read by a non-root model server.
@@ -117,7 +117,10 @@ FILE_MODE = 0o644
 DIR_MODE = 0o755
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` via a temp file and a rename: a reader (or a SIGKILL mid-write)
+    sees the old file or the new one, never half of one. Creates the parent dir."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
         with os.fdopen(fd, "wb") as handle:

@@ -244,12 +244,10 @@ def _resume_key(hp: Hyperparameters, class_names: list[str]) -> dict[str, Any]:
 
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
     buffer = io.BytesIO()
     torch.save(state, buffer)
-    tmp = path.with_name(path.name + ".partial")
-    tmp.write_bytes(buffer.getvalue())
-    os.replace(tmp, path)  # a SIGKILL mid-write never corrupts the previous checkpoint
+    # Atomic: a SIGKILL mid-write never corrupts the previous checkpoint.
+    artifacts.atomic_write(path, buffer.getvalue())
 
 
 def load_checkpoint(path: Path, key: dict[str, Any]) -> dict[str, Any] | None:

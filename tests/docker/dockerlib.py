@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import time
 import uuid
@@ -18,6 +17,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
+
+from dogbreed.launcher import local_backend
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DOCKER = os.environ.get("DOCKER") or ("/usr/bin/docker" if Path("/usr/bin/docker").exists() else "docker")
@@ -63,10 +64,7 @@ def inspect(image: str) -> dict:
     return json.loads(docker("image", "inspect", image).stdout)[0]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+free_port = local_backend.free_port
 
 
 def unique(prefix: str) -> str:

@@ -17,7 +17,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import struct
 import subprocess
 import sys
@@ -32,6 +31,7 @@ import pytest
 from servelib import SERVE_URL_ENV, ServeEndpoint, TrainedModel, server_processes
 
 from dogbreed import artifacts, contract
+from dogbreed.launcher.local_backend import free_port
 from dogbreed.serve import RUN_DIR_ENV
 
 pytestmark = pytest.mark.slow
@@ -311,12 +311,6 @@ def test_survives_200_bad_requests_without_a_worker_restart(
 
 
 # --- single-model mode through the console script -----------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture
 def single_model_server(serve_models: dict[str, TrainedModel], tmp_path: Path) -> Iterator[dict]:
     """``dogbreed-serve`` as the serve image runs it, one model in $SAGEMAKER_BASE_DIR/model."""
@@ -325,7 +319,7 @@ def single_model_server(serve_models: dict[str, TrainedModel], tmp_path: Path) -
     cwd = tmp_path / "cwd"
     cwd.mkdir()
     run_dir = Path(tempfile.mkdtemp(prefix="dbs-"))
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, contract.BASE_DIR_ENV: str(base), contract.SAGEMAKER_BIND_TO_PORT: str(port),
            contract.BIND_HOST_ENV: "127.0.0.1", RUN_DIR_ENV: str(run_dir),
            contract.SAGEMAKER_MODEL_SERVER_WORKERS: "1", contract.SAGEMAKER_MODEL_SERVER_TIMEOUT: "30"}

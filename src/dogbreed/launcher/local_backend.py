@@ -655,10 +655,9 @@ def _is_endpoint_process(pid: int) -> bool:
 
 
 def _write_json(path: Path, payload: Mapping[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(json.dumps(payload, indent=2) + "\n")
-    partial.replace(path)
+    from dogbreed.artifacts import atomic_write
+
+    atomic_write(path, (json.dumps(payload, indent=2) + "\n").encode())
 
 
 class LocalEndpoint:
