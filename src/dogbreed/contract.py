@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import shutil
 from collections.abc import Mapping, Sequence
@@ -258,19 +259,23 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "amp": AMP_MODES,
     "lr_schedule": LR_SCHEDULES,
 }
-# (minimum, maximum) inclusive; None = unbounded.
-_RANGES: dict[str, tuple[float | None, float | None]] = {
+# (minimum, maximum), inclusive. Every float hyperparameter needs an entry (a test checks):
+# with no bound, lr=1e308 would "train" into NaN weights just as lr=nan did.
+_RANGES: dict[str, tuple[float, float | None]] = {
     "epochs": (1, 10_000),
     "batch_size": (1, 65_536),
     "eval_batch_size": (1, 65_536),
-    "lr": (0.0, None),
+    # Exclusive at 0 (see _EXCLUSIVE_MINIMUM); 10 is far above any rate SGD or AdamW trains with.
+    "lr": (0.0, 10.0),
     "momentum": (0.0, 1.0),
-    "weight_decay": (0.0, None),
+    # Decoupled (AdamW) or L2 (SGD) coefficient: above 1 it outweighs the loss itself.
+    "weight_decay": (0.0, 1.0),
     "label_smoothing": (0.0, 0.99),
     "image_size": (32, 1024),
     "early_stopping_patience": (0, None),
     "num_workers": (0, 256),
 }
+_EXCLUSIVE_MINIMUM = frozenset({"lr"})
 _FIELDS = {f.name: f for f in dataclasses.fields(Hyperparameters)}
 
 
@@ -320,6 +325,29 @@ def _dashed(name: str) -> str:
     return name.replace("_", "-")
 
 
+def _range_text(name: str) -> str:
+    low, high = _RANGES[name]
+    opening = "(" if name in _EXCLUSIVE_MINIMUM else "["
+    return f"{opening}{low}, {high if high is not None else 'inf'}]"
+
+
+def _check_range(name: str, value: Any) -> None:
+    """Numbers must be finite and inside ``_RANGES``: generic, so every new knob gets it."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return
+    valid = f"valid range {_range_text(name)}" if name in _RANGES else "valid: any finite number"
+    if not math.isfinite(value):
+        raise ContractError(f"hyperparameter {_dashed(name)}={value!r} is not a finite number; {valid}")
+    if name not in _RANGES:
+        return
+    low, high = _RANGES[name]
+    if value < low or (high is not None and value > high):
+        raise ContractError(f"hyperparameter {_dashed(name)}={value!r} is outside {_range_text(name)}")
+    if name in _EXCLUSIVE_MINIMUM and value == low:
+        raise ContractError(f"hyperparameter {_dashed(name)}={value!r} is outside "
+                            f"{_range_text(name)}: it must be greater than {low}")
+
+
 def valid_hyperparameter_names() -> list[str]:
     return sorted(_dashed(n) for n in _FIELDS)
 
@@ -352,12 +380,7 @@ def parse_hyperparameters(*sources: Mapping[str, Any]) -> Hyperparameters:
             raise ContractError(
                 f"hyperparameter {_dashed(name)}={value!r}: choose one of {', '.join(_CHOICES[name])}"
             )
-        low, high = _RANGES.get(name, (None, None))
-        if (low is not None and value < low) or (high is not None and value > high):
-            bounds = f"[{low}, {high if high is not None else 'inf'}]"
-            raise ContractError(f"hyperparameter {_dashed(name)}={value!r} is outside {bounds}")
-    if values.get("lr", 1.0) == 0.0:
-        raise ContractError("hyperparameter lr must be greater than 0")
+        _check_range(name, value)
     return Hyperparameters(**values)
 
 

@@ -10,6 +10,7 @@ an evaluation batch saw.
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import dataclasses
 import logging
@@ -192,6 +193,14 @@ def decode_split(
     skipped = len(index.files) - len(kept)
     if not kept:
         raise DataError(f"none of the {len(index.files)} images in {index.root} could be decoded")
+    # A class whose every image fails to decode would train (or be scored) as if it did not
+    # exist, and the run would still exit 0: refuse it by name.
+    listed = collections.Counter(index.labels)
+    decodable = collections.Counter(label for _, label in kept)
+    dead = [f"{index.class_names[c]} (0 of {listed[c]})" for c in sorted(listed) if not decodable[c]]
+    if dead:
+        raise DataError(f"no decodable image in class folder(s) {', '.join(dead)} under "
+                        f"{index.root}: fix or remove those files")
     if skipped:
         log.warning("event=skipped_images split=%s skipped=%d kept=%d", index.root, skipped, len(kept))
     target = device if keep_on_device else torch.device("cpu")

@@ -48,8 +48,14 @@ METRIC_DEFINITIONS: list[dict[str, str]] = [
 ]
 OBJECTIVE_METRIC = "valid_accuracy"
 
+
+class NonFiniteLoss(RuntimeError):
+    """A training batch's loss was NaN or infinite: the weights are ruined, nothing is saved."""
+
+
 # Errors whose message is the whole story: no traceback in the failure file.
-EXPECTED_ERRORS = (ContractError, data.DataError, models.WeightsError, artifacts.ArtifactError)
+EXPECTED_ERRORS = (ContractError, data.DataError, models.WeightsError, artifacts.ArtifactError,
+                   NonFiniteLoss)
 
 
 class Interrupted(Exception):
@@ -166,16 +172,25 @@ def train_one_epoch(
     generator: torch.Generator,
     scaler: torch.amp.GradScaler | None,
     stop: StopFlag,
+    *,
+    epoch: int = 0,
 ) -> tuple[float, float, float]:
-    """One pass over ``split``; returns (mean loss, accuracy, images/s of the training steps)."""
+    """One pass over ``split``; returns (mean loss, accuracy, images/s of the training steps).
+
+    Raises :class:`NonFiniteLoss` naming the epoch and the first batch whose loss was not finite.
+    """
     model.train()
     device = runtime.device
     total_loss = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.int64)
+    # First batch (1-based) with a non-finite loss, tracked on the device: checking each loss
+    # with .item() would add a GPU sync per step; this is read at the epoch's existing sync.
+    first_bad_batch = torch.zeros((), device=device, dtype=torch.int64)
     seen = 0
     _sync(device)
     started = time.perf_counter()
-    for index in _batches(len(split), hp.batch_size, generator):
+    batches = _batches(len(split), hp.batch_size, generator)
+    for number, index in enumerate(batches, 1):
         if stop.requested:
             raise Interrupted()
         index = index.to(split.device)
@@ -197,9 +212,16 @@ def train_one_epoch(
             optimizer.step()
         total_loss += loss.detach() * labels.numel()
         correct += (logits.detach().argmax(1) == labels).sum()
+        first_bad_batch = torch.where((first_bad_batch == 0) & ~torch.isfinite(loss.detach()),
+                                      number, first_bad_batch)
         seen += labels.numel()
     _sync(device)
     elapsed = max(time.perf_counter() - started, 1e-9)
+    if bad := int(first_bad_batch.item()):
+        raise NonFiniteLoss(
+            f"training loss is not finite at epoch {epoch}, batch {bad} of "
+            f"{len(batches)} (lr={hp.lr}, optimizer={hp.optimizer}, amp={hp.amp}): the weights "
+            "diverged, so no model was saved; lower lr or check the data")
     return total_loss.item() / seen, correct.item() / seen, seen / elapsed
 
 
@@ -363,7 +385,8 @@ def run(hp: Hyperparameters, paths: Paths, stop: StopFlag | None = None,
         epoch_started = time.perf_counter()
         debugger.set_mode(hook, train=True)
         train_loss, train_acc, images_per_sec = train_one_epoch(
-            step_model, train_split, hp, runtime, optimizer, loss_fn, generator, scaler, stop)
+            step_model, train_split, hp, runtime, optimizer, loss_fn, generator, scaler, stop,
+            epoch=epoch)
         debugger.set_mode(hook, train=False)
         valid = evaluate(step_model, valid_split, hp, runtime, loss_fn)
         lr = optimizer.param_groups[0]["lr"]

@@ -1,0 +1,114 @@
+"""Faults 5 and 6 (issue 11) on the training side.
+
+- A non-finite loss fails the job naming the epoch and the batch, and saves no model.
+- A class whose training images are all undecodable fails the job naming the class.
+"""
+
+from __future__ import annotations
+
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from dogbreed import contract, data, models, train
+
+TINY = {"model": "resnet18", "epochs": "2", "batch-size": "16", "lr": "0.01", "image-size": "32",
+        "weights": "none"}
+
+
+class NaNFromCall(nn.Module):
+    """Wraps a model; from its ``bad_call``-th training forward on, every logit is NaN."""
+
+    def __init__(self, inner: nn.Module, bad_call: int) -> None:
+        super().__init__()
+        self.inner, self.bad_call, self.calls = inner, bad_call, 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.inner(x)
+        if self.training:
+            self.calls += 1
+            if self.calls >= self.bad_call:
+                out = out * float("nan")
+        return out
+
+
+def run_main(paths: contract.Paths, monkeypatch: pytest.MonkeyPatch) -> int:
+    """The entry point in this process (so a test can patch the model), SIGTERM restored after."""
+    monkeypatch.setenv(contract.BASE_DIR_ENV, str(paths.base))
+    monkeypatch.delenv(contract.SM_HPS, raising=False)
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        return train.main([])
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def test_non_finite_loss_fails_the_job_with_epoch_and_batch(make_job, monkeypatch):
+    # 80 training images / batch 16 = 5 batches per epoch: training call 8 is epoch 2, batch 3.
+    build = models.build_model
+    monkeypatch.setattr(models, "build_model", lambda *a, **k: NaNFromCall(build(*a, **k), 8))
+    paths = make_job(TINY)
+    assert run_main(paths, monkeypatch) == train.EXIT_FAILURE
+    failure = paths.failure_file.read_text()
+    assert failure.startswith("NonFiniteLoss: training loss is not finite at epoch 2, batch 3 of 5")
+    assert "lr=0.01" in failure
+    assert not (paths.model_dir / "model.pt").exists(), "a NaN model must never be saved"
+
+
+def test_the_loss_check_adds_no_per_step_host_sync(monkeypatch):
+    """The check reads one device scalar per epoch, never one per batch."""
+    hp = contract.parse_hyperparameters({"batch-size": "4", "image-size": "32"})
+    runtime = train.Runtime(device=torch.device("cpu"), amp_dtype=None, channels_last=False)
+    split = data.DecodedSplit(images=torch.randint(0, 255, (16, 3, 37, 37), dtype=torch.uint8),
+                              labels=torch.arange(16) % 2, class_names=["a", "b"], skipped=0)
+    model = NaNFromCall(nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 2)), bad_call=99)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    items = []
+    real_item = torch.Tensor.item
+    monkeypatch.setattr(torch.Tensor, "item", lambda self: items.append(1) or real_item(self))
+    train.train_one_epoch(model, split, hp, runtime, optimizer, nn.CrossEntropyLoss(),
+                          torch.Generator().manual_seed(0), None, train.StopFlag(), epoch=1)
+    assert len(items) <= 3  # loss, accuracy, the non-finite check: per epoch, not per batch (4)
+
+
+# --- fault 6: a class with nothing decodable ---------------------------------------------------
+def break_class(root: Path, class_name: str) -> int:
+    folder = root / class_name
+    images = sorted(folder.iterdir())
+    for image in images:
+        image.write_bytes(b"\xff\xd8 this is not a JPEG")
+    return len(images)
+
+
+def test_class_with_no_decodable_training_image_fails_naming_it(sample_copy, make_job, run_entry_point):
+    victim = sorted(p.name for p in (sample_copy / "train").iterdir())[2]
+    broken = break_class(sample_copy / "train", victim)
+    paths = make_job(TINY | {"epochs": "1"}, channels={"training": sample_copy})
+    result = run_entry_point(paths, timeout=180)
+    assert result.returncode == 1, result.stderr[-2000:]
+    failure = paths.failure_file.read_text()
+    assert failure.startswith("DataError:") and victim in failure, failure
+    assert f"{broken}" in failure
+    assert not (paths.model_dir / "model.pt").exists()
+
+
+@pytest.mark.parametrize("split", ["valid", "test"])
+def test_class_with_nothing_decodable_in_valid_or_test_fails_naming_it(sample_copy, split):
+    """valid/test are scored per class: a class whose images all fail would be silently absent."""
+    victim = sorted(p.name for p in (sample_copy / split).iterdir())[1]
+    break_class(sample_copy / split, victim)
+    train_index = data.index_split(sample_copy / "train")
+    index = data.index_split(sample_copy / split, train_index.class_names)
+    with pytest.raises(data.DataError, match=victim):
+        data.decode_split(index, 37, torch.device("cpu"), num_workers=1)
+
+
+def test_some_undecodable_images_in_a_class_are_skipped_not_fatal(sample_copy):
+    folder = sorted((sample_copy / "train").iterdir())[0]
+    next(iter(sorted(folder.iterdir()))).write_bytes(b"not an image")
+    split = data.decode_split(data.index_split(sample_copy / "train"), 37, torch.device("cpu"),
+                              num_workers=1)
+    assert split.skipped == 1 and len(split) == 79
