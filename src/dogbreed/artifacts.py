@@ -30,8 +30,15 @@ WEIGHTS_FILE = "model.pt"
 METADATA_FILE = "model.json"
 ARCHIVE_NAME = "model.tar.gz"
 FORMAT_VERSION = 1
-# A model.tar.gz holding more than this unpacked is refused (a ResNet50 is ~95 MB).
+# Limits on what an archive may unpack to, checked member by member before anything is written.
+# Bytes: a ResNet50 model.tar.gz unpacks to ~95 MB; 2 GiB leaves room for far larger models.
 MAX_UNPACKED_BYTES = 2 * 1024**3
+# Members: ours hold 2 files (SageMaker's inference-code archives a few dozen more); 100,000
+# empty members took 39.8 s to load before this limit and are now refused after the 1,001st
+# header (~0.1 s).
+MAX_MEMBERS = 1000
+# Path depth: a model dir is flat (code/ adds one level); a deep path only makes directories.
+MAX_PATH_DEPTH = 16
 
 
 class ArtifactError(ValueError):
@@ -170,12 +177,36 @@ def load_model(model_dir: Path, device: torch.device | str = "cpu") -> tuple[nn.
         raise ArtifactError(f"{weights}: cannot load state_dict: {exc}") from None
     if not isinstance(state, dict):
         raise ArtifactError(f"{weights}: does not hold a state_dict")
+    # A diverged run's NaN weights would answer every request with "probability": NaN.
+    non_finite = [name for name, value in state.items() if isinstance(value, torch.Tensor)
+                  and value.is_floating_point() and not bool(torch.isfinite(value).all())]
+    if non_finite:
+        raise ArtifactError(f"{weights}: {len(non_finite)} tensor(s) hold NaN or infinite values "
+                            f"(first: {non_finite[0]}); the training run diverged")
     try:
         model = build_for_inference(metadata.arch, metadata.num_classes, state)
     except RuntimeError as exc:
         raise ArtifactError(f"{weights} does not match {metadata.arch} with "
                             f"{metadata.num_classes} classes: {str(exc)[:300]}") from None
     return model.to(device), metadata
+
+
+def validate_model_archive(archive: Path) -> ModelMetadata:
+    """Check that ``archive`` is a model.tar.gz a server can load, and return its metadata.
+
+    Unpacks it (with :func:`safe_extract`'s limits) into a temp dir and loads it exactly as a
+    server does: model.json parsed and checked, weights matching the architecture and finite.
+    Raises :class:`ArtifactError` saying what is wrong; nothing is kept.
+    """
+    archive = Path(archive)
+    if not archive.is_file():
+        raise ArtifactError(f"{archive}: no such file")
+    try:
+        with tempfile.TemporaryDirectory(prefix="dogbreed-validate-") as tmp:
+            _, metadata = load_model(safe_extract(archive, Path(tmp) / "model"))
+    except ArtifactError as exc:
+        raise ArtifactError(f"{archive} is not a loadable model archive: {exc}") from None
+    return metadata
 
 
 # --- model.tar.gz -------------------------------------------------------------------------------
@@ -205,10 +236,13 @@ def pack(model_dir: Path, archive: Path) -> Path:
 def _check_member(member: tarfile.TarInfo) -> None:
     name = member.name
     parts = Path(name).parts
-    if name.startswith(("/", "\\")) or (parts and ":" in parts[0]) or ".." in parts:
-        raise ArtifactError(f"unsafe path in archive: {name!r}")
-    if not (member.isfile() or member.isdir()):
-        raise ArtifactError(f"archive member {name!r} is a link or device; refusing to unpack")
+    if name.startswith(("/", "\\")) or (parts and ":" in parts[0]) or ".." in parts or "\x00" in name:
+        raise ArtifactError(f"unsafe path in archive: {name[:200]!r}")
+    if len(parts) > MAX_PATH_DEPTH:
+        raise ArtifactError(f"archive path {name[:200]!r} is deeper than {MAX_PATH_DEPTH} levels")
+    if not (member.isfile() or member.isdir()) or member.issparse():
+        raise ArtifactError(f"archive member {name[:200]!r} is a link or device (or a sparse "
+                            "file); refusing to unpack")
 
 
 def _make_readable(root: Path) -> None:
@@ -218,8 +252,10 @@ def _make_readable(root: Path) -> None:
         os.chmod(path, DIR_MODE if path.is_dir() else FILE_MODE)
 
 
-def safe_extract(archive: Path, destination: Path, max_bytes: int = MAX_UNPACKED_BYTES) -> Path:
-    """Unpack ``archive`` into ``destination``, refusing tar-slip, links, devices and bombs.
+def safe_extract(archive: Path, destination: Path, max_bytes: int = MAX_UNPACKED_BYTES,
+                 max_members: int = MAX_MEMBERS) -> Path:
+    """Unpack ``archive`` into ``destination``, refusing tar-slip, links, devices and bombs
+    (more than ``max_bytes`` declared, more than ``max_members`` members).
 
     One pass over the (compressed) stream: each member is checked before it is written, into a
     temp dir beside ``destination`` that is renamed into place only when every member passed,
@@ -238,7 +274,7 @@ def safe_extract(archive: Path, destination: Path, max_bytes: int = MAX_UNPACKED
     extract_kwargs = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
     try:
         with tar:
-            total = 0
+            total = members = 0
             while True:
                 try:
                     member = tar.next()
@@ -246,6 +282,9 @@ def safe_extract(archive: Path, destination: Path, max_bytes: int = MAX_UNPACKED
                     raise ArtifactError(f"{archive}: corrupt archive: {exc}") from None
                 if member is None:
                     break
+                members += 1
+                if members > max_members:
+                    raise ArtifactError(f"{archive}: more than {max_members} members")
                 _check_member(member)
                 total += member.size
                 if total > max_bytes:
@@ -253,7 +292,7 @@ def safe_extract(archive: Path, destination: Path, max_bytes: int = MAX_UNPACKED
                 try:
                     tar.extract(member, staging, **extract_kwargs)
                 except (tarfile.TarError, EOFError, OSError, zlib.error) as exc:
-                    raise ArtifactError(f"{archive}: cannot unpack {member.name!r}: {exc}") from None
+                    raise ArtifactError(f"{archive}: cannot unpack {member.name[:200]!r}: {exc}") from None
         _make_readable(staging)
         if destination.exists():
             shutil.rmtree(destination)

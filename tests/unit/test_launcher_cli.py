@@ -179,6 +179,9 @@ def test_backend_choice(run, monkeypatch: pytest.MonkeyPatch) -> None:
 def test_local_train_add_model_and_status(run, sample_data: Path,
                                           tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(local_backend, "TRAIN_COMMAND", (sys.executable, "-m", "dogbreed.launcher.testing"))
+    # The fake trainer's weights are placeholders; add-model's validation of real archives is
+    # tested in tests/reliability/test_archive_attacks.py.
+    monkeypatch.setattr(local_backend, "validate_model_archive", lambda archive: None)
     work = str(tmp_path / "work")
     code, job, err = run("train", "--local", "--data", str(sample_data), "--epochs", "2",
                          "--weights", "none", "--name", "job-a", "--workdir", work)

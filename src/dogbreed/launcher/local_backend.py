@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from dogbreed import contract
-from dogbreed.artifacts import ARCHIVE_NAME
+from dogbreed.artifacts import ARCHIVE_NAME, validate_model_archive
 from dogbreed.launcher import events, search_space
 from dogbreed.launcher.router import ModelStore, Router
 from dogbreed.launcher.settings import Settings, SettingsError
@@ -521,6 +521,7 @@ class LocalBackend:
         if not archive.is_file():
             raise SettingsError(f"no such file {archive}")
         try:
+            validate_model_archive(archive)  # nothing reaches the store that a server cannot load
             target = self.store.add(name, archive)
         except ValueError as exc:
             raise SettingsError(str(exc)) from None
