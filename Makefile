@@ -7,7 +7,7 @@ SAMPLE_DATA ?= ../shared/data/dogs-sample
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install test test-all lint format demo bench-train bench-serve clean
+.PHONY: help install test test-all lint format audit demo bench-train bench-serve clean
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | sort | \
@@ -26,6 +26,9 @@ test: install ## run the test suite (CPU; real MMS and Java; docker tests run in
 
 lint: install ## ruff over src, scripts and tests
 	$(PYTHON) -m ruff check src scripts tests
+
+audit: install ## pip-audit the installed dependencies (exit 0 clean, 1 advisories, 2 no database reachable)
+	$(PYTHON) scripts/audit_deps.py
 
 format: install ## ruff format + import sort
 	$(PYTHON) -m ruff check --fix --select I src scripts tests
