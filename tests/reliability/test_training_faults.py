@@ -58,19 +58,33 @@ def test_non_finite_loss_fails_the_job_with_epoch_and_batch(make_job, monkeypatc
     assert not (paths.model_dir / "model.pt").exists(), "a NaN model must never be saved"
 
 
-def test_the_loss_check_adds_no_per_step_host_sync(monkeypatch):
-    """The check reads one device scalar per epoch, never one per batch."""
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("bad_call", [99, 3])
+def test_the_loss_check_adds_no_per_step_host_sync(monkeypatch, device, bad_call):
+    """The check reads one device scalar per epoch, never one per batch (on CUDA too)."""
     hp = contract.parse_hyperparameters({"batch-size": "4", "image-size": "32"})
-    runtime = train.Runtime(device=torch.device("cpu"), amp_dtype=None, channels_last=False)
-    split = data.DecodedSplit(images=torch.randint(0, 255, (16, 3, 37, 37), dtype=torch.uint8),
-                              labels=torch.arange(16) % 2, class_names=["a", "b"], skipped=0)
-    model = NaNFromCall(nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 2)), bad_call=99)
+    runtime = train.Runtime(device=torch.device(device), amp_dtype=None, channels_last=False)
+    split = data.DecodedSplit(
+        images=torch.randint(0, 255, (16, 3, 37, 37), dtype=torch.uint8, device=device),
+        labels=(torch.arange(16) % 2).to(device), class_names=["a", "b"], skipped=0)
+    model = NaNFromCall(nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 2)), bad_call).to(device)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
     items = []
     real_item = torch.Tensor.item
     monkeypatch.setattr(torch.Tensor, "item", lambda self: items.append(1) or real_item(self))
-    train.train_one_epoch(model, split, hp, runtime, optimizer, nn.CrossEntropyLoss(),
-                          torch.Generator().manual_seed(0), None, train.StopFlag(), epoch=1)
+    def one_epoch():
+        return train.train_one_epoch(model, split, hp, runtime, optimizer, nn.CrossEntropyLoss(),
+                                     torch.Generator().manual_seed(0), None, train.StopFlag(),
+                                     epoch=7)
+
+    if bad_call > 4:
+        one_epoch()
+    else:
+        with pytest.raises(train.NonFiniteLoss, match="at epoch 7, batch 3 of 4"):
+            one_epoch()
     assert len(items) <= 3  # loss, accuracy, the non-finite check: per epoch, not per batch (4)
 
 
