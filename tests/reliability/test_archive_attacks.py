@@ -173,7 +173,7 @@ def valid_archive(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return artifacts.pack(model_dir, root / artifacts.ARCHIVE_NAME)
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(cut=st.floats(0.0, 1.0), flips=st.lists(st.tuples(st.floats(0.0, 1.0), st.integers(1, 255)),
                                                 max_size=4))
 def test_truncated_or_corrupted_real_archives_fail_only_with_artifact_error(valid_archive, cut, flips) -> None:
