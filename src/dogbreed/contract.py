@@ -13,6 +13,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import shutil
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -481,3 +482,17 @@ def prepare_local_job(
     paths.resource_config_file.write_text(json.dumps(
         {"current_host": "localhost", "hosts": ["localhost"], "network_interface_name": "lo"}))
     return paths
+
+
+# --- model names --------------------------------------------------------------------------------
+# One rule for a model's name in a multi-model store (``<name>/model.tar.gz`` is the TargetModel):
+# a single path segment, so a name can never reach outside the store.
+MODEL_NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
+
+def validate_model_name(name: str) -> str:
+    """Return ``name`` if it is a valid model name, else raise :class:`ContractError`."""
+    if not MODEL_NAME_PATTERN.fullmatch(name) or ".." in name:
+        raise ContractError(f"model name {name!r}: 1-128 letters, digits, '.', '_' and '-', "
+                            "starting with a letter or digit, no '..'")
+    return name

@@ -22,7 +22,7 @@ import random
 import signal
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -32,21 +32,18 @@ from torch import nn
 from dogbreed import artifacts, contract, data, debugger, models, reports
 from dogbreed.contract import ContractError, Hyperparameters, Paths
 
+# The metric lines and their SageMaker MetricDefinitions live in the torch-free dogbreed.metrics
+# (the launcher reads them without importing torch); re-exported here, where DESIGN names them.
+from dogbreed.metrics import METRIC_DEFINITIONS, METRIC_NAMES, OBJECTIVE_METRIC  # noqa: F401, E402
+
 log = logging.getLogger("dogbreed.train")
 
 CHECKPOINT_FILE = "checkpoint.pt"
+# Set by SageMaker in every training container; a spot-restarted job keeps its name.
+TRAINING_JOB_NAME_ENV = "TRAINING_JOB_NAME"
 CHECKPOINT_VERSION = 1
 EXIT_FAILURE = 1
 EXIT_SIGTERM = 143  # 128 + SIGTERM, as a shell reports a process killed by it
-
-_NUMBER = r"([-+]?[0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)"
-# Metric lines look like: "epoch=3 train_loss=0.8100 ... valid_accuracy=0.7100 images_per_sec=912.0"
-METRIC_NAMES = ("train_loss", "train_accuracy", "valid_loss", "valid_accuracy", "test_loss",
-                "test_accuracy", "images_per_sec", "epoch_seconds")
-METRIC_DEFINITIONS: list[dict[str, str]] = [
-    {"Name": name, "Regex": f"{name}={_NUMBER}"} for name in METRIC_NAMES
-]
-OBJECTIVE_METRIC = "valid_accuracy"
 
 
 class NonFiniteLoss(RuntimeError):
@@ -265,6 +262,14 @@ def _resume_key(hp: Hyperparameters, class_names: list[str]) -> dict[str, Any]:
     return {"hyperparameters": keep, "class_names": class_names}
 
 
+def checkpoint_file(paths: Paths, env: Mapping[str, str] | None = None) -> Path:
+    """``checkpoint.pt``, or ``checkpoint-<job>.pt`` on SageMaker: the trials of a tuning job
+    share one ``CheckpointConfig.S3Uri``, and a file per training job keeps concurrent trials
+    from overwriting each other while a spot-restarted trial finds its own."""
+    job = (os.environ if env is None else env).get(TRAINING_JOB_NAME_ENV)
+    return paths.checkpoints_dir / (f"checkpoint-{job}.pt" if job else CHECKPOINT_FILE)
+
+
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     buffer = io.BytesIO()
     torch.save(state, buffer)
@@ -348,7 +353,7 @@ def run(hp: Hyperparameters, paths: Paths, stop: StopFlag | None = None,
     loss_fn = nn.CrossEntropyLoss(label_smoothing=hp.label_smoothing)
     generator = torch.Generator().manual_seed(hp.seed)
 
-    checkpoint_path = paths.checkpoints_dir / CHECKPOINT_FILE
+    checkpoint_path = checkpoint_file(paths)
     key = _resume_key(hp, class_names)
     history: list[EpochResult] = []
     best = {"epoch": 0, "valid_accuracy": -1.0, "valid_loss": math.inf}

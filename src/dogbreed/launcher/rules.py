@@ -1,9 +1,7 @@
 """SageMaker Debugger: the seeds' built-in rules, hook collections and the rule-evaluator images.
 
-Without the SageMaker SDK a training job must name the rule-evaluator image itself. The
-account per region is AWS's published table "Amazon SageMaker Debugger Registry URLs for
-Built-in Rule Evaluators" (the same table ships in the SageMaker Python SDK as
-``image_uri_config/debugger.json``); the repository is ``sagemaker-debugger-rules:latest``.
+Without the SageMaker SDK a training job must name the rule-evaluator image itself, in the
+region the job runs in (the region of the boto3 session that sends ``CreateTrainingJob``).
 Rule parameters follow ``smdebug_rulesconfig``'s built-in rule configs.
 """
 
@@ -14,12 +12,18 @@ from typing import Any
 RULES_REPOSITORY = "sagemaker-debugger-rules"
 RULES_TAG = "latest"
 
+# The account that hosts the rule-evaluator image in each region where Debugger rules run.
+# Source (maintained): the SageMaker Python SDK's image-uri config
+# ``sagemaker-core/src/sagemaker/core/image_uri_config/debugger.json`` (aws/sagemaker-python-sdk,
+# last changed in commit 3203e49, 2025-11-20: ap-northeast-3 moved to 479947661362), which the
+# SDK's ``image_uris.retrieve("debugger", region)`` reads. ``smdebug-rulesconfig`` carries no
+# account table. Refresh: copy ``versions.latest.registries`` from that file.
 RULE_EVALUATOR_ACCOUNTS: dict[str, str] = {
     "af-south-1": "314341159256",
     "ap-east-1": "199566480951",
     "ap-northeast-1": "430734990657",
     "ap-northeast-2": "578805364391",
-    "ap-northeast-3": "364406365360",
+    "ap-northeast-3": "479947661362",
     "ap-south-1": "904829902805",
     "ap-southeast-1": "972752614525",
     "ap-southeast-2": "184798709955",
@@ -40,6 +44,8 @@ RULE_EVALUATOR_ACCOUNTS: dict[str, str] = {
     "us-west-1": "685455198987",
     "us-west-2": "895741380848",
 }
+# The flags that turn rules off (training without rules works in every SageMaker region).
+NO_RULES_FLAGS = "--no-debugger --no-profiler"
 
 # Debugger (tensor) rules of the seeds and the hook collections each one reads.
 DEBUG_RULES: dict[str, dict[str, str]] = {
@@ -80,10 +86,15 @@ def rule_evaluator_image(region: str) -> str:
     except KeyError:
         raise UnknownRegionError(
             f"no SageMaker Debugger rule-evaluator image known for region {region!r}; known: "
-            f"{', '.join(sorted(RULE_EVALUATOR_ACCOUNTS))} (or pass --no-debugger-rules)"
+            f"{', '.join(sorted(RULE_EVALUATOR_ACCOUNTS))}; train without rules there with "
+            f"{NO_RULES_FLAGS}"
         ) from None
-    domain = "amazonaws.com.cn" if region.startswith("cn-") else "amazonaws.com"
-    return f"{account}.dkr.ecr.{region}.{domain}/{RULES_REPOSITORY}:{RULES_TAG}"
+    return f"{account}.dkr.ecr.{region}.{ecr_domain(region)}/{RULES_REPOSITORY}:{RULES_TAG}"
+
+
+def ecr_domain(region: str) -> str:
+    """The DNS suffix of ECR in ``region`` (the China partition has its own)."""
+    return "amazonaws.com.cn" if region.startswith("cn-") else "amazonaws.com"
 
 
 def _rule(name: str, params: dict[str, str], image: str, instance_type: str) -> dict[str, Any]:
