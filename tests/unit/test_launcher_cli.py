@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from dogbreed import train
-from dogbreed.launcher import cli, local_backend, search_space
+from dogbreed.launcher import cli, local_backend, local_runs, search_space
 from dogbreed.launcher import settings as settings_mod
 from dogbreed.launcher.sagemaker_backend import validate_request
 
@@ -98,10 +98,19 @@ def test_tune_dry_run_local_shows_the_optuna_plan(run) -> None:
     (["train", "--epochs", "5", "--lr", "0.02", "--spot"], ["CreateTrainingJob"]),
     (["train", "--from-tuning-job", "dogbreed-tune-x"], ["DescribeHyperParameterTuningJob", "CreateTrainingJob"]),
     (["deploy"], ["CreateModel", "CreateEndpointConfig", "CreateEndpoint"]),
+    (["deploy", "--update", "--instance-count", "2", "--autoscale", "2:6"],
+     ["CreateModel", "CreateEndpointConfig", "UpdateEndpoint", "RegisterScalableTarget",
+      "PutScalingPolicy"]),
+    (["tune", "--spot", "--warm-start-from", "dogbreed-tune-a,dogbreed-tune-b", "--max-runtime",
+      "3600"], ["CreateHyperParameterTuningJob"]),
+    (["logs", "dogbreed-train-x"], ["DescribeLogStreams", "GetLogEvents"]),
     (["add-model", "dogs", "--job", "dogbreed-train-x"], ["DescribeTrainingJob", "CopyObject"]),
     (["add-model", "dogs", "--model-data", "s3://b/k/model.tar.gz"], ["CopyObject"]),
-    (["cleanup", "--delete-models"], ["DescribeEndpoint", "DeleteEndpoint", "DeleteEndpointConfig",
-                                      "DeleteModel", "ListObjectsV2", "DeleteObjects"]),
+    # Cleanup removes the variant's autoscaling first (a deleted endpoint keeps its target).
+    (["cleanup", "--delete-models"], ["DescribeEndpoint", "DeleteScalingPolicy",
+                                      "DeregisterScalableTarget", "DeleteEndpoint",
+                                      "DeleteEndpointConfig", "DeleteModel", "ListObjectsV2",
+                                      "DeleteObjects"]),
 ])
 def test_every_command_dry_runs(argv: list[str], operations: list[str],
                                 run) -> None:
@@ -115,6 +124,24 @@ def test_every_command_dry_runs(argv: list[str], operations: list[str],
     if argv[0] == "deploy":
         assert items[0]["request"]["PrimaryContainer"]["Mode"] == "MultiModel"
         assert items[0]["request"]["PrimaryContainer"]["ModelDataUrl"] == "s3://my-bucket/dogbreed/models/"
+    if argv[:2] == ["deploy", "--update"]:
+        assert items[1]["request"]["ProductionVariants"][0]["InitialInstanceCount"] == 2
+        assert items[2]["request"] == {"EndpointName": "dogbreed-mme",
+                                       "EndpointConfigName": items[1]["request"]["EndpointConfigName"]}
+        assert (items[3]["request"]["MinCapacity"], items[3]["request"]["MaxCapacity"]) == (2, 6)
+        assert items[4]["request"]["TargetTrackingScalingPolicyConfiguration"][
+            "PredefinedMetricSpecification"] == {"PredefinedMetricType": "SageMakerVariantInvocationsPerInstance"}
+    if argv[:2] == ["tune", "--spot"]:
+        request = items[0]["request"]
+        assert request["WarmStartConfig"] == {
+            "ParentHyperParameterTuningJobs": [{"HyperParameterTuningJobName": "dogbreed-tune-a"},
+                                               {"HyperParameterTuningJobName": "dogbreed-tune-b"}],
+            "WarmStartType": "IdenticalDataAndAlgorithm"}
+        definition = request["TrainingJobDefinition"]
+        assert definition["CheckpointConfig"]["S3Uri"].startswith("s3://my-bucket/dogbreed/checkpoints/")
+        assert definition["CheckpointConfig"]["LocalPath"] == "/opt/ml/checkpoints"
+        assert definition["StoppingCondition"] == {"MaxRuntimeInSeconds": 3600,
+                                                   "MaxWaitTimeInSeconds": 7200}
     if argv[:2] == ["train", "--epochs"]:
         request = items[0]["request"]
         assert request["HyperParameters"] == {"epochs": "5", "lr": "0.02"}
@@ -178,7 +205,7 @@ def test_backend_choice(run, monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_local_train_add_model_and_status(run, sample_data: Path,
                                           tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(local_backend, "TRAIN_COMMAND", (sys.executable, "-m", "dogbreed.launcher.testing"))
+    monkeypatch.setattr(local_runs, "TRAIN_COMMAND", (sys.executable, "-m", "dogbreed.launcher.testing"))
     # The fake trainer's weights are placeholders; add-model's validation of real archives is
     # tested in tests/reliability/test_archive_attacks.py.
     monkeypatch.setattr(local_backend, "validate_model_archive", lambda archive: None)
@@ -200,7 +227,7 @@ def test_local_train_add_model_and_status(run, sample_data: Path,
 
 def test_local_tune_then_train_from_it(run, sample_data: Path,
                                        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(local_backend, "TRAIN_COMMAND", (sys.executable, "-m", "dogbreed.launcher.testing"))
+    monkeypatch.setattr(local_runs, "TRAIN_COMMAND", (sys.executable, "-m", "dogbreed.launcher.testing"))
     work = str(tmp_path / "work")
     out = tmp_path / "best.json"
     code, result, err = run("tune", "--local", "--data", str(sample_data), "--trials", "4",

@@ -10,9 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from dogbreed import artifacts, contract, train
-from dogbreed.launcher import local_backend, search_space
-from dogbreed.launcher.local_backend import LocalBackend, LocalError, TrainingRun, parse_metrics
+from dogbreed import artifacts, contract, metrics, train
+from dogbreed.launcher import local_backend, local_runs, local_tuning, search_space
+from dogbreed.launcher.local_backend import LocalBackend, LocalError, TrainingRun
+from dogbreed.metrics import parse_metrics
 from dogbreed.launcher.settings import Settings, SettingsError
 from dogbreed.launcher.testing import FAKE_FAIL_ENV, METADATA_FILE, WEIGHTS_FILE, fake_accuracy
 
@@ -27,7 +28,9 @@ def backend(tmp_path: Path) -> LocalBackend:
 def test_launcher_uses_the_real_artifact_names() -> None:
     assert (WEIGHTS_FILE, METADATA_FILE) == (artifacts.WEIGHTS_FILE, artifacts.METADATA_FILE)
     assert local_backend.ARCHIVE_NAME == artifacts.ARCHIVE_NAME
-    assert local_backend.objective_metric() == train.OBJECTIVE_METRIC
+    # The trainer's metric definitions are the torch-free module's (one definition).
+    assert train.OBJECTIVE_METRIC == metrics.OBJECTIVE_METRIC == local_tuning.OBJECTIVE_METRIC
+    assert train.METRIC_DEFINITIONS is metrics.METRIC_DEFINITIONS
 
 
 def test_metric_lines_parse_with_the_sagemaker_metric_definitions() -> None:
@@ -51,7 +54,7 @@ def test_training_run_lays_out_opt_ml_and_streams_epochs(tmp_path: Path, sample_
     paths = result.paths
     assert json.loads(paths.hyperparameters_file.read_text()) == {"epochs": "3", "lr": "0.01"}
     assert contract.resolve_splits(paths)["train"].resolve() == (sample_data / "train").resolve()
-    assert "fake training done" in (paths.base / local_backend.TRAIN_LOG).read_text()
+    assert "fake training done" in (paths.base / local_runs.TRAIN_LOG).read_text()
 
 
 def test_stopping_a_run_sends_sigterm(tmp_path: Path, sample_data: Path,
@@ -130,11 +133,25 @@ def test_tune_with_every_trial_failing_is_an_error(backend: LocalBackend, sample
 
 
 def test_default_weights_fall_back_offline(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(local_backend, "imagenet_weights_cached", lambda arch: False)
-    assert local_backend.default_weights({}, explicit=False)["weights"] == "none"
-    assert local_backend.default_weights({"weights": "imagenet"}, explicit=True)["weights"] == "imagenet"
-    monkeypatch.setattr(local_backend, "imagenet_weights_cached", lambda arch: True)
-    assert "weights" not in local_backend.default_weights({}, explicit=False)
+    monkeypatch.setattr(local_runs, "imagenet_weights_cached", lambda arch: False)
+    assert local_runs.default_weights({}, explicit=False)["weights"] == "none"
+    assert local_runs.default_weights({"weights": "imagenet"}, explicit=True)["weights"] == "imagenet"
+    monkeypatch.setattr(local_runs, "imagenet_weights_cached", lambda arch: True)
+    assert "weights" not in local_runs.default_weights({}, explicit=False)
+
+
+def test_imagenet_weights_cache_is_found_without_torch(tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """The torch-free check looks where torch.hub.get_dir() does ($TORCH_HOME/hub/checkpoints)."""
+    import torch
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))
+    assert local_runs.torch_hub_dir() == Path(torch.hub.get_dir())
+    assert not local_runs.imagenet_weights_cached("resnet18")
+    (local_runs.torch_hub_dir() / "checkpoints").mkdir(parents=True)
+    (local_runs.torch_hub_dir() / "checkpoints" / "resnet18-f37072fd.pth").write_bytes(b"")
+    assert local_runs.imagenet_weights_cached("resnet18")
+    assert not local_runs.imagenet_weights_cached("resnet50")
 
 
 def test_docker_mode_runs_the_train_image(tmp_path: Path, sample_data: Path,
@@ -172,11 +189,11 @@ def test_search_space_is_the_one_definition() -> None:
 
 
 def test_tuning_score_breaks_accuracy_ties_by_loss() -> None:
-    score = local_backend.tuning_score
+    score = local_tuning.tuning_score
     assert score({"valid_accuracy": 0.25, "valid_loss": 9.0}) > score({"valid_accuracy": 0.2, "valid_loss": 0.1})
     assert score({"valid_accuracy": 0.2, "valid_loss": 1.0}) > score({"valid_accuracy": 0.2, "valid_loss": 2.0})
     assert score({"valid_accuracy": 0.2}) < 0.2 and score({"valid_loss": 1.0}) is None
-    assert 0.2 - local_backend.TIE_BREAK < score({"valid_accuracy": 0.2, "valid_loss": 1e9}) < 0.2
+    assert 0.2 - local_tuning.TIE_BREAK < score({"valid_accuracy": 0.2, "valid_loss": 1e9}) < 0.2
 
 
 def test_a_stale_endpoint_state_is_ignored(backend: LocalBackend) -> None:

@@ -179,7 +179,7 @@ def test_best_hyperparameters_from_a_tuning_job(settings: Settings) -> None:
 
 # --- the training job --------------------------------------------------------------------------------
 def test_training_request_has_rules_profiler_checkpoints_and_spot(settings: Settings) -> None:
-    request = smb.training_request(settings, name="dogbreed-train-1", train_image=TRAIN_IMAGE,
+    request = smb.training_request(settings, name="dogbreed-train-1", train_image=TRAIN_IMAGE, region=REGION,
                                    hyperparameters={"lr": "0.01", "epochs": "5"}, spot=True)
     assert request["HyperParameters"] == {"lr": "0.01", "epochs": "5"}
     assert request["AlgorithmSpecification"]["MetricDefinitions"] == train.METRIC_DEFINITIONS
@@ -195,13 +195,15 @@ def test_training_request_has_rules_profiler_checkpoints_and_spot(settings: Sett
     assert request["ProfilerConfig"]["S3OutputPath"] == f"s3://{BUCKET}/dogbreed/profiler"
     assert request["EnableManagedSpotTraining"] is True
     assert request["StoppingCondition"]["MaxWaitTimeInSeconds"] >= request["StoppingCondition"]["MaxRuntimeInSeconds"]
-    assert request["CheckpointConfig"] == {"S3Uri": f"s3://{BUCKET}/dogbreed/checkpoints/dogbreed-train-1",
+    # A trailing "/": SageMaker syncs every key under the prefix, and without it the checkpoints
+    # of dogbreed-train-10, -11, ... would come down into dogbreed-train-1.
+    assert request["CheckpointConfig"] == {"S3Uri": f"s3://{BUCKET}/dogbreed/checkpoints/dogbreed-train-1/",
                                            "LocalPath": "/opt/ml/checkpoints"}
     smb.validate_request("sagemaker", "CreateTrainingJob", request)
 
 
 def test_training_request_without_debugger(settings: Settings) -> None:
-    request = smb.training_request(settings, name="j", train_image="i", hyperparameters={},
+    request = smb.training_request(settings, name="j", train_image="i", region=REGION, hyperparameters={},
                                    debugger=False, profiler=False, checkpoints=False)
     for key in ("DebugHookConfig", "DebugRuleConfigurations", "ProfilerConfig",
                 "ProfilerRuleConfigurations", "CheckpointConfig"):
@@ -210,7 +212,8 @@ def test_training_request_without_debugger(settings: Settings) -> None:
 
 def test_training_request_refuses_a_bad_hyperparameter(settings: Settings) -> None:
     with pytest.raises(contract.ContractError):
-        smb.training_request(settings, name="j", train_image="i", hyperparameters={"lr": "-1"})
+        smb.training_request(settings, name="j", train_image="i", region=REGION,
+                             hyperparameters={"lr": "-1"})
 
 
 def test_rule_evaluator_image_per_region() -> None:
@@ -237,7 +240,8 @@ def test_train_with_moto(aws, settings: Settings) -> None:
 def test_image_uri_defaults_to_the_accounts_ecr_repository(aws, settings: Settings) -> None:
     import dataclasses
 
-    sm = backend(dataclasses.replace(settings, train_image=None))
+    # `:latest` only when asked (--latest-images); by default the images `make push` recorded.
+    sm = backend(dataclasses.replace(settings, train_image=None), latest_images=True)
     with pytest.raises(SettingsError, match="make build push"):
         sm.image_uri("train")
     ecr = boto3.client("ecr", region_name=REGION)
@@ -272,8 +276,6 @@ def test_deploy_add_model_status_cleanup_with_moto(aws, settings: Settings) -> N
     assert model["PrimaryContainer"]["Image"] == SERVE_IMAGE
     config = client.describe_endpoint_config(EndpointConfigName=deployed["endpoint_config"])
     assert config["ProductionVariants"][0]["ModelName"] == deployed["model"]
-    with pytest.raises(smb.BackendError, match="already exists"):
-        sm.deploy()
 
     # add-model: a finished training job's model.tar.gz is copied under the models prefix.
     sm.train(name="dogbreed-train-a", hyperparameters={})
@@ -349,9 +351,10 @@ def test_dry_run_sends_nothing_and_validates(settings: Settings) -> None:
     ops = [r.operation for r in sm.recorded]
     assert ops == ["CreateHyperParameterTuningJob", "CreateTrainingJob", "CreateModel",
                    "CreateEndpointConfig", "CreateEndpoint", "DescribeTrainingJob", "CopyObject",
-                   "DescribeEndpoint", "DeleteEndpoint", "DeleteEndpointConfig", "DeleteModel"]
+                   "DescribeEndpoint", "DeleteScalingPolicy", "DeregisterScalableTarget",
+                   "DeleteEndpoint", "DeleteEndpointConfig", "DeleteModel"]
     tuning = sm.recorded[0].request
     assert tuning["TrainingJobDefinition"]["RoleArn"].startswith("<role-arn")
     assert tuning["TrainingJobDefinition"]["AlgorithmSpecification"]["TrainingImage"] == \
-        "<account>.dkr.ecr.us-east-1.amazonaws.com/dogbreed-train:latest"
+        "<account>.dkr.ecr.us-east-1.amazonaws.com/dogbreed-train:<tag recorded by make push>"
     json.dumps([r.to_dict() for r in sm.recorded])  # all JSON-serialisable

@@ -3,29 +3,30 @@
     dogbreed upload-data --data DIR            # S3: <bucket>/<prefix>/data/
     dogbreed tune  [--local] ...               # SageMaker HPO job, or Optuna trials here
     dogbreed train [--local] [--from-tuning-job NAME] ...
-    dogbreed deploy [--local]                  # multi-model endpoint
+    dogbreed deploy [--local]                  # multi-model endpoint (updated in place if it exists)
     dogbreed add-model NAME --job JOB          # <models prefix>/NAME/model.tar.gz
     dogbreed invoke --target-model NAME/model.tar.gz IMAGE
+    dogbreed logs JOB                          # the job's CloudWatch log events
     dogbreed status | cleanup [--local]
     dogbreed demo --data DIR                   # everything above, locally, in a few minutes
 
 Backend: ``--local`` or ``--sagemaker``; otherwise SageMaker when a role ARN and a bucket are
 configured (flags, ``DOGBREED_*`` env, or a config file), else local. ``--dry-run`` prints the
-exact request JSON instead of sending it (SageMaker requests unless ``--local``; one request
-prints as an object, several as a list). Results go to stdout, one-line key=value events to
-stderr.
+exact request JSON instead of sending it (SageMaker requests unless ``--local``, which prints
+the local plan; one request prints as an object, several as a list). Results go to stdout,
+one-line key=value events to stderr (and progress bars, on a terminal).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from dogbreed.artifacts import ARCHIVE_NAME
 from dogbreed.launcher import events
 from dogbreed.launcher import settings as settings_mod
 
@@ -38,7 +39,7 @@ class CliError(Exception):
     pass
 
 
-# --- argument parsing --------------------------------------------------------------------------
+# --- shared flags ---------------------------------------------------------------------------------
 def _settings_parent() -> argparse.ArgumentParser:
     parent = argparse.ArgumentParser(add_help=False)
     where = parent.add_argument_group("backend")
@@ -48,23 +49,27 @@ def _settings_parent() -> argparse.ArgumentParser:
     backend.add_argument("--sagemaker", dest="backend", action="store_const", const="sagemaker",
                          help="use SageMaker (default when a role ARN and bucket are set)")
     where.add_argument("--dry-run", action="store_true",
-                       help="print the request JSON it would send, send nothing")
+                       help="print the request JSON (or local plan) it would send, send nothing")
     where.add_argument("--config", help="settings file (TOML or JSON); default $DOGBREED_CONFIG "
                                         "or ./dogbreed.toml")
     aws = parent.add_argument_group("settings (flag > DOGBREED_<NAME> env > config file)")
     for name, help_text in [
-        ("region", "AWS region (also AWS_REGION)"),
+        ("region", "AWS region (default: the boto3 session's: AWS_REGION or the profile's)"),
         ("role_arn", "SageMaker execution role ARN"),
         ("bucket", "S3 bucket"),
         ("prefix", "S3 key prefix (default dogbreed)"),
-        ("train_image", "training image URI (default <account>'s ECR dogbreed-train:latest)"),
-        ("serve_image", "serving image URI (default <account>'s ECR dogbreed-serve:latest)"),
+        ("train_image", "training image URI (default: what `make push` recorded)"),
+        ("serve_image", "serving image URI (default: what `make push` recorded)"),
+        ("pushed_images", "the `make push` record (default <workdir>/pushed-images.json)"),
         ("train_instance_type", "default ml.g4dn.xlarge"),
         ("serve_instance_type", "default ml.m5.xlarge"),
         ("endpoint_name", "default dogbreed-mme"),
         ("workdir", "local work dir (default .dogbreed)"),
     ]:
         aws.add_argument("--" + name.replace("_", "-"), dest=name, help=help_text)
+    aws.add_argument("--latest-images", action="store_true",
+                     help="use <account>'s ECR dogbreed-train/-serve:latest instead of the pushed "
+                          "record")
     aws.add_argument("--poll-seconds", dest="poll_seconds", type=float,
                      help="how often to poll SageMaker while waiting (default 30)")
     return parent
@@ -84,105 +89,10 @@ def _hyperparameter_flags(parser: argparse.ArgumentParser, tuned: bool = False) 
                        help="any other hyperparameter (repeatable), e.g. --hp optimizer=adamw")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parent = _settings_parent()
-    parser = argparse.ArgumentParser(prog="dogbreed", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog=__doc__.split("\n\n", 1)[1])
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    p = sub.add_parser("upload-data", parents=[parent], help="upload a train/valid/test folder to S3")
-    p.add_argument("--data", required=True, type=Path, help="folder with train/ valid/ test/")
-    p.add_argument("--workers", type=int, default=8)
-
-    p = sub.add_parser("tune", parents=[parent], help="hyperparameter tuning (SageMaker HPO or Optuna)",
-                       description="Tune lr, batch-size and epochs (the one search space) for "
-                                   "valid_accuracy. SageMaker: a tuning job; --local: Optuna TPE "
-                                   "trials with median pruning on the per-epoch metric lines.")
-    p.add_argument("--data", type=Path, help="local: the train/valid/test folder")
-    p.add_argument("--data-uri", help="SageMaker: S3 prefix of the data (default <prefix>/data)")
-    p.add_argument("--trials", "--max-jobs", dest="trials", type=int, default=6,
-                   help="number of trials / training jobs (default 6)")
-    p.add_argument("--max-parallel", type=int, default=2, help="SageMaker: parallel jobs (default 2)")
-    p.add_argument("--strategy", default="Bayesian", choices=("Bayesian", "Random", "Hyperband"))
-    p.add_argument("--epochs-max", type=int, help="cap the epochs range (e.g. 3 → 2..3)")
-    p.add_argument("--no-early-stopping", dest="early_stopping", action="store_false",
-                   help="SageMaker: TrainingJobEarlyStoppingType Off")
-    p.add_argument("--seed", type=int, default=0, help="sampler seed (default 0)")
-    p.add_argument("--prune-startup-trials", type=int, default=2,
-                   help="local: trials that complete before pruning starts (default 2)")
-    p.add_argument("--in-process", action="store_true",
-                   help="local: run trials back to back in this process, sharing one decoded "
-                        "image cache (fast on a GPU); default: one process per trial")
-    p.add_argument("--prune-warmup-epochs", type=int, default=0,
-                   help="local: epochs before a trial may be pruned (default 0)")
-    p.add_argument("--name", help="tuning job / study name (default dogbreed-tune-<time>)")
-    p.add_argument("--output", type=Path, help="where to save the result JSON")
-    p.add_argument("--spot", action="store_true", help="SageMaker: managed spot training")
-    p.add_argument("--instance-type", help="SageMaker: instance type for the trials")
-    p.add_argument("--docker", metavar="IMAGE", nargs="?", const="dogbreed-train:latest",
-                   help="local: run trials in the train image (default dogbreed-train:latest)")
-    p.add_argument("--no-wait", dest="wait", action="store_false")
-    _hyperparameter_flags(p, tuned=True)
-
-    p = sub.add_parser("train", parents=[parent], help="one training job with the debugger",
-                       description="Train once: hyperparameters from flags or a tuning job's best "
-                                   "trial. SageMaker jobs get the seeds' debugger rules, profiler, "
-                                   "checkpoints and optional managed spot.")
-    p.add_argument("--data", type=Path, help="local: the train/valid/test folder")
-    p.add_argument("--data-uri", help="SageMaker: S3 prefix of the data")
-    p.add_argument("--from-tuning-job", metavar="NAME", help="start from this tuning job's best "
-                   "hyperparameters (local: a study name or result JSON)")
-    p.add_argument("--name", help="job name (default dogbreed-train-<time>)")
-    p.add_argument("--no-debugger", dest="debugger", action="store_false",
-                   help="SageMaker: no debug hook or rules")
-    p.add_argument("--no-profiler", dest="profiler", action="store_false")
-    p.add_argument("--no-checkpoints", dest="checkpoints", action="store_false")
-    p.add_argument("--spot", action="store_true", help="SageMaker: managed spot training")
-    p.add_argument("--max-wait", type=int, help="SageMaker spot: MaxWaitTimeInSeconds")
-    p.add_argument("--instance-type", help="SageMaker: training instance type")
-    p.add_argument("--docker", metavar="IMAGE", nargs="?", const="dogbreed-train:latest",
-                   help="local: run the train image instead of the entry point")
-    p.add_argument("--no-wait", dest="wait", action="store_false")
-    _hyperparameter_flags(p)
-
-    p = sub.add_parser("deploy", parents=[parent], help="create the multi-model endpoint",
-                       description="SageMaker: model (Mode=MultiModel, the models prefix), endpoint "
-                                   "config, endpoint. --local: MMS + the TargetModel router on "
-                                   "127.0.0.1, in the background (--foreground to stay attached).")
-    p.add_argument("--port", type=int, help="local: router port (default 8090; 0 = any free)")
-    p.add_argument("--max-loaded-models", type=int, help="local: models kept loaded (default 4)")
-    p.add_argument("--foreground", action="store_true", help="local: serve until Ctrl-C")
-    p.add_argument("--no-wait", dest="wait", action="store_false")
-
-    p = sub.add_parser("add-model", parents=[parent], help="put a model in the endpoint's model store")
-    p.add_argument("name", help="model name: the TargetModel becomes NAME/model.tar.gz")
-    source = p.add_mutually_exclusive_group(required=True)
-    source.add_argument("--job", help="a training job's model.tar.gz")
-    source.add_argument("--model-data", help="SageMaker: an S3 URI of a model.tar.gz")
-    source.add_argument("--file", type=Path, help="a local model.tar.gz")
-
-    p = sub.add_parser("invoke", parents=[parent], help="predict with one model of the endpoint")
-    p.add_argument("image", type=Path, help="a JPEG or PNG")
-    p.add_argument("--target-model", required=True, help="e.g. dog-breed-classifier/model.tar.gz")
-    p.add_argument("--top-k", type=int, default=5)
-    p.add_argument("--endpoint-url", help="local: the router URL (default: the running local endpoint)")
-    p.add_argument("--json", action="store_true", help="print the raw JSON answer")
-
-    sub.add_parser("status", parents=[parent], help="endpoint, models, recent jobs")
-
-    p = sub.add_parser("cleanup", parents=[parent], help="delete/stop the endpoint")
-    p.add_argument("--delete-models", action="store_true", help="also delete the model store")
-
-    p = sub.add_parser("demo", parents=[parent],
-                       help="train ResNet18 + MobileNetV2, serve both locally, invoke by TargetModel")
-    p.add_argument("--data", type=Path, required=True, help="train/valid/test folder (the sample)")
-    p.add_argument("--epochs", type=int, default=2)
-    p.add_argument("--image-size", type=int, default=64)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--lr", type=float, default=0.01)
-    p.add_argument("--weights", default="none")
-    return parser
+def _job_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--no-wait", dest="wait", action="store_false")
+    parser.add_argument("--logs", action="store_true",
+                        help="SageMaker: stream the CloudWatch log events while waiting")
 
 
 # --- helpers --------------------------------------------------------------------------------------
@@ -196,7 +106,7 @@ def _backend_name(args: argparse.Namespace, settings: settings_mod.Settings) -> 
         return args.backend
     if settings.has_aws:
         return "sagemaker"
-    if args.dry_run and args.command != "demo":
+    if args.dry_run:
         events.event("dry_run_backend", backend="sagemaker",
                      note="no AWS settings: showing SageMaker requests with placeholders; "
                           "--local shows the local plan")
@@ -225,7 +135,8 @@ def _emit(payload: Any) -> None:
 def _sagemaker(settings: settings_mod.Settings, args: argparse.Namespace) -> Any:
     from dogbreed.launcher.sagemaker_backend import SageMakerBackend
 
-    return SageMakerBackend(settings, dry_run=args.dry_run)
+    return SageMakerBackend(settings, dry_run=args.dry_run,
+                            latest_images=getattr(args, "latest_images", False))
 
 
 def _local(settings: settings_mod.Settings, args: argparse.Namespace) -> Any:
@@ -240,13 +151,65 @@ def _require_data(args: argparse.Namespace) -> Path:
     return args.data
 
 
-# --- commands -------------------------------------------------------------------------------------
+def _sagemaker_only(args: argparse.Namespace, backend: str, *flags: str) -> None:
+    given = [f for f in flags if getattr(args, f.lstrip("-").replace("-", "_"), None)]
+    if backend == "local" and given:
+        raise CliError(f"{', '.join(given)}: SageMaker only (drop --local)")
+
+
+# --- commands (each: add_arguments(parser) + run(args, settings, backend)) -------------------------
+def upload_data_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", required=True, type=Path, help="folder with train/ valid/ test/")
+    p.add_argument("--workers", type=int, default=8)
+
+
 def cmd_upload_data(args: argparse.Namespace, settings: settings_mod.Settings, backend: str) -> Any:
     if backend == "local":
         raise CliError("upload-data is for SageMaker; locally, pass --data to tune/train")
     sm = _sagemaker(settings, args)
     result = sm.upload_data(args.data, workers=args.workers)
     return sm.dry_run_output() if args.dry_run else result
+
+
+def tune_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", type=Path, help="local: the train/valid/test folder")
+    p.add_argument("--data-uri", help="SageMaker: S3 prefix of the data (default <prefix>/data)")
+    p.add_argument("--trials", "--max-jobs", dest="trials", type=int, default=6,
+                   help="number of trials / training jobs (default 6)")
+    p.add_argument("--max-parallel", type=int, default=2, help="SageMaker: parallel jobs (default 2)")
+    p.add_argument("--strategy", default="Bayesian", choices=("Bayesian", "Random", "Hyperband"))
+    p.add_argument("--epochs-max", type=int, help="cap the epochs range (e.g. 3 → 2..3)")
+    p.add_argument("--no-early-stopping", dest="early_stopping", action="store_false",
+                   help="SageMaker: TrainingJobEarlyStoppingType Off")
+    p.add_argument("--seed", type=int, default=0, help="sampler seed (default 0)")
+    p.add_argument("--prune-startup-trials", type=int, default=2,
+                   help="local: trials that complete before pruning starts (default 2)")
+    p.add_argument("--in-process", action="store_true",
+                   help="local: run trials back to back in this process, sharing one decoded "
+                        "image cache (fast on a GPU); default: one process per trial")
+    p.add_argument("--prune-warmup-epochs", type=int, default=0,
+                   help="local: epochs before a trial may be pruned (default 0)")
+    p.add_argument("--name", help="tuning job / study name (default dogbreed-tune-<time>)")
+    p.add_argument("--output", type=Path, help="where to save the result JSON")
+    p.add_argument("--spot", action="store_true", help="SageMaker: managed spot training "
+                   "(trials checkpoint to S3 and resume after an interruption)")
+    p.add_argument("--max-wait", type=int, help="SageMaker spot: MaxWaitTimeInSeconds per trial")
+    p.add_argument("--max-runtime", type=int, metavar="SECONDS",
+                   help="SageMaker: MaxRuntimeInSeconds of each trial (default 4 h)")
+    p.add_argument("--max-tuning-runtime", type=int, metavar="SECONDS",
+                   help="SageMaker: stop the whole tuning job after this long")
+    p.add_argument("--no-checkpoints", dest="checkpoints", action="store_false",
+                   help="SageMaker: no CheckpointConfig (spot trials always checkpoint)")
+    p.add_argument("--warm-start-from", metavar="JOB[,JOB]",
+                   help="SageMaker: start from these tuning jobs' results (up to 5)")
+    p.add_argument("--warm-start-type", default="IdenticalDataAndAlgorithm",
+                   choices=("IdenticalDataAndAlgorithm", "TransferLearning"),
+                   help="TransferLearning when the data, image or static hyperparameters changed")
+    p.add_argument("--instance-type", help="SageMaker: instance type for the trials")
+    p.add_argument("--docker", metavar="IMAGE", nargs="?", const="dogbreed-train:latest",
+                   help="local: run trials in the train image (default dogbreed-train:latest)")
+    _job_flags(p)
+    _hyperparameter_flags(p, tuned=True)
 
 
 def cmd_tune(args: argparse.Namespace, settings: settings_mod.Settings, backend: str) -> Any:
@@ -256,11 +219,15 @@ def cmd_tune(args: argparse.Namespace, settings: settings_mod.Settings, backend:
     static = _hyperparameters(args)
     if backend == "sagemaker":
         sm = _sagemaker(settings, args)
+        parents = [p.strip() for p in (args.warm_start_from or "").split(",") if p.strip()]
         result = sm.tune(name=name, static_hyperparameters=static, strategy=args.strategy,
                          max_jobs=args.trials, max_parallel=min(args.max_parallel, args.trials),
                          early_stopping=args.early_stopping, epochs_max=args.epochs_max,
-                         spot=args.spot, data_uri=args.data_uri, instance_type=args.instance_type,
-                         random_seed=args.seed, wait=args.wait)
+                         spot=args.spot, max_wait=args.max_wait, max_runtime=args.max_runtime,
+                         max_tuning_runtime=args.max_tuning_runtime, checkpoints=args.checkpoints,
+                         warm_start_from=parents, warm_start_type=args.warm_start_type,
+                         data_uri=args.data_uri, instance_type=args.instance_type,
+                         random_seed=args.seed, wait=args.wait, logs=args.logs)
         if args.dry_run:
             return sm.dry_run_output()
         if result is not None and args.wait:
@@ -269,25 +236,41 @@ def cmd_tune(args: argparse.Namespace, settings: settings_mod.Settings, backend:
             path.write_text(json.dumps(result, indent=2, default=str) + "\n")
             result["result_file"] = str(path)
         return result
-    from dogbreed.launcher import local_backend, search_space
+    _sagemaker_only(args, backend, "--warm-start-from", "--max-runtime", "--max-tuning-runtime",
+                    "--spot", "--logs")
+    from dogbreed.launcher.local_runs import default_weights
 
     local = _local(settings, args)
-    static = local_backend.default_weights(static, explicit="weights" in static)
+    static = default_weights(static, explicit="weights" in static)
+    options = dict(name=name, static_hyperparameters=static, trials=args.trials,
+                   epochs_max=args.epochs_max, seed=args.seed,
+                   prune_startup_trials=args.prune_startup_trials,
+                   prune_warmup_epochs=args.prune_warmup_epochs, in_process=args.in_process)
     if args.dry_run:
-        space = search_space.with_epochs_max(search_space.SEARCH_SPACE, args.epochs_max)
-        return {"backend": "local", "tuning_job": name, "trials": args.trials,
-                "sampler": {"name": "TPESampler", "seed": args.seed},
-                "pruner": {"name": "MedianPruner", "n_startup_trials": args.prune_startup_trials,
-                           "n_warmup_steps": args.prune_warmup_epochs},
-                "objective": {"metric": "valid_accuracy", "direction": "maximize"},
-                "search_space": search_space.describe(space), "static_hyperparameters": static,
-                "data": str(args.data), "workdir": str(local.workdir), "docker": args.docker,
-                "mode": "in_process" if args.in_process else "subprocess"}
-    return local.tune(name=name, data=_require_data(args), static_hyperparameters=static,
-                      trials=args.trials, epochs_max=args.epochs_max, seed=args.seed,
-                      prune_startup_trials=args.prune_startup_trials,
-                      prune_warmup_epochs=args.prune_warmup_epochs, output=args.output,
-                      in_process=args.in_process)
+        return local.plan_tune(data=args.data, **options)
+    return local.tune(data=_require_data(args), output=args.output, **options)
+
+
+def train_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", type=Path, help="local: the train/valid/test folder")
+    p.add_argument("--data-uri", help="SageMaker: S3 prefix of the data")
+    p.add_argument("--from-tuning-job", metavar="NAME", help="start from this tuning job's best "
+                   "hyperparameters (local: a study name or result JSON)")
+    p.add_argument("--name", help="job name (default dogbreed-train-<time>)")
+    p.add_argument("--no-debugger", dest="debugger", action="store_false",
+                   help="SageMaker: no debug hook or rules")
+    p.add_argument("--no-profiler", dest="profiler", action="store_false",
+                   help="SageMaker: no profiler or profiler rules")
+    p.add_argument("--no-checkpoints", dest="checkpoints", action="store_false")
+    p.add_argument("--spot", action="store_true", help="SageMaker: managed spot training")
+    p.add_argument("--max-wait", type=int, help="SageMaker spot: MaxWaitTimeInSeconds")
+    p.add_argument("--max-runtime", type=int, metavar="SECONDS",
+                   help="SageMaker: MaxRuntimeInSeconds (default 4 h)")
+    p.add_argument("--instance-type", help="SageMaker: training instance type")
+    p.add_argument("--docker", metavar="IMAGE", nargs="?", const="dogbreed-train:latest",
+                   help="local: run the train image instead of the entry point")
+    _job_flags(p)
+    _hyperparameter_flags(p)
 
 
 def cmd_train(args: argparse.Namespace, settings: settings_mod.Settings, backend: str) -> Any:
@@ -301,36 +284,65 @@ def cmd_train(args: argparse.Namespace, settings: settings_mod.Settings, backend
         hps = {**base, **flags}
         result = sm.train(name=name, hyperparameters=hps, debugger=args.debugger,
                           profiler=args.profiler, spot=args.spot, max_wait=args.max_wait,
-                          checkpoints=args.checkpoints, data_uri=args.data_uri,
-                          instance_type=args.instance_type, wait=args.wait)
+                          max_runtime=args.max_runtime, checkpoints=args.checkpoints,
+                          data_uri=args.data_uri, instance_type=args.instance_type,
+                          wait=args.wait, logs=args.logs)
         return sm.dry_run_output() if args.dry_run else result
-    from dogbreed.launcher import local_backend
+    _sagemaker_only(args, backend, "--spot", "--max-runtime", "--logs")
+    from dogbreed.launcher.local_runs import default_weights
 
     local = _local(settings, args)
     base = local.best_hyperparameters(args.from_tuning_job) if args.from_tuning_job else {}
     merged = {**base, **flags}
-    hps = local_backend.default_weights(merged, explicit="weights" in merged)
+    hps = default_weights(merged, explicit="weights" in merged)
     if args.dry_run:
-        return {"backend": "local", "training_job": name, "hyperparameters": hps,
-                "data": str(args.data), "base_dir": str(local.workdir / "jobs" / name),
-                "docker": args.docker}
+        return local.plan_train(name=name, hyperparameters=hps, data=args.data)
     return local.train(name=name, hyperparameters=hps, data=_require_data(args))
+
+
+def deploy_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--instance-count", type=int, help="SageMaker: instances (default 1)")
+    p.add_argument("--autoscale", metavar="MIN:MAX",
+                   help="SageMaker: Application Auto Scaling between MIN and MAX instances, "
+                        "target tracking on invocations per instance")
+    p.add_argument("--target-invocations", type=float, default=70.0,
+                   help="SageMaker --autoscale: invocations per instance per minute to hold "
+                        "(default 70)")
+    p.add_argument("--update", action="store_true",
+                   help="SageMaker: expect an existing endpoint (a real run detects it; a dry "
+                        "run shows UpdateEndpoint only with this)")
+    p.add_argument("--port", type=int, help="local: router port (default 8090; 0 = any free)")
+    p.add_argument("--max-loaded-models", type=int, help="local: models kept loaded (default 4)")
+    p.add_argument("--foreground", action="store_true", help="local: serve until Ctrl-C")
+    _job_flags(p)
 
 
 def cmd_deploy(args: argparse.Namespace, settings: settings_mod.Settings, backend: str) -> Any:
     if backend == "sagemaker":
+        from dogbreed.launcher.sagemaker_backend import parse_autoscale
+
         sm = _sagemaker(settings, args)
-        result = sm.deploy(wait=args.wait)
+        result = sm.deploy(wait=args.wait, instance_count=args.instance_count,
+                           autoscale=parse_autoscale(args.autoscale) if args.autoscale else None,
+                           target_invocations=args.target_invocations,
+                           update=True if args.update else None, logs=args.logs)
         return sm.dry_run_output() if args.dry_run else result
+    _sagemaker_only(args, backend, "--instance-count", "--autoscale", "--update", "--logs")
     local = _local(settings, args)
     if args.dry_run:
-        return {"backend": "local", "endpoint_name": settings.endpoint_name,
-                "store": str(local.store.root), "port": settings.port if args.port is None else args.port,
-                "max_loaded_models": args.max_loaded_models or settings.max_loaded_models}
+        return local.plan_deploy(args.port, args.max_loaded_models)
     if args.foreground:
         local.serve_forever(args.port, args.max_loaded_models)
         return None
     return local.deploy_detached(args.port, args.max_loaded_models)
+
+
+def add_model_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("name", help="model name: the TargetModel becomes NAME/model.tar.gz")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--job", help="a training job's model.tar.gz")
+    source.add_argument("--model-data", help="SageMaker: an S3 URI of a model.tar.gz")
+    source.add_argument("--file", type=Path, help="a local model.tar.gz")
 
 
 def cmd_add_model(args: argparse.Namespace, settings: settings_mod.Settings, backend: str) -> Any:
@@ -343,43 +355,21 @@ def cmd_add_model(args: argparse.Namespace, settings: settings_mod.Settings, bac
         raise CliError("--model-data is an S3 URI: use --file or --job with --local")
     local = _local(settings, args)
     if args.dry_run:
-        source = str(local.job_archive(args.job)) if args.job else str(args.file)
-        return {"backend": "local", "copy": source,
-                "to": str(local.store.root / args.name / ARCHIVE_NAME)}
+        return local.plan_add_model(args.name, training_job=args.job, file=args.file)
     return local.add_model(args.name, training_job=args.job, file=args.file)
 
 
-def runtime_client(endpoint_url: str | None, region: str | None) -> Any:
-    """boto3's own sagemaker-runtime client; pointed at a local endpoint with dummy credentials."""
-    import boto3
-
-    if endpoint_url:
-        return boto3.client("sagemaker-runtime", region_name=region or "us-east-1",
-                            endpoint_url=endpoint_url, aws_access_key_id="local",
-                            aws_secret_access_key="local")
-    return boto3.client("sagemaker-runtime", region_name=region)
-
-
-def invoke_runtime(client: Any, endpoint: str, target_model: str, image: Path, top_k: int) -> Any:
-    from dogbreed.launcher.sagemaker_backend import content_type_for, top_k_attributes
-
-    response = client.invoke_endpoint(EndpointName=endpoint, TargetModel=target_model,
-                                      ContentType=content_type_for(image), Accept="application/json",
-                                      CustomAttributes=top_k_attributes(top_k),
-                                      Body=image.read_bytes())
-    return json.loads(response["Body"].read())
-
-
-def format_predictions(answer: Any) -> str:
-    if not isinstance(answer, dict) or "predictions" not in answer:
-        return json.dumps(answer, indent=2)
-    lines = [f"model={answer.get('model')} arch={answer.get('arch')}"]
-    for rank, item in enumerate(answer["predictions"], 1):
-        lines.append(f"  {rank}. {item.get('label', item.get('class_name'))}  {item['probability']:.4f}")
-    return "\n".join(lines)
+def invoke_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("image", type=Path, help="a JPEG or PNG")
+    p.add_argument("--target-model", required=True, help="e.g. dog-breed-classifier/model.tar.gz")
+    p.add_argument("--top-k", type=int, default=5)
+    p.add_argument("--endpoint-url", help="local: the router URL (default: the running local endpoint)")
+    p.add_argument("--json", action="store_true", help="print the raw JSON answer")
 
 
 def cmd_invoke(args: argparse.Namespace, settings: settings_mod.Settings, backend: str) -> Any:
+    from dogbreed.launcher.invoke import format_predictions, invoke_runtime, runtime_client
+
     if not args.image.is_file():
         raise CliError(f"no such image {args.image}")
     if backend == "sagemaker":
@@ -405,12 +395,32 @@ def cmd_invoke(args: argparse.Namespace, settings: settings_mod.Settings, backen
     return None
 
 
+def logs_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("name", help="a training job, a tuning job (--kind tuning: its trials) or an "
+                                "endpoint (--kind endpoint)")
+    p.add_argument("--kind", choices=("training", "tuning", "endpoint"), default="training")
+    p.add_argument("--follow", "-f", action="store_true", help="keep streaming until the job ends")
+
+
+def cmd_logs(args: argparse.Namespace, settings: settings_mod.Settings, backend: str) -> Any:
+    if backend == "local":
+        raise CliError("logs reads CloudWatch (SageMaker); local jobs log to "
+                       f"{settings.workdir_path}/jobs/<job>/train.log")
+    sm = _sagemaker(settings, args)
+    result = sm.logs(args.name, kind=args.kind, follow=args.follow)
+    return sm.dry_run_output() if args.dry_run else result
+
+
 def cmd_status(args: argparse.Namespace, settings: settings_mod.Settings, backend: str) -> Any:
     if args.dry_run:
         return {"backend": backend, "note": "status only reads; nothing to dry-run"}
     if backend == "sagemaker":
         return _sagemaker(settings, args).status()
     return _local(settings, args).status()
+
+
+def cleanup_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--delete-models", action="store_true", help="also delete the model store")
 
 
 def cmd_cleanup(args: argparse.Namespace, settings: settings_mod.Settings, backend: str) -> Any:
@@ -420,15 +430,17 @@ def cmd_cleanup(args: argparse.Namespace, settings: settings_mod.Settings, backe
         return sm.dry_run_output() if args.dry_run else result
     local = _local(settings, args)
     if args.dry_run:
-        state = local.state()
-        return {"backend": "local", "stop": state, "delete_models": args.delete_models and
-                str(local.store.root)}
-    stopped = local.stop_endpoint()
-    if args.delete_models:
-        import shutil
+        return local.plan_cleanup(args.delete_models)
+    return local.cleanup(args.delete_models)
 
-        shutil.rmtree(local.store.root, ignore_errors=True)
-    return {"stopped": stopped, "deleted_models": bool(args.delete_models)}
+
+def demo_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", type=Path, required=True, help="train/valid/test folder (the sample)")
+    p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--image-size", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--lr", type=float, default=0.01)
+    p.add_argument("--weights", default="none")
 
 
 def cmd_demo(args: argparse.Namespace, settings: settings_mod.Settings, backend: str) -> Any:
@@ -442,9 +454,60 @@ def cmd_demo(args: argparse.Namespace, settings: settings_mod.Settings, backend:
     return None  # the demo prints its own readable report
 
 
-COMMANDS = {"upload-data": cmd_upload_data, "tune": cmd_tune, "train": cmd_train,
-            "deploy": cmd_deploy, "add-model": cmd_add_model, "invoke": cmd_invoke,
-            "status": cmd_status, "cleanup": cmd_cleanup, "demo": cmd_demo}
+@dataclasses.dataclass(frozen=True)
+class Subcommand:
+    """One ``dogbreed`` subcommand: adding one is one entry in :data:`SUBCOMMANDS`."""
+
+    name: str
+    help: str
+    run: Callable[[argparse.Namespace, settings_mod.Settings, str], Any]
+    add_arguments: Callable[[argparse.ArgumentParser], None] | None = None
+    description: str | None = None
+    local_only: bool = False  # always the local backend (no SageMaker variant)
+
+
+SUBCOMMANDS: list[Subcommand] = [
+    Subcommand("upload-data", "upload a train/valid/test folder to S3", cmd_upload_data,
+               upload_data_arguments),
+    Subcommand("tune", "hyperparameter tuning (SageMaker HPO or Optuna)", cmd_tune, tune_arguments,
+               "Tune lr, batch-size and epochs (the one search space) for valid_accuracy. "
+               "SageMaker: a tuning job (trials checkpoint; --warm-start-from earlier jobs); "
+               "--local: Optuna TPE trials with median pruning on the per-epoch metric lines."),
+    Subcommand("train", "one training job with the debugger", cmd_train, train_arguments,
+               "Train once: hyperparameters from flags or a tuning job's best trial. SageMaker "
+               "jobs get the seeds' debugger rules, profiler, checkpoints and optional managed "
+               "spot."),
+    Subcommand("deploy", "create or update the multi-model endpoint", cmd_deploy, deploy_arguments,
+               "SageMaker: model (Mode=MultiModel, the models prefix) and endpoint config, then "
+               "CreateEndpoint, or UpdateEndpoint when the endpoint exists (no downtime); "
+               "--autoscale MIN:MAX adds target tracking. --local: MMS + the TargetModel router "
+               "on 127.0.0.1, in the background (--foreground to stay attached)."),
+    Subcommand("add-model", "put a model in the endpoint's model store", cmd_add_model,
+               add_model_arguments),
+    Subcommand("invoke", "predict with one model of the endpoint", cmd_invoke, invoke_arguments),
+    Subcommand("logs", "a SageMaker job's (or the endpoint's) CloudWatch log events", cmd_logs,
+               logs_arguments),
+    Subcommand("status", "endpoint, models, recent jobs", cmd_status),
+    Subcommand("cleanup", "delete/stop the endpoint (and its autoscaling)", cmd_cleanup,
+               cleanup_arguments),
+    Subcommand("demo", "train ResNet18 + MobileNetV2, serve both locally, invoke by TargetModel",
+               cmd_demo, demo_arguments, local_only=True),
+]
+COMMANDS = {c.name: c for c in SUBCOMMANDS}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parent = _settings_parent()
+    parser = argparse.ArgumentParser(prog="dogbreed", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog=__doc__.split("\n\n", 1)[1])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for command in SUBCOMMANDS:
+        p = sub.add_parser(command.name, parents=[parent], help=command.help,
+                           description=command.description or command.help)
+        if command.add_arguments is not None:
+            command.add_arguments(p)
+    return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -454,10 +517,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from dogbreed.contract import ContractError
 
+    command = COMMANDS[args.command]
     try:
         settings = _settings(args)
-        backend = "local" if args.command == "demo" else _backend_name(args, settings)
-        result = COMMANDS[args.command](args, settings, backend)
+        backend = "local" if command.local_only else _backend_name(args, settings)
+        result = command.run(args, settings, backend)
     except (CliError, settings_mod.SettingsError, ContractError, ValueError) as exc:
         events.event("error", 40, command=args.command, error=str(exc))
         print(f"dogbreed {args.command}: {exc}", file=sys.stderr)

@@ -1,7 +1,9 @@
-"""Launcher logging: one line per event as ``key=value`` on stderr; progress only on a TTY.
+"""Launcher logging: one line per event as ``key=value`` on stderr; progress bars only on a TTY.
 
 Results a user asked for (request JSON, predictions, best hyperparameters) go to stdout; what
-happened along the way goes to stderr through :func:`event`, so stdout stays parseable.
+happened along the way goes to stderr through :func:`event`, so stdout stays parseable. On a
+terminal :class:`Progress` draws tqdm bars (upload bytes, epochs, trials, job status with the
+elapsed time); off a terminal it draws nothing and the ``event=…`` lines are the whole record.
 """
 
 from __future__ import annotations
@@ -9,7 +11,6 @@ from __future__ import annotations
 import logging
 import os
 import sys
-import time
 from typing import Any, TextIO
 
 log = logging.getLogger("dogbreed.launcher")
@@ -41,26 +42,74 @@ def warning(name: str, /, **fields: Any) -> None:
     event(name, logging.WARNING, **fields)
 
 
+class Bar:
+    """One progress bar (tqdm on a TTY); every method is a no-op on the null bar."""
+
+    def __init__(self, tqdm_bar: Any = None) -> None:
+        self._bar = tqdm_bar
+
+    def advance(self, n: float = 1) -> None:
+        if self._bar is not None:
+            self._bar.update(n)
+
+    def set(self, n: float, total: float | None = None) -> None:
+        """Move to ``n`` (of ``total``, when it changes)."""
+        if self._bar is None:
+            return
+        if total is not None and total != self._bar.total:
+            self._bar.total = total
+        self._bar.n = n
+        self._bar.refresh()
+
+    def describe(self, text: str) -> None:
+        if self._bar is not None:
+            self._bar.set_description_str(text)
+
+    def status(self, text: str) -> None:
+        """The text after the bar (e.g. ``pruned=1 best=0.55``)."""
+        if self._bar is not None:
+            self._bar.set_postfix_str(text)
+
+    def write(self, line: str) -> None:
+        """A log line above the bar (the bar is redrawn below it)."""
+        if self._bar is not None:
+            self._bar.write(line, file=self._bar.fp)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+    def __enter__(self) -> Bar:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
 class Progress:
-    """A single self-overwriting status line on a terminal; silent when stderr is not a TTY."""
+    """Makes progress bars on ``stream`` (default stderr) when it is a terminal."""
 
     def __init__(self, stream: TextIO | None = None, enabled: bool | None = None) -> None:
         self.stream = stream or sys.stderr
-        self.enabled = self.stream.isatty() if enabled is None else enabled
-        self.started = time.monotonic()
-        self._width = 0
+        self.enabled = _isatty(self.stream) if enabled is None else enabled
 
-    def update(self, text: str) -> None:
+    def bar(self, description: str, *, total: float | None = None, unit: str = "it",
+            bytes_: bool = False) -> Bar:
+        """A bar counting ``unit`` (bytes scaled to kB/MB with ``bytes_``) towards ``total``;
+        without a total it shows the count and the elapsed time (a job's status)."""
         if not self.enabled:
-            return
-        line = f"[{time.monotonic() - self.started:6.0f}s] {text}"
-        pad = max(0, self._width - len(line))
-        self.stream.write("\r" + line + " " * pad)
-        self.stream.flush()
-        self._width = len(line)
+            return Bar()
+        from tqdm import tqdm
 
-    def close(self) -> None:
-        if self.enabled and self._width:
-            self.stream.write("\n")
-            self.stream.flush()
-            self._width = 0
+        bar_format = None if total is not None else "{desc} [{elapsed}] {postfix}"
+        return Bar(tqdm(total=total, desc=description, unit="B" if bytes_ else unit,
+                        unit_scale=bytes_, unit_divisor=1024 if bytes_ else 1000,
+                        file=self.stream, dynamic_ncols=True, leave=True, bar_format=bar_format))
+
+
+def _isatty(stream: TextIO) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):
+        return False

@@ -2,7 +2,9 @@
 
 Every request is built by a pure function (``*_request``) so tests and ``--dry-run`` see exactly
 what would be sent; :class:`SageMakerBackend` sends them, or — in a dry run — records them
-without touching AWS after checking each one against botocore's service model.
+without touching AWS after checking each one against botocore's service model. The region is
+the boto3 session's (``--region`` / ``AWS_REGION`` / the profile's): the images, the rule
+evaluators and every client use that one region.
 """
 
 from __future__ import annotations
@@ -11,18 +13,26 @@ import dataclasses
 import datetime as dt
 import functools
 import json
-import mimetypes
 import re
+import sys
 import time
 import urllib.parse
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 from dogbreed import contract
-from dogbreed.launcher import events, rules, search_space
-from dogbreed.launcher.settings import SERVE_REPOSITORY, TRAIN_REPOSITORY, Settings, SettingsError
+from dogbreed.launcher import cloudwatch, events, images, rules, search_space
+from dogbreed.launcher.invoke import content_type_for, invoke_request, top_k_attributes  # noqa: F401
+from dogbreed.launcher.settings import (
+    SERVE_REPOSITORY,
+    TRAIN_REPOSITORY,
+    Settings,
+    SettingsError,
+    check_model_name,
+)
+from dogbreed.metrics import METRIC_DEFINITIONS, OBJECTIVE_METRIC
 
 # Grid is left out: SageMaker grid search takes categorical ranges only, and lr is continuous.
 STRATEGIES = ("Bayesian", "Random", "Hyperband")
@@ -33,6 +43,18 @@ CONTAINER_PATHS = contract.Paths.from_env({})
 TUNING_JOB_NAME_MAX = 32
 JOB_NAME_MAX = 63
 TERMINAL_JOB_STATES = ("Completed", "Failed", "Stopped")
+TERMINAL_ENDPOINT_STATES = ("InService", "Failed", "OutOfService")
+WARM_START_TYPES = ("IdenticalDataAndAlgorithm", "TransferLearning")
+WARM_START_PARENTS_MAX = 5  # CreateHyperParameterTuningJob's limit on parent tuning jobs
+# Application Auto Scaling of an endpoint variant: target tracking on invocations per instance
+# (the metric AWS's guide suggests for real-time endpoints).
+SCALING_NAMESPACE = "sagemaker"
+SCALING_DIMENSION = "sagemaker:variant:DesiredInstanceCount"
+SCALING_METRIC = "SageMakerVariantInvocationsPerInstance"
+SCALE_IN_COOLDOWN_S = 300
+SCALE_OUT_COOLDOWN_S = 60
+# Dry runs without any region configured show this one (a real run refuses: no region).
+DRY_RUN_REGION = "us-east-1"
 
 
 class BackendError(RuntimeError):
@@ -62,10 +84,6 @@ def _role(settings: Settings) -> str:
     return settings.role_arn or "<role-arn: set --role-arn or DOGBREED_ROLE_ARN>"
 
 
-def _region(settings: Settings) -> str:
-    return settings.region or "us-east-1"
-
-
 def training_channel(data_uri: str) -> dict[str, Any]:
     return {"ChannelName": contract.TRAINING_CHANNEL,
             "DataSource": {"S3DataSource": {"S3DataType": "S3Prefix", "S3Uri": data_uri,
@@ -79,12 +97,37 @@ def resource_config(settings: Settings, instance_type: str | None = None) -> dic
             "VolumeSizeInGB": settings.train_volume_gb}
 
 
-def stopping_condition(settings: Settings, spot: bool, max_wait: int | None = None) -> dict[str, Any]:
-    condition = {"MaxRuntimeInSeconds": settings.max_run_seconds}
+def stopping_condition(settings: Settings, spot: bool, max_wait: int | None = None,
+                       max_runtime: int | None = None) -> dict[str, Any]:
+    runtime = max_runtime or settings.max_run_seconds
+    if runtime < 1:
+        raise SettingsError(f"--max-runtime {runtime}: at least 1 second")
+    condition = {"MaxRuntimeInSeconds": runtime}
     if spot:
-        condition["MaxWaitTimeInSeconds"] = max(max_wait or 2 * settings.max_run_seconds,
-                                                settings.max_run_seconds)
+        condition["MaxWaitTimeInSeconds"] = max(max_wait or 2 * runtime, runtime)
     return condition
+
+
+def checkpoint_config(settings: Settings, *parts: str) -> dict[str, Any]:
+    """Where SageMaker syncs ``/opt/ml/checkpoints``: the trainer resumes from it after a spot
+    interruption. A tuning job's trials share its prefix (each writes its own file, named after
+    its training job: :func:`dogbreed.train.checkpoint_file`)."""
+    # The trailing "/" matters: SageMaker syncs every key under the prefix, and ".../job-1"
+    # would also match ".../job-10/".
+    return {"S3Uri": settings.s3_uri("checkpoints", *parts) + "/",
+            "LocalPath": str(CONTAINER_PATHS.checkpoints_dir)}
+
+
+def warm_start_config(parents: Sequence[str], warm_start_type: str) -> dict[str, Any]:
+    """``WarmStartConfig``: start from up to five earlier tuning jobs' results."""
+    if warm_start_type not in WARM_START_TYPES:
+        raise SettingsError(f"warm start type {warm_start_type!r}: one of {', '.join(WARM_START_TYPES)}")
+    if not 1 <= len(parents) <= WARM_START_PARENTS_MAX:
+        raise SettingsError(f"--warm-start-from: 1 to {WARM_START_PARENTS_MAX} tuning jobs")
+    for parent in parents:
+        _check_name(parent, TUNING_JOB_NAME_MAX, "warm-start tuning job name")
+    return {"ParentHyperParameterTuningJobs": [{"HyperParameterTuningJobName": p} for p in parents],
+            "WarmStartType": warm_start_type}
 
 
 def check_hyperparameters(values: Mapping[str, str]) -> dict[str, str]:
@@ -108,10 +151,18 @@ def tuning_request(
     data_uri: str | None = None,
     instance_type: str | None = None,
     random_seed: int | None = None,
+    checkpoints: bool = True,
+    max_wait: int | None = None,
+    max_runtime: int | None = None,
+    max_tuning_runtime: int | None = None,
+    warm_start_from: Sequence[str] = (),
+    warm_start_type: str = "IdenticalDataAndAlgorithm",
 ) -> dict[str, Any]:
-    """``CreateHyperParameterTuningJob`` over :data:`search_space.SEARCH_SPACE`."""
-    from dogbreed.train import METRIC_DEFINITIONS, OBJECTIVE_METRIC
+    """``CreateHyperParameterTuningJob`` over :data:`search_space.SEARCH_SPACE`.
 
+    Each trial checkpoints (always with ``spot``: an interrupted trial resumes instead of
+    starting over), stops after ``max_runtime`` seconds (the tuning job after
+    ``max_tuning_runtime``) and may warm-start from earlier tuning jobs."""
     if strategy not in STRATEGIES:
         raise SettingsError(f"strategy {strategy!r}: choose one of {', '.join(STRATEGIES)}")
     if not 1 <= max_parallel <= max_jobs:
@@ -122,7 +173,8 @@ def tuning_request(
     config: dict[str, Any] = {
         "Strategy": strategy,
         "HyperParameterTuningJobObjective": {"Type": "Maximize", "MetricName": OBJECTIVE_METRIC},
-        "ResourceLimits": {"MaxNumberOfTrainingJobs": max_jobs, "MaxParallelTrainingJobs": max_parallel},
+        "ResourceLimits": {"MaxNumberOfTrainingJobs": max_jobs, "MaxParallelTrainingJobs": max_parallel,
+                           **({"MaxRuntimeInSeconds": max_tuning_runtime} if max_tuning_runtime else {})},
         "TrainingJobEarlyStoppingType": "Auto" if early_stopping else "Off",
     }
     if strategy == "Hyperband":
@@ -151,11 +203,16 @@ def tuning_request(
         "InputDataConfig": [training_channel(data_uri or settings.data_uri)],
         "OutputDataConfig": {"S3OutputPath": settings.s3_uri("output", "tuning")},
         "ResourceConfig": resource_config(settings, instance_type),
-        "StoppingCondition": stopping_condition(settings, spot),
+        "StoppingCondition": stopping_condition(settings, spot, max_wait, max_runtime),
         "EnableManagedSpotTraining": spot,
     }
-    return {"HyperParameterTuningJobName": name, "HyperParameterTuningJobConfig": config,
-            "TrainingJobDefinition": definition, "Tags": TAGS}
+    if checkpoints or spot:
+        definition["CheckpointConfig"] = checkpoint_config(settings, name)
+    request = {"HyperParameterTuningJobName": name, "HyperParameterTuningJobConfig": config,
+               "TrainingJobDefinition": definition, "Tags": TAGS}
+    if warm_start_from:
+        request["WarmStartConfig"] = warm_start_config(list(warm_start_from), warm_start_type)
+    return request
 
 
 def training_request(
@@ -163,6 +220,7 @@ def training_request(
     *,
     name: str,
     train_image: str,
+    region: str,
     hyperparameters: Mapping[str, str],
     debugger: bool = True,
     profiler: bool = True,
@@ -171,10 +229,10 @@ def training_request(
     checkpoints: bool = True,
     data_uri: str | None = None,
     instance_type: str | None = None,
+    max_runtime: int | None = None,
 ) -> dict[str, Any]:
-    """``CreateTrainingJob`` with the seeds' debugger rules, profiler and checkpoints."""
-    from dogbreed.train import METRIC_DEFINITIONS
-
+    """``CreateTrainingJob`` with the seeds' debugger rules, profiler and checkpoints; the rule
+    evaluators are ``region``'s (the region the request is sent to)."""
     _check_name(name, JOB_NAME_MAX, "training job name")
     request: dict[str, Any] = {
         "TrainingJobName": name,
@@ -186,19 +244,18 @@ def training_request(
         "InputDataConfig": [training_channel(data_uri or settings.data_uri)],
         "OutputDataConfig": {"S3OutputPath": settings.s3_uri("output", "training")},
         "ResourceConfig": resource_config(settings, instance_type),
-        "StoppingCondition": stopping_condition(settings, spot, max_wait),
+        "StoppingCondition": stopping_condition(settings, spot, max_wait, max_runtime),
         "EnableManagedSpotTraining": spot,
         "Tags": TAGS,
     }
     if checkpoints or spot:
-        request["CheckpointConfig"] = {"S3Uri": settings.s3_uri("checkpoints", name),
-                                       "LocalPath": str(CONTAINER_PATHS.checkpoints_dir)}
+        request["CheckpointConfig"] = checkpoint_config(settings, name)
     if debugger:
         request["DebugHookConfig"] = rules.debug_hook_config(settings.s3_uri("debug"))
-        request["DebugRuleConfigurations"] = rules.debug_rule_configurations(_region(settings))
+        request["DebugRuleConfigurations"] = rules.debug_rule_configurations(region)
     if profiler:
         request["ProfilerConfig"] = rules.profiler_config(settings.s3_uri("profiler"))
-        request["ProfilerRuleConfigurations"] = rules.profiler_rule_configurations(_region(settings))
+        request["ProfilerRuleConfigurations"] = rules.profiler_rule_configurations(region)
     return request
 
 
@@ -214,11 +271,15 @@ def model_request(settings: Settings, *, name: str, serve_image: str) -> dict[st
     }
 
 
-def endpoint_config_request(settings: Settings, *, name: str, model_name: str) -> dict[str, Any]:
+def endpoint_config_request(settings: Settings, *, name: str, model_name: str,
+                            instance_count: int | None = None) -> dict[str, Any]:
+    count = instance_count or settings.serve_instance_count
+    if count < 1:
+        raise SettingsError(f"--instance-count {count}: at least 1")
     return {
         "EndpointConfigName": _check_name(name, JOB_NAME_MAX, "endpoint config name"),
         "ProductionVariants": [{"VariantName": VARIANT_NAME, "ModelName": model_name,
-                                "InitialInstanceCount": settings.serve_instance_count,
+                                "InitialInstanceCount": count,
                                 "InstanceType": settings.serve_instance_type,
                                 "InitialVariantWeight": 1.0}],
         "Tags": TAGS,
@@ -230,6 +291,51 @@ def endpoint_request(settings: Settings, *, name: str, config_name: str) -> dict
             "EndpointConfigName": config_name, "Tags": TAGS}
 
 
+def update_endpoint_request(*, name: str, config_name: str) -> dict[str, Any]:
+    """``UpdateEndpoint``: SageMaker brings up the new config's instances, shifts traffic, then
+    retires the old ones (no downtime)."""
+    return {"EndpointName": _check_name(name, JOB_NAME_MAX, "endpoint name"),
+            "EndpointConfigName": config_name}
+
+
+def scaling_resource_id(endpoint: str, variant: str = VARIANT_NAME) -> str:
+    return f"endpoint/{endpoint}/variant/{variant}"
+
+
+def parse_autoscale(text: str) -> tuple[int, int]:
+    """``MIN:MAX`` instances, 1 <= MIN <= MAX."""
+    low, sep, high = text.partition(":")
+    try:
+        bounds = int(low), int(high)
+    except ValueError:
+        bounds = (0, -1)
+    if not sep or not 1 <= bounds[0] <= bounds[1]:
+        raise SettingsError(f"--autoscale {text!r}: expected MIN:MAX instances, 1 <= MIN <= MAX")
+    return bounds
+
+
+def scalable_target_request(endpoint: str, min_capacity: int, max_capacity: int) -> dict[str, Any]:
+    """Application Auto Scaling ``RegisterScalableTarget`` for the endpoint's variant."""
+    return {"ServiceNamespace": SCALING_NAMESPACE, "ResourceId": scaling_resource_id(endpoint),
+            "ScalableDimension": SCALING_DIMENSION, "MinCapacity": min_capacity,
+            "MaxCapacity": max_capacity}
+
+
+def scaling_policy_name(endpoint: str) -> str:
+    return f"{endpoint}-invocations-per-instance"
+
+
+def scaling_policy_request(endpoint: str, target_invocations: float) -> dict[str, Any]:
+    """``PutScalingPolicy``: target tracking on invocations per instance (per minute)."""
+    return {"PolicyName": scaling_policy_name(endpoint), "ServiceNamespace": SCALING_NAMESPACE,
+            "ResourceId": scaling_resource_id(endpoint), "ScalableDimension": SCALING_DIMENSION,
+            "PolicyType": "TargetTrackingScaling",
+            "TargetTrackingScalingPolicyConfiguration": {
+                "TargetValue": float(target_invocations),
+                "PredefinedMetricSpecification": {"PredefinedMetricType": SCALING_METRIC},
+                "ScaleInCooldown": SCALE_IN_COOLDOWN_S, "ScaleOutCooldown": SCALE_OUT_COOLDOWN_S}}
+
+
 def split_s3_uri(uri: str) -> tuple[str, str]:
     match = re.fullmatch(r"s3://([^/]+)/?(.*)", uri)
     if not match:
@@ -239,25 +345,10 @@ def split_s3_uri(uri: str) -> tuple[str, str]:
 
 def target_model_key(settings: Settings, model_name: str) -> tuple[str, str, str]:
     """(bucket, key, TargetModel) of a model in the endpoint's model prefix."""
-    _check_model_name(model_name)
+    check_model_name(model_name)
     bucket, prefix = split_s3_uri(settings.models_uri)
     target = f"{model_name}/model.tar.gz"
     return bucket, prefix + target, target
-
-
-def _check_model_name(name: str) -> str:
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}", name) or ".." in name:
-        raise SettingsError(f"model name {name!r}: letters, digits, '.', '_' and '-' only")
-    return name
-
-
-def content_type_for(path: Path) -> str:
-    guessed = mimetypes.guess_type(path.name)[0]
-    return guessed if guessed in ("image/jpeg", "image/png") else "application/x-image"
-
-
-def top_k_attributes(top_k: int) -> str:
-    return f"top_k={top_k}"
 
 
 # --- the backend -------------------------------------------------------------------------------
@@ -291,9 +382,11 @@ def validate_request(service: str, operation: str, request: Mapping[str, Any]) -
 
 class SageMakerBackend:
     def __init__(self, settings: Settings, *, dry_run: bool = False, session: Any = None,
-                 poll_seconds: float | None = None, progress: events.Progress | None = None) -> None:
+                 poll_seconds: float | None = None, progress: events.Progress | None = None,
+                 latest_images: bool = False) -> None:
         self.settings = settings
         self.dry_run = dry_run
+        self.latest_images = latest_images
         self._session = session
         self._clients: dict[str, Any] = {}
         self.recorded: list[Recorded] = []
@@ -323,12 +416,24 @@ class SageMakerBackend:
             self._clients[service] = self._session.client(service, region_name=self.settings.region)
         return self._clients[service]
 
-    @property
+    @functools.cached_property
     def region(self) -> str:
+        """The region every request goes to: ``--region``/settings, else the boto3 session's
+        (``AWS_REGION``/``AWS_DEFAULT_REGION``/the profile's). Rule images and default image
+        URIs follow it."""
         if self.settings.region:
             return self.settings.region
         if self.dry_run:
-            return _region(self.settings)
+            if self._session is None:
+                import boto3
+
+                self._session = boto3.session.Session()
+            if self._session.region_name:
+                return self._session.region_name
+            events.warning("dry_run_region", region=DRY_RUN_REGION,
+                           note="no region configured (--region, AWS_REGION or a profile); "
+                                "a real run refuses")
+            return DRY_RUN_REGION
         return self.client("sagemaker").meta.region_name
 
     def send(self, service: str, operation: str, request: dict[str, Any]) -> Any:
@@ -351,31 +456,89 @@ class SageMakerBackend:
         return items[0] if len(items) == 1 else items
 
     def _wait(self, describe: Callable[[], dict[str, Any]], status_key: str,
-              terminal: Sequence[str], what: str, summary: Callable[[dict[str, Any]], str]) -> dict[str, Any]:
+              terminal: Sequence[str], what: str, summary: Callable[[dict[str, Any]], str],
+              logs: cloudwatch.LogTail | None = None,
+              count: Callable[[dict[str, Any]], tuple[int, int]] | None = None) -> dict[str, Any]:
+        """Poll until ``status_key`` is terminal: a status event per change, on a TTY a bar with
+        the status and the elapsed time (``count``: done/total, e.g. trials), and with ``logs``
+        the job's new CloudWatch lines each round."""
         last_status = None
-        try:
+        with self.progress.bar(what) as bar:
             while True:
                 description = describe()
                 status = description[status_key]
                 if status != last_status:
                     events.event("status", resource=what, status=status)
                     last_status = status
-                self.progress.update(f"{what}: {summary(description)}")
+                if count is not None:
+                    bar.set(*count(description))
+                bar.status(summary(description))
+                if logs is not None:
+                    logs.poll()
                 if status in terminal:
                     return description
                 time.sleep(self.poll_seconds)
-        finally:
-            self.progress.close()
+
+    def log_tail(self, kind: str, name: str, bar: events.Bar | None = None) -> cloudwatch.LogTail:
+        """Follows a job's (or the endpoint's) CloudWatch streams; lines go to stderr."""
+        group, prefix = cloudwatch.log_source(kind, name, VARIANT_NAME)
+
+        def emit(line: str) -> None:
+            if bar is not None and self.progress.enabled:
+                bar.write(line)
+            else:
+                print(line, file=sys.stderr, flush=True)
+
+        return cloudwatch.LogTail(self.client("logs"), group, prefix, emit)
+
+    def logs(self, name: str, *, kind: str = "training", follow: bool = False) -> dict[str, Any]:
+        """Print a job's (or the endpoint's) log events; ``follow``: until the job ends."""
+        if self.dry_run:
+            group, prefix = cloudwatch.log_source(kind, name, VARIANT_NAME)
+            self.send("logs", "describe_log_streams", {"logGroupName": group,
+                                                      "logStreamNamePrefix": prefix})
+            self.send("logs", "get_log_events", {"logGroupName": group,
+                                                "logStreamName": f"{prefix}<each stream>",
+                                                "startFromHead": True})
+            return {}
+        tail = self.log_tail(kind, name)
+        lines = tail.poll()
+        if follow and kind != "endpoint":
+            sm = self.client("sagemaker")
+            if kind == "training":
+                def describe() -> dict[str, Any]:
+                    return sm.describe_training_job(TrainingJobName=name)
+                key = "TrainingJobStatus"
+            else:
+                def describe() -> dict[str, Any]:
+                    return sm.describe_hyper_parameter_tuning_job(HyperParameterTuningJobName=name)
+                key = "HyperParameterTuningJobStatus"
+            while describe()[key] not in TERMINAL_JOB_STATES:
+                time.sleep(self.poll_seconds)
+                lines += tail.poll()
+            lines += tail.poll()
+        return {"log_group": tail.group, "streams": sorted(tail.tokens), "events": lines}
 
     # -- images
     def image_uri(self, kind: str) -> str:
-        """The train or serve image: as configured, else ``<account>``'s ECR repo ``:latest``."""
+        """The train or serve image: as configured, else what ``make push`` recorded (pinned by
+        digest), else — only with ``--latest-images`` — ``<account>``'s ECR repo ``:latest``."""
         configured = self.settings.train_image if kind == "train" else self.settings.serve_image
         if configured:
             return configured
         repository = TRAIN_REPOSITORY if kind == "train" else SERVE_REPOSITORY
+        host = f"{{account}}.dkr.ecr.{self.region}.{rules.ecr_domain(self.region)}"
+        if not self.latest_images:
+            path = images.record_path(self.settings)
+            record = images.load_record(path)
+            if record is not None:
+                return images.pushed_reference(record, kind, self.region, path)
+            if self.dry_run:
+                return f"{host.format(account='<account>')}/{repository}:<tag recorded by make push>"
+            raise SettingsError(f"no pushed images recorded ({path} is missing): run `make push`, "
+                                f"pass --{kind}-image, or --latest-images for {repository}:latest")
         if self.dry_run:
-            return f"<account>.dkr.ecr.{self.region}.amazonaws.com/{repository}:latest"
+            return f"{host.format(account='<account>')}/{repository}:latest"
         account = self.client("sts").get_caller_identity()["Account"]
         ecr = self.client("ecr")
         try:
@@ -384,7 +547,7 @@ class SageMakerBackend:
             raise SettingsError(
                 f"no image {repository}:latest in ECR for account {account} in {self.region} "
                 f"({exc}); run `make build push` or pass --{kind}-image") from None
-        return f"{account}.dkr.ecr.{self.region}.amazonaws.com/{repository}:latest"
+        return f"{host.format(account=account)}/{repository}:latest"
 
     # -- data
     def upload_data(self, source: Path, workers: int = 8) -> dict[str, Any]:
@@ -419,23 +582,22 @@ class SageMakerBackend:
                 "summary": f"{len(todo)} files, {total_bytes} bytes to {self.settings.data_uri}/"}))
             return {"files": len(todo), "bytes": total_bytes, "uri": self.settings.data_uri}
         s3 = self.client("s3")
-        done = 0
+        with self.progress.bar(f"upload {self.settings.data_uri}", total=total_bytes,
+                               bytes_=True) as bar:
+            # boto3's transfer callback reports bytes as they go (from the worker threads;
+            # tqdm's update is thread-safe).
+            def upload(item: tuple[Path, str]) -> None:
+                s3.upload_file(str(item[0]), bucket, item[1], Callback=bar.advance)
 
-        def upload(item: tuple[Path, str]) -> None:
-            s3.upload_file(str(item[0]), bucket, item[1])
-
-        with ThreadPoolExecutor(max_workers=workers) as pool:
-            for _ in pool.map(upload, todo):
-                done += 1
-                self.progress.update(f"uploaded {done}/{len(todo)} files")
-        self.progress.close()
+            with ThreadPoolExecutor(max_workers=workers) as pool:
+                list(pool.map(upload, todo))
         events.event("uploaded", files=len(todo), skipped=len(files) - len(todo), bytes=total_bytes,
                      uri=self.settings.data_uri)
         return {"files": len(todo), "skipped": len(files) - len(todo), "bytes": total_bytes,
                 "uri": self.settings.data_uri}
 
     # -- tuning
-    def tune(self, *, wait: bool = True, **kwargs: Any) -> dict[str, Any] | None:
+    def tune(self, *, wait: bool = True, logs: bool = False, **kwargs: Any) -> dict[str, Any] | None:
         self.require("role_arn", "bucket")
         request = tuning_request(self.settings, train_image=self.image_uri("train"), **kwargs)
         name = request["HyperParameterTuningJobName"]
@@ -445,9 +607,9 @@ class SageMakerBackend:
         events.event("tuning_job_created", name=name, strategy=kwargs.get("strategy", "Bayesian"))
         if not wait:
             return {"tuning_job": name, "status": "InProgress"}
-        return self.tuning_result(name, wait=True)
+        return self.tuning_result(name, wait=True, logs=logs)
 
-    def tuning_result(self, name: str, wait: bool = False) -> dict[str, Any]:
+    def tuning_result(self, name: str, wait: bool = False, logs: bool = False) -> dict[str, Any]:
         sm = self.client("sagemaker")
 
         def describe() -> dict[str, Any]:
@@ -455,11 +617,22 @@ class SageMakerBackend:
 
         def summary(d: dict[str, Any]) -> str:
             counters = d.get("TrainingJobStatusCounters", {})
+            best = (d.get("BestTrainingJob") or {}).get(
+                "FinalHyperParameterTuningJobObjectiveMetric", {}).get("Value")
             return f"{d['HyperParameterTuningJobStatus']} " + " ".join(
-                f"{k}={v}" for k, v in counters.items())
+                f"{k}={v}" for k, v in counters.items()) + f" best={best}"
+
+        def count(d: dict[str, Any]) -> tuple[int, int]:
+            counters = d.get("TrainingJobStatusCounters", {})
+            done = sum(counters.get(k, 0) for k in ("Completed", "Stopped", "NonRetryableError",
+                                                    "RetryableError"))
+            limits = (d.get("HyperParameterTuningJobConfig") or {}).get("ResourceLimits", {})
+            return done, limits.get("MaxNumberOfTrainingJobs", done)
 
         description = (self._wait(describe, "HyperParameterTuningJobStatus", TERMINAL_JOB_STATES,
-                                  f"tuning job {name}", summary) if wait else describe())
+                                  f"tuning job {name}", summary, count=count,
+                                  logs=self.log_tail("tuning", name) if logs else None)
+                       if wait else describe())
         best = description.get("BestTrainingJob") or {}
         result = {
             "tuning_job": name,
@@ -491,9 +664,10 @@ class SageMakerBackend:
                 if not k.startswith(contract.IGNORED_HYPERPARAMETER_PREFIXES)}
 
     # -- training
-    def train(self, *, wait: bool = True, **kwargs: Any) -> dict[str, Any] | None:
+    def train(self, *, wait: bool = True, logs: bool = False, **kwargs: Any) -> dict[str, Any] | None:
         self.require("role_arn", "bucket")
-        request = training_request(self.settings, train_image=self.image_uri("train"), **kwargs)
+        request = training_request(self.settings, train_image=self.image_uri("train"),
+                                   region=self.region, **kwargs)
         name = request["TrainingJobName"]
         self.send("sagemaker", "create_training_job", request)
         if self.dry_run:
@@ -501,9 +675,9 @@ class SageMakerBackend:
         events.event("training_job_created", name=name)
         if not wait:
             return {"training_job": name, "status": "InProgress"}
-        return self.training_result(name, wait=True)
+        return self.training_result(name, wait=True, logs=logs)
 
-    def training_result(self, name: str, wait: bool = False) -> dict[str, Any]:
+    def training_result(self, name: str, wait: bool = False, logs: bool = False) -> dict[str, Any]:
         sm = self.client("sagemaker")
 
         def describe() -> dict[str, Any]:
@@ -513,7 +687,9 @@ class SageMakerBackend:
             return f"{d['TrainingJobStatus']} / {d.get('SecondaryStatus', '')}"
 
         description = (self._wait(describe, "TrainingJobStatus", TERMINAL_JOB_STATES,
-                                  f"training job {name}", summary) if wait else describe())
+                                  f"training job {name}", summary,
+                                  logs=self.log_tail("training", name) if logs else None)
+                       if wait else describe())
         result = {
             "training_job": name,
             "status": description["TrainingJobStatus"],
@@ -532,45 +708,138 @@ class SageMakerBackend:
         return result
 
     # -- endpoint
-    def deploy(self, *, wait: bool = True, now: dt.datetime | None = None) -> dict[str, Any] | None:
+    def deploy(self, *, wait: bool = True, now: dt.datetime | None = None,
+               instance_count: int | None = None, autoscale: tuple[int, int] | None = None,
+               target_invocations: float = 70.0, update: bool | None = None,
+               logs: bool = False) -> dict[str, Any] | None:
+        """A new model + endpoint config; then ``CreateEndpoint``, or — the endpoint exists —
+        ``UpdateEndpoint`` (no downtime; the old config and model are deleted once the endpoint
+        is InService on the new one). ``autoscale=(min, max)``: target tracking on invocations
+        per instance. ``update``: None = whether the endpoint exists (a dry run shows create
+        unless ``update``)."""
         self.require("role_arn", "bucket")
         endpoint = self.settings.endpoint_name
-        if not self.dry_run and self._endpoint_exists(endpoint):
-            raise BackendError(f"endpoint {endpoint} already exists; add models with "
-                               "`dogbreed add-model`, or run `dogbreed cleanup` first")
+        if autoscale is not None and not wait:
+            raise SettingsError("--autoscale needs the endpoint InService: drop --no-wait")
+        previous = None if self.dry_run else self._endpoint_description(endpoint)
+        if update is None:
+            update = previous is not None
+        elif update and previous is None and not self.dry_run:
+            raise BackendError(f"endpoint {endpoint} does not exist; deploy without --update")
         stamp = timestamp(now)
         model_name = f"{endpoint}-{stamp}"[:JOB_NAME_MAX].rstrip("-")
         self.send("sagemaker", "create_model",
                   model_request(self.settings, name=model_name, serve_image=self.image_uri("serve")))
         self.send("sagemaker", "create_endpoint_config",
-                  endpoint_config_request(self.settings, name=model_name, model_name=model_name))
-        self.send("sagemaker", "create_endpoint",
-                  endpoint_request(self.settings, name=endpoint, config_name=model_name))
+                  endpoint_config_request(self.settings, name=model_name, model_name=model_name,
+                                          instance_count=instance_count))
+        scaling = self._scaling_of(endpoint) if update else None
+        if scaling is not None:
+            # A variant under autoscaling may not change underneath it: deregister, update,
+            # then register again (with --autoscale's bounds, else the previous ones).
+            self._remove_scaling(endpoint, scaling)
+            if autoscale is None:
+                autoscale = (scaling["MinCapacity"], scaling["MaxCapacity"])
+        if update:
+            self.send("sagemaker", "update_endpoint",
+                      update_endpoint_request(name=endpoint, config_name=model_name))
+        else:
+            self.send("sagemaker", "create_endpoint",
+                      endpoint_request(self.settings, name=endpoint, config_name=model_name))
         if self.dry_run:
+            if autoscale is not None:
+                self._apply_scaling(endpoint, autoscale, target_invocations)
             return None
-        events.event("endpoint_created", endpoint=endpoint, model=model_name,
-                     models_uri=self.settings.models_uri)
-        result = {"endpoint": endpoint, "model": model_name, "endpoint_config": model_name,
-                  "models_uri": self.settings.models_uri}
-        if wait:
-            sm = self.client("sagemaker")
-            description = self._wait(lambda: sm.describe_endpoint(EndpointName=endpoint),
-                                     "EndpointStatus", ("InService", "Failed", "OutOfService"),
-                                     f"endpoint {endpoint}", lambda d: d["EndpointStatus"])
-            result["status"] = description["EndpointStatus"]
-            if result["status"] != "InService":
-                raise BackendError(f"endpoint {endpoint} is {result['status']}: "
-                                   f"{description.get('FailureReason', 'no reason given')}")
+        events.event("endpoint_updating" if update else "endpoint_created", endpoint=endpoint,
+                     model=model_name, models_uri=self.settings.models_uri)
+        result: dict[str, Any] = {"endpoint": endpoint, "model": model_name,
+                                  "endpoint_config": model_name, "updated": update,
+                                  "models_uri": self.settings.models_uri}
+        if not wait:
+            return result
+        sm = self.client("sagemaker")
+        description = self._wait(lambda: sm.describe_endpoint(EndpointName=endpoint),
+                                 "EndpointStatus", TERMINAL_ENDPOINT_STATES,
+                                 f"endpoint {endpoint}", lambda d: d["EndpointStatus"],
+                                 logs=self.log_tail("endpoint", endpoint) if logs else None)
+        result["status"] = description["EndpointStatus"]
+        if result["status"] != "InService":
+            raise BackendError(f"endpoint {endpoint} is {result['status']}: "
+                               f"{description.get('FailureReason', 'no reason given')}")
+        if update and previous is not None:
+            if description.get("EndpointConfigName") != model_name:
+                raise BackendError(f"endpoint {endpoint} is InService on "
+                                   f"{description.get('EndpointConfigName')}, not {model_name}: "
+                                   "the update was rolled back")
+            result["replaced"] = self._delete_config_and_models(previous["EndpointConfigName"])
+        if autoscale is not None:
+            result["autoscaling"] = self._apply_scaling(endpoint, autoscale, target_invocations)
         return result
 
-    def _endpoint_exists(self, endpoint: str) -> bool:
+    def _endpoint_description(self, endpoint: str) -> dict[str, Any] | None:
         try:
-            self.client("sagemaker").describe_endpoint(EndpointName=endpoint)
-        except Exception as exc:
+            return self.client("sagemaker").describe_endpoint(EndpointName=endpoint)
+        except Exception as exc:  # a missing endpoint is a ClientError (ValidationException)
             if "Could not find" in str(exc) or "ValidationException" in str(exc):
-                return False
+                return None
             raise
-        return True
+
+    def _endpoint_exists(self, endpoint: str) -> bool:
+        return self._endpoint_description(endpoint) is not None
+
+    def _delete_config_and_models(self, config: str) -> dict[str, Any]:
+        variants = self.client("sagemaker").describe_endpoint_config(
+            EndpointConfigName=config)["ProductionVariants"]
+        models = [v["ModelName"] for v in variants]
+        self.send("sagemaker", "delete_endpoint_config", {"EndpointConfigName": config})
+        for model in models:
+            self.send("sagemaker", "delete_model", {"ModelName": model})
+        return {"endpoint_config": config, "models": models}
+
+    # -- autoscaling (Application Auto Scaling)
+    def _scaling_of(self, endpoint: str) -> dict[str, Any] | None:
+        """The variant's scalable target, if registered (a dry run shows none)."""
+        if self.dry_run:
+            return None
+        targets = self.client("application-autoscaling").describe_scalable_targets(
+            ServiceNamespace=SCALING_NAMESPACE, ResourceIds=[scaling_resource_id(endpoint)],
+            ScalableDimension=SCALING_DIMENSION)["ScalableTargets"]
+        return targets[0] if targets else None
+
+    def _apply_scaling(self, endpoint: str, bounds: tuple[int, int],
+                       target_invocations: float) -> dict[str, Any]:
+        low, high = bounds
+        self.send("application-autoscaling", "register_scalable_target",
+                  scalable_target_request(endpoint, low, high))
+        self.send("application-autoscaling", "put_scaling_policy",
+                  scaling_policy_request(endpoint, target_invocations))
+        if not self.dry_run:
+            events.event("autoscaling", endpoint=endpoint, min=low, max=high,
+                         target_invocations_per_instance=target_invocations)
+        return {"min": low, "max": high, "policy": scaling_policy_name(endpoint),
+                "metric": SCALING_METRIC, "target": target_invocations}
+
+    def _remove_scaling(self, endpoint: str, target: dict[str, Any] | None) -> list[str]:
+        """Delete the variant's scaling policies and deregister it; returns the policy names."""
+        resource = scaling_resource_id(endpoint)
+        if self.dry_run:
+            policies = [scaling_policy_name(endpoint)]
+        elif target is None:
+            return []
+        else:
+            policies = [p["PolicyName"] for p in self.client("application-autoscaling")
+                        .describe_scaling_policies(ServiceNamespace=SCALING_NAMESPACE,
+                                                   ResourceId=resource,
+                                                   ScalableDimension=SCALING_DIMENSION)
+                        ["ScalingPolicies"]]
+        for policy in policies:
+            self.send("application-autoscaling", "delete_scaling_policy",
+                      {"PolicyName": policy, "ServiceNamespace": SCALING_NAMESPACE,
+                       "ResourceId": resource, "ScalableDimension": SCALING_DIMENSION})
+        self.send("application-autoscaling", "deregister_scalable_target",
+                  {"ServiceNamespace": SCALING_NAMESPACE, "ResourceId": resource,
+                   "ScalableDimension": SCALING_DIMENSION})
+        return policies
 
     def add_model(self, name: str, *, training_job: str | None = None,
                   model_data: str | None = None, file: Path | None = None) -> dict[str, Any]:
@@ -613,10 +882,8 @@ class SageMakerBackend:
         return {"model": name, "uri": uri, "target_model": target}
 
     def invoke(self, target_model: str, image: Path, top_k: int = 5) -> Any:
-        body = Path(image).read_bytes()
-        request = {"EndpointName": self.settings.endpoint_name, "TargetModel": target_model,
-                   "ContentType": content_type_for(Path(image)), "Accept": "application/json",
-                   "CustomAttributes": top_k_attributes(top_k), "Body": body}
+        request = invoke_request(self.settings.endpoint_name, target_model, Path(image), top_k)
+        body = request["Body"]
         if self.dry_run:
             validate_request("sagemaker-runtime", "InvokeEndpoint", request)
             self.recorded.append(Recorded("sagemaker-runtime", "InvokeEndpoint",
@@ -678,6 +945,7 @@ class SageMakerBackend:
                 variants = sm.describe_endpoint_config(EndpointConfigName=config)["ProductionVariants"]
                 models = [v["ModelName"] for v in variants]
         if config:
+            deleted["scaling_policies"] = self._remove_scaling(endpoint, self._scaling_of(endpoint))
             self.send("sagemaker", "delete_endpoint", {"EndpointName": endpoint})
             self.send("sagemaker", "delete_endpoint_config", {"EndpointConfigName": config})
             for model in models:
@@ -715,12 +983,3 @@ def _unquote(value: str) -> str:
         except ValueError:
             return value
     return value
-
-
-def merge_hyperparameters(*sources: Iterable[tuple[str, str]] | Mapping[str, str]) -> dict[str, str]:
-    merged: dict[str, str] = {}
-    for source in sources:
-        items = source.items() if isinstance(source, Mapping) else source
-        for key, value in items:
-            merged[key.replace("_", "-")] = str(value)
-    return merged

@@ -25,6 +25,16 @@ class SettingsError(ValueError):
     pass
 
 
+def check_model_name(name: str) -> str:
+    """``name`` if valid under the one model-name rule (:func:`dogbreed.contract.validate_model_name`)."""
+    from dogbreed.contract import ContractError, validate_model_name
+
+    try:
+        return validate_model_name(name)
+    except ContractError as exc:
+        raise SettingsError(str(exc)) from None
+
+
 @dataclasses.dataclass(frozen=True)
 class Settings:
     """Everything a launcher command may need; fields left ``None`` are resolved or refused later."""
@@ -35,6 +45,8 @@ class Settings:
     prefix: str = "dogbreed"
     train_image: str | None = None
     serve_image: str | None = None
+    # What `make push` recorded (default <workdir>/pushed-images.json): the default images.
+    pushed_images: str | None = None
     train_instance_type: str = "ml.g4dn.xlarge"
     train_instance_count: int = 1
     train_volume_gb: int = 30
