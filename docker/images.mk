@@ -26,6 +26,8 @@ endif
 CA_BUNDLE ?= $(firstword $(wildcard $(PIP_CERT) $(SSL_CERT_FILE) /etc/ssl/certs/ca-certificates.crt))
 BAKE_IMAGENET_WEIGHTS ?= false
 REGISTRY ?=
+# What `make push` pushed (sha tag + digest): the launcher's default images (`dogbreed --pushed-images`).
+PUSHED_IMAGES ?= .dogbreed/pushed-images.json
 comma := ,
 
 IMAGE_VERSION = $(shell python3 docker/pyproject_info.py version 2>/dev/null || echo unknown)
@@ -58,9 +60,9 @@ build: ## build the train and serve images (tags: git short sha and latest; BASE
 	echo "built $(TRAIN_IMAGE):$(TAG) $(SERVE_IMAGE):$(TAG) in $$(( $$(date +%s) - start )) s" && \
 	$(DOCKER) image ls --filter reference='$(TRAIN_IMAGE):$(TAG)' --filter reference='$(SERVE_IMAGE):$(TAG)'
 
-push: ## push both images (tag and latest) to ECR, or to REGISTRY=host:port
-	$(PYTHON) scripts/push_images.py --docker $(DOCKER) --tag $(TAG) \
-	  $(if $(REGISTRY),--registry $(REGISTRY)) $(TRAIN_IMAGE) $(SERVE_IMAGE)
+push: ## push both images (tag and latest) to ECR, or to REGISTRY=host:port; record them in PUSHED_IMAGES
+	$(PYTHON) scripts/push_images.py --docker $(DOCKER) --tag $(TAG) --record $(PUSHED_IMAGES) \
+	  $(if $(REGISTRY),--registry $(REGISTRY)) train=$(TRAIN_IMAGE) serve=$(SERVE_IMAGE)
 
 local-train: ## train in the train image on SAMPLE_DATA, output to build/local-train (GPU if present)
 	rm -rf $(LOCAL_TRAIN_DIR) && mkdir -p $(LOCAL_TRAIN_DIR)/input/config

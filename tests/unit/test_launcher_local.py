@@ -13,9 +13,9 @@ import pytest
 from dogbreed import artifacts, contract, metrics, train
 from dogbreed.launcher import local_backend, local_runs, local_tuning, search_space
 from dogbreed.launcher.local_backend import LocalBackend, LocalError, TrainingRun
-from dogbreed.metrics import parse_metrics
 from dogbreed.launcher.settings import Settings, SettingsError
 from dogbreed.launcher.testing import FAKE_FAIL_ENV, METADATA_FILE, WEIGHTS_FILE, fake_accuracy
+from dogbreed.metrics import parse_metrics
 
 FAKE_TRAIN = [sys.executable, "-m", "dogbreed.launcher.testing"]
 

@@ -23,11 +23,14 @@ REGION = "eu-west-1"
 ECR_HOST = f"{ACCOUNT}.dkr.ecr.{REGION}.amazonaws.com"
 
 FAKE_DOCKER = f"""#!{sys.executable}
-import json, os, sys
+import hashlib, json, os, sys
 argv = sys.argv[1:]
 stdin = sys.stdin.read() if "--password-stdin" in argv else None
 with open(os.environ["FAKE_DOCKER_LOG"], "a") as f:
     f.write(json.dumps({{"argv": argv, "stdin": stdin}}) + "\\n")
+if argv[:2] == ["image", "inspect"]:  # RepoDigests of a pushed reference, as the engine reports
+    name = argv[-1].rsplit(":", 1)[0]
+    print(json.dumps([name + "@sha256:" + hashlib.sha256(name.encode()).hexdigest()]))
 sys.exit(3 if argv and argv[0] == os.environ.get("FAKE_DOCKER_FAIL_ON") else 0)
 """
 
@@ -159,3 +162,39 @@ def test_docker_failure_stops_with_non_zero_exit(docker_log: Path, monkeypatch: 
 ])
 def test_repository_name(image: str, name: str) -> None:
     assert push_images.repository_name(image) == name
+
+
+def test_record_names_the_sha_tag_and_digest_the_launcher_uses(
+        aws, docker_log: Path, tmp_path: Path) -> None:
+    """`make push` records what it pushed; the launcher's default images are those, pinned."""
+    import hashlib
+
+    from dogbreed.launcher.sagemaker_backend import SageMakerBackend
+    from dogbreed.launcher.settings import Settings, SettingsError
+
+    record = tmp_path / "work" / "pushed-images.json"
+    assert push_images.main(["--tag", "abc1234", "--record", str(record),
+                             "train=dogbreed-train-x", "serve=dogbreed-serve-x"]) == 0
+    written = json.loads(record.read_text())
+    assert written["tag"] == "abc1234" and written["registry"] == ECR_HOST
+    train = written["images"]["train"]
+    digest = "sha256:" + hashlib.sha256(f"{ECR_HOST}/dogbreed-train-x".encode()).hexdigest()
+    assert train == {"repository": "dogbreed-train-x",
+                     "reference": f"{ECR_HOST}/dogbreed-train-x:abc1234", "digest": digest,
+                     "pinned": f"{ECR_HOST}/dogbreed-train-x@{digest}"}
+    assert ["image", "inspect", "--format", "{{json .RepoDigests}}",
+            f"{ECR_HOST}/dogbreed-serve-x:abc1234"] in [c["argv"] for c in calls(docker_log)]
+
+    settings = Settings(region=REGION, role_arn="arn:aws:iam::123456789012:role/r", bucket="b",
+                        workdir=str(tmp_path / "work"))
+    sm = SageMakerBackend(settings, dry_run=True)
+    assert sm.image_uri("train") == train["pinned"]
+    sm.train(name="dogbreed-train-pinned", hyperparameters={})
+    assert sm.recorded[-1].request["AlgorithmSpecification"]["TrainingImage"] == train["pinned"]
+    # SageMaker pulls from its own region: a record from another region is refused, by name.
+    other = SageMakerBackend(Settings(region="us-west-2", workdir=str(tmp_path / "work")), dry_run=True)
+    with pytest.raises(SettingsError, match="pushed to eu-west-1.*region is us-west-2"):
+        other.image_uri("serve")
+    # --latest-images: the account's :latest, as before.
+    latest = SageMakerBackend(settings, dry_run=True, latest_images=True)
+    assert latest.image_uri("serve").endswith("/dogbreed-serve:latest")

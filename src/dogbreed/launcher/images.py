@@ -18,10 +18,10 @@ import re
 from pathlib import Path
 from typing import Any
 
-from dogbreed.launcher.settings import Settings, SettingsError
+from dogbreed.launcher.settings import SERVE_REPOSITORY, TRAIN_REPOSITORY, Settings, SettingsError
 
 RECORD_NAME = "pushed-images.json"
-KINDS = ("train", "serve")
+REPOSITORIES = {"train": TRAIN_REPOSITORY, "serve": SERVE_REPOSITORY}
 _ECR_HOST = re.compile(r"(\d{12})\.dkr\.ecr\.([a-z0-9-]+)\.amazonaws\.com(\.cn)?")
 
 
@@ -49,8 +49,9 @@ def ecr_region(reference: str) -> str | None:
 
 
 def pushed_reference(record: dict[str, Any], kind: str, region: str, path: Path) -> str:
-    """The pushed ``kind`` image for a job in ``region`` (pinned by digest when known)."""
-    entry = record["images"].get(kind)
+    """The pushed ``kind`` image for a job in ``region`` (pinned by digest when known); an image
+    pushed without ``KIND=`` is found by its default repository name."""
+    entry = record["images"].get(kind) or record["images"].get(REPOSITORIES[kind])
     if not entry:
         raise SettingsError(f"{path} records no {kind} image; rerun `make push` or pass --{kind}-image")
     reference = entry.get("pinned") or entry["reference"]
