@@ -519,9 +519,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     command = COMMANDS[args.command]
     try:
-        settings = _settings(args)
-        backend = "local" if command.local_only else _backend_name(args, settings)
-        result = command.run(args, settings, backend)
+        with events.lines_above_bars():
+            settings = _settings(args)
+            backend = "local" if command.local_only else _backend_name(args, settings)
+            result = command.run(args, settings, backend)
     except (CliError, settings_mod.SettingsError, ContractError, ValueError) as exc:
         events.event("error", 40, command=args.command, error=str(exc))
         print(f"dogbreed {args.command}: {exc}", file=sys.stderr)

@@ -8,9 +8,11 @@ elapsed time); off a terminal it draws nothing and the ``event=…`` lines are t
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
+from collections.abc import Iterator
 from typing import Any, TextIO
 
 log = logging.getLogger("dogbreed.launcher")
@@ -21,6 +23,19 @@ def configure(level: str | None = None) -> None:
         return
     logging.basicConfig(level=level or os.environ.get("DOGBREED_LOG_LEVEL", "INFO"),
                         format="%(asctime)s %(levelname)s %(name)s %(message)s", stream=sys.stderr)
+
+
+@contextlib.contextmanager
+def lines_above_bars(stream: TextIO | None = None) -> Iterator[None]:
+    """On a terminal, log lines are written through tqdm (above the bars, which are redrawn
+    below them) instead of into the middle of a bar; off a terminal nothing changes."""
+    if not _isatty(stream or sys.stderr):
+        yield
+        return
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    with logging_redirect_tqdm(loggers=[logging.getLogger()]):
+        yield
 
 
 def _value(value: Any) -> str:
@@ -95,7 +110,7 @@ class Progress:
         self.enabled = _isatty(self.stream) if enabled is None else enabled
 
     def bar(self, description: str, *, total: float | None = None, unit: str = "it",
-            bytes_: bool = False) -> Bar:
+            bytes_: bool = False, leave: bool = True) -> Bar:
         """A bar counting ``unit`` (bytes scaled to kB/MB with ``bytes_``) towards ``total``;
         without a total it shows the count and the elapsed time (a job's status)."""
         if not self.enabled:
@@ -105,7 +120,7 @@ class Progress:
         bar_format = None if total is not None else "{desc} [{elapsed}] {postfix}"
         return Bar(tqdm(total=total, desc=description, unit="B" if bytes_ else unit,
                         unit_scale=bytes_, unit_divisor=1024 if bytes_ else 1000,
-                        file=self.stream, dynamic_ncols=True, leave=True, bar_format=bar_format))
+                        file=self.stream, dynamic_ncols=True, leave=leave, bar_format=bar_format))
 
 
 def _isatty(stream: TextIO) -> bool:

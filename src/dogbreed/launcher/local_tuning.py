@@ -115,9 +115,9 @@ class LocalTuning:
                 records.append(self._trial(study, index, data, cache, device, progress))
                 counts = {s: sum(r["state"] == s for r in records) for s in STATES}
                 best = max((r["value"] for r in records if r["state"] == "COMPLETE"), default=None)
-                trials_bar.advance()
                 trials_bar.status(f"done={counts['COMPLETE']} pruned={counts['PRUNED']} "
                                   f"failed={counts['FAIL']} best={best}")
+                trials_bar.advance()
         return self._result(records, started)
 
     def _trial(self, study: Any, index: int, data: Path, cache: Any, device: Any,
@@ -130,7 +130,7 @@ class LocalTuning:
         epochs = contract.parse_hyperparameters(hps).epochs
         trial_dir = self.root / f"trial-{trial.number:03d}"
         with progress.bar(f"  trial {trial.number} ({index + 1}/{self.trials})", total=epochs,
-                          unit="epoch") as epoch_bar:
+                          unit="epoch", leave=False) as epoch_bar:
 
             def on_epoch(epoch: int, metrics: dict[str, float]) -> bool:
                 epoch_bar.set(epoch)

@@ -1,0 +1,109 @@
+"""What a person sees: progress bars on a terminal, ``event=… key=value`` lines in a pipe; and a
+launcher that starts fast because it never imports torch."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import pty
+import struct
+import subprocess
+import sys
+import termios
+import time
+from pathlib import Path
+
+import pytest
+
+REPO_SRC = Path(__file__).resolve().parents[2] / "src"
+# The launcher's CLI with the fake entry point (same contract, milliseconds per epoch).
+RUN_CLI = ("import sys; from dogbreed.launcher import cli, local_runs; "
+           "local_runs.TRAIN_COMMAND = (sys.executable, '-m', 'dogbreed.launcher.testing'); "
+           "sys.exit(cli.main(sys.argv[1:]))")
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": f"{REPO_SRC}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+            "COLUMNS": "120", "TERM": "xterm", "DOGBREED_FAKE_EPOCH_SECONDS": "0.05"}
+
+
+def _on_a_terminal(argv: list[str], timeout: float = 120.0) -> tuple[int, str]:
+    """Run the CLI with stderr (and stdin/stdout) on a pseudo-terminal; returns (exit, output)."""
+    leader, follower = pty.openpty()
+    # A terminal of 40 rows x 120 columns (a fresh pty has 0 x 0: tqdm would draw nothing).
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
+    process = subprocess.Popen([sys.executable, "-c", RUN_CLI, *argv], stdin=follower,
+                               stdout=follower, stderr=follower, env=_env(), close_fds=True)
+    os.close(follower)
+    chunks, deadline = [], time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            data = os.read(leader, 65536)
+        except OSError:  # EIO: the child closed the terminal
+            break
+        if not data:
+            break
+        chunks.append(data)
+    os.close(leader)
+    return process.wait(timeout=30), b"".join(chunks).decode(errors="replace")
+
+
+@pytest.fixture
+def local_args(tmp_path: Path, sample_data: Path) -> list[str]:
+    return ["--local", "--data", str(sample_data), "--workdir", str(tmp_path / "work")]
+
+
+def test_a_terminal_gets_progress_bars_and_a_pipe_gets_key_value_lines(local_args: list[str]) -> None:
+    train = ["train", *local_args, "--name", "bar-job", "--epochs", "3", "--weights", "none"]
+    code, screen = _on_a_terminal(train)
+    assert code == 0, screen
+    # tqdm's bar: description, fraction of epochs, the unit and the elapsed time, redrawn with \r.
+    assert "train bar-job" in screen and "3/3" in screen and "epoch" in screen and "\r" in screen
+    assert "valid_accuracy=" in screen
+
+    piped = subprocess.run([sys.executable, "-c", RUN_CLI, *train], capture_output=True,
+                           text=True, env=_env(), timeout=120)
+    assert piped.returncode == 0, piped.stderr
+    assert "\r" not in piped.stderr and "3/3" not in piped.stderr
+    assert "event=training_started job=bar-job" in piped.stderr
+    assert "event=training_completed job=bar-job" in piped.stderr
+    assert json.loads(piped.stdout)["status"] == "Completed"
+
+
+def test_a_terminal_shows_trials_done_pruned_and_best(local_args: list[str]) -> None:
+    code, screen = _on_a_terminal(["tune", *local_args, "--name", "bar-study", "--trials", "2",
+                                   "--epochs-max", "2", "--weights", "none"])
+    assert code == 0, screen
+    assert "tune bar-study" in screen and "2/2" in screen
+    assert "done=2 pruned=0 failed=0 best=" in screen
+
+
+def test_the_launcher_never_imports_torch(tmp_path: Path, sample_data: Path) -> None:
+    """`import dogbreed.launcher.cli`, tune dry runs (local and SageMaker) and `status` load no
+    torch: the metric definitions come from the torch-free dogbreed.metrics."""
+    script = f"""
+import contextlib, io, json, sys
+from dogbreed.launcher import cli
+loaded = {{"import": sorted(m for m in ("torch", "torchvision") if m in sys.modules)}}
+runs = {{
+    "tune_local": ["tune", "--dry-run", "--local", "--data", {str(sample_data)!r},
+                   "--workdir", {str(tmp_path)!r}],
+    "tune_sagemaker": ["tune", "--dry-run", "--sagemaker", "--region", "eu-west-1",
+                       "--workdir", {str(tmp_path)!r}],
+    "train_sagemaker": ["train", "--dry-run", "--sagemaker", "--region", "eu-west-1",
+                        "--workdir", {str(tmp_path)!r}],
+    "status": ["status", "--local", "--workdir", {str(tmp_path)!r}],
+}}
+for name, argv in runs.items():
+    with contextlib.redirect_stdout(io.StringIO()):
+        code = cli.main(argv)
+    loaded[name] = [code] + sorted(m for m in ("torch", "torchvision") if m in sys.modules)
+print(json.dumps(loaded))
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          env=_env(), timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout.splitlines()[-1]) == {
+        "import": [], "tune_local": [0], "tune_sagemaker": [0], "train_sagemaker": [0],
+        "status": [0]}
