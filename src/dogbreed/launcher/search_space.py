@@ -116,6 +116,21 @@ def to_sagemaker(space: Sequence[Parameter]) -> dict[str, list[dict[str, Any]]]:
     return {k: v for k, v in ranges.items() if v}
 
 
+def to_sdk(space: Sequence[Parameter] = SEARCH_SPACE) -> dict[str, Any]:
+    """The space as the SageMaker Python SDK's ``hyperparameter_ranges`` (imports ``sagemaker``)."""
+    from sagemaker.tuner import CategoricalParameter, ContinuousParameter, IntegerParameter
+
+    ranges: dict[str, Any] = {}
+    for param in space:
+        if isinstance(param, Categorical):
+            ranges[param.name] = CategoricalParameter([_string(v) for v in param.values])
+        else:
+            kind = ContinuousParameter if isinstance(param, Continuous) else IntegerParameter
+            ranges[param.name] = kind(param.low, param.high,
+                                      scaling_type="Logarithmic" if param.log else "Linear")
+    return ranges
+
+
 def suggest(trial: TrialLike, space: Sequence[Parameter]) -> dict[str, Any]:
     """Ask an Optuna trial for one point of ``space``; native values keyed by dashed name."""
     values: dict[str, Any] = {}
