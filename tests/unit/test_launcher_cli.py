@@ -241,3 +241,35 @@ def test_local_tune_then_train_from_it(run, sample_data: Path,
     assert code == 0, err
     expected = {**result["best_hyperparameters"], "epochs": "4"}
     assert plan["hyperparameters"] == expected
+
+
+def test_local_dry_runs_are_the_backends_own_plans(run, sample_data: Path, tmp_path: Path) -> None:
+    work = str(tmp_path / "work")
+    code, plan, err = run("tune", "--local", "--dry-run", "--data", str(sample_data), "--trials",
+                          "9", "--prune-warmup-epochs", "1", "--seed", "7", "--workdir", work)
+    assert code == 0, err
+    # Read off the Optuna objects the study would use, not restated by the CLI.
+    assert plan["sampler"] == {"name": "TPESampler", "seed": 7, "n_startup_trials": 3}
+    assert plan["pruner"]["n_warmup_steps"] == 1 and plan["pruner"]["percentile"] == 50.0
+    code, plan, err = run("deploy", "--local", "--dry-run", "--port", "0", "--workdir", work)
+    assert code == 0, err
+    assert plan["port"] == 0 and plan["store"].endswith("/work/models") and plan["running"] is None
+    code, plan, err = run("cleanup", "--local", "--dry-run", "--delete-models", "--workdir", work)
+    assert code == 0 and plan["delete_models"].endswith("/work/models")
+    code, _, err = run("add-model", "--local", "--dry-run", "../up", "--file", "x.tar.gz",
+                       "--workdir", work)
+    assert code == cli.EXIT_USAGE and "model name '../up'" in err
+
+
+@pytest.mark.parametrize("argv", [
+    ["deploy", "--autoscale", "1:2"], ["tune", "--warm-start-from", "a"], ["train", "--logs"],
+])
+def test_sagemaker_only_flags_are_refused_locally(run, argv: list[str]) -> None:
+    code, _, err = run(*argv, "--local", "--dry-run")
+    assert code == cli.EXIT_USAGE and "SageMaker only" in err
+
+
+def test_a_subcommand_is_one_registry_entry() -> None:
+    parser = cli.build_parser()
+    names = set(parser._subparsers._group_actions[0].choices)
+    assert names == set(cli.COMMANDS) >= {"tune", "train", "deploy", "logs", "status", "cleanup"}

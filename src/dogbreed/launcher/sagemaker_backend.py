@@ -784,9 +784,6 @@ class SageMakerBackend:
                 return None
             raise
 
-    def _endpoint_exists(self, endpoint: str) -> bool:
-        return self._endpoint_description(endpoint) is not None
-
     def _delete_config_and_models(self, config: str) -> dict[str, Any]:
         variants = self.client("sagemaker").describe_endpoint_config(
             EndpointConfigName=config)["ProductionVariants"]

@@ -79,21 +79,9 @@ class Settings:
         return self.s3_uri("data")
 
     @property
-    def output_uri(self) -> str:
-        return self.s3_uri("output")
-
-    @property
     def models_uri(self) -> str:
         """The MME model prefix: each model is ``<models_uri>/<name>/model.tar.gz``."""
         return self.s3_uri("models") + "/"
-
-    @property
-    def checkpoints_uri(self) -> str:
-        return self.s3_uri("checkpoints")
-
-    @property
-    def debug_uri(self) -> str:
-        return self.s3_uri("debug")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
