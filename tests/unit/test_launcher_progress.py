@@ -107,3 +107,21 @@ print(json.dumps(loaded))
     assert json.loads(done.stdout.splitlines()[-1]) == {
         "import": [], "tune_local": [0], "tune_sagemaker": [0], "train_sagemaker": [0],
         "status": [0]}
+
+
+def test_job_status_bar_shows_status_and_elapsed_time_and_upload_bytes() -> None:
+    import io
+
+    from dogbreed.launcher import events
+
+    screen = io.StringIO()
+    progress = events.Progress(stream=screen, enabled=True)
+    with progress.bar("training job dogbreed-train-1") as bar:  # no total: status + elapsed
+        bar.status("InProgress / Training")
+    with progress.bar("upload s3://b/dogbreed/data", total=3 * 1024 * 1024, bytes_=True) as bar:
+        bar.advance(3 * 1024 * 1024)
+    text = screen.getvalue()
+    assert "training job dogbreed-train-1 [00:00, InProgress / Training]" in text
+    assert "3.00M/3.00M" in text
+    quiet = events.Progress(stream=io.StringIO())  # not a terminal: no bars at all
+    assert not quiet.enabled and quiet.bar("x", total=1)._bar is None

@@ -117,7 +117,7 @@ class Progress:
             return Bar()
         from tqdm import tqdm
 
-        bar_format = None if total is not None else "{desc} [{elapsed}] {postfix}"
+        bar_format = None if total is not None else "{desc} [{elapsed}{postfix}]"
         return Bar(tqdm(total=total, desc=description, unit="B" if bytes_ else unit,
                         unit_scale=bytes_, unit_divisor=1024 if bytes_ else 1000,
                         file=self.stream, dynamic_ncols=True, leave=leave, bar_format=bar_format))
