@@ -328,3 +328,19 @@ def test_logs_command_reads_a_jobs_events(monkeypatch: pytest.MonkeyPatch,
     out, err = capsys.readouterr()
     assert code == 0, err
     assert json.loads(out)["events"] == 1 and "[AllTraffic/i-0abc] ready" in err
+
+
+def test_tuning_trials_share_a_prefix_but_not_a_checkpoint_file(tmp_path: Path) -> None:
+    """Trials of one tuning job sync the same CheckpointConfig.S3Uri; each resumes its own file."""
+    from dogbreed import contract
+    from dogbreed.train import checkpoint_file
+
+    request = smb.tuning_request(_settings(), name="dogbreed-tune-ck", train_image="i",
+                                 static_hyperparameters={}, spot=True)
+    assert request["TrainingJobDefinition"]["CheckpointConfig"] == {
+        "S3Uri": f"s3://{BUCKET}/dogbreed/checkpoints/dogbreed-tune-ck/",
+        "LocalPath": "/opt/ml/checkpoints"}
+    paths = contract.Paths.from_env({contract.BASE_DIR_ENV: str(tmp_path)})
+    assert checkpoint_file(paths, {}).name == "checkpoint.pt"  # local runs, as before
+    trial = {"TRAINING_JOB_NAME": "dogbreed-tune-ck-003-1a2b3c4d"}
+    assert checkpoint_file(paths, trial) == paths.checkpoints_dir / "checkpoint-dogbreed-tune-ck-003-1a2b3c4d.pt"
