@@ -18,6 +18,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+from dogbreed.launcher import events
 from dogbreed.launcher.settings import SERVE_REPOSITORY, TRAIN_REPOSITORY, Settings, SettingsError
 
 RECORD_NAME = "pushed-images.json"
@@ -56,7 +57,10 @@ def pushed_reference(record: dict[str, Any], kind: str, region: str, path: Path)
         raise SettingsError(f"{path} records no {kind} image; rerun `make push` or pass --{kind}-image")
     reference = entry.get("pinned") or entry["reference"]
     pushed_region = ecr_region(reference)
-    if pushed_region is not None and pushed_region != region:
+    if pushed_region is None:
+        events.warning("pushed_image_not_in_ecr", kind=kind, image=reference,
+                       note="SageMaker pulls training and serving images from ECR only")
+    elif pushed_region != region:
         raise SettingsError(
             f"the {kind} image was pushed to {pushed_region} ({reference}) but the session's region "
             f"is {region}: SageMaker pulls from its own region; `make push` with AWS_REGION={region}, "
