@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from dogbreed.artifacts import ARCHIVE_NAME
-from dogbreed.launcher import events
+from dogbreed.launcher import events, workflows
 from dogbreed.launcher import settings as settings_mod
 
 EXIT_ERROR = 1
@@ -182,6 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lr", type=float, default=0.01)
     p.add_argument("--weights", default="none")
+    workflows.register(sub, parent)  # report, explain, clarify, batch
     return parser
 
 
@@ -444,7 +445,7 @@ def cmd_demo(args: argparse.Namespace, settings: settings_mod.Settings, backend:
 
 COMMANDS = {"upload-data": cmd_upload_data, "tune": cmd_tune, "train": cmd_train,
             "deploy": cmd_deploy, "add-model": cmd_add_model, "invoke": cmd_invoke,
-            "status": cmd_status, "cleanup": cmd_cleanup, "demo": cmd_demo}
+            "status": cmd_status, "cleanup": cmd_cleanup, "demo": cmd_demo, **workflows.COMMANDS}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
