@@ -106,6 +106,32 @@ def _loss_points(tensors: Path) -> dict[str, list[tuple[int, float]]]:
             for mode in (ModeKeys.TRAIN, ModeKeys.EVAL)}
 
 
+def write_local_hook_config(paths: Any, save_interval: int = 5,
+                            losses_interval: int = 1) -> Path:
+    """Turn smdebug on for a local job laid out at ``paths``: the seeds' collections (what the
+    five rules read; weights are left out, no rule reads them and they are the largest), saved
+    every ``save_interval`` steps, losses every ``losses_interval``, into ``output/tensors``.
+
+    SageMaker writes this file itself from ``DebugHookConfig`` (with save_interval 500, which
+    suits hours-long jobs, not a local run of a few hundred steps)."""
+    from dogbreed.launcher.rules import COLLECTIONS
+
+    collections = []
+    for collection in COLLECTIONS:
+        if collection["CollectionName"] == "weights":
+            continue
+        params = dict(collection["CollectionParameters"])
+        params["save_interval"] = str(losses_interval if collection["CollectionName"] == "losses"
+                                      else save_interval)
+        collections.append({"CollectionName": collection["CollectionName"],
+                            "CollectionParameters": params})
+    config = {"LocalPath": str(Path(paths.output_dir) / "tensors"),
+              "CollectionConfigurations": collections}
+    paths.input_config_dir.mkdir(parents=True, exist_ok=True)
+    paths.debug_hook_config_file.write_text(json.dumps(config, indent=2))
+    return paths.debug_hook_config_file
+
+
 # --- the run report --------------------------------------------------------------------------------
 def build_run_report(run_dir: Path, out: Path | None = None) -> dict[str, Any]:
     """Evaluate the rules, summarise the profile and write the HTML page; returns a summary."""

@@ -40,6 +40,7 @@ def epoch_curves(history: Sequence[Mapping[str, Any]]) -> bytes:
     loss_ax.set(xlabel="epoch", ylabel="cross-entropy loss", title="Loss per epoch")
     acc_ax.set(xlabel="epoch", ylabel="accuracy", title="Accuracy per epoch", ylim=(0, 1))
     for ax in (loss_ax, acc_ax):
+        ax.xaxis.get_major_locator().set_params(integer=True)
         ax.legend()
         ax.grid(alpha=0.3)
     return png(fig)

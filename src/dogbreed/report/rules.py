@@ -199,7 +199,8 @@ def make_rules(trial: Any, overrides: Mapping[str, Mapping[str, Any]] | None = N
                 patience_train, patience_validation, delta)
             names = _loss_names(base_trial)
             self.train = dict(_loss_series(base_trial, names[0], ModeKeys.TRAIN)) if names else {}
-            self.passes = {p["end_step"]: p for p in _eval_passes(base_trial, names[0])} if names else {}
+            self.passes = ({p["end_step"]: p for p in _eval_passes(base_trial, names[0])
+                            if p["train_loss"] is not None} if names else {})
             self.best_train = self.best_valid = float("inf")
             self.train_stall = self.valid_stall = 0
 
