@@ -126,6 +126,19 @@ def test_rule_parameters_are_aws_defaults_under_the_projects_own():
     assert rules.rule_parameters("Overtraining", {"patience_train": "7"})["patience_train"] == 7
 
 
+def test_required_collections_come_from_smdebug_rulesconfig():
+    assert rules.required_collections("VanishingGradient") == ["gradients"]
+    assert rules.required_collections("PoorWeightInitialization") == ["relu_input"]
+    assert rules.required_collections("LossNotDecreasing") == ["losses"]
+    # Every one the rules need is in the hook config a local run gets.
+    from dogbreed.launcher.rules import COLLECTIONS
+
+    hooked = {c["CollectionName"] for c in COLLECTIONS}
+    for name in rules.AWS_DEFAULTS:
+        if name != "LowGPUUtilization":
+            assert set(rules.required_collections(name)) <= hooked, name
+
+
 def test_step_recorder_and_profiler_summary(tmp_path):
     import torch
 

@@ -74,6 +74,15 @@ def rule_parameters(name: str, overrides: Mapping[str, Any] | None = None) -> di
     return params
 
 
+def required_collections(name: str) -> list[str]:
+    """The hook collections smdebug-rulesconfig pairs with the built-in rule ``name``."""
+    import smdebug_rulesconfig
+
+    snake = re.sub(r"(?<!^)(?=[A-Z])", "_", name).lower()
+    config = getattr(smdebug_rulesconfig, snake)()
+    return [c["CollectionName"] for c in config.get("CollectionConfigurations", [])]
+
+
 def _rule_base() -> Any:
     from smdebug.rules.rule import Rule
 
@@ -377,8 +386,9 @@ def evaluate_debugger_rules(tensors_dir: str, overrides: Mapping[str, Mapping[st
             verdicts.append(Verdict(name, ERROR, None, f"{type(exc).__name__}: {exc}", shown))
             continue
         if rule.evaluated == 0:
+            needed = ", ".join(required_collections(name)) or "losses"
             verdicts.append(Verdict(name, ERROR, None, "the tensors this rule reads were not "
-                                    "saved (check the hook's collections)", shown))
+                                    f"saved: the hook needs the collections {needed}", shown))
         else:
             verdicts.append(Verdict(name, NO_ISSUES, None,
                                     f"checked {rule.evaluated} data points", shown))
