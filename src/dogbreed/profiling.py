@@ -13,10 +13,12 @@ config uses (500 ms).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import threading
 import time
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -84,6 +86,10 @@ class _Sampler(threading.Thread):
         self._stop_event.set()
         if self.is_alive():
             self.join(timeout=2 * self.interval)
+        if self._nvml is not None and not self.is_alive():
+            with contextlib.suppress(Exception):
+                self._nvml.nvmlShutdown()  # NVML counts inits; give back this one
+            self._nvml = None
 
 
 class StepRecorder:
@@ -99,6 +105,9 @@ class StepRecorder:
         self._sampler = _Sampler(device) if sample else None
         if self._sampler is not None:
             self._sampler.start()
+            # A run that ends in an exception (a pruned trial, SIGTERM) never calls write():
+            # the sampler stops when the recorder is collected instead of sampling forever.
+            weakref.finalize(self, self._sampler.stop)
 
     def epoch(self, epoch: int) -> StepRecorder:
         self.current_epoch = epoch
@@ -146,7 +155,7 @@ class StepRecorder:
             self._sampler.stop()
             profile["samples"] = self._sampler.samples
             profile["gpu_name"] = self._sampler.gpu_name
-            profile["nvml"] = self._sampler._nvml is not None
+            profile["nvml"] = any("gpu_percent" in row for row in self._sampler.samples)
         if self.cuda:
             profile["cuda_max_memory_allocated_mb"] = round(
                 torch.cuda.max_memory_allocated(self.device) / 2**20, 1)

@@ -157,6 +157,16 @@ def test_step_recorder_and_profiler_summary(tmp_path):
     summary = report.profiler_summary(profile)
     assert summary["steps"] == 6 and summary["images"] == 48
     assert summary["step_ms_p50"] > 0 and 0 < summary["data_fraction"] < 1
+    assert not recorder._sampler.is_alive()  # write() stopped it
+    # A run that raised never writes: dropping the recorder stops its sampler thread.
+    import gc
+
+    abandoned = profiling.StepRecorder(torch.device("cpu"))
+    sampler = abandoned._sampler
+    del abandoned
+    gc.collect()
+    sampler.join(timeout=2)
+    assert not sampler.is_alive()
     # The default recorder of train_one_epoch callers that do not profile records nothing.
     profiling.NO_STEPS.start()
     profiling.NO_STEPS.data_ready()
