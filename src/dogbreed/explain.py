@@ -32,13 +32,21 @@ from dogbreed import artifacts, data
 ALPHA = 0.45  # heat map opacity over the photo
 
 
-def target_layer(model: nn.Module, arch: str | None = None) -> nn.Module:
-    """The last convolutional stage: layer4 (ResNets), features[-1] (MobileNetV2, 1280 ch)."""
+# Below this many cells across, the last stage's map is too coarse to point at anything (a
+# 64 px input gives ResNet's layer4 2x2 cells, 32 px a single one): use the stride-16 stage.
+MIN_CAM_CELLS = 4
+
+
+def target_layer(model: nn.Module, arch: str | None = None, input_size: int = 224) -> nn.Module:
+    """The layer Grad-CAM reads: the last convolutional stage (stride 32: ResNet ``layer4``,
+    MobileNetV2 ``features[-1]``, 7x7 cells at 224 px), or the stride-16 stage (``layer3``,
+    ``features[13]``) when the input is too small for the last one to have MIN_CAM_CELLS."""
     arch = arch or ("resnet" if hasattr(model, "layer4") else "mobilenet_v2")
+    coarse = input_size // 32 < MIN_CAM_CELLS
     if arch.startswith("resnet"):
-        return model.layer4
+        return model.layer3 if coarse else model.layer4
     if arch == "mobilenet_v2":
-        return model.features[-1]
+        return model.features[13] if coarse else model.features[-1]
     raise ValueError(f"no Grad-CAM layer known for architecture {arch!r}")
 
 
@@ -65,7 +73,7 @@ def explain(model: nn.Module, image_tensor: torch.Tensor, target_classes: int | 
     inputs = image_tensor.expand(len(targets), -1, -1, -1).contiguous()
     try:
         with torch.enable_grad():
-            cam = LayerGradCam(model, target_layer(model, arch))
+            cam = LayerGradCam(model, target_layer(model, arch, int(inputs.shape[-1])))
             maps = cam.attribute(inputs, target=targets, relu_attributions=True)
             maps = LayerAttribution.interpolate(maps, tuple(inputs.shape[-2:]), "bilinear")
     finally:

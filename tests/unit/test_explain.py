@@ -70,6 +70,18 @@ def test_explain_cli_writes_overlay_pngs_with_top_k_from_a_model_tar_gz(tmp_path
             assert colours > 1000  # a rendered heat map, not a blank canvas
 
 
+def test_target_layer_is_the_last_stage_unless_the_input_is_too_small():
+    resnet = models.build_model("resnet18", 3)
+    mobilenet = models.build_model("mobilenet_v2", 3)
+    assert explain.target_layer(resnet, "resnet18", 224) is resnet.layer4
+    assert explain.target_layer(resnet, "resnet18", 64) is resnet.layer3
+    assert explain.target_layer(mobilenet, "mobilenet_v2", 224) is mobilenet.features[-1]
+    assert explain.target_layer(mobilenet, "mobilenet_v2", 64) is mobilenet.features[13]
+    with torch.no_grad():  # features[13] really is the last stride-16 block
+        out = mobilenet.features[:14](torch.zeros(1, 3, 64, 64))
+    assert out.shape[-1] == 4
+
+
 def test_overlay_png_is_a_png_of_the_image_size():
     png = explain.overlay_png(torch.zeros(3, 40, 50, dtype=torch.uint8), torch.rand(40, 50))
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
