@@ -45,8 +45,10 @@ def settings() -> Settings:
                     poll_seconds=0)
 
 
-@pytest.fixture
-def model_tar(tmp_path) -> Path:
+@pytest.fixture(scope="module")
+def model_tar(tmp_path_factory) -> Path:
+    """One packed ResNet18 for the module (packing 45 MB of weights costs seconds)."""
+    tmp_path = tmp_path_factory.mktemp("model")
     torch.manual_seed(0)
     model_dir = tmp_path / "model"
     artifacts.save_model_dir(model_dir, models.build_model("resnet18", len(CLASSES)),
