@@ -17,14 +17,13 @@ from __future__ import annotations
 
 import json
 import logging
-import tarfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from dogbreed import profiling, reports
+from dogbreed import artifacts, profiling, reports
 from dogbreed.report import page
 from dogbreed.report import rules as rules_mod
 
@@ -294,8 +293,8 @@ def download_training_job(sagemaker: Any, s3: Any, job: str, dest: Path) -> Path
         except Exception as exc:  # noqa: BLE001 - a job without output data still has tensors
             log.warning("event=report_no_output_data uri=s3://%s/%s error=%s", bucket, output_key, exc)
         else:
-            with tarfile.open(archive) as tar:
-                tar.extractall(data_dir, filter="data")
+            # Refuses tar-slip, links and bombs (the archive comes from the job's bucket).
+            artifacts.safe_extract(archive, data_dir)
     hook = description.get("DebugHookConfig", {}).get("S3OutputPath")
     if hook:
         bucket, prefix = _split_s3(hook.rstrip("/") + f"/{job}/debug-output/")
