@@ -83,9 +83,10 @@ def write_reports(output_dir: Path, history: Sequence[dict[str, Any]], metrics: 
                   test_report: dict[str, Any] | None, class_names: Sequence[str]) -> list[Path]:
     output_dir.mkdir(parents=True, exist_ok=True)
     written = [output_dir / METRICS_FILE, output_dir / CURVES_FILE]
-    summary = {"metrics": metrics, "history": list(history)}
+    summary = {"metrics": metrics, "history": list(history), "class_names": list(class_names)}
     if test_report is not None:
         summary["per_class_test_accuracy"] = test_report["per_class"]
+        summary["test_confusion_matrix"] = test_report["confusion_matrix"]  # for `dogbreed report`
         (output_dir / PER_CLASS_FILE).write_text(json.dumps(test_report["per_class"], indent=2))
         plot_confusion(test_report["confusion_matrix"], class_names, output_dir / CONFUSION_FILE)
         written += [output_dir / PER_CLASS_FILE, output_dir / CONFUSION_FILE]

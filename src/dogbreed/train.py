@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from dogbreed import artifacts, contract, data, debugger, models, reports
+from dogbreed import artifacts, contract, data, debugger, models, profiling, reports
 from dogbreed.contract import ContractError, Hyperparameters, Paths
 
 # The metric lines and their SageMaker MetricDefinitions live in the torch-free dogbreed.metrics
@@ -171,6 +171,7 @@ def train_one_epoch(
     stop: StopFlag,
     *,
     epoch: int = 0,
+    steps: profiling.StepRecorder = profiling.NO_STEPS,
 ) -> tuple[float, float, float]:
     """One pass over ``split``; returns (mean loss, accuracy, images/s of the training steps).
 
@@ -190,12 +191,14 @@ def train_one_epoch(
     for number, index in enumerate(batches, 1):
         if stop.requested:
             raise Interrupted()
+        steps.start()
         index = index.to(split.device)
         images = split.images[index].to(device, non_blocking=True)
         labels = split.labels[index].to(device, non_blocking=True)
         inputs = data.train_transform(images, hp.image_size, generator)
         if runtime.channels_last:
             inputs = inputs.contiguous(memory_format=torch.channels_last)
+        steps.data_ready()
         with runtime.autocast():
             logits = model(inputs)
             loss = loss_fn(logits.float(), labels)
@@ -212,6 +215,7 @@ def train_one_epoch(
         first_bad_batch = torch.where((first_bad_batch == 0) & ~torch.isfinite(loss.detach()),
                                       number, first_bad_batch)
         seen += labels.numel()
+        steps.end(labels.numel())
     _sync(device)
     elapsed = max(time.perf_counter() - started, 1e-9)
     if bad := int(first_bad_batch.item()):
@@ -372,6 +376,7 @@ def run(hp: Hyperparameters, paths: Paths, stop: StopFlag | None = None,
         log.info("event=resume checkpoint=%s completed_epochs=%d", checkpoint_path, start_epoch - 1)
 
     hook = debugger.create_hook(paths, model, loss_fn)
+    steps = profiling.StepRecorder(runtime.device)  # -> output/data/profile.json
     step_model: nn.Module = model
     if hp.compile:
         compile_started = time.perf_counter()
@@ -391,7 +396,7 @@ def run(hp: Hyperparameters, paths: Paths, stop: StopFlag | None = None,
         debugger.set_mode(hook, train=True)
         train_loss, train_acc, images_per_sec = train_one_epoch(
             step_model, train_split, hp, runtime, optimizer, loss_fn, generator, scaler, stop,
-            epoch=epoch)
+            epoch=epoch, steps=steps.epoch(epoch))
         debugger.set_mode(hook, train=False)
         valid = evaluate(step_model, valid_split, hp, runtime, loss_fn)
         lr = optimizer.param_groups[0]["lr"]
@@ -417,6 +422,7 @@ def run(hp: Hyperparameters, paths: Paths, stop: StopFlag | None = None,
                      hp.early_stopping_patience)
             break
     debugger.close(hook)
+    steps.write(paths.output_data_dir)
 
     # The artifact is the best epoch's weights, not the last one's.
     if best_state:

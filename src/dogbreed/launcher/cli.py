@@ -27,7 +27,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from dogbreed.launcher import events
+from dogbreed.launcher import events, workflows
 from dogbreed.launcher import settings as settings_mod
 
 EXIT_ERROR = 1
@@ -492,6 +492,29 @@ SUBCOMMANDS: list[Subcommand] = [
                cleanup_arguments),
     Subcommand("demo", "train ResNet18 + MobileNetV2, serve both locally, invoke by TargetModel",
                cmd_demo, demo_arguments, local_only=True),
+    Subcommand("report", "debugger + profiler report of a run, or a study's",
+               workflows.cmd_report, workflows.report_arguments,
+               "Evaluate the seeds' debugger rules (VanishingGradient, Overfit, Overtraining, "
+               "PoorWeightInitialization, LossNotDecreasing) on the run's smdebug tensors, "
+               "LowGPUUtilization and a profiler summary on its step timings, and write one HTML "
+               "page with plots. RUN is a run directory (the /opt/ml layout), a local job or "
+               "tuning study name, a tuning result JSON, or (SageMaker) a training job name whose "
+               "outputs are downloaded first."),
+    Subcommand("explain", "Grad-CAM overlay PNGs for images (Captum)", workflows.cmd_explain,
+               workflows.explain_arguments,
+               "Predict each image with MODEL (a model dir or model.tar.gz) through the serving "
+               "transform and write <image>.gradcam.png: the photo and one Grad-CAM overlay per "
+               "top-k class, titled with label and probability.", local_only=True),
+    Subcommand("clarify", "SageMaker Clarify SHAP explanations of images", workflows.cmd_clarify,
+               workflows.clarify_arguments,
+               "CreateModel (serve image, single-model) + the Clarify analysis config "
+               "(application/x-image, SHAP image_config IMAGE_CLASSIFICATION) on S3 + "
+               "CreateProcessingJob in the region's sagemaker-clarify-processing image."),
+    Subcommand("batch", "batch transform: predict every image of a folder", workflows.cmd_batch,
+               workflows.batch_arguments,
+               "SageMaker: CreateModel (serve image, single-model) + CreateTransformJob over an "
+               "S3 prefix, one record per file (SplitType None, SingleRecord), <input name>.out "
+               "per input; waits. --local is the same on this machine."),
 ]
 COMMANDS = {c.name: c for c in SUBCOMMANDS}
 

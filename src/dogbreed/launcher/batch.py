@@ -1,0 +1,279 @@
+"""``dogbreed batch``: batch transform of a folder of images, on SageMaker or on this machine.
+
+SageMaker: ``CreateModel`` (the serve image, single-model mode, the model.tar.gz) and
+``CreateTransformJob`` over an S3 prefix with one record per file — ``SplitType=None``,
+``BatchStrategy=SingleRecord`` — so SageMaker writes ``<input name>.out`` per input under the
+output prefix, as batch transform always names them; then waits.
+
+Local (``--local``): :func:`run_local` walks a folder and calls a ``predict(bytes) -> dict``
+for each file, writing the same ``<name>.out`` JSON (sub-folders mirrored), ``summary.csv`` and,
+when the folder has the dogImages class layout (``NNN.Breed/*.jpg``), the accuracy. Finished
+outputs are skipped on a rerun; an unreadable image gets an error record and the run goes on.
+Design for the served path: ``predict`` will POST to the local serve container's
+``/invocations`` (what SageMaker's transform agent does, after ``GET /execution-parameters``);
+:func:`in_process_predictor` is the same answer without a server — the throughput ceiling.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import csv
+import io
+import json
+import re
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from dogbreed import artifacts
+from dogbreed.launcher import events
+
+Predict = Callable[[bytes], Mapping[str, Any]]
+
+OUT_SUFFIX = ".out"  # what SageMaker batch transform appends to each input's name
+SUMMARY_FILE = "summary.csv"
+SUMMARY_COLUMNS = ("file", "top1", "probability", "error", "true_class", "correct")
+CLASS_DIR = re.compile(r"^\d{3}\.")  # dogImages: 001.Affenpinscher/
+CONTENT_TYPE = "application/x-image"  # one type for every record; the server sniffs JPEG/PNG
+MAX_PAYLOAD_MB = 6  # SageMaker's default; dog photos are well under it
+LOG_GROUP = "/aws/sagemaker/TransformJobs"
+
+
+# --- SageMaker ------------------------------------------------------------------------------------
+def model_request(settings: Any, *, name: str, serve_image: str, model_data: str) -> dict[str, Any]:
+    """``CreateModel``: the serve image in single-model mode with one model.tar.gz."""
+    from dogbreed.launcher.sagemaker_backend import JOB_NAME_MAX, TAGS, _check_name, _role
+
+    return {"ModelName": _check_name(name, JOB_NAME_MAX, "model name"),
+            "ExecutionRoleArn": _role(settings),
+            "PrimaryContainer": {"Image": serve_image, "Mode": "SingleModel",
+                                 "ModelDataUrl": model_data},
+            "Tags": TAGS}
+
+
+def transform_request(settings: Any, *, name: str, model_name: str, input_uri: str,
+                      output_uri: str, instance_type: str | None = None,
+                      max_concurrent: int | None = None) -> dict[str, Any]:
+    """``CreateTransformJob``: every object under ``input_uri`` is one record."""
+    from dogbreed.launcher.sagemaker_backend import JOB_NAME_MAX, TAGS, _check_name
+
+    request: dict[str, Any] = {
+        "TransformJobName": _check_name(name, JOB_NAME_MAX, "transform job name"),
+        "ModelName": model_name,
+        "BatchStrategy": "SingleRecord",
+        "MaxPayloadInMB": MAX_PAYLOAD_MB,
+        "TransformInput": {
+            "DataSource": {"S3DataSource": {"S3DataType": "S3Prefix", "S3Uri": input_uri}},
+            "ContentType": CONTENT_TYPE, "CompressionType": "None", "SplitType": "None"},
+        "TransformOutput": {"S3OutputPath": output_uri, "Accept": "application/json",
+                            "AssembleWith": "None"},
+        "TransformResources": {"InstanceType": instance_type or settings.serve_instance_type,
+                               "InstanceCount": 1},
+        "Tags": TAGS,
+    }
+    if max_concurrent:
+        request["MaxConcurrentTransforms"] = max_concurrent
+    return request
+
+
+def model_data_uri(sm: Any, model: str, *prefix: str) -> str:
+    """The S3 URI of MODEL: itself (s3://…), a local model.tar.gz uploaded to
+    ``<prefix>/.../model.tar.gz``, or a training job's ModelArtifacts."""
+    from dogbreed.launcher.sagemaker_backend import BackendError, Recorded, split_s3_uri
+
+    if model.startswith("s3://"):
+        return model
+    if Path(model).is_file():
+        bucket, key = split_s3_uri(sm.settings.s3_uri(*prefix, artifacts.ARCHIVE_NAME))
+        if sm.dry_run:
+            sm.send("s3", "put_object", {"Bucket": bucket, "Key": key,
+                                         "Body": f"<{Path(model).stat().st_size} bytes of {model}>"})
+        else:
+            sm.recorded.append(Recorded("s3", "PutObject", {"Bucket": bucket, "Key": key}))
+            sm.client("s3").upload_file(str(model), bucket, key)
+        return f"s3://{bucket}/{key}"
+    if sm.dry_run:
+        sm.send("sagemaker", "describe_training_job", {"TrainingJobName": model})
+        return f"s3://<ModelArtifacts.S3ModelArtifacts of {model}>"
+    description = sm.client("sagemaker").describe_training_job(TrainingJobName=model)
+    if description["TrainingJobStatus"] != "Completed":
+        raise BackendError(f"training job {model} is {description['TrainingJobStatus']}")
+    return description["ModelArtifacts"]["S3ModelArtifacts"]
+
+
+def sagemaker_batch(sm: Any, *, model: str, input_uri: str, output_uri: str | None, name: str,
+                    instance_type: str | None = None, max_concurrent: int | None = None,
+                    wait: bool = True) -> dict[str, Any] | None:
+    """MODEL: an S3 URI of a model.tar.gz, a local model.tar.gz (uploaded first) or a
+    training job name (its ModelArtifacts). Sends CreateModel + CreateTransformJob."""
+    from dogbreed.launcher.sagemaker_backend import TERMINAL_JOB_STATES, BackendError
+
+    sm.require("role_arn", "bucket")
+    if not input_uri.startswith("s3://"):
+        raise ValueError(f"INPUT must be an S3 prefix (s3://bucket/prefix/), got {input_uri!r}; "
+                         "for a local folder use --local")
+    output_uri = output_uri or sm.settings.s3_uri("batch", name, "output")
+    if not output_uri.startswith("s3://"):
+        raise ValueError(f"OUTPUT must be an S3 prefix, got {output_uri!r}")
+    model_data = model_data_uri(sm, model, "batch", name)
+    sm.send("sagemaker", "create_model",
+            model_request(sm.settings, name=name, serve_image=sm.image_uri("serve"),
+                          model_data=model_data))
+    sm.send("sagemaker", "create_transform_job",
+            transform_request(sm.settings, name=name, model_name=name, input_uri=input_uri,
+                              output_uri=output_uri, instance_type=instance_type,
+                              max_concurrent=max_concurrent))
+    if sm.dry_run:
+        return None
+    events.event("transform_job_created", name=name, input=input_uri, output=output_uri)
+    result = {"transform_job": name, "model": name, "model_data": model_data,
+              "output": output_uri, "logs": f"CloudWatch {LOG_GROUP}, streams {name}/*"}
+    if not wait:
+        return {**result, "status": "InProgress"}
+    client = sm.client("sagemaker")
+    description = sm._wait(lambda: client.describe_transform_job(TransformJobName=name),
+                           "TransformJobStatus", TERMINAL_JOB_STATES, f"transform job {name}",
+                           lambda d: d["TransformJobStatus"])
+    result["status"] = description["TransformJobStatus"]
+    if result["status"] != "Completed":
+        raise BackendError(f"transform job {name} ended {result['status']}: "
+                           f"{description.get('FailureReason', 'no reason given')}; logs: "
+                           f"{result['logs']}")
+    return result
+
+
+# --- local ----------------------------------------------------------------------------------------
+def input_files(input_dir: Path) -> list[Path]:
+    """Every file under ``input_dir`` (as SageMaker takes every object), hidden ones aside."""
+    input_dir = Path(input_dir)
+    if not input_dir.is_dir():
+        raise ValueError(f"no such input folder {input_dir}")
+    return sorted(p for p in input_dir.rglob("*")
+                  if p.is_file() and not any(part.startswith(".")
+                                             for part in p.relative_to(input_dir).parts))
+
+
+def output_for(input_dir: Path, output_dir: Path, file: Path) -> Path:
+    relative = Path(file).relative_to(input_dir)
+    return Path(output_dir) / relative.parent / (relative.name + OUT_SUFFIX)
+
+
+def true_class(input_dir: Path, file: Path) -> str | None:
+    """The breed folder of a dogImages-layout file (``NNN.Breed/x.jpg``), else None."""
+    parent = Path(file).relative_to(input_dir).parent
+    return parent.name if parent.parts and CLASS_DIR.match(parent.name) else None
+
+
+def _record(predict: Predict, file: Path) -> dict[str, Any]:
+    try:
+        answer = dict(predict(file.read_bytes()))
+    except Exception as exc:  # noqa: BLE001 - one bad file is recorded; the batch goes on
+        return {"error": f"{type(exc).__name__}: {exc}"}
+    if "error" not in answer and not answer.get("predictions"):
+        return {"error": f"no predictions in the answer: {json.dumps(answer)[:200]}"}
+    return answer
+
+
+def _load_finished(path: Path) -> dict[str, Any] | None:
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError, OSError):
+        return None  # unreadable: predict it again
+
+
+def run_local(predict: Predict, input_dir: Path, output_dir: Path, *, workers: int = 1,
+              progress: bool | None = None) -> dict[str, Any]:
+    """Predict every file of ``input_dir`` into ``output_dir``; returns the run's summary."""
+    input_dir, output_dir = Path(input_dir), Path(output_dir)
+    files = input_files(input_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    records: dict[Path, dict[str, Any]] = {}
+    todo = []
+    for file in files:
+        finished = _load_finished(output_for(input_dir, output_dir, file))
+        if finished is None:
+            todo.append(file)
+        else:
+            records[file] = finished
+    from tqdm import tqdm
+
+    started = time.perf_counter()
+    bar = tqdm(total=len(todo), unit="img", disable=not sys.stderr.isatty() if progress is None
+               else not progress)
+
+    def one(file: Path) -> tuple[Path, dict[str, Any]]:
+        record = _record(predict, file)
+        artifacts.atomic_write(output_for(input_dir, output_dir, file),
+                               (json.dumps(record) + "\n").encode())
+        return file, record
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        for file, record in pool.map(one, todo):
+            records[file] = record
+            bar.update()
+    bar.close()
+    seconds = time.perf_counter() - started
+
+    rows, correct, judged = [], 0, 0
+    for file in files:
+        record = records[file]
+        top = (record.get("predictions") or [{}])[0]
+        truth = true_class(input_dir, file)
+        row = {"file": str(file.relative_to(input_dir)), "top1": top.get("class_name", ""),
+               "probability": top.get("probability", ""), "error": record.get("error", ""),
+               "true_class": truth or "", "correct": ""}
+        if truth and not row["error"]:
+            judged += 1
+            row["correct"] = int(top.get("class_name") == truth)
+            correct += row["correct"]
+        rows.append(row)
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=SUMMARY_COLUMNS)
+    writer.writeheader()
+    writer.writerows(rows)
+    artifacts.atomic_write(output_dir / SUMMARY_FILE, buffer.getvalue().encode())
+    summary = {"input": str(input_dir), "output": str(output_dir), "files": len(files),
+               "predicted": len(todo), "skipped_finished": len(files) - len(todo),
+               "errors": sum(1 for r in rows if r["error"]),
+               "seconds": round(seconds, 3),
+               "images_per_sec": round(len(todo) / seconds, 2) if todo and seconds > 0 else None,
+               "summary_csv": str(output_dir / SUMMARY_FILE)}
+    if judged:
+        summary["accuracy"] = correct / judged
+        summary["judged"] = judged
+    events.event("batch_done", **{k: v for k, v in summary.items() if k not in ("input", "output")})
+    return summary
+
+
+def in_process_predictor(model_path: Path, top_k: int = 5, device: str = "cpu") -> Predict:
+    """``predict(bytes)`` with the serving preprocessing, in this process: the same JSON
+    fields the server answers (model, arch, predictions[label, class_name, index, probability])."""
+    import torch
+
+    from dogbreed import data, explain
+
+    model, metadata = explain.load(Path(model_path), device)
+    name = Path(model_path).name
+
+    def predict(body: bytes) -> dict[str, Any]:
+        pixels = data.decode_image(body, metadata.resize_size)
+        inputs = data.eval_transform(pixels.to(device), metadata.image_size, metadata.mean,
+                                     metadata.std)
+        with torch.no_grad():
+            probabilities = model(inputs).float().softmax(1)[0].cpu()
+        top = probabilities.topk(min(top_k, len(metadata.class_names)))
+        return {"model": name, "arch": metadata.arch, "predictions": [
+            {"label": data.breed_name(metadata.class_names[i]), "class_name": metadata.class_names[i],
+             "index": i, "probability": round(p, 6)}
+            for i, p in zip(top.indices.tolist(), top.values.tolist())]}
+
+    return predict
+
+
+def summarise_rows(path: Path) -> Sequence[dict[str, str]]:
+    with open(path, newline="", encoding="utf-8") as handle:
+        return list(csv.DictReader(handle))

@@ -1,0 +1,111 @@
+"""`dogbreed report` on real local runs with smdebug on: rule verdicts, profiler, the HTML page
+as headless Chromium renders it.
+
+Two tiny runs share the module: a healthy one (lr 0.001 over the sample's 80 training images)
+and one made to overfit on purpose (one image per breed, 8 epochs: it memorises five photos
+while the validation loss climbs).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from browser import CHROMIUM, colour_fraction, ink_fraction, render
+
+from dogbreed import contract, profiling, report, train
+from dogbreed.launcher import cli
+from dogbreed.report import rules
+
+pytestmark = pytest.mark.slow
+
+ALL_RULES = {"VanishingGradient", "Overfit", "Overtraining", "PoorWeightInitialization",
+             "LossNotDecreasing", "LowGPUUtilization"}
+
+
+def _train(base: Path, data: Path, **hyperparameters: str) -> Path:
+    hps = {"model": "resnet18", "image-size": "32", "weights": "none", **hyperparameters}
+    paths = contract.prepare_local_job(base, hps, {contract.TRAINING_CHANNEL: data})
+    report.write_local_hook_config(paths)
+    train.run(contract.load_hyperparameters([], paths), paths)
+    return base
+
+
+@pytest.fixture(scope="module")
+def runs(sample_data, tmp_path_factory):
+    root = tmp_path_factory.mktemp("report-runs")
+    healthy = _train(root / "healthy", sample_data, epochs="3", **{"batch-size": "8", "lr": "0.001"})
+    tiny = root / "one-per-breed"
+    for breed in sorted((sample_data / "train").iterdir()):
+        (tiny / "train" / breed.name).mkdir(parents=True)
+        first = sorted(breed.iterdir())[0]
+        shutil.copy(first, tiny / "train" / breed.name / first.name)
+    (tiny / "valid").symlink_to(sample_data / "valid")
+    overfit = _train(root / "overfit", tiny, epochs="8", **{"batch-size": "5", "lr": "0.01"})
+    return {"healthy": healthy, "overfit": overfit}
+
+
+def test_every_rule_gets_a_verdict_and_the_healthy_run_keeps_decreasing(runs):
+    result = report.build_run_report(runs["healthy"])
+    assert set(result["verdicts"]) == ALL_RULES
+    assert all(v in (rules.ISSUES, rules.NO_ISSUES, rules.NOT_APPLICABLE)
+               for v in result["verdicts"].values()), result["verdicts"]
+    assert result["verdicts"]["LossNotDecreasing"] == rules.NO_ISSUES
+    assert result["verdicts"]["VanishingGradient"] == rules.NO_ISSUES
+    # CPU run: no GPU samples, said so rather than guessed.
+    assert result["verdicts"]["LowGPUUtilization"] == rules.NOT_APPLICABLE
+    saved = json.loads((runs["healthy"] / "output/data" / report.VERDICTS_FILE).read_text())
+    loss_rule = next(v for v in saved if v["rule"] == "LossNotDecreasing")
+    assert loss_rule["parameters"]["mode"] == "TRAIN"  # the project's rule parameter
+    assert loss_rule["parameters"]["num_steps"] == 10  # AWS's default
+    assert loss_rule["message"].startswith("checked ")  # it really compared windows
+
+
+def test_a_run_made_to_overfit_trips_overfit_or_overtraining(runs):
+    verdicts = report.build_run_report(runs["overfit"])["verdicts"]
+    assert set(verdicts) == ALL_RULES
+    assert rules.ISSUES in (verdicts["Overfit"], verdicts["Overtraining"]), verdicts
+    history = json.loads((runs["overfit"] / "output/data/metrics.json").read_text())["history"]
+    assert history[-1]["valid_loss"] > 1.1 * history[-1]["train_loss"]  # it did overfit
+
+
+def test_profiler_summary_splits_step_time_into_data_and_compute(runs):
+    profile = json.loads((runs["healthy"] / "output/data" / profiling.PROFILE_FILE).read_text())
+    assert len(profile["steps"]) == 30  # 80 images / batch 8 x 3 epochs
+    assert {s["epoch"] for s in profile["steps"]} == {1, 2, 3}
+    assert all(s["data_s"] > 0 and s["compute_s"] > 0 for s in profile["steps"])
+    summary = report.profiler_summary(profile)
+    assert summary["images"] == 240
+    assert summary["images_per_sec"] > 0 and 0 < summary["data_fraction"] < 1
+    assert summary["rss_peak_mb"] > 100  # psutil samples of a process holding torch
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="needs chromium (.ci/run installs it)")
+def test_the_page_renders_in_headless_chromium_with_every_plot_drawn(runs, tmp_path, capsys):
+    out = tmp_path / "page" / "report.html"
+    assert cli.main(["report", str(runs["healthy"]), "--out", str(out)]) == 0
+    assert json.loads(capsys.readouterr().out)["report"] == str(out)
+    probe, screenshot = render(out, tmp_path)
+    images = {box["id"]: box for box in probe["images"]}
+    assert set(images) >= {"rule-verdicts", "epoch-curves", "step-losses", "confusion-matrix",
+                           "step-time", "device-samples"}
+    for name, box in images.items():
+        assert box["complete"] and box["naturalWidth"] > 0, f"{name} did not load"
+        assert box["w"] > 300 and box["h"] > 100, f"{name} is not shown: {box}"
+        # Pixels in the screenshot where the browser placed the image: drawn, coloured plots.
+        assert ink_fraction(screenshot, box) > 0.03, name
+        assert colour_fraction(screenshot, box) > 0.002, name
+    # Control: the same page with its images emptied renders nothing there.
+    blank = tmp_path / "blank"
+    blank.mkdir()
+    stripped = blank / "report.html"
+    html = out.read_text()
+    import re
+
+    stripped.write_text(re.sub(r'src="data:image/png;base64,[^"]+"', 'src=""', html))
+    blank_probe, blank_shot = render(stripped, blank)
+    assert all(b["naturalWidth"] == 0 for b in blank_probe["images"])
+    box = images["confusion-matrix"]
+    assert colour_fraction(blank_shot, box) < colour_fraction(screenshot, box) / 5

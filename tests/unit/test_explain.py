@@ -1,0 +1,95 @@
+"""Grad-CAM through Captum on both architectures, and the overlay PNGs of `dogbreed explain`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from dogbreed import artifacts, data, explain, models
+from dogbreed.launcher import cli
+
+CLASSES = ["001.Affenpinscher", "002.Afghan_hound", "003.Airedale_terrier"]
+
+
+def _model_dir(tmp_path: Path, arch: str) -> Path:
+    torch.manual_seed(0)
+    model = models.build_model(arch, len(CLASSES))
+    metadata = artifacts.ModelMetadata(arch=arch, class_names=CLASSES, image_size=64,
+                                       resize_size=73, mean=list(data.IMAGENET_MEAN),
+                                       std=list(data.IMAGENET_STD))
+    model_dir = tmp_path / arch
+    artifacts.save_model_dir(model_dir, model, metadata)
+    return model_dir
+
+
+def _photo(path: Path) -> Path:
+    """A dog-free but structured image: a bright disc off-centre on a gradient."""
+    y, x = torch.meshgrid(torch.arange(96), torch.arange(128), indexing="ij")
+    disc = ((x - 40) ** 2 + (y - 50) ** 2 < 400).to(torch.uint8) * 200
+    image = torch.stack([disc + x.to(torch.uint8) // 3, y.to(torch.uint8), 255 - disc])
+    Image.fromarray(image.permute(1, 2, 0).numpy()).save(path)
+    return path
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "mobilenet_v2"])
+def test_heatmap_shape_range_and_it_depends_on_the_target_class(tmp_path, arch):
+    model, metadata = artifacts.load_model(_model_dir(tmp_path, arch))
+    pixels = data.decode_image(_photo(tmp_path / "p.png").read_bytes(), metadata.resize_size)
+    inputs = data.eval_transform(pixels, metadata.image_size, metadata.mean, metadata.std)
+    maps = explain.explain(model, inputs, [0, 1, 2], arch)
+    assert maps.shape == (3, 64, 64)
+    assert maps.dtype == torch.float32
+    assert float(maps.min()) >= 0 and float(maps.max()) <= 1
+    assert float(maps.amax()) == pytest.approx(1.0)  # each non-empty map is scaled to peak 1
+    # Different classes, different evidence: the maps are not the same picture.
+    assert not torch.allclose(maps[0], maps[1], atol=1e-3)
+    assert not torch.allclose(maps[1], maps[2], atol=1e-3)
+    # One target or a list; [1,3,H,W] or [3,H,W]: the same map for the same class.
+    assert torch.allclose(explain.explain(model, inputs[0], 1, arch)[0], maps[1], atol=1e-5)
+
+
+def test_explain_cli_writes_overlay_pngs_with_top_k_from_a_model_tar_gz(tmp_path, capsys):
+    archive = artifacts.pack(_model_dir(tmp_path, "resnet18"), tmp_path / "model.tar.gz")
+    images = [_photo(tmp_path / "a.png"), _photo(tmp_path / "b.jpg")]
+    out = tmp_path / "out"
+    assert cli.main(["explain", str(archive), *map(str, images), "--top-k", "2",
+                     "--out", str(out)]) == 0
+    results = json.loads(capsys.readouterr().out)
+    assert [Path(r["overlay"]).name for r in results] == ["a.gradcam.png", "b.gradcam.png"]
+    for result in results:
+        assert len(result["predictions"]) == 2
+        assert result["predictions"][0]["probability"] >= result["predictions"][1]["probability"]
+        with Image.open(result["overlay"]) as png:
+            assert png.format == "PNG"
+            assert png.size[0] > 2 * png.size[1]  # photo + two overlays side by side
+            colours = len(png.convert("RGB").getcolors(1 << 20) or [])
+            assert colours > 1000  # a rendered heat map, not a blank canvas
+
+
+def test_target_layer_is_the_last_stage_unless_the_input_is_too_small():
+    resnet = models.build_model("resnet18", 3)
+    mobilenet = models.build_model("mobilenet_v2", 3)
+    assert explain.target_layer(resnet, "resnet18", 224) is resnet.layer4
+    assert explain.target_layer(resnet, "resnet18", 64) is resnet.layer3
+    assert explain.target_layer(mobilenet, "mobilenet_v2", 224) is mobilenet.features[-1]
+    assert explain.target_layer(mobilenet, "mobilenet_v2", 64) is mobilenet.features[13]
+    with torch.no_grad():  # features[13] really is the last stride-16 block
+        out = mobilenet.features[:14](torch.zeros(1, 3, 64, 64))
+    assert out.shape[-1] == 4
+
+
+def test_overlay_png_is_a_png_of_the_image_size():
+    png = explain.overlay_png(torch.zeros(3, 40, 50, dtype=torch.uint8), torch.rand(40, 50))
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_unreadable_image_is_a_clear_error(tmp_path, capsys):
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"not an image")
+    assert cli.main(["explain", str(_model_dir(tmp_path, "resnet18")), str(bad),
+                     "--out", str(tmp_path / "o")]) == cli.EXIT_USAGE
+    assert "not a readable image" in capsys.readouterr().err

@@ -1,0 +1,210 @@
+"""Batch transform and Clarify: requests through real boto3 clients on moto (validated against
+botocore's service models), dry runs validated the same way, and the local folder walker with an
+in-process predictor."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import boto3
+import pytest
+import torch
+from moto import mock_aws
+from PIL import Image
+
+from dogbreed import artifacts, data, models
+from dogbreed.launcher import batch, clarify, cli
+from dogbreed.launcher.sagemaker_backend import SageMakerBackend
+from dogbreed.launcher.settings import Settings
+
+REGION = "eu-west-1"
+ROLE = "arn:aws:iam::123456789012:role/dogbreed-sagemaker"
+BUCKET = "dogbreed-test-bucket"
+SERVE_IMAGE = "123456789012.dkr.ecr.eu-west-1.amazonaws.com/dogbreed-serve:latest"
+AWS_FLAGS = ["--sagemaker", "--region", REGION, "--role-arn", ROLE, "--bucket", BUCKET,
+             "--serve-image", SERVE_IMAGE]
+CLASSES = ["001.Beagle", "002.Bernese_mountain_dog", "003.Doberman"]
+
+
+@pytest.fixture
+def aws(monkeypatch):
+    for name, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                        "AWS_DEFAULT_REGION": REGION}.items():
+        monkeypatch.setenv(name, value)
+    with mock_aws():
+        boto3.client("s3", region_name=REGION).create_bucket(
+            Bucket=BUCKET, CreateBucketConfiguration={"LocationConstraint": REGION})
+        yield
+
+
+@pytest.fixture
+def settings() -> Settings:
+    return Settings(region=REGION, role_arn=ROLE, bucket=BUCKET, serve_image=SERVE_IMAGE,
+                    poll_seconds=0)
+
+
+@pytest.fixture(scope="module")
+def model_tar(tmp_path_factory) -> Path:
+    """One packed ResNet18 for the module (packing 45 MB of weights costs seconds)."""
+    tmp_path = tmp_path_factory.mktemp("model")
+    torch.manual_seed(0)
+    model_dir = tmp_path / "model"
+    artifacts.save_model_dir(model_dir, models.build_model("resnet18", len(CLASSES)),
+                             artifacts.ModelMetadata(arch="resnet18", class_names=CLASSES,
+                                                     image_size=32, resize_size=37,
+                                                     mean=list(data.IMAGENET_MEAN),
+                                                     std=list(data.IMAGENET_STD)))
+    return artifacts.pack(model_dir, tmp_path / "model.tar.gz")
+
+
+def _sm(settings: Settings, dry_run: bool = False) -> SageMakerBackend:
+    return SageMakerBackend(settings, dry_run=dry_run,
+                            session=boto3.session.Session(region_name=REGION))
+
+
+# --- SageMaker batch transform ----------------------------------------------------------------
+def test_transform_job_one_record_per_file_on_moto(aws, settings, model_tar):
+    sm = _sm(settings)
+    result = batch.sagemaker_batch(sm, model=str(model_tar), input_uri=f"s3://{BUCKET}/test/",
+                                   output_uri=None, name="dogbreed-batch-1", max_concurrent=4)
+    assert result["status"] == "Completed"
+    client = boto3.client("sagemaker", region_name=REGION)
+    job = client.describe_transform_job(TransformJobName="dogbreed-batch-1")
+    assert job["ModelName"] == "dogbreed-batch-1"
+    assert job["BatchStrategy"] == "SingleRecord"
+    assert job["TransformInput"]["SplitType"] == "None"  # one record per file -> <name>.out
+    assert job["TransformInput"]["DataSource"]["S3DataSource"]["S3Uri"] == f"s3://{BUCKET}/test/"
+    assert job["TransformOutput"]["S3OutputPath"] == f"s3://{BUCKET}/dogbreed/batch/dogbreed-batch-1/output"
+    container = client.describe_model(ModelName="dogbreed-batch-1")["PrimaryContainer"]
+    assert container["Image"] == SERVE_IMAGE and container["Mode"] == "SingleModel"
+    # The local model.tar.gz went to S3 first, byte for byte.
+    body = boto3.client("s3", region_name=REGION).get_object(
+        Bucket=BUCKET, Key="dogbreed/batch/dogbreed-batch-1/model.tar.gz")["Body"].read()
+    assert body == model_tar.read_bytes()
+    assert container["ModelDataUrl"] == f"s3://{BUCKET}/dogbreed/batch/dogbreed-batch-1/model.tar.gz"
+
+
+def test_batch_dry_run_prints_botocore_valid_requests(capsys):
+    assert cli.main(["batch", *AWS_FLAGS, "--dry-run", "--name", "b1", "--workers", "3",
+                     f"s3://{BUCKET}/m/model.tar.gz", f"s3://{BUCKET}/in/",
+                     f"s3://{BUCKET}/out/"]) == 0
+    requests = json.loads(capsys.readouterr().out)
+    assert [r["operation"] for r in requests] == ["CreateModel", "CreateTransformJob"]
+    transform = requests[1]["request"]
+    assert transform["MaxConcurrentTransforms"] == 3
+    assert transform["TransformOutput"]["S3OutputPath"] == f"s3://{BUCKET}/out/"
+
+
+def test_batch_rejects_a_local_input_for_sagemaker(capsys, tmp_path):
+    assert cli.main(["batch", *AWS_FLAGS, "--dry-run", "s3://b/m.tar.gz", str(tmp_path)]) == cli.EXIT_USAGE
+    assert "S3 prefix" in capsys.readouterr().err
+
+
+# --- Clarify --------------------------------------------------------------------------------------
+def test_clarify_image_uri_comes_from_the_sdk_table():
+    assert clarify.clarify_image("us-east-1") == (
+        "205585389593.dkr.ecr.us-east-1.amazonaws.com/sagemaker-clarify-processing:1.0")
+    assert clarify.clarify_image("cn-north-1").endswith(".amazonaws.com.cn/sagemaker-clarify-processing:1.0")
+    with pytest.raises(ValueError, match="no SageMaker Clarify image"):
+        clarify.clarify_image("xx-nowhere-1")
+
+
+def test_analysis_config_for_image_classification():
+    config = clarify.analysis_config(model_name="m", class_names=CLASSES, instance_type="ml.m5.xlarge")
+    assert config["dataset_type"] == "application/x-image"
+    assert config["methods"]["shap"]["image_config"]["model_type"] == "IMAGE_CLASSIFICATION"
+    predictor = config["predictor"]
+    assert predictor["model_name"] == "m" and predictor["accept_type"] == "application/json"
+    assert predictor["label_headers"] == ["Beagle", "Bernese_mountain_dog", "Doberman"]
+    assert predictor["custom_attributes"] == "top_k=3"  # every class, so the vector is complete
+    # The JMESPath really turns the server's top-k answer into the class-ordered vector.
+    import jmespath
+
+    answer = {"predictions": [{"index": 2, "probability": 0.7}, {"index": 0, "probability": 0.2},
+                              {"index": 1, "probability": 0.1}]}
+    assert jmespath.search(predictor["probability"], answer) == [0.2, 0.1, 0.7]
+
+
+def test_clarify_job_on_moto(aws, settings, model_tar):
+    sm = _sm(settings)
+    model_data = batch.model_data_uri(sm, str(model_tar), "clarify", "dogbreed-clarify-1")
+    result = clarify.run_clarify(sm, model_data=model_data, class_names=CLASSES,
+                                 data_uri=f"s3://{BUCKET}/test/", name="dogbreed-clarify-1")
+    assert result["status"] == "Completed"
+    job = boto3.client("sagemaker", region_name=REGION).describe_processing_job(
+        ProcessingJobName="dogbreed-clarify-1")
+    assert job["AppSpecification"]["ImageUri"] == clarify.clarify_image(REGION)
+    inputs = {i["InputName"]: i["S3Input"] for i in job["ProcessingInputs"]}
+    assert inputs["dataset"]["LocalPath"] == "/opt/ml/processing/input/data"
+    config_prefix = inputs["analysis_config"]["S3Uri"]
+    key = config_prefix.split(f"s3://{BUCKET}/", 1)[1] + "/analysis_config.json"
+    config = json.loads(boto3.client("s3", region_name=REGION).get_object(
+        Bucket=BUCKET, Key=key)["Body"].read())
+    assert config["predictor"]["model_name"] == "dogbreed-clarify-1"
+    assert job["ProcessingOutputConfig"]["Outputs"][0]["S3Output"]["LocalPath"] == "/opt/ml/processing/output"
+
+
+def test_clarify_dry_run_validates_and_reads_labels_from_the_tar(capsys, model_tar):
+    assert cli.main(["clarify", *AWS_FLAGS, "--dry-run", "--name", "c1", str(model_tar),
+                     "--data", f"s3://{BUCKET}/test/"]) == 0
+    requests = json.loads(capsys.readouterr().out)
+    assert [r["operation"] for r in requests] == ["PutObject", "CreateModel", "PutObject",
+                                                  "CreateProcessingJob"]
+    config = json.loads(requests[2]["request"]["Body"])
+    assert config["predictor"]["label_headers"] == ["Beagle", "Bernese_mountain_dog", "Doberman"]
+
+
+# --- local batch ----------------------------------------------------------------------------------
+def _write_images(root: Path) -> list[Path]:
+    files = []
+    for index, breed in enumerate(CLASSES):
+        folder = root / breed
+        folder.mkdir(parents=True)
+        for n in range(2):
+            pixels = torch.full((40, 48, 3), 40 * (index + 1) + 10 * n, dtype=torch.uint8)
+            path = folder / f"img{n}.jpg"
+            Image.fromarray(pixels.numpy()).save(path)
+            files.append(path)
+    return files
+
+
+def test_local_batch_out_per_file_summary_accuracy_errors_and_resume(tmp_path, model_tar):
+    inputs, outputs = tmp_path / "in", tmp_path / "out"
+    files = _write_images(inputs)
+    (inputs / CLASSES[0] / "broken.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
+    predict = batch.in_process_predictor(model_tar)
+    summary = batch.run_local(predict, inputs, outputs, workers=2, progress=False)
+    assert summary["files"] == 7 and summary["predicted"] == 7 and summary["errors"] == 1
+    for file in files:
+        answer = json.loads((outputs / file.relative_to(inputs).parent / (file.name + ".out")).read_text())
+        assert answer == predict(file.read_bytes())  # the same answer, written as-is
+    broken = json.loads((outputs / CLASSES[0] / "broken.jpg.out").read_text())
+    assert "error" in broken
+    rows = list(csv.DictReader((outputs / "summary.csv").open()))
+    assert [r["file"] for r in rows] == sorted(str(p.relative_to(inputs)) for p in [*files, inputs / CLASSES[0] / "broken.jpg"])
+    judged = [r for r in rows if r["correct"] != ""]
+    assert len(judged) == 6
+    assert summary["accuracy"] == sum(int(r["correct"]) for r in judged) / 6
+    assert all(r["true_class"] == Path(r["file"]).parent.name for r in rows)
+
+    # Rerun: every finished output is kept, nothing is predicted again.
+    calls = []
+    again = batch.run_local(lambda body: calls.append(body) or predict(body), inputs, outputs,
+                            progress=False)
+    assert calls == [] and again["skipped_finished"] == 7 and again["accuracy"] == summary["accuracy"]
+    # A removed output is redone, and only that one.
+    (outputs / CLASSES[1] / "img0.jpg.out").unlink()
+    third = batch.run_local(lambda body: calls.append(body) or predict(body), inputs, outputs,
+                            progress=False)
+    assert len(calls) == 1 and third["predicted"] == 1
+
+
+def test_local_batch_cli(tmp_path, model_tar, capsys):
+    _write_images(tmp_path / "in")
+    assert cli.main(["batch", "--local", str(model_tar), str(tmp_path / "in"),
+                     str(tmp_path / "out"), "--workers", "1"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["files"] == 6 and summary["errors"] == 0 and "accuracy" in summary
+    assert (tmp_path / "out" / "summary.csv").is_file()

@@ -1,0 +1,174 @@
+"""`dogbreed report` pieces that need no training: a tuning study's page, a SageMaker job's
+outputs fetched from S3 (moto) into the run layout, the LowGPUUtilization rule, the rule
+parameters and the profiler summary."""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+import tarfile
+from pathlib import Path
+
+import boto3
+from botocore.stub import Stubber
+from moto import mock_aws
+
+from dogbreed import profiling, report
+from dogbreed.launcher import cli
+from dogbreed.report import rules
+
+REGION = "eu-west-1"
+BUCKET = "dogbreed-test-bucket"
+
+
+def _study(tmp_path: Path) -> Path:
+    trials = [
+        {"number": 0, "state": "COMPLETE", "value": 0.55, "score": 0.54, "epochs_completed": 3,
+         "intermediate": [0.3, 0.45, 0.55], "hyperparameters": {"lr": "0.01"}, "seconds": 10},
+        {"number": 1, "state": "PRUNED", "value": None, "epochs_completed": 1,
+         "intermediate": [0.1], "hyperparameters": {"lr": "0.5"}, "seconds": 3},
+        {"number": 2, "state": "COMPLETE", "value": 0.7, "score": 0.69, "epochs_completed": 3,
+         "intermediate": [0.4, 0.6, 0.7], "hyperparameters": {"lr": "0.003"}, "seconds": 11},
+        {"number": 3, "state": "FAIL", "value": None, "epochs_completed": 0, "intermediate": [],
+         "hyperparameters": {"lr": "9"}, "seconds": 1, "failure": "boom"},
+    ]
+    path = tmp_path / "tuning" / "study-a.json"
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps({"tuning_job": "study-a", "trials": trials, "best_trial": 2,
+                                "best_objective": 0.7, "objective": {"metric": "valid_accuracy"},
+                                "counts": {"COMPLETE": 2, "PRUNED": 1, "FAIL": 1}}))
+    return path
+
+
+def test_study_report_leaderboard_and_every_trial_curve(tmp_path, capsys):
+    study = _study(tmp_path)
+    # By name through the local work dir, as `dogbreed report study-a --local` finds it.
+    assert cli.main(["report", "--local", "--workdir", str(tmp_path), "study-a"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["pruned"] == [1] and result["best_trial"] == 2
+    html = Path(result["report"]).read_text()
+    assert Path(result["report"]) == study.parent / "study-a" / report.REPORT_FILE
+    rows = re.findall(r"<tr><td>(\d+)</td><td>(\d+)</td><td>(\w+)</td>", html)
+    assert rows == [("1", "2", "COMPLETE"), ("2", "0", "COMPLETE"), ("3", "1", "PRUNED"),
+                    ("4", "3", "FAIL")]  # best first; pruned and failed after
+    assert 'id="trial-curves"' in html and "data:image/png;base64," in html
+
+
+def test_not_a_run_is_a_clear_error(tmp_path, capsys):
+    assert cli.main(["report", "--local", "--workdir", str(tmp_path), str(tmp_path)]) == cli.EXIT_USAGE
+    assert "not a training run" in capsys.readouterr().err
+
+
+def test_sagemaker_job_outputs_are_downloaded_into_the_run_layout(tmp_path, monkeypatch):
+    for name, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}.items():
+        monkeypatch.setenv(name, value)
+    job = "dogbreed-train-1"
+    with mock_aws():
+        s3 = boto3.client("s3", region_name=REGION)
+        s3.create_bucket(Bucket=BUCKET, CreateBucketConfiguration={"LocationConstraint": REGION})
+        buffer = io.BytesIO()
+        with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
+            for name, body in {"metrics.json": b'{"metrics": {"valid_accuracy": 0.5}, "history": []}',
+                               "profile.json": b'{"device": "cuda:0", "steps": [], "samples": []}'}.items():
+                info = tarfile.TarInfo(name)
+                info.size = len(body)
+                tar.addfile(info, io.BytesIO(body))
+        s3.put_object(Bucket=BUCKET, Key=f"dogbreed/output/training/{job}/output/output.tar.gz",
+                      Body=buffer.getvalue())
+        tensor_keys = ["index/000000000/000000000000_worker_0.json",
+                       "events/000000000000/000000000000_worker_0.tfevents",
+                       "collections/000000000/worker_0_collections.json"]
+        for key in tensor_keys:
+            s3.put_object(Bucket=BUCKET, Key=f"dogbreed/debug/{job}/debug-output/{key}", Body=b"x")
+        s3.put_object(Bucket=BUCKET, Key=f"dogbreed/debug/{job}-other/debug-output/index/x", Body=b"y")
+        sagemaker = boto3.client("sagemaker", region_name=REGION)
+        with Stubber(sagemaker) as stub:
+            stub.add_response("describe_training_job", {
+                "TrainingJobName": job, "TrainingJobArn": f"arn:aws:sagemaker:{REGION}:1:training-job/{job}",
+                "TrainingJobStatus": "Completed", "SecondaryStatus": "Completed",
+                "AlgorithmSpecification": {"TrainingInputMode": "File"},
+                "ResourceConfig": {"InstanceType": "ml.g4dn.xlarge", "InstanceCount": 1,
+                                   "VolumeSizeInGB": 30},
+                "StoppingCondition": {"MaxRuntimeInSeconds": 3600},
+                "CreationTime": "2026-01-01T00:00:00Z",
+                "HyperParameters": {"model": "resnet18"},
+                "ModelArtifacts": {"S3ModelArtifacts":
+                                   f"s3://{BUCKET}/dogbreed/output/training/{job}/output/model.tar.gz"},
+                "DebugHookConfig": {"S3OutputPath": f"s3://{BUCKET}/dogbreed/debug"},
+            }, {"TrainingJobName": job})
+            run = report.download_training_job(sagemaker, s3, job, tmp_path / job)
+    assert json.loads((run / "output/data/metrics.json").read_text())["metrics"]["valid_accuracy"] == 0.5
+    assert (run / "output/data/profile.json").is_file()
+    downloaded = sorted(str(p.relative_to(run / "output/tensors"))
+                        for p in (run / "output/tensors").rglob("*") if p.is_file())
+    assert downloaded == sorted(tensor_keys)  # this job's tensors only
+    assert report.tensors_dir(run) == run / "output/tensors"
+    assert json.loads((run / "input/config/hyperparameters.json").read_text()) == {"model": "resnet18"}
+
+
+def test_low_gpu_utilization_follows_smdebugs_quantile_rule():
+    params = {"patience": "10", "window": "20"}  # as strings, the way SageMaker passes them
+    busy = [{"gpu_percent": 95.0}] * 40
+    assert rules.low_gpu_utilization(busy, params).status == rules.NO_ISSUES
+    idle = [{"gpu_percent": 30.0}] * 40
+    verdict = rules.low_gpu_utilization(idle, params)
+    assert verdict.status == rules.ISSUES and "p95" in verdict.message and verdict.step == 10
+    spiky = [{"gpu_percent": 99.0 if i % 2 else 0.0} for i in range(40)]
+    assert "fluctuates" in rules.low_gpu_utilization(spiky, params).message
+    assert rules.low_gpu_utilization(idle[:5], params).status == rules.NO_ISSUES  # < patience
+    assert rules.low_gpu_utilization([{"cpu_percent": 50.0}]).status == rules.NOT_APPLICABLE
+
+
+def test_rule_parameters_are_aws_defaults_under_the_projects_own():
+    assert rules.rule_parameters("Overfit") == {"start_step": 0, "patience": 1, "ratio_threshold": 0.1}
+    assert rules.rule_parameters("LossNotDecreasing")["mode"] == "TRAIN"  # launcher/rules.py
+    assert rules.rule_parameters("Overtraining", {"patience_train": "7"})["patience_train"] == 7
+
+
+def test_required_collections_come_from_smdebug_rulesconfig():
+    assert rules.required_collections("VanishingGradient") == ["gradients"]
+    assert rules.required_collections("PoorWeightInitialization") == ["relu_input"]
+    assert rules.required_collections("LossNotDecreasing") == ["losses"]
+    # Every one the rules need is in the hook config a local run gets.
+    from dogbreed.launcher.rules import COLLECTIONS
+
+    hooked = {c["CollectionName"] for c in COLLECTIONS}
+    for name in rules.AWS_DEFAULTS:
+        if name != "LowGPUUtilization":
+            assert set(rules.required_collections(name)) <= hooked, name
+
+
+def test_step_recorder_and_profiler_summary(tmp_path):
+    import torch
+
+    recorder = profiling.StepRecorder(torch.device("cpu"))
+    for epoch in (1, 2):
+        recorder.epoch(epoch)
+        for _ in range(3):
+            recorder.start()
+            torch.randn(64, 64) @ torch.randn(64, 64)
+            recorder.data_ready()
+            torch.randn(256, 256) @ torch.randn(256, 256)
+            recorder.end(8)
+    path = recorder.write(tmp_path)
+    profile = json.loads(path.read_text())
+    assert [s["epoch"] for s in profile["steps"]] == [1, 1, 1, 2, 2, 2]
+    summary = report.profiler_summary(profile)
+    assert summary["steps"] == 6 and summary["images"] == 48
+    assert summary["step_ms_p50"] > 0 and 0 < summary["data_fraction"] < 1
+    assert not recorder._sampler.is_alive()  # write() stopped it
+    # A run that raised never writes: dropping the recorder stops its sampler thread.
+    import gc
+
+    abandoned = profiling.StepRecorder(torch.device("cpu"))
+    sampler = abandoned._sampler
+    del abandoned
+    gc.collect()
+    sampler.join(timeout=2)
+    assert not sampler.is_alive()
+    # The default recorder of train_one_epoch callers that do not profile records nothing.
+    profiling.NO_STEPS.start()
+    profiling.NO_STEPS.data_ready()
+    profiling.NO_STEPS.end(8)
+    assert profiling.NO_STEPS.steps() == []
