@@ -47,6 +47,12 @@ SAGEMAKER_MODEL_SERVER_TIMEOUT = "SAGEMAKER_MODEL_SERVER_TIMEOUT"
 BIND_HOST_ENV = "DOGBREED_BIND_HOST"
 DEFAULT_BIND_HOST = "0.0.0.0"
 DEFAULT_BIND_PORT = 8080
+# SageMaker real-time limits and headers: one constant each, for the server, router and clients.
+MAX_PAYLOAD_BYTES = 6 * 1024 * 1024  # "6 MB" request/response payload of InvokeEndpoint
+CUSTOM_ATTRIBUTES_HEADER = "X-Amzn-SageMaker-Custom-Attributes"
+TARGET_MODEL_HEADER = "X-Amzn-SageMaker-Target-Model"
+# The one model-name rule (multi-model targets, MMS model names, the local model store).
+MODEL_NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 # File names inside the contract.
 HYPERPARAMETERS_FILE = "hyperparameters.json"
@@ -65,6 +71,14 @@ IGNORED_HYPERPARAMETER_PREFIXES = ("sagemaker_", "_")
 
 class ContractError(ValueError):
     """The job's configuration breaks the contract (bad hyperparameter, missing channel...)."""
+
+
+def validate_model_name(name: object) -> str:
+    """``name`` if it is a model name (letters, digits, '.', '_', '-'; 1-128; no '..')."""
+    if not isinstance(name, str) or not MODEL_NAME_PATTERN.fullmatch(name) or ".." in name:
+        raise ContractError(f"model name {name!r}: 1-128 letters, digits, '.', '_' and '-' "
+                            "(starting with a letter or digit, no '..')")
+    return name
 
 
 # --- paths ------------------------------------------------------------------------------------

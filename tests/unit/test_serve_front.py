@@ -19,7 +19,8 @@ import pytest
 from test_artifacts import tiny_model_dir
 
 from dogbreed import artifacts
-from dogbreed.serve import front, load_error_file
+from dogbreed.serve import LOAD_STATUS_HEADER, front
+from dogbreed.serve.server import resolve_model_source
 
 
 class FakeMMS(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
@@ -28,7 +29,7 @@ class FakeMMS(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
     def __init__(self, path: str) -> None:
         self.requests: list[dict] = []
         self.models: dict[str, str] = {}
-        self.fail_load: dict[str, str] = {}  # name -> reason the "worker" leaves, then 500
+        self.fail_load: dict[str, str] = {}  # name -> reason the handler keeps and answers with
         self.run_dir: Path | None = None
         super().__init__(path, FakeHandler)
 
@@ -63,13 +64,15 @@ class FakeHandler(BaseHTTPRequestHandler):
         if segments == ["models"] and self.command == "POST":
             params = json.loads(body)
             name = params["model_name"]
-            if name in self.server.fail_load:
-                path = Path(load_error_file(str(self.server.run_dir), name))
-                path.parent.mkdir(parents=True, exist_ok=True)
-                path.write_text(json.dumps({"code": 400, "type": "ArtifactError", "message": self.server.fail_load[name]}))
-                return self._reply(500, {"code": 500, "type": "InternalServerException", "message": "Failed to start workers"})
+            if name in self.server.models:
+                return self._reply(409, {"code": 409, "type": "ConflictStatusException", "message": "taken"})
             self.server.models[name] = params["url"]
             return self._reply(200, {"status": "Workers scaled"})
+        if segments[2:] == ["invoke"] and self.headers.get(LOAD_STATUS_HEADER):
+            if segments[1] in self.server.fail_load:  # what the handler answers for a refused model
+                return self._reply(400, {"code": 400, "type": "ArtifactError",
+                                         "message": self.server.fail_load[segments[1]]})
+            return self._reply(200, {"status": "loaded"})
         if segments[:1] == ["models"] and len(segments) == 2 and self.command == "DELETE":
             if self.server.models.pop(segments[1], None) is None:
                 return self._reply(404, {"code": 404, "type": "ModelNotFoundException", "message": "nope"})
@@ -89,7 +92,10 @@ def setup(tmp_path: Path) -> Iterator[dict]:
     threading.Thread(target=mms.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
     store = tmp_path / "store"
     store.mkdir()
-    server = front.Front(("127.0.0.1", 0), sock, run_dir, store, max_request_bytes=100_000,
+    def resolve(url: str, name: str) -> tuple[Path, Path | None]:
+        return resolve_model_source(url, store, run_dir / "models", name)
+
+    server = front.Front(("127.0.0.1", 0), sock, resolve, max_request_bytes=100_000,
                          response_timeout=10, load_timeout=10)
     threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
     try:
@@ -115,6 +121,11 @@ def call(setup: dict, method: str, path: str, body: bytes | None = None, headers
     finally:
         if own:
             conn.close()
+
+
+def registrations(setup: dict) -> list[dict]:
+    """What the front sent MMS's ``POST /models`` (it also asks each new model if it loaded)."""
+    return [json.loads(r["body"]) for r in setup["mms"].requests if r["method"] == "POST" and r["path"] == "/models"]
 
 
 def register(setup: dict, name: str, url: str, **extra) -> tuple[int, dict]:
@@ -178,15 +189,15 @@ def test_mms_down_is_503(setup: dict) -> None:
 # --- model sources ----------------------------------------------------------------------------------------
 def test_resolve_model_dir_and_archives(good_model: Path, tmp_path: Path) -> None:
     staging = tmp_path / "staging"
-    assert front.resolve_model_source(str(good_model), Path("/"), staging, "m") == (good_model, None)
-    assert front.resolve_model_source(f"file://{good_model}", Path("/"), staging, "m")[0] == good_model
+    assert resolve_model_source(str(good_model), Path("/"), staging, "m") == (good_model, None)
+    assert resolve_model_source(f"file://{good_model}", Path("/"), staging, "m")[0] == good_model
     wrapper = tmp_path / "wrapper"
     wrapper.mkdir()
     (wrapper / "inner").symlink_to(good_model, target_is_directory=True)
-    assert front.resolve_model_source(str(wrapper), Path("/"), staging, "m")[0] == wrapper / "inner"
+    assert resolve_model_source(str(wrapper), Path("/"), staging, "m")[0] == wrapper / "inner"
     archive = artifacts.pack(good_model, tmp_path / "store" / "name" / artifacts.ARCHIVE_NAME)
     for url in (str(archive), str(archive.parent), "name/model.tar.gz"):
-        model_dir, unpacked = front.resolve_model_source(url, tmp_path / "store", staging, "a/b")
+        model_dir, unpacked = resolve_model_source(url, tmp_path / "store", staging, "a/b")
         assert unpacked is not None and unpacked.parent == staging and unpacked.name.startswith("a%2Fb-")
         assert model_dir == unpacked and (model_dir / artifacts.WEIGHTS_FILE).is_file()
 
@@ -199,7 +210,6 @@ def test_resolve_model_dir_and_archives(good_model: Path, tmp_path: Path) -> Non
     ("{store}", artifacts.ArtifactError),  # neither model.json nor model.tar.gz
     ("{store}/not-a-tar.gz", artifacts.ArtifactError),
     ("{store}/evil.tar.gz", artifacts.ArtifactError),
-    ("{store}/no-weights", artifacts.ArtifactError),
 ])
 def test_resolve_refuses(tmp_path: Path, good_model: Path, url: str, error: type) -> None:
     store = tmp_path / "store"
@@ -207,11 +217,9 @@ def test_resolve_refuses(tmp_path: Path, good_model: Path, url: str, error: type
     (store / "not-a-tar.gz").write_bytes(b"plain text")
     with tarfile.open(store / "evil.tar.gz", "w:gz") as tar:
         tar.add(good_model / artifacts.METADATA_FILE, arcname="../model.json")
-    (store / "no-weights").mkdir()
-    (store / "no-weights" / artifacts.METADATA_FILE).write_bytes((good_model / artifacts.METADATA_FILE).read_bytes())
     staging = tmp_path / "staging"
     with pytest.raises(error):
-        front.resolve_model_source(url.format(store=store), store, staging, "m")
+        resolve_model_source(url.format(store=store), store, staging, "m")
     assert not staging.exists() or list(staging.iterdir()) == []
 
 
@@ -219,17 +227,18 @@ def test_resolve_refuses(tmp_path: Path, good_model: Path, url: str, error: type
 def test_register_a_dir_forwards_sagemakers_request(setup: dict, good_model: Path) -> None:
     status, body = register(setup, "m1", str(good_model), handler="evil.module", initial_workers=1)
     assert status == 200, body
-    sent = json.loads(setup["mms"].requests[-1]["body"])
+    sent = registrations(setup)[-1]
     assert sent == {"model_name": "m1", "url": str(good_model), "initial_workers": 1}  # no handler
+    probe = setup["mms"].requests[-1]
+    assert (probe["method"], probe["path"], probe["headers"][LOAD_STATUS_HEADER]) == ("POST", "/models/m1/invoke", "1")
     assert register(setup, "m1", str(good_model))[0] == 409
-    assert len([r for r in setup["mms"].requests if r["method"] == "POST"]) == 1
+    assert len(registrations(setup)) == 1  # the conflict is found before MMS is asked
 
 
 def test_register_with_query_parameters(setup: dict, good_model: Path) -> None:
     status, _, _ = call(setup, "POST", f"/models?model_name=q1&url={good_model}&synchronous=true")
     assert status == 200
-    assert json.loads(setup["mms"].requests[-1]["body"]) == {"model_name": "q1", "url": str(good_model),
-                                                             "synchronous": "true"}
+    assert registrations(setup)[-1] == {"model_name": "q1", "url": str(good_model), "synchronous": "true"}
 
 
 def test_register_an_archive_unpacks_it_and_delete_removes_it(setup: dict, good_model: Path) -> None:
@@ -253,7 +262,7 @@ def test_register_an_archive_unpacks_it_and_delete_removes_it(setup: dict, good_
 def test_register_refusals(setup: dict, payload: dict, status: int) -> None:
     code, _, body = call(setup, "POST", "/models", json.dumps(payload).encode(), {"Content-Type": "application/json"})
     assert code == status and json.loads(body)["code"] == status
-    assert not [r for r in setup["mms"].requests if r["method"] == "POST"]
+    assert not registrations(setup)
 
 
 def test_register_non_json_body_is_400(setup: dict) -> None:
@@ -267,7 +276,7 @@ def test_a_tar_slip_archive_is_refused_before_mms(setup: dict, good_model: Path)
         tar.add(good_model / artifacts.METADATA_FILE, arcname="../../model.json")
     status, body = register(setup, "evil", str(evil))
     assert status == 400 and "unsafe path" in body["message"]
-    assert not [r for r in setup["mms"].requests if r["method"] == "POST"]
+    assert not registrations(setup)
     assert not (setup["run_dir"] / "models").exists() or not list((setup["run_dir"] / "models").iterdir())
 
 
@@ -277,4 +286,5 @@ def test_a_worker_load_failure_comes_back_with_its_reason(setup: dict, good_mode
     status, body = register(setup, "bad", str(archive))
     assert (status, body["type"], body["message"]) == (400, "ArtifactError", "model.pt: cannot load state_dict")
     assert not list((setup["run_dir"] / "models").iterdir())  # the unpacked copy is gone
-    assert not Path(load_error_file(str(setup["run_dir"]), "bad")).exists()
+    assert "bad" not in setup["mms"].models  # unregistered again: nothing left behind
+    assert [r["method"] for r in setup["mms"].requests if "/models" in r["path"]][-2:] == ["POST", "DELETE"]

@@ -7,9 +7,12 @@ Modules:
 
 - :mod:`dogbreed.serve.inference` request parsing, image checks, prediction and JSON output
   (``model_fn``/``input_fn``/``predict_fn``/``output_fn``), independent of MMS.
-- :mod:`dogbreed.serve.handler` the class MMS loads in each backend worker.
+- :mod:`dogbreed.serve.handler` the toolkit handler service MMS loads in each backend worker
+  (and a model's own ``code/inference.py``).
 - :mod:`dogbreed.serve.server` ``dogbreed-serve`` and :class:`~dogbreed.serve.server.ModelServer`
-  (start/stop MMS from Python), with the small HTTP front that sits before MMS.
+  (start/stop MMS from Python).
+- :mod:`dogbreed.serve.front` the thin HTTP front on the public port (what only it can do is in
+  its docstring).
 - :mod:`dogbreed.serve.zygote` a fork server that hands MMS pre-imported Python workers.
 - :mod:`dogbreed.serve.client` a small HTTP client for the endpoint.
 
@@ -33,7 +36,10 @@ ZYGOTE_ENV = "DOGBREED_SERVE_ZYGOTE"
 JVM_OPTS_ENV = "DOGBREED_MMS_JVM_OPTS"
 
 
-LOAD_ERRORS_DIR = "load-errors"
+# The front asks a freshly registered model whether it loaded (see handler.HandlerService.handle).
+LOAD_STATUS_HEADER = "X-Dogbreed-Load-Status"
+# Where the handler finds a ``?top_k=`` query parameter among the request properties.
+TOP_K_PROPERTY = "top_k"
 
 
 def error_body(status: int, error_type: str, message: str) -> bytes:
@@ -41,10 +47,3 @@ def error_body(status: int, error_type: str, message: str) -> bytes:
     import json
 
     return json.dumps({"code": status, "type": error_type, "message": message}).encode()
-
-
-def load_error_file(run_dir: str, model_name: str) -> str:
-    """Where a worker that failed to load ``model_name`` leaves the reason for the front."""
-    from urllib.parse import quote
-
-    return f"{run_dir}/{LOAD_ERRORS_DIR}/{quote(model_name, safe='')}.json"

@@ -15,8 +15,9 @@ The four SageMaker-style functions are the whole path:
 - :func:`output_fn` renders the top-k breeds as JSON.
 
 Anything wrong with a request raises :class:`RequestError` (an HTTP 4xx with a JSON body of the
-shape MMS uses for its own errors: ``{"code", "type", "message"}``); :class:`DogbreedTransformer`
-turns every failure into such a response, so a bad request never takes a worker down.
+shape MMS uses for its own errors: ``{"code", "type", "message"}``); the handler
+(:mod:`dogbreed.serve.handler`) answers every failure that way, so a bad request never takes a
+worker down.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import json
 import logging
 import os
 import ssl
+import sys
 import time
 import warnings
 from collections.abc import Callable, Mapping
@@ -42,14 +44,16 @@ from urllib.parse import urlsplit
 import torch
 from PIL import Image, UnidentifiedImageError
 from sagemaker_inference import content_types, utils
+from sagemaker_inference.default_inference_handler import DefaultInferenceHandler
 from sagemaker_inference.errors import BaseInferenceToolkitError
 from sagemaker_inference.transformer import Transformer
 from torch import nn
 
-from dogbreed import artifacts, data
+from dogbreed import artifacts, contract, data
 from dogbreed.serve import (
     ALLOW_URL_HOSTS_ENV,
     MAX_IMAGE_PIXELS_ENV,
+    TOP_K_PROPERTY,
     TORCH_THREADS_ENV,
     URL_MAX_BYTES_ENV,
     URL_TIMEOUT_ENV,
@@ -62,7 +66,6 @@ JSON = content_types.JSON
 IMAGE_CONTENT_TYPES = frozenset({"application/x-image", "image/jpeg", "image/jpg", "image/png"})
 ACCEPTED_CONTENT_TYPES = ", ".join(sorted(IMAGE_CONTENT_TYPES | {JSON}))
 IMAGE_FORMATS = frozenset({"JPEG", "PNG"})
-CUSTOM_ATTRIBUTES_HEADER = "X-Amzn-SageMaker-Custom-Attributes"
 TOP_K_FIELD = "top_k"
 DEFAULT_TOP_K = 5
 DEFAULT_MAX_IMAGE_PIXELS = 40_000_000  # e.g. 8000 x 5000; a 224 px model needs far less
@@ -70,31 +73,30 @@ DEFAULT_URL_MAX_BYTES = 10 * 1024**2
 DEFAULT_URL_TIMEOUT = 5.0
 
 
+def phrase(status: int) -> str:
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:
+        return "Error"
+
+
 class RequestError(BaseInferenceToolkitError):
     """A request the server refuses: an HTTP 4xx whose body is ``{"code","type","message"}``."""
 
     def __init__(self, status: int, message: str, error_type: str | None = None) -> None:
-        phrase = HTTPStatus(status).phrase
-        super().__init__(status, message, phrase)
-        self.error_type = error_type or phrase.replace(" ", "")
+        super().__init__(status, message, phrase(status))
+        self.error_type = error_type or phrase(status).replace(" ", "")
 
     def to_json(self) -> bytes:
         return error_body(self.status_code, self.error_type, self.message)
-
-
-class ModelLoadFailed(BaseException):  # noqa: N818 - not an Exception on purpose
-    """Raised from the handler's ``initialize`` when the model cannot be loaded.
-
-    MMS's model loader catches any ``Exception`` from ``initialize`` and logs it, leaving a
-    registered model whose every request fails. A ``BaseException`` gets past that: the worker
-    exits, MMS answers the ``POST /models`` with an error and unregisters the model.
-    """
 
 
 def load_failure(exc: BaseException) -> tuple[int, str, str]:
     """``(status, type, message)`` for a model that failed to load."""
     if isinstance(exc, artifacts.ArtifactError):
         return 400, "ArtifactError", str(exc)
+    if isinstance(exc, (SyntaxError, ImportError)) or (isinstance(exc, ValueError) and "transform_fn" in str(exc)):
+        return 400, "UserCodeError", f"the model's code/inference.py: {type(exc).__name__}: {exc}"
     if isinstance(exc, MemoryError):
         return 507, "InsufficientStorage", "out of memory while loading the model"
     return 500, type(exc).__name__, f"cannot load the model: {type(exc).__name__}: {exc}"
@@ -423,69 +425,62 @@ def output_fn(prediction: Prediction, accept: str | None = None) -> tuple[bytes,
     return json.dumps(body).encode(), JSON
 
 
-# --- the sagemaker-inference transformer ------------------------------------------------------------
-def _header(headers: Mapping[str, Any], name: str) -> str | None:
-    name = name.lower()
-    for key, value in headers.items():
-        if isinstance(key, str) and key.lower() == name:
+# --- the toolkit's handler and transformer (see dogbreed.serve.handler) ------------------------------
+def header(properties: dict[str, Any], name: str) -> str | None:
+    for key, value in properties.items():
+        if isinstance(key, str) and key.lower() == name.lower():
             return value.decode() if isinstance(value, (bytes, bytearray)) else str(value)
     return None
 
 
-class DogbreedTransformer(Transformer):
-    """sagemaker-inference's Transformer with this module's functions and JSON errors.
+class DogbreedInferenceHandler(DefaultInferenceHandler):
+    """Our defaults for the toolkit's Transformer (see :mod:`dogbreed.serve.inference`)."""
 
-    The toolkit's version looks the functions up in a user module (``SAGEMAKER_PROGRAM``) and
-    answers errors with a plain-text traceback; here the functions are fixed and every failure
-    becomes ``{"code","type","message"}`` with a 4xx (bad request) or 5xx (server) status.
-    """
+    def default_model_fn(self, model_dir: str, context: Any = None) -> ServedModel:
+        return model_fn(model_dir, context)
 
-    def _validate_user_module_and_set_functions(self) -> None:
-        self._pre_model_fn = None
-        self._model_warmup_fn = None
-        self._model_fn = model_fn
-        self._input_fn = input_fn
-        self._predict_fn = predict_fn
-        self._output_fn = output_fn
-        self._transform_fn = None
+    def default_model_warmup_fn(self, model_dir: str, model: Any) -> None:
+        # Single-model: the load is not on a caller's clock, so build oneDNN's kernels now. In
+        # multi-model mode the first request follows the load anyway; a warm-up would add one.
+        if os.environ.get(contract.SAGEMAKER_MULTI_MODEL, "").lower() != "true" and isinstance(
+                model, ServedModel):
+            warm_up(model)
 
-    def transform(self, data: list[dict[str, Any]], context: Any) -> list[bytes]:
-        responses: list[bytes] = []
-        for idx, item in enumerate(data):
-            try:
-                body, content_type = self._handle_one(item, context, idx)
-            except RequestError as exc:
-                body, content_type = exc.to_json(), JSON
-                context.set_response_status(code=exc.status_code, phrase=exc.phrase, idx=idx)
-            except MemoryError:
-                log.exception("event=predict_failed reason=out_of_memory")
-                body, content_type = error_body(507, "InsufficientStorage", "out of memory"), JSON
-                context.set_response_status(code=507, phrase="Insufficient Storage", idx=idx)
-            except Exception as exc:  # a bug, not the caller's fault: log it, answer 500
-                log.exception("event=predict_failed")
-                message = utils.remove_crlf(f"prediction failed: {type(exc).__name__}: {exc}")[:500]
-                body, content_type = error_body(500, "InternalServerError", message), JSON
-                context.set_response_status(code=500, phrase="Internal Server Error", idx=idx)
-            context.set_response_content_type(idx, content_type)
-            responses.append(body)
-        return responses
-
-    def _handle_one(self, item: Mapping[str, Any], context: Any, idx: int) -> tuple[bytes, str]:
-        if not self._initialized:
-            raise RequestError(503, "model is not loaded")
-        headers = context.request_processor[idx].get_request_properties()
-        if "body" not in item:
-            raise RequestError(
-                415, f"send the image as the raw request body (Content-Type one of {ACCEPTED_CONTENT_TYPES}), "
-                "not as a form"
-            )
-        request = self._input_fn(item.get("body"), utils.retrieve_content_type_header(headers))
-        if request.top_k is None:
-            # A query parameter (?top_k=3, local use), else SageMaker's CustomAttributes header.
-            raw = item.get(TOP_K_FIELD)
+    def default_input_fn(self, input_data: Any, content_type: str | None, context: Any = None) -> InferenceRequest:
+        request = input_fn(input_data, content_type)
+        if request.top_k is None and context is not None:
+            # The JSON body's top_k, else ?top_k= (local use), else SageMaker's CustomAttributes.
+            properties = context.request_processor[0].get_request_properties()
+            raw = header(properties, TOP_K_PROPERTY)
             if raw is None:
-                raw = custom_attributes(_header(headers, CUSTOM_ATTRIBUTES_HEADER)).get(TOP_K_FIELD)
+                raw = custom_attributes(header(properties, contract.CUSTOM_ATTRIBUTES_HEADER)).get("top_k")
             if raw is not None:
                 request = dataclasses.replace(request, top_k=parse_top_k(raw))
-        prediction = self._predict_fn(request, self._model)
-        return self._output_fn(prediction, _header(headers, "Accept"))
+        return request
+
+    def default_predict_fn(self, data: InferenceRequest, model: ServedModel, context: Any = None) -> Prediction:
+        return predict_fn(data, model)
+
+    def default_output_fn(self, prediction: Prediction, accept: str | None, context: Any = None) -> tuple[bytes, str]:
+        return output_fn(prediction, accept)
+
+
+class DogbreedTransformer(Transformer):
+    """The toolkit's Transformer, answering errors as JSON ``{"code","type","message"}``."""
+
+    @staticmethod
+    def handle_error(context: Any, inference_exception: BaseInferenceToolkitError, trace: str) -> list[bytes]:
+        cause = sys.exc_info()[1]  # called inside transform's except: the original exception
+        status, error_type, message = inference_exception.status_code, "InternalServerError", inference_exception.message
+        if isinstance(cause, RequestError):
+            error_type = cause.error_type
+        elif isinstance(cause, UnicodeDecodeError):
+            status, error_type, message = 400, "BadRequest", f"request body is not UTF-8: {cause}"
+        elif isinstance(cause, MemoryError):
+            status, error_type, message = 507, "InsufficientStorage", "out of memory"
+        else:
+            log.error("event=predict_failed trace=%r", trace)
+            message = f"prediction failed: {type(cause).__name__}: {message}"
+        context.set_response_status(code=status, phrase=utils.remove_crlf(phrase(status)))
+        context.set_response_content_type(0, JSON)
+        return [error_body(status, error_type, utils.remove_crlf(str(message))[:1000])]

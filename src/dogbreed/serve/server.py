@@ -10,15 +10,19 @@ Environment (names from :mod:`dogbreed.contract`): ``SAGEMAKER_BIND_TO_PORT`` (8
 
 The process stays in the foreground; SIGTERM or SIGINT stops everything it started. Processes::
 
-    dogbreed-serve          the HTTP front on the public port (dogbreed.serve.front), supervisor
-    ├── zygote              torch & co. imported once; forks every backend worker
-    │   └── worker (one per model worker: mms/model_service_worker.py) ── its request process
+    dogbreed-serve          the thin HTTP front on the public port (dogbreed.serve.front)
+    ├── zygote              torch & co. imported once; forks, owns and kills every backend worker
+    │   └── worker (one per model worker: mms/model_service_worker.py)
     └── java                MMS's frontend, listening on a unix socket in the run dir
         └── shim            stands in, for MMS, for the worker the zygote forked
 
+Each child runs in its own session: stopping kills the two groups; the zygote kills its workers
+(and a worker dies with the zygote). ``DOGBREED_SERVE_ZYGOTE=0``: MMS starts plain Python workers
+(seconds per cold load instead of a fraction of one; ``scripts/bench_serve.py`` measures both).
+
 Run dir (``DOGBREED_RUN_DIR``, else a fresh temp dir removed at stop): ``mms.properties`` (the
 packaged base file + this start's settings), ``log4j2.properties``, ``mms.sock``, the workers'
-sockets, ``zygote.sock``, the shim, ``*.pid``, ``models/`` (unpacked archives), ``load-errors/``.
+sockets, ``zygote.sock``, the shim, ``*.pid``, ``models/`` (unpacked archives).
 
 From Python (the launcher, tests, the benchmark)::
 
@@ -30,7 +34,7 @@ From Python (the launcher, tests, the benchmark)::
 from __future__ import annotations
 
 import argparse
-import ctypes
+import functools
 import http.client
 import logging
 import os
@@ -38,17 +42,20 @@ import shutil
 import signal
 import subprocess
 import sys
+import tarfile
 import tempfile
 import threading
 import time
+import uuid
 from collections.abc import Mapping
 from importlib import resources
 from pathlib import Path
-from typing import IO, Any
+from typing import IO
+from urllib.parse import quote
 
 from dogbreed import artifacts, contract
 from dogbreed.serve import JVM_OPTS_ENV, RUN_DIR_ENV, ZYGOTE_ENV, front, zygote
-from dogbreed.serve.client import LOAD_TIMEOUT, Response, ServeClient
+from dogbreed.serve.client import LOAD_TIMEOUT, ServeClient
 
 log = logging.getLogger("dogbreed.serve")
 
@@ -63,16 +70,6 @@ MAX_RUN_DIR_LENGTH = 80
 
 class ServerError(RuntimeError):
     """The server cannot start, or died."""
-
-
-def _read_properties(text: str) -> dict[str, str]:
-    props: dict[str, str] = {}
-    for line in text.splitlines():
-        line = line.strip()
-        if line and not line.startswith(("#", "!")) and "=" in line:
-            key, _, value = line.partition("=")
-            props[key.strip()] = value.strip()
-    return props
 
 
 def _env_int(env: Mapping[str, str], name: str) -> int | None:
@@ -96,10 +93,42 @@ def _java() -> str:
     return java
 
 
-def _mms_home() -> Path:
-    import mms
+def resolve_model_source(url: str, model_store: Path, staging: Path, name: str) -> tuple[Path, Path | None]:
+    """Turn a ``POST /models`` url into a checked model dir: ``(model_dir, unpacked_dir)``.
 
-    return Path(mms.__file__).resolve().parent.parent
+    A dir holding ``model.json`` is used as it is (what SageMaker hands over); a
+    ``model.tar.gz`` (the file, or a dir holding only it) is unpacked once, with
+    :func:`artifacts.safe_extract`, into a new folder under ``staging`` (``unpacked_dir``: remove
+    it with the model). ``FileNotFoundError`` for a missing path, :class:`artifacts.ArtifactError`
+    for anything unusable. The model itself is checked where it is loaded, in the handler.
+    """
+    text = url[len("file://"):] if url.startswith("file://") else url
+    if "://" in text:
+        raise artifacts.ArtifactError(
+            f"url {url!r}: only local paths are loaded (SageMaker passes the unpacked model dir)")
+    path = model_store / text
+    if ".." in path.parts:
+        raise artifacts.ArtifactError(f"url {url!r}: '..' is not allowed")
+    if not path.exists():
+        raise FileNotFoundError(url)
+    archive = path if path.is_file() else None
+    if path.is_dir() and not (path / artifacts.METADATA_FILE).is_file() and (path / artifacts.ARCHIVE_NAME).is_file():
+        archive = path / artifacts.ARCHIVE_NAME
+    if archive is None:
+        try:
+            return artifacts.find_model_dir(path), None
+        except artifacts.ArtifactError:
+            raise artifacts.ArtifactError(
+                f"{path} holds neither {artifacts.METADATA_FILE} nor {artifacts.ARCHIVE_NAME}") from None
+    if not tarfile.is_tarfile(archive):
+        raise artifacts.ArtifactError(f"{archive} is not a tar archive (model.tar.gz)")
+    unpacked = staging / f"{quote(name, safe='')[:80] or 'model'}-{uuid.uuid4().hex[:8]}"
+    try:
+        artifacts.safe_extract(archive, unpacked)
+        return artifacts.find_model_dir(unpacked), unpacked
+    except BaseException:
+        shutil.rmtree(unpacked, ignore_errors=True)
+        raise
 
 
 class ModelServer:
@@ -147,21 +176,14 @@ class ModelServer:
         self.java: subprocess.Popen | None = None
         self.zygote: subprocess.Popen | None = None
         self.front: front.Front | None = None
-        self._front_thread: threading.Thread | None = None
         self._log: IO[bytes] | None = None
         self._stopped = False
-        self._started_at: float | None = None  # psutil create_time scale (epoch seconds)
 
-    # -- properties ------------------------------------------------------------------------------
     @property
     def url(self) -> str:
         """Base URL to reach the front (127.0.0.1 when bound to every interface)."""
-        host = self.host
-        if host in ("0.0.0.0", "::", ""):
-            host = "127.0.0.1"
-        elif ":" in host:
-            host = f"[{host}]"
-        return f"http://{host}:{self.port}"
+        host = {"0.0.0.0": "127.0.0.1", "::": "127.0.0.1", "": "127.0.0.1"}.get(self.host, self.host)
+        return f"http://{f'[{host}]' if ':' in host else host}:{self.port}"
 
     @property
     def mms_socket(self) -> Path:
@@ -170,7 +192,6 @@ class ModelServer:
 
     @property
     def client(self) -> ServeClient:
-        """A :class:`~dogbreed.serve.client.ServeClient` for this server (after :meth:`start`)."""
         return ServeClient(self.url)
 
     def pids(self) -> dict[str, int | None]:
@@ -181,7 +202,6 @@ class ModelServer:
         procs = [self.java] + ([self.zygote] if self.use_zygote else [])
         return all(p is not None and p.poll() is None for p in procs)
 
-    # -- lifecycle ---------------------------------------------------------------------------------
     def __enter__(self) -> ModelServer:
         self.start()
         try:
@@ -200,24 +220,23 @@ class ModelServer:
         java = _java()
         self._make_run_dir()
         try:
-            self._start_processes(java, None if self.multi_model else self._single_model_dir())
+            single = None if self.multi_model else self._single_model_dir()
+            self._start_processes(java, single)
         except BaseException:
             self.stop()
             raise
         return self
 
     def _single_model_dir(self) -> Path:
-        """Single-model mode: the model dir (or archive) checked before MMS starts."""
+        """Single-model mode: the model dir, or the archive there unpacked once."""
         assert self.run_dir is not None
         try:
-            model_dir, _ = front.resolve_model_source(
-                str(self.model_dir), self.model_store, self.run_dir / "models", SINGLE_MODEL_NAME
-            )
+            return resolve_model_source(str(self.model_dir.resolve()), Path("/"), self.run_dir / "models",
+                                        SINGLE_MODEL_NAME)[0]
         except FileNotFoundError:
             raise ServerError(f"single-model mode: model dir {self.model_dir} does not exist") from None
         except artifacts.ArtifactError as exc:
             raise ServerError(f"single-model mode: {exc}") from None
-        return model_dir
 
     def _make_run_dir(self) -> None:
         if self.run_dir is None:
@@ -240,97 +259,76 @@ class ModelServer:
         pid_file.write_text(f"{os.getpid()}\n")
 
     def _write_config(self) -> tuple[Path, list[str]]:
+        """The packaged base file + this start's settings; the JVM options."""
         assert self.run_dir is not None
         package = resources.files("dogbreed.serve")
-        base = package.joinpath("mms.properties").read_text(encoding="utf-8")
         (self.run_dir / "log4j2.properties").write_text(
-            package.joinpath("log4j2.properties").read_text(encoding="utf-8"), encoding="utf-8"
-        )
+            package.joinpath("log4j2.properties").read_text(encoding="utf-8"), encoding="utf-8")
         settings = {
             "inference_address": f"unix:{self.mms_socket}",
             "management_address": f"unix:{self.mms_socket}",
             "model_store": str(self.model_store),
             "default_service_handler": HANDLER_MODULE,
             "load_models": "",
+            "max_request_size": contract.MAX_PAYLOAD_BYTES,
+            "max_response_size": contract.MAX_PAYLOAD_BYTES,
         }
         if self.workers:
-            settings["default_workers_per_model"] = str(self.workers)
+            settings["default_workers_per_model"] = self.workers
         if self.timeout:
-            # MMS reads default_response_timeout in minutes; SageMaker's variable is seconds.
-            settings["default_response_timeout_seconds"] = str(self.timeout)
+            settings["default_response_timeout_seconds"] = self.timeout
+        base = package.joinpath("mms.properties").read_text(encoding="utf-8")
         lines = [base.rstrip(), "", "# Added by dogbreed-serve for this start."]
-        lines += [f"{k}={v}" for k, v in settings.items()]
         config = self.run_dir / "mms.properties"
-        config.write_text("\n".join(lines) + "\n", encoding="utf-8")
-        props = _read_properties(config.read_text(encoding="utf-8"))
-        vmargs = self.env.get(JVM_OPTS_ENV) or props.get("vmargs", "")
-        self._max_request = int(props.get("max_request_size", 6553600))
-        self._response_timeout = float(props.get("default_response_timeout_seconds", 60))
-        return config, vmargs.split()
+        config.write_text("\n".join(lines + [f"{k}={v}" for k, v in settings.items()]) + "\n", encoding="utf-8")
+        vmargs = next((line.partition("=")[2] for line in base.splitlines() if line.startswith("vmargs=")), "")
+        return config, (self.env.get(JVM_OPTS_ENV) or vmargs).split()
 
     def _start_processes(self, java: str, single_model_dir: Path | None) -> None:
         assert self.run_dir is not None
         config, vmargs = self._write_config()
+        resolve = functools.partial(self._resolve, staging=self.run_dir / "models")
         try:  # listen first: a taken port fails the start before anything else runs
-            self.front = front.Front(
-                (self.host, self.port), str(self.mms_socket), self.run_dir, self.model_store,
-                max_request_bytes=self._max_request,
-                response_timeout=self._response_timeout + 30,
-                load_timeout=LOAD_TIMEOUT,
-            )
+            self.front = front.Front((self.host, self.port), str(self.mms_socket), resolve,
+                                     response_timeout=(self.timeout or 60) + 30, load_timeout=LOAD_TIMEOUT)
         except OSError as exc:
             raise ServerError(f"cannot listen on {self.host}:{self.port}: {exc}") from None
         self.port = self.front.server_address[1]
-        # psutil's create_time rests on the boot time in whole seconds: allow for it.
-        self._started_at = time.time() - 2.0
         env = dict(self.env)
         env[RUN_DIR_ENV] = str(self.run_dir)
         env[contract.SAGEMAKER_MULTI_MODEL] = "true" if self.multi_model else "false"
         env["LOG_LOCATION"] = env["METRICS_LOCATION"] = str(self.run_dir / "logs")
-        if self.workers:
-            env[contract.SAGEMAKER_MODEL_SERVER_WORKERS] = str(self.workers)
         env.pop("MMS_CONFIG_FILE", None)  # would replace our -f
         if self.log_file:
             self.log_file.parent.mkdir(parents=True, exist_ok=True)
             self._log = open(self.log_file, "ab")  # noqa: SIM115 - closed in stop()
-        out = self._log if self._log else None
+        out = {"stdout": self._log, "stderr": subprocess.STDOUT} if self._log else {}
         python = sys.executable
         if self.use_zygote:
             sock = str(self.run_dir / zygote.SOCKET_NAME)
             python = zygote.write_shim(str(self.run_dir / zygote.SHIM_NAME), sock)
-            self.zygote = subprocess.Popen(
-                [sys.executable, "-m", "dogbreed.serve.zygote", sock],
-                cwd=self.run_dir, env=env, stdout=out, stderr=subprocess.STDOUT if out else None,
-                start_new_session=True,
-            )
+            self.zygote = subprocess.Popen([sys.executable, "-m", "dogbreed.serve.zygote", sock],
+                                           cwd=self.run_dir, env=env, start_new_session=True, **out)
             (self.run_dir / "zygote.pid").write_text(f"{self.zygote.pid}\n")
-        mms_home = _mms_home()
-        cmd = [
-            java,
-            f"-Dmodel_server_home={mms_home}",
-            f"-Dlog4j.configurationFile=file://{self.run_dir / 'log4j2.properties'}",
-            f"-Djava.io.tmpdir={self.run_dir}",
-            *vmargs,
-            "-cp", f"{mms_home / 'mms' / 'frontend'}/*",
-            MMS_MAIN_CLASS,
-            "--python", python,
-            "-f", str(config),
-            "-s", str(self.model_store),
-        ]
+        import mms
+
+        mms_home = Path(mms.__file__).resolve().parent.parent
+        cmd = [java, f"-Dmodel_server_home={mms_home}",
+               f"-Dlog4j.configurationFile=file://{self.run_dir / 'log4j2.properties'}",
+               f"-Djava.io.tmpdir={self.run_dir}", *vmargs,
+               "-cp", f"{mms_home / 'mms' / 'frontend'}/*", MMS_MAIN_CLASS,
+               "--python", python, "-f", str(config), "-s", str(self.model_store)]
         if single_model_dir is not None:
             cmd += ["-m", f"{SINGLE_MODEL_NAME}={single_model_dir}"]
         log.info("event=start_mms run_dir=%s cmd=%s", self.run_dir, " ".join(cmd))
-        self.java = subprocess.Popen(
-            cmd, cwd=self.run_dir, env=env, stdout=out, stderr=subprocess.STDOUT if out else None,
-            start_new_session=True,
-        )
+        self.java = subprocess.Popen(cmd, cwd=self.run_dir, env=env, start_new_session=True, **out)
         (self.run_dir / "mms.pid").write_text(f"{self.java.pid}\n")
-        self._front_thread = threading.Thread(
-            target=self.front.serve_forever, kwargs={"poll_interval": 0.2},
-            name="dogbreed-front", daemon=True,
-        )
-        self._front_thread.start()
+        threading.Thread(target=self.front.serve_forever, kwargs={"poll_interval": 0.2},
+                         name="dogbreed-front", daemon=True).start()
         log.info("event=front_listening url=%s multi_model=%s", self.url, self.multi_model)
+
+    def _resolve(self, url: str, name: str, staging: Path) -> tuple[Path, Path | None]:
+        return resolve_model_source(url, self.model_store, staging, name)
 
     def wait_ready(self, timeout: float = 120.0) -> ModelServer:
         """Block until MMS answers ``/ping`` (and, single-model, the model's worker is up)."""
@@ -349,26 +347,14 @@ class ModelServer:
         if self.use_zygote and not (self.run_dir / zygote.READY_FILE).exists():
             return False
         try:
-            ping = self._backend("GET", "/ping", timeout=5)
-            if ping.status != 200:
+            if front.call_mms(str(self.mms_socket), "GET", "/ping", timeout=5)[0] != 200:
                 return False
-            if not self.multi_model:
-                workers = self._backend("GET", f"/models/{SINGLE_MODEL_NAME}", timeout=5)
-                return workers.status == 200 and any(
-                    w.get("status") == "READY" for w in workers.json().get("workers", [])
-                )
-            return True
-        except (OSError, http.client.HTTPException, ValueError):
+            if self.multi_model:
+                return True
+            status, _, body = front.call_mms(str(self.mms_socket), "GET", f"/models/{SINGLE_MODEL_NAME}", timeout=5)
+            return status == 200 and b'"READY"' in body
+        except (OSError, http.client.HTTPException):
             return False
-
-    def _backend(self, method: str, path: str, timeout: float) -> Response:
-        conn = front.UnixHTTPConnection(str(self.mms_socket), timeout=timeout)
-        try:
-            conn.request(method, path)
-            resp = conn.getresponse()
-            return Response(resp.status, dict(resp.getheaders()), resp.read())
-        finally:
-            conn.close()
 
     def _log_hint(self) -> str:
         if self.log_file and self.log_file.is_file():
@@ -377,15 +363,18 @@ class ModelServer:
         return ""
 
     def stop(self, grace: float = 5.0) -> None:
-        """Stop the front, MMS, the zygote and every worker; remove a temp run dir."""
+        """Stop the front, then MMS and the zygote (which stops its workers); remove a temp run dir.
+
+        Each child leads its own session: after ``grace`` seconds, whatever is left of either
+        group is killed (MMS's plain-Python workers are in MMS's group).
+        """
         if self._stopped:
             return
         self._stopped = True
         if self.front is not None:
             self.front.shutdown()
             self.front.server_close()
-        procs = [p for p in (self.java, self.zygote) if p is not None]
-        descendants = self._descendants()
+        procs = [p for p in (self.zygote, self.java) if p is not None]
         for proc in procs:
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
@@ -395,13 +384,10 @@ class ModelServer:
                 proc.wait(max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 pass
-        for proc in procs:
             try:
                 os.killpg(proc.pid, signal.SIGKILL)
             except (ProcessLookupError, PermissionError):
                 pass
-        self._kill(descendants | self._descendants())
-        for proc in procs:
             try:
                 proc.wait(5)
             except subprocess.TimeoutExpired:
@@ -416,73 +402,8 @@ class ModelServer:
                 shutil.rmtree(self.run_dir / "models", ignore_errors=True)
         log.info("event=stopped")
 
-    def _descendants(self) -> set[Any]:
-        """Every process started for this server: our children's trees, and anything (say an
-        orphaned worker) that still carries this server's run dir in its environment."""
-        import psutil
-
-        found: set[psutil.Process] = set()
-        for proc in (self.java, self.zygote):
-            if proc is None:
-                continue
-            try:
-                parent = psutil.Process(proc.pid)
-                found.update(parent.children(recursive=True))
-            except psutil.Error:
-                pass
-        if self.run_dir is not None and self._started_at is not None:
-            # Only processes created since start(): never this process, its parents (a shell
-            # that exported DOGBREED_RUN_DIR), or another server's.
-            me = psutil.Process()
-            skip = {me.pid, *(p.pid for p in me.parents())}
-            for proc in psutil.process_iter(["pid", "create_time"]):
-                try:
-                    if (proc.pid not in skip and proc.info["create_time"] >= self._started_at
-                            and proc.environ().get(RUN_DIR_ENV) == str(self.run_dir)):
-                        found.add(proc)
-                except psutil.Error:
-                    continue
-        return found
-
-    @staticmethod
-    def _kill(processes: set[Any]) -> None:
-        import psutil
-
-        for proc in processes:
-            try:
-                proc.kill()
-            except psutil.Error:
-                pass
-        psutil.wait_procs(list(processes), timeout=5)
-
 
 # --- dogbreed-serve -----------------------------------------------------------------------------------
-def _set_subreaper(on: bool) -> None:
-    """While on, orphaned descendants come back to this process (Linux), so stop() finds them."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(36, 1 if on else 0, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER
-    except (OSError, AttributeError):
-        pass
-
-
-def _reap_orphans(server: ModelServer) -> None:
-    """Collect exited descendants that were reparented to this (subreaper) process."""
-    import psutil
-
-    own = {p.pid for p in (server.java, server.zygote) if p is not None}  # Popen reaps these
-    try:
-        children = psutil.Process().children()
-    except psutil.Error:
-        return
-    for child in children:
-        try:
-            if child.pid not in own and child.status() == psutil.STATUS_ZOMBIE:
-                os.waitpid(child.pid, os.WNOHANG)
-        except (psutil.Error, ChildProcessError):
-            continue
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dogbreed-serve",
@@ -513,7 +434,6 @@ def main(argv: list[str] | None = None) -> int:
         stop.set()
 
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
-    _set_subreaper(True)
     code = 0
     try:
         server = ModelServer(port=args.port, host=args.host, run_dir=args.run_dir,
@@ -527,7 +447,6 @@ def main(argv: list[str] | None = None) -> int:
             server.wait_ready(timeout=float(LOAD_TIMEOUT))
             log.info("event=ready url=%s", server.url)
             while not stop.wait(1.0):
-                _reap_orphans(server)
                 if not server.alive():
                     log.error("event=child_exited pids=%s", server.pids())
                     code = 1
@@ -539,7 +458,6 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             server.stop()
     finally:
-        _set_subreaper(False)
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     if received:

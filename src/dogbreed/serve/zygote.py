@@ -286,6 +286,9 @@ class Zygote:
         code = 1
         try:
             os.setpgid(0, 0)  # its own group, so it can be killed with whatever it forks
+            import ctypes  # and it dies with the zygote, which owns its lifetime (PR_SET_PDEATHSIG)
+
+            ctypes.CDLL(None).prctl(1, signal.SIGKILL, 0, 0, 0)
             signal.set_wakeup_fd(-1)
             for signum in (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT):
                 signal.signal(signum, signal.SIG_DFL)
