@@ -13,6 +13,7 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import dataclasses
+import io
 import logging
 import math
 import os
@@ -120,10 +121,38 @@ def _decode_file(path: Path, cache_size: int) -> torch.Tensor | None:
         return None
 
 
+EXIF_ORIENTATION_TAG = 0x0112
+
+
+def exif_orientation(jpeg: torch.Tensor) -> int:
+    """The EXIF orientation (1-8) in a JPEG's header, 1 when there is none (PIL reads the
+    header only)."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(io.BytesIO(jpeg.numpy().tobytes())) as image:
+            value = int(image.getexif().get(EXIF_ORIENTATION_TAG, 1))
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
+        return 1
+    return value if 1 <= value <= 8 else 1
+
+
+def apply_exif_orientation(image: torch.Tensor, orientation: int) -> torch.Tensor:
+    """Turn a ``[C, H, W]`` image the way EXIF ``orientation`` says, as
+    ``decode_image(apply_exif_orientation=True)`` does (nvJPEG's batch decoder ignores EXIF)."""
+    flip_w, flip_h, transpose = {1: (0, 0, 0), 2: (1, 0, 0), 3: (1, 1, 0), 4: (0, 1, 0),
+                                 5: (0, 0, 1), 6: (1, 0, 1), 7: (1, 1, 1), 8: (0, 1, 1)}[orientation]
+    if transpose:
+        image = image.transpose(-2, -1)
+    dims = [d for d, on in ((-1, flip_w), (-2, flip_h)) if on]
+    return image.flip(dims) if dims else image
+
+
 def decode_jpeg_batches(files: Sequence[Path], cache_size: int, device: torch.device,
                         batch: int = 256) -> list[torch.Tensor | None]:
     """Batched JPEG decode on ``device`` (nvJPEG on CUDA); PNGs and anything the batch decoder
-    refuses go through :func:`decode_image` one by one. ``None`` marks an undecodable file."""
+    refuses go through :func:`decode_image` one by one. ``None`` marks an undecodable file.
+    EXIF orientation is applied as :func:`decode_image` applies it: train pixels = serve pixels."""
     results: list[torch.Tensor | None] = [None] * len(files)
     for start in range(0, len(files), batch):
         chunk = list(range(start, min(start + batch, len(files))))
@@ -144,8 +173,8 @@ def decode_jpeg_batches(files: Sequence[Path], cache_size: int, device: torch.de
             except RuntimeError:
                 decoded = None  # one bad file fails the whole batch: redo those on the CPU
         if decoded is not None:
-            for i, image in zip(jpeg_positions, decoded):
-                results[i] = resize_and_crop(image, cache_size)
+            for i, data, image in zip(jpeg_positions, jpeg_data, decoded):
+                results[i] = resize_and_crop(apply_exif_orientation(image, exif_orientation(data)), cache_size)
         for i in chunk:
             if results[i] is None:
                 cpu = _decode_file(files[i], cache_size)

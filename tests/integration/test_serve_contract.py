@@ -272,6 +272,73 @@ def test_bad_artifact_is_refused_with_the_reason(serve_endpoint: ServeEndpoint, 
     assert serve_endpoint.describe_model(name).status == 404
     if kind == "tar-dotdot":
         assert "unsafe path" in reply.json()["message"]
+    reasons = {"no-model-json": "model.json", "wrong-classes": "7 classes", "corrupt-weights": "state_dict",
+               "unknown-arch": "vgg99", "no-weights": "model.pt"}
+    if kind in reasons:  # the handler's own reason, not MMS's "Failed to start workers"
+        assert reasons[kind] in reply.json()["message"], reply.json()
+
+
+class _RunsCode:
+    """Unpickled by a plain unpickler, this creates ``marker``."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple:
+        return (Path.touch, (Path(self.marker),))
+
+
+def test_a_code_running_model_pt_is_refused_and_nothing_runs(serve_endpoint: ServeEndpoint,
+                                                             serve_models: dict[str, TrainedModel],
+                                                             sample_jpeg: bytes) -> None:
+    import torch
+
+    server_dir = serve_endpoint.stage(serve_models["mobilenet_v2"].model_dir)
+    host_dir = serve_endpoint.host_root / Path(server_dir).relative_to(serve_endpoint.server_root)
+    marker = host_dir.parent / "pwned"
+    torch.save({"weight": _RunsCode(str(Path(server_dir).parent / "pwned"))}, host_dir / artifacts.WEIGHTS_FILE)
+    name = serve_endpoint.unique("pickle")
+    reply = serve_endpoint.load(name, server_dir, stage=False)
+    assert_json_error(reply, 400)
+    assert "state_dict" in reply.json()["message"]
+    assert serve_endpoint.describe_model(name).status == 404
+    assert not marker.exists(), "the server ran code from model.pt"
+
+
+def test_user_inference_code_serves_its_model_only(serve_endpoint: ServeEndpoint, loaded: dict[str, TrainedModel],
+                                                   serve_models: dict[str, TrainedModel], tmp_path: Path,
+                                                   sample_jpeg: bytes) -> None:
+    """code/inference.py with its own input_fn and output_fn; the loaded models keep ours."""
+    custom = Path(shutil.copytree(serve_models["resnet18"].model_dir, tmp_path / "custom"))
+    (custom / "code").mkdir()
+    (custom / "code" / "inference.py").write_text(
+        "import base64, json\n"
+        "from dogbreed.serve import inference\n"
+        "def input_fn(body, content_type):\n"
+        "    if content_type != 'text/plain':\n"
+        "        raise inference.RequestError(415, 'send base64 text')\n"
+        "    return inference.InferenceRequest(base64.b64decode(body), top_k=2)\n"
+        "def output_fn(prediction, accept):\n"
+        "    values, indices = prediction.probabilities.topk(prediction.top_k)\n"
+        "    return ','.join(prediction.model.labels[i] for i in indices.tolist()), 'text/csv'\n")
+    (custom / "code" / "requirements.txt").write_text("never-installed-at-run-time==0.0.1\n")
+    name = serve_endpoint.unique("custom")
+    assert serve_endpoint.load(name, custom).status == 200
+    try:
+        reply = serve_endpoint.invoke(name, base64.b64encode(sample_jpeg), "text/plain")
+        assert reply.status == 200, reply.body[:300]
+        assert reply.headers["content-type"].startswith("text/csv")
+        labels = reply.body.decode().split(",")
+        model = serve_models["resnet18"]
+        assert len(labels) == 2 and set(labels) <= set(model.labels)
+        ours = assert_prediction(serve_endpoint.invoke(name_of(loaded, "resnet18"), sample_jpeg),
+                                 name_of(loaded, "resnet18"), loaded[name_of(loaded, "resnet18")], k=5)
+        assert labels == [p["label"] for p in ours[:2]]  # same weights, same pixels, custom I/O
+        assert_json_error(serve_endpoint.invoke(name, sample_jpeg, "image/jpeg"), 415)  # its input_fn
+        for other, model in loaded.items():  # the other models keep our functions
+            assert_prediction(serve_endpoint.invoke(other, sample_jpeg), other, model, k=5)
+    finally:
+        assert serve_endpoint.unload_model(name).status == 200
 
 
 def test_load_refusals_for_bad_urls(serve_endpoint: ServeEndpoint) -> None:

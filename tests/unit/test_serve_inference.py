@@ -13,6 +13,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+import torchvision.io
 from PIL import Image
 from test_artifacts import tiny_model_dir
 
@@ -320,3 +321,32 @@ def test_load_failure_statuses() -> None:
     assert inference.load_failure(MemoryError())[0] == 507
     assert inference.load_failure(RuntimeError("x"))[0] == 500
     assert inference.load_failure(SyntaxError("x"))[:2] == (400, "UserCodeError")
+
+
+# --- train pixels = serve pixels, EXIF orientation included --------------------------------------------
+def exif_jpeg(orientation: int) -> bytes:
+    """An asymmetric 48x32 picture whose EXIF header says ``orientation``."""
+    image = Image.new("RGB", (48, 32), (20, 20, 20))
+    image.paste((250, 30, 30), (0, 0, 24, 16))  # a red top-left corner
+    image.paste((30, 250, 30), (36, 0, 48, 32))  # a green right edge
+    exif = Image.Exif()
+    exif[data.EXIF_ORIENTATION_TAG] = orientation
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=95, exif=exif.tobytes())
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_the_training_cache_matches_serving_for_exif_rotated_jpegs(tmp_path: Path, orientation: int) -> None:
+    path = tmp_path / "dog.jpg"
+    path.write_bytes(exif_jpeg(orientation))
+    served = data.decode_image(path.read_bytes(), 40)  # what preprocess() decodes for a request
+    # the batched decoder (nvJPEG on CUDA; its EXIF step is the same on the CPU)
+    [batched] = data.decode_jpeg_batches([path], 40, torch.device("cpu"))
+    assert torch.equal(batched, served)
+    raw = torchvision.io.decode_jpeg(torchvision.io.read_file(str(path)))  # what nvJPEG hands back: no EXIF
+    turned = data.apply_exif_orientation(raw, data.exif_orientation(torchvision.io.read_file(str(path))))
+    assert torch.equal(turned, torchvision.io.decode_image(torchvision.io.read_file(str(path)),
+                                                            apply_exif_orientation=True))
+    if orientation in (5, 6, 7, 8):
+        assert turned.shape[-2:] == (48, 32)  # portrait once turned

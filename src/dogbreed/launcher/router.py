@@ -25,29 +25,28 @@ from __future__ import annotations
 import collections
 import dataclasses
 import hashlib
-import http.client
 import json
 import re
 import shutil
 import threading
 import urllib.parse
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-from dogbreed import artifacts
+from dogbreed import artifacts, contract
 from dogbreed.artifacts import ARCHIVE_NAME
+from dogbreed.contract import CUSTOM_ATTRIBUTES_HEADER
 from dogbreed.launcher import events
+from dogbreed.serve.client import Response, ServeClient
 
-TARGET_HEADER = "X-Amzn-SageMaker-Target-Model"
-CUSTOM_ATTRIBUTES_HEADER = "X-Amzn-SageMaker-Custom-Attributes"
+TARGET_HEADER = contract.TARGET_MODEL_HEADER
 VARIANT_HEADER = "X-Amzn-Invoked-Production-Variant"
 ERROR_TYPE_HEADER = "x-amzn-ErrorType"
 REQUEST_ID_HEADER = "x-amzn-RequestId"
 VARIANT_NAME = "AllTraffic"
-# SageMaker real-time endpoints take at most 6 MB per request.
-MAX_BODY_BYTES = 6 * 1024 * 1024
+MAX_BODY_BYTES = contract.MAX_PAYLOAD_BYTES
 FORWARDED_HEADERS = ("Content-Type", "Accept", CUSTOM_ATTRIBUTES_HEADER)
 _ENDPOINT_PATH = re.compile(r"^/endpoints/([^/]+)/invocations$")
 
@@ -97,8 +96,7 @@ class ModelStore:
 
     def add(self, name: str, archive: Path) -> Path:
         """Copy ``archive`` to ``<store>/<name>/model.tar.gz`` atomically."""
-        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}", name) or ".." in name:
-            raise ValueError(f"model name {name!r}: letters, digits, '.', '_' and '-' only")
+        contract.validate_model_name(name)  # a ContractError (ValueError) for a bad one
         target = self.root / name / ARCHIVE_NAME
         target.parent.mkdir(parents=True, exist_ok=True)
         partial = target.with_name(target.name + ".partial")
@@ -120,54 +118,17 @@ def mms_model_name(target: str) -> str:
 
 
 # --- the MMS side ------------------------------------------------------------------------------
-@dataclasses.dataclass
-class Reply:
-    status: int
-    headers: dict[str, str]
-    body: bytes
-
-    def message(self) -> str:
-        try:
-            data = json.loads(self.body)
-            if isinstance(data, dict):
-                return str(data.get("message") or data.get("Message") or data.get("error") or data)
-        except (ValueError, UnicodeDecodeError):
-            pass
-        return self.body.decode("utf-8", "replace")[:500]
-
-
-class ModelServerClient:
-    """The MMS management and inference API (``POST /models``, ``DELETE``, ``/invoke``)."""
-
-    def __init__(self, url: str, timeout: float = 120.0) -> None:
-        parsed = urllib.parse.urlsplit(url)
-        if parsed.scheme != "http" or not parsed.hostname:
-            raise ValueError(f"model server URL must be http://host:port, got {url!r}")
-        self.host, self.port = parsed.hostname, parsed.port or 80
-        self.timeout = timeout
+class ModelServerClient(ServeClient):
+    """The container API (``POST /models``, ``DELETE``, ``/invoke``) through the serving client;
+    an unreachable model server is a 503 for the router's caller."""
 
     def request(self, method: str, path: str, body: bytes | None = None,
-                headers: dict[str, str] | None = None) -> Reply:
-        connection = http.client.HTTPConnection(self.host, self.port, timeout=self.timeout)
+                headers: Mapping[str, str] | None = None, timeout: float | None = None) -> Response:
         try:
-            connection.request(method, path, body=body, headers=headers or {})
-            response = connection.getresponse()
-            return Reply(response.status, dict(response.getheaders()), response.read())
+            return super().request(method, path, body, headers, timeout)
         except OSError as exc:
             raise RouterError(503, "ServiceUnavailable",
                               f"model server at {self.host}:{self.port} is unreachable: {exc}") from None
-        finally:
-            connection.close()
-
-    def load(self, name: str, url: str) -> Reply:
-        body = json.dumps({"model_name": name, "url": url}).encode()
-        return self.request("POST", "/models", body, {"Content-Type": "application/json"})
-
-    def unload(self, name: str) -> Reply:
-        return self.request("DELETE", f"/models/{urllib.parse.quote(name)}")
-
-    def invoke(self, name: str, body: bytes, headers: dict[str, str]) -> Reply:
-        return self.request("POST", f"/models/{urllib.parse.quote(name)}/invoke", body, headers)
 
 
 # --- routing with LRU loading ------------------------------------------------------------------
@@ -272,7 +233,7 @@ class ModelCache:
     def _unload_all(self, victims: list[_Entry]) -> None:
         for entry in victims:
             try:
-                reply = self.server.unload(entry.name)
+                reply = self.server.unload_model(entry.name)
                 events.event("model_unloaded", target=entry.target, model=entry.name,
                              status=reply.status)
                 self.unloads += 1
@@ -290,12 +251,12 @@ class ModelCache:
             model_dir = artifacts.safe_extract(archive, entry.directory)
         except artifacts.ArtifactError as exc:
             raise model_error(400, f"cannot unpack {entry.target}: {exc}", "model store") from None
-        reply = self.server.load(entry.name, str(model_dir))
+        reply = self.server.load_model(entry.name, str(model_dir))
         if reply.status == 507:  # the server is out of memory: make room once and retry
             with self._cond:
                 victims = self._pick_victims_beyond(1)
             self._unload_all(victims)
-            reply = self.server.load(entry.name, str(model_dir))
+            reply = self.server.load_model(entry.name, str(model_dir))
         if reply.status == 409:  # already loaded (e.g. a router restart): fine
             reply.status = 200
         if reply.status >= 300:
@@ -316,13 +277,6 @@ class ModelCache:
             self._entries.clear()
         for entry in victims:
             shutil.rmtree(entry.directory, ignore_errors=True)
-
-
-@dataclasses.dataclass
-class Response:
-    status: int
-    body: bytes
-    headers: dict[str, str]
 
 
 class Router:
@@ -397,7 +351,7 @@ class Router:
         for attempt in (1, 2):
             entry = self.cache.acquire(target)
             try:
-                reply = self.server.invoke(entry.name, body, forwarded)
+                reply = self.server.invoke(entry.name, body, content_type=None, headers=forwarded)
             finally:
                 self.cache.release(entry)
             if reply.status == 404 and attempt == 1:
@@ -414,7 +368,7 @@ class Router:
         for key, value in reply.headers.items():
             if key.lower() == CUSTOM_ATTRIBUTES_HEADER.lower():
                 out_headers[CUSTOM_ATTRIBUTES_HEADER] = value
-        return Response(200, reply.body, out_headers)
+        return Response(200, out_headers, reply.body)
 
     def describe(self) -> dict[str, Any]:
         return {"endpoint": self.endpoint_name, "store": str(self.store.root),
@@ -467,10 +421,10 @@ def _make_handler(router: Router) -> Callable[..., BaseHTTPRequestHandler]:
             target = self.headers.get(TARGET_HEADER)
             try:
                 if method == "GET" and path == "/ping":
-                    response = Response(200, b'{"status": "healthy"}\n', {"Content-Type": "application/json"})
+                    response = Response(200, {"Content-Type": "application/json"}, b'{"status": "healthy"}\n')
                 elif method == "GET" and path == "/models":
-                    response = Response(200, json.dumps(router.describe()).encode(),
-                                        {"Content-Type": "application/json"})
+                    response = Response(200, {"Content-Type": "application/json"},
+                                        json.dumps(router.describe()).encode())
                 else:
                     match = _ENDPOINT_PATH.match(path)
                     if path != "/invocations" and not match:

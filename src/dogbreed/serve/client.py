@@ -29,25 +29,48 @@ class Response:
     def json(self) -> Any:
         return json.loads(self.body)
 
+    def message(self) -> str:
+        """The error message of a JSON error body (``{"message": ...}``), else the body's text."""
+        try:
+            data = json.loads(self.body)
+            if isinstance(data, dict):
+                return str(data.get("message") or data.get("Message") or data.get("error") or data)
+        except (ValueError, UnicodeDecodeError):
+            pass
+        return self.body.decode("utf-8", "replace")[:500]
+
 
 class ServeClient:
-    def __init__(self, url: str, timeout: float = 120.0) -> None:
+    """``keep_alive=True`` reuses one connection (one client per thread then; the benchmark's
+    latency loop); by default every call opens its own and the client is thread-safe."""
+
+    def __init__(self, url: str, timeout: float = 120.0, keep_alive: bool = False) -> None:
         parts = urlsplit(url)
         if parts.scheme != "http" or not parts.hostname:
             raise ValueError(f"expected http://host:port, got {url!r}")
         self.url = url.rstrip("/")
         self.host, self.port = parts.hostname, parts.port or 80
         self.timeout = timeout
+        self._kept: http.client.HTTPConnection | None = None
+        self.keep_alive = keep_alive
 
     def request(self, method: str, path: str, body: bytes | None = None,
                 headers: Mapping[str, str] | None = None, timeout: float | None = None) -> Response:
-        conn = http.client.HTTPConnection(self.host, self.port, timeout=timeout or self.timeout)
+        conn = self._kept or http.client.HTTPConnection(self.host, self.port, timeout=timeout or self.timeout)
         try:
             conn.request(method, path, body=body, headers=dict(headers or {}))
             resp = conn.getresponse()
-            return Response(resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read())
-        finally:
+            reply = Response(resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read())
+        except BaseException:
             conn.close()
+            self._kept = None
+            raise
+        if self.keep_alive and not resp.will_close:
+            self._kept = conn
+        else:
+            conn.close()
+            self._kept = None
+        return reply
 
     def ping(self) -> Response:
         return self.request("GET", "/ping", timeout=10)
