@@ -1,20 +1,16 @@
 """The thin HTTP front on the public port; MMS listens on a unix socket in the run dir behind it.
 
-It passes every request through unchanged, except ``POST /models`` and ``DELETE /models/{name}``,
-for the two things multi-model-server 1.1.11 (pinned) cannot do itself:
+Every request passes through unchanged except ``POST /models`` and ``DELETE /models/{name}``,
+for two things multi-model-server 1.1.11 (pinned) cannot do:
 
-1. **A refused model's reason.** MMS answers any failed worker start with a fixed
-   ``"Failed to start workers"`` (``ManagementRequestHandler.updateModelWorkers``) and drops the
-   worker's own message (``WorkerThread``, LOAD reply). The handler keeps a load failure instead
-   of dying (:mod:`dogbreed.serve.handler`); after MMS registers a model the front asks it once
-   (``X-Dogbreed-Load-Status``) and, if it was refused, unregisters it and answers the reason:
-   ``400 {"code", "type": "ArtifactError", "message": "model.json: ..."}``.
-2. **A ``model.tar.gz`` url.** MMS reads a file url as a ``.mar`` (zip) archive. The front unpacks
-   one it is handed (:func:`dogbreed.artifacts.safe_extract`, via the server's resolver) once,
-   and removes it on ``DELETE``; SageMaker, the local router and ``add-model`` hand model dirs.
-
-Errors have MMS's shape: ``{"code", "type", "message"}``. Management stays on the public port, as
-SageMaker's multi-model contract needs; MMS itself is reachable only through the run dir.
+1. **A refused model's reason.** MMS answers any failed worker start with a fixed "Failed to
+   start workers" and drops the worker's message (``ManagementRequestHandler.updateModelWorkers``,
+   ``WorkerThread``). The handler keeps a load failure instead of dying; after MMS registers a
+   model, the front asks it once (``X-Dogbreed-Load-Status``) and, if refused, unregisters it and
+   answers the reason (``400 {"type": "ArtifactError", "message": "...model.json..."}``).
+2. **A model.tar.gz url**, which MMS would read as a .mar (zip). The front unpacks it once
+   (the server's resolver: :func:`dogbreed.artifacts.safe_extract`) and removes it on ``DELETE``.
+   SageMaker, the local router and ``add-model`` hand over model dirs.
 """
 
 from __future__ import annotations
@@ -24,7 +20,6 @@ import json
 import logging
 import shutil
 import socket
-import threading
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -46,9 +41,7 @@ Reply = tuple[int, list[tuple[str, str]], bytes]
 
 
 class UnixHTTPConnection(http.client.HTTPConnection):
-    """HTTP over a unix socket (MMS's listener in the run dir)."""
-
-    def __init__(self, path: str, timeout: float | None = None) -> None:
+    def __init__(self, path: str, timeout: float | None = None) -> None:  # MMS's socket
         super().__init__("localhost", timeout=timeout)
         self.unix_path = path
 
@@ -69,7 +62,7 @@ def call_mms(socket_path: str, method: str, target: str, body: bytes | None = No
         conn.close()
 
 
-def error(status: int, error_type: str, message: str) -> Reply:
+def error(status: int, error_type: str, message: str) -> Reply:  # MMS's error shape
     return status, JSON_HEADERS, error_body(status, error_type, message)
 
 
@@ -83,8 +76,7 @@ class Front(ThreadingHTTPServer):
                  max_request_bytes: int = contract.MAX_PAYLOAD_BYTES) -> None:
         self.mms_socket, self.resolve, self.max_request_bytes = mms_socket, resolve, max_request_bytes
         self.response_timeout, self.load_timeout = response_timeout, load_timeout
-        self.unpacked: dict[str, Path] = {}
-        self.lock = threading.Lock()
+        self.unpacked: dict[str, Path] = {}  # name -> what the front unpacked for it
         if ":" in address[0]:
             self.address_family = socket.AF_INET6
         super().__init__(address, FrontHandler)
@@ -95,18 +87,14 @@ class Front(ThreadingHTTPServer):
 
     def register(self, body: bytes, query: str) -> Reply:
         params: dict[str, Any] = dict(parse_qsl(query))
-        if body.strip():
-            try:
-                payload = json.loads(body)
-            except (json.JSONDecodeError, UnicodeDecodeError):
-                payload = None
-            if not isinstance(payload, dict):
-                return error(400, "BadRequest", 'body must be a JSON object {"model_name", "url"}')
-            params.update(payload)
-        name, url = params.get("model_name"), params.get("url")
-        if not isinstance(url, str) or not url:
-            return error(400, "BadRequest", "Parameter url is required.")
         try:
+            params.update(json.loads(body) if body.strip() else {})
+        except (ValueError, TypeError):  # not JSON, or not an object
+            return error(400, "BadRequest", 'body must be a JSON object {"model_name", "url"}')
+        name, url = params.get("model_name"), params.get("url")
+        try:
+            if not isinstance(url, str) or not url:
+                return error(400, "BadRequest", "Parameter url is required.")
             if self.call("GET", f"/models/{quote(contract.validate_model_name(name), safe='')}")[0] == 200:
                 return error(409, "ConflictStatusException", f"Model {name} is already registered.")
             model_dir, unpacked = self.resolve(url, name)
@@ -131,29 +119,20 @@ class Front(ThreadingHTTPServer):
                     reply = probe[0], JSON_HEADERS, probe[2]
         finally:  # tidy up before answering: the caller may look at once
             if unpacked is not None and 200 <= reply[0] < 300:
-                with self.lock:
-                    self.unpacked[name] = unpacked
+                self.unpacked[name] = unpacked
             elif unpacked is not None:
                 shutil.rmtree(unpacked, ignore_errors=True)
         return reply
 
-    def unregistered(self, name: str) -> None:
-        with self.lock:
-            unpacked = self.unpacked.pop(name, None)
-        if unpacked is not None:
-            shutil.rmtree(unpacked, ignore_errors=True)
-
 
 class FrontHandler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
-    # Headers and body go out in two writes; with Nagle on, the body would wait for the
-    # client's delayed ACK of the headers (40 ms on Linux).
-    disable_nagle_algorithm = True
+    disable_nagle_algorithm = True  # else the body waits for the delayed ACK of the headers (40 ms)
     timeout = 120  # a caller that stops sending mid-request gives up its thread
     server_version, sys_version = "dogbreed-serve", ""
     server: Front
 
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the base's name
+    def log_message(self, *args: Any) -> None:
         pass  # MMS logs every request already
 
     def do_GET(self) -> None:
@@ -170,8 +149,8 @@ class FrontHandler(BaseHTTPRequestHandler):
                 delete = self.command == "DELETE" and len(path) == 2 and path[0] == "models"
                 reply = self.server.call(self.command, self.path, body, headers,
                                          self.server.load_timeout if delete else None)
-                if delete and reply[0] == 200:
-                    self.server.unregistered(path[1])
+                if delete and reply[0] == 200 and path[1] in self.server.unpacked:
+                    shutil.rmtree(self.server.unpacked.pop(path[1]), ignore_errors=True)
             self._send(*reply)
         except (ConnectionRefusedError, FileNotFoundError):
             self._send(*error(503, "ServiceUnavailable", "the model server (MMS) is not running"))
@@ -179,7 +158,7 @@ class FrontHandler(BaseHTTPRequestHandler):
             self._send(*error(504, "GatewayTimeout", "the model server did not answer in time"), close=True)
         except (BrokenPipeError, ConnectionResetError):
             self.close_connection = True  # the caller went away
-        except Exception as exc:  # the front must outlive anything a request does
+        except Exception as exc:  # the front outlives anything a request does
             log.exception("event=front_error path=%s", self.path)
             self._send(*error(500, "InternalServerError", f"{type(exc).__name__}: {exc}"))
 
@@ -221,7 +200,7 @@ class FrontHandler(BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(body)))
         if close:
             self.send_header("Connection", "close")
-            self.close_connection = True
+        self.close_connection = self.close_connection or close
         self.end_headers()
         if self.command != "HEAD":
             self.wfile.write(body)
