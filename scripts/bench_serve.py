@@ -39,7 +39,7 @@ import torch
 from PIL import Image
 
 from dogbreed import artifacts, data, models
-from dogbreed.serve import TORCH_THREADS_ENV, front, inference
+from dogbreed.serve import TORCH_THREADS_ENV, inference
 from dogbreed.serve.client import ServeClient
 from dogbreed.serve.server import ModelServer
 
@@ -99,21 +99,15 @@ class Client:
     """Timed invocations on a kept-alive connection: to the front, or to MMS's unix socket."""
 
     def __init__(self, server: ModelServer, direct: bool = False) -> None:
-        self.direct = front.UnixHTTPConnection(str(server.mms_socket), timeout=120) if direct else None
-        self.client = ServeClient(server.url, keep_alive=True)
+        url = f"unix://{server.mms_socket}" if direct else server.url
+        self.client = ServeClient(url, keep_alive=True)
 
     def invoke(self, name: str, body: bytes) -> float:
         start = time.perf_counter()
-        if self.direct is not None:
-            self.direct.request("POST", f"/models/{name}/invoke", body=body, headers={"Content-Type": "image/jpeg"})
-            response = self.direct.getresponse()
-            status, payload = response.status, response.read()
-        else:
-            reply = self.client.invoke(name, body, "image/jpeg")
-            status, payload = reply.status, reply.body
+        reply = self.client.invoke(name, body, "image/jpeg")
         elapsed = time.perf_counter() - start
-        if status != 200:
-            raise RuntimeError(f"invoke {name}: HTTP {status} {payload[:200]!r}")
+        if reply.status != 200:
+            raise RuntimeError(f"invoke {name}: HTTP {reply.status} {reply.body[:200]!r}")
         return elapsed
 
 

@@ -1,6 +1,6 @@
 """A small client for a ``dogbreed-serve`` endpoint: the SageMaker container API over HTTP.
 
-    client = ServeClient("http://127.0.0.1:8080")
+    client = ServeClient("http://127.0.0.1:8080")     # or unix:///run/dir/mms.sock (MMS itself)
     client.load_model("resnet18", "/opt/ml/models/resnet18/model")   # POST /models
     client.invoke("resnet18", jpeg_bytes).json()                      # POST /models/{name}/invoke
 
@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import http.client
 import json
+import socket
 from collections.abc import Mapping
 from typing import Any
 from urllib.parse import quote, urlsplit
@@ -40,23 +41,36 @@ class Response:
         return self.body.decode("utf-8", "replace")[:500]
 
 
+class UnixHTTPConnection(http.client.HTTPConnection):
+    def __init__(self, path: str, timeout: float | None = None) -> None:
+        super().__init__("localhost", timeout=timeout)
+        self.unix_path = path
+
+    def connect(self) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(self.timeout)
+        self.sock.connect(self.unix_path)
+
+
 class ServeClient:
     """``keep_alive=True`` reuses one connection (one client per thread then; the benchmark's
     latency loop); by default every call opens its own and the client is thread-safe."""
 
     def __init__(self, url: str, timeout: float = 120.0, keep_alive: bool = False) -> None:
         parts = urlsplit(url)
-        if parts.scheme != "http" or not parts.hostname:
-            raise ValueError(f"expected http://host:port, got {url!r}")
+        if not (parts.scheme == "http" and parts.hostname or parts.scheme == "unix" and parts.path):
+            raise ValueError(f"expected http://host:port or unix:///path/to.sock, got {url!r}")
         self.url = url.rstrip("/")
         self.host, self.port = parts.hostname, parts.port or 80
+        self.unix_path = parts.path if parts.scheme == "unix" else None
         self.timeout = timeout
         self._kept: http.client.HTTPConnection | None = None
         self.keep_alive = keep_alive
 
     def request(self, method: str, path: str, body: bytes | None = None,
                 headers: Mapping[str, str] | None = None, timeout: float | None = None) -> Response:
-        conn = self._kept or http.client.HTTPConnection(self.host, self.port, timeout=timeout or self.timeout)
+        conn = self._kept or (UnixHTTPConnection(self.unix_path, timeout or self.timeout) if self.unix_path
+                              else http.client.HTTPConnection(self.host, self.port, timeout=timeout or self.timeout))
         try:
             conn.request(method, path, body=body, headers=dict(headers or {}))
             resp = conn.getresponse()

@@ -15,7 +15,6 @@ for two things multi-model-server 1.1.11 (pinned) cannot do:
 
 from __future__ import annotations
 
-import http.client
 import json
 import logging
 import shutil
@@ -24,10 +23,11 @@ from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qsl, quote, unquote, urlsplit
+from urllib.parse import parse_qsl, unquote, urlsplit
 
 from dogbreed import artifacts, contract
 from dogbreed.serve import LOAD_STATUS_HEADER, error_body
+from dogbreed.serve.client import Response, ServeClient
 
 log = logging.getLogger("dogbreed.serve")
 
@@ -36,34 +36,11 @@ HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-connection", "te", "t
                         "transfer-encoding", "content-length", "host", "expect", "date", "server"})
 # Registration parameters passed on to MMS; anything else (``handler``, ``runtime``) is dropped.
 REGISTER_PARAMETERS = ("initial_workers", "batch_size", "max_batch_delay", "response_timeout", "synchronous")
-JSON_HEADERS = [("Content-Type", "application/json")]
-Reply = tuple[int, list[tuple[str, str]], bytes]
+JSON_HEADERS = {"content-type": "application/json"}
 
 
-class UnixHTTPConnection(http.client.HTTPConnection):
-    def __init__(self, path: str, timeout: float | None = None) -> None:  # MMS's socket
-        super().__init__("localhost", timeout=timeout)
-        self.unix_path = path
-
-    def connect(self) -> None:
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.settimeout(self.timeout)
-        self.sock.connect(self.unix_path)
-
-
-def call_mms(socket_path: str, method: str, target: str, body: bytes | None = None,
-             headers: dict[str, str] | None = None, timeout: float = 60.0) -> Reply:
-    conn = UnixHTTPConnection(socket_path, timeout)
-    try:
-        conn.request(method, target, body=body, headers=headers or {})
-        response = conn.getresponse()
-        return response.status, response.getheaders(), response.read()
-    finally:
-        conn.close()
-
-
-def error(status: int, error_type: str, message: str) -> Reply:  # MMS's error shape
-    return status, JSON_HEADERS, error_body(status, error_type, message)
+def error(status: int, error_type: str, message: str) -> Response:  # MMS's error shape
+    return Response(status, dict(JSON_HEADERS), error_body(status, error_type, message))
 
 
 class Front(ThreadingHTTPServer):
@@ -74,18 +51,15 @@ class Front(ThreadingHTTPServer):
                  resolve: Callable[[str, str], tuple[Path, Path | None]],
                  response_timeout: float, load_timeout: float,
                  max_request_bytes: int = contract.MAX_PAYLOAD_BYTES) -> None:
-        self.mms_socket, self.resolve, self.max_request_bytes = mms_socket, resolve, max_request_bytes
+        self.mms = ServeClient(f"unix://{mms_socket}", response_timeout)
+        self.resolve, self.max_request_bytes = resolve, max_request_bytes
         self.response_timeout, self.load_timeout = response_timeout, load_timeout
         self.unpacked: dict[str, Path] = {}  # name -> what the front unpacked for it
         if ":" in address[0]:
             self.address_family = socket.AF_INET6
         super().__init__(address, FrontHandler)
 
-    def call(self, method: str, target: str, body: bytes | None = None,
-             headers: dict[str, str] | None = None, timeout: float | None = None) -> Reply:
-        return call_mms(self.mms_socket, method, target, body, headers, timeout or self.response_timeout)
-
-    def register(self, body: bytes, query: str) -> Reply:
+    def register(self, body: bytes, query: str) -> Response:
         params: dict[str, Any] = dict(parse_qsl(query))
         try:
             params.update(json.loads(body) if body.strip() else {})
@@ -95,7 +69,7 @@ class Front(ThreadingHTTPServer):
         try:
             if not isinstance(url, str) or not url:
                 return error(400, "BadRequest", "Parameter url is required.")
-            if self.call("GET", f"/models/{quote(contract.validate_model_name(name), safe='')}")[0] == 200:
+            if self.mms.describe_model(contract.validate_model_name(name)).status == 200:
                 return error(409, "ConflictStatusException", f"Model {name} is already registered.")
             model_dir, unpacked = self.resolve(url, name)
         except FileNotFoundError:
@@ -108,17 +82,16 @@ class Front(ThreadingHTTPServer):
                    "model_name": name, "url": str(model_dir)}
         reply = error(500, "InternalServerError", "registration did not finish")
         try:
-            reply = self.call("POST", "/models", json.dumps(forward).encode(),
-                              {"Content-Type": "application/json"}, self.load_timeout)
+            reply = self.mms.request("POST", "/models", json.dumps(forward).encode(),
+                                     JSON_HEADERS, self.load_timeout)
             waited = str(forward.get("synchronous", True)).lower() != "false"
-            if 200 <= reply[0] < 300 and waited and str(forward.get("initial_workers", 1)) != "0":
-                probe = self.call("POST", f"/models/{quote(name, safe='')}/invoke", b"",
-                                  {LOAD_STATUS_HEADER: "1", "Content-Type": "application/json"})
-                if probe[0] != 200:  # refused by the handler: its reason, and no model left behind
-                    self.call("DELETE", f"/models/{quote(name, safe='')}", timeout=self.load_timeout)
-                    reply = probe[0], JSON_HEADERS, probe[2]
+            if 200 <= reply.status < 300 and waited and str(forward.get("initial_workers", 1)) != "0":
+                probe = self.mms.invoke(name, b"", "application/json", {LOAD_STATUS_HEADER: "1"})
+                if probe.status != 200:  # refused by the handler: its reason, and no model left behind
+                    self.mms.unload_model(name)
+                    reply = Response(probe.status, dict(JSON_HEADERS), probe.body)
         finally:  # tidy up before answering: the caller may look at once
-            if unpacked is not None and 200 <= reply[0] < 300:
+            if unpacked is not None and 200 <= reply.status < 300:
                 self.unpacked[name] = unpacked
             elif unpacked is not None:
                 shutil.rmtree(unpacked, ignore_errors=True)
@@ -147,20 +120,20 @@ class FrontHandler(BaseHTTPRequestHandler):
             else:
                 headers = {k: v for k, v in self.headers.items() if k.lower() not in HOP_BY_HOP}
                 delete = self.command == "DELETE" and len(path) == 2 and path[0] == "models"
-                reply = self.server.call(self.command, self.path, body, headers,
-                                         self.server.load_timeout if delete else None)
-                if delete and reply[0] == 200 and path[1] in self.server.unpacked:
+                reply = self.server.mms.request(self.command, self.path, body, headers,
+                                                self.server.load_timeout if delete else None)
+                if delete and reply.status == 200 and path[1] in self.server.unpacked:
                     shutil.rmtree(self.server.unpacked.pop(path[1]), ignore_errors=True)
-            self._send(*reply)
+            self._send(reply)
         except (ConnectionRefusedError, FileNotFoundError):
-            self._send(*error(503, "ServiceUnavailable", "the model server (MMS) is not running"))
+            self._send(error(503, "ServiceUnavailable", "the model server (MMS) is not running"))
         except TimeoutError:
-            self._send(*error(504, "GatewayTimeout", "the model server did not answer in time"), close=True)
+            self._send(error(504, "GatewayTimeout", "the model server did not answer in time"), close=True)
         except (BrokenPipeError, ConnectionResetError):
             self.close_connection = True  # the caller went away
         except Exception as exc:  # the front outlives anything a request does
             log.exception("event=front_error path=%s", self.path)
-            self._send(*error(500, "InternalServerError", f"{type(exc).__name__}: {exc}"))
+            self._send(error(500, "InternalServerError", f"{type(exc).__name__}: {exc}"))
 
     do_POST = do_PUT = do_DELETE = do_HEAD = do_OPTIONS = do_PATCH = do_GET
 
@@ -176,12 +149,12 @@ class FrontHandler(BaseHTTPRequestHandler):
                 if size < 0:
                     raise ValueError(size)
             except ValueError:
-                self._send(*error(400, "BadRequest", f"bad body length {size_text[:20]!r}"), close=True)
+                self._send(error(400, "BadRequest", f"bad body length {size_text[:20]!r}"), close=True)
                 return None
             total += size
             if total > self.server.max_request_bytes:
-                self._send(*error(413, "RequestEntityTooLarge",
-                                  f"request body over the {self.server.max_request_bytes} bytes allowed"), close=True)
+                self._send(error(413, "RequestEntityTooLarge",
+                                 f"request body over the {self.server.max_request_bytes} bytes allowed"), close=True)
                 return None
             chunks.append(self.rfile.read(size))
             if not chunked:
@@ -192,15 +165,15 @@ class FrontHandler(BaseHTTPRequestHandler):
                 return b"".join(chunks)
             self.rfile.readline(1024)
 
-    def _send(self, status: int, headers: list[tuple[str, str]], body: bytes, close: bool = False) -> None:
-        self.send_response(status)
-        for key, value in headers:
+    def _send(self, reply: Response, close: bool = False) -> None:
+        self.send_response(reply.status)
+        for key, value in reply.headers.items():
             if key.lower() not in HOP_BY_HOP:
                 self.send_header(key, value)
-        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Content-Length", str(len(reply.body)))
         if close:
             self.send_header("Connection", "close")
         self.close_connection = self.close_connection or close
         self.end_headers()
         if self.command != "HEAD":
-            self.wfile.write(body)
+            self.wfile.write(reply.body)

@@ -346,13 +346,11 @@ class ModelServer:
         assert self.run_dir is not None
         if self.use_zygote and not (self.run_dir / zygote.READY_FILE).exists():
             return False
+        mms = ServeClient(f"unix://{self.mms_socket}", timeout=5)
         try:
-            if front.call_mms(str(self.mms_socket), "GET", "/ping", timeout=5)[0] != 200:
+            if mms.ping().status != 200:
                 return False
-            if self.multi_model:
-                return True
-            status, _, body = front.call_mms(str(self.mms_socket), "GET", f"/models/{SINGLE_MODEL_NAME}", timeout=5)
-            return status == 200 and b'"READY"' in body
+            return self.multi_model or b'"READY"' in mms.describe_model(SINGLE_MODEL_NAME).body
         except (OSError, http.client.HTTPException):
             return False
 
