@@ -330,10 +330,11 @@ class ModelServer:
     def _resolve(self, url: str, name: str, staging: Path) -> tuple[Path, Path | None]:
         return resolve_model_source(url, self.model_store, staging, name)
 
-    def wait_ready(self, timeout: float = 120.0) -> ModelServer:
-        """Block until MMS answers ``/ping`` (and, single-model, the model's worker is up)."""
+    def wait_ready(self, timeout: float = 120.0, stop: threading.Event | None = None) -> ModelServer:
+        """Block until MMS answers ``/ping`` (and, single-model, the model's worker is up), or
+        until ``stop`` is set (a SIGTERM during start-up)."""
         deadline = time.monotonic() + timeout
-        while True:
+        while not (stop and stop.is_set()):
             if not self.alive():
                 raise ServerError(f"the model server exited during start-up{self._log_hint()}")
             if self._ready():
@@ -341,6 +342,7 @@ class ModelServer:
             if time.monotonic() > deadline:
                 raise ServerError(f"the model server was not ready within {timeout:g} s{self._log_hint()}")
             time.sleep(0.1)
+        return self
 
     def _ready(self) -> bool:
         assert self.run_dir is not None
@@ -360,7 +362,7 @@ class ModelServer:
             return f"; log {self.log_file} ends with:\n{tail}"
         return ""
 
-    def stop(self, grace: float = 5.0) -> None:
+    def stop(self, grace: float = 3.0) -> None:
         """Stop the front, then MMS and the zygote (which stops its workers); remove a temp run dir.
 
         Each child leads its own session: after ``grace`` seconds, whatever is left of either
@@ -442,8 +444,9 @@ def main(argv: list[str] | None = None) -> int:
         code = 1
     else:
         try:
-            server.wait_ready(timeout=float(LOAD_TIMEOUT))
-            log.info("event=ready url=%s", server.url)
+            server.wait_ready(float(LOAD_TIMEOUT), stop)
+            if not stop.is_set():
+                log.info("event=ready url=%s", server.url)
             while not stop.wait(1.0):
                 if not server.alive():
                     log.error("event=child_exited pids=%s", server.pids())
