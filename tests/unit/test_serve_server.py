@@ -139,3 +139,14 @@ def test_a_taken_port_fails_the_start_before_mms(run_dir: Path) -> None:
         with pytest.raises(ServerError, match="cannot listen"):
             s.start()
     assert s.java is None and s.zygote is None
+
+
+@pytest.mark.parametrize("name,ok", [("resnet18", True), ("a.b_c-1", True), ("x" * 128, True),
+                                     ("x" * 129, False), ("-lead", False), ("a/b", False),
+                                     ("a..b", False), ("", False), (None, False), ("é", False)])
+def test_the_one_model_name_rule(name: object, ok: bool) -> None:
+    if ok:
+        assert contract.validate_model_name(name) == name
+    else:
+        with pytest.raises(contract.ContractError):
+            contract.validate_model_name(name)

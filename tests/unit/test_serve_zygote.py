@@ -129,3 +129,15 @@ def test_stopping_the_zygote_stops_its_workers(zyg: dict) -> None:
     zyg["proc"].wait(10)
     wait_for(lambda: not alive(pid))
     assert proc.wait(10) != 0
+
+
+def test_a_worker_dies_with_a_killed_zygote(zyg: dict) -> None:
+    """SIGKILL leaves the zygote no chance to clean up: its workers still go (PR_SET_PDEATHSIG),
+    so nothing outlives the process that owns them and MMS sees its worker die."""
+    proc = run_shim(zyg, "sleep")
+    pid = int(next(line for line in iter(proc.stdout.readline, "") if line.startswith("pid")).split()[1])
+    assert alive(pid)
+    zyg["proc"].kill()
+    zyg["proc"].wait(10)
+    wait_for(lambda: not alive(pid))
+    assert proc.wait(10) != 0  # the shim, MMS's stand-in for the worker, reports it gone
