@@ -445,3 +445,30 @@ def test_single_model_invocations_and_sigterm(single_model_server: dict, serve_m
         time.sleep(0.2)
     assert server_processes(run_dir) == [], "SIGTERM left processes behind"
     assert "event=stopped" in single_model_server["log"].read_text()
+
+
+@external
+def test_single_model_refused_model_fails_the_start_with_the_reason(serve_models: dict[str, TrainedModel],
+                                                                     tmp_path: Path) -> None:
+    """A model the handler refuses (here: 7 classes in model.json, 5 in the weights) must not
+    become a healthy endpoint that fails every request: dogbreed-serve exits 1, saying why."""
+    base = tmp_path / "opt-ml"
+    model = Path(shutil.copytree(serve_models["mobilenet_v2"].model_dir, base / "model"))
+    meta = json.loads((model / artifacts.METADATA_FILE).read_text())
+    meta["class_names"] = [*meta["class_names"], "006.Extra_one", "007.Extra_two"]
+    (model / artifacts.METADATA_FILE).write_text(json.dumps(meta))
+    run_dir = Path(tempfile.mkdtemp(prefix="dbr-"))
+    env = {**os.environ, contract.BASE_DIR_ENV: str(base), contract.SAGEMAKER_BIND_TO_PORT: str(free_port()),
+           contract.BIND_HOST_ENV: "127.0.0.1", RUN_DIR_ENV: str(run_dir)}
+    env.pop(contract.SAGEMAKER_MULTI_MODEL, None)
+    try:
+        result = subprocess.run([str(Path(sys.executable).with_name("dogbreed-serve"))], env=env, cwd=tmp_path,
+                                capture_output=True, text=True, timeout=300)
+        assert result.returncode == 1, result.stdout[-3000:]
+        assert "model refused" in result.stdout and "7 classes" in result.stdout, result.stdout[-3000:]
+        assert server_processes(run_dir) == []
+    finally:
+        for leftover in server_processes(run_dir):
+            leftover.kill()
+        shutil.rmtree(run_dir, ignore_errors=True)
+

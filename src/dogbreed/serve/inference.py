@@ -472,8 +472,8 @@ class DogbreedTransformer(Transformer):
     def handle_error(context: Any, inference_exception: BaseInferenceToolkitError, trace: str) -> list[bytes]:
         cause = sys.exc_info()[1]  # called inside transform's except: the original exception
         status, error_type, message = inference_exception.status_code, "InternalServerError", inference_exception.message
-        if isinstance(cause, RequestError):
-            error_type = cause.error_type
+        if isinstance(cause, BaseInferenceToolkitError):  # ours, or raised so by user code
+            error_type = getattr(cause, "error_type", phrase(status).replace(" ", ""))
         elif isinstance(cause, UnicodeDecodeError):
             status, error_type, message = 400, "BadRequest", f"request body is not UTF-8: {cause}"
         elif isinstance(cause, MemoryError):

@@ -54,7 +54,7 @@ from typing import IO
 from urllib.parse import quote
 
 from dogbreed import artifacts, contract
-from dogbreed.serve import JVM_OPTS_ENV, RUN_DIR_ENV, ZYGOTE_ENV, front, zygote
+from dogbreed.serve import JVM_OPTS_ENV, LOAD_STATUS_HEADER, RUN_DIR_ENV, ZYGOTE_ENV, front, zygote
 from dogbreed.serve.client import LOAD_TIMEOUT, ServeClient
 
 log = logging.getLogger("dogbreed.serve")
@@ -352,7 +352,12 @@ class ModelServer:
         try:
             if mms.ping().status != 200:
                 return False
-            return self.multi_model or b'"READY"' in mms.describe_model(SINGLE_MODEL_NAME).body
+            if self.multi_model or b'"READY"' not in mms.describe_model(SINGLE_MODEL_NAME).body:
+                return self.multi_model
+            refused = mms.invoke(SINGLE_MODEL_NAME, b"", "application/json", {LOAD_STATUS_HEADER: "1"})
+            if refused.status != 200:  # a model that cannot serve fails the start, with the reason
+                raise ServerError(f"single-model mode: model refused: {refused.message()}")
+            return True
         except (OSError, http.client.HTTPException):
             return False
 
