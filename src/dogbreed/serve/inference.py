@@ -114,14 +114,9 @@ class UrlPolicy:
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> UrlPolicy:
         env = os.environ if env is None else env
-        hosts = frozenset(
-            h.strip().lower() for h in env.get(ALLOW_URL_HOSTS_ENV, "").split(",") if h.strip()
-        )
-        return cls(
-            hosts=hosts,
-            max_bytes=int(env.get(URL_MAX_BYTES_ENV) or DEFAULT_URL_MAX_BYTES),
-            timeout=float(env.get(URL_TIMEOUT_ENV) or DEFAULT_URL_TIMEOUT),
-        )
+        hosts = frozenset(h.strip().lower() for h in env.get(ALLOW_URL_HOSTS_ENV, "").split(",") if h.strip())
+        return cls(hosts=hosts, max_bytes=int(env.get(URL_MAX_BYTES_ENV) or DEFAULT_URL_MAX_BYTES),
+                   timeout=float(env.get(URL_TIMEOUT_ENV) or DEFAULT_URL_TIMEOUT))
 
     def allows(self, host: str) -> bool:
         """Exact host names, or ``.example.com`` / ``*.example.com`` for any subdomain."""
@@ -141,10 +136,7 @@ class Settings:
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
         env = os.environ if env is None else env
-        return cls(
-            url_policy=UrlPolicy.from_env(env),
-            max_image_pixels=int(env.get(MAX_IMAGE_PIXELS_ENV) or DEFAULT_MAX_IMAGE_PIXELS),
-        )
+        return cls(UrlPolicy.from_env(env), int(env.get(MAX_IMAGE_PIXELS_ENV) or DEFAULT_MAX_IMAGE_PIXELS))
 
 
 @functools.lru_cache(maxsize=1)

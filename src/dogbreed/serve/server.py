@@ -140,20 +140,11 @@ class ModelServer:
     :meth:`start`, :meth:`wait_ready` and :meth:`stop`.
     """
 
-    def __init__(
-        self,
-        port: int | None = None,
-        host: str | None = None,
-        run_dir: str | Path | None = None,
-        multi_model: bool | None = None,
-        model_dir: str | Path | None = None,
-        workers: int | None = None,
-        timeout: int | None = None,
-        model_store: str | Path = "/",
-        log_file: str | Path | None = None,
-        use_zygote: bool | None = None,
-        env: Mapping[str, str] | None = None,
-    ) -> None:
+    def __init__(self, port: int | None = None, host: str | None = None, run_dir: str | Path | None = None,
+                 multi_model: bool | None = None, model_dir: str | Path | None = None,
+                 workers: int | None = None, timeout: int | None = None, model_store: str | Path = "/",
+                 log_file: str | Path | None = None, use_zygote: bool | None = None,
+                 env: Mapping[str, str] | None = None) -> None:
         self.env = dict(os.environ if env is None else env)
         if port is None:
             port = _env_int(self.env, contract.SAGEMAKER_BIND_TO_PORT) or contract.DEFAULT_BIND_PORT
