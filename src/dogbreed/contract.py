@@ -51,8 +51,6 @@ DEFAULT_BIND_PORT = 8080
 MAX_PAYLOAD_BYTES = 6 * 1024 * 1024  # "6 MB" request/response payload of InvokeEndpoint
 CUSTOM_ATTRIBUTES_HEADER = "X-Amzn-SageMaker-Custom-Attributes"
 TARGET_MODEL_HEADER = "X-Amzn-SageMaker-Target-Model"
-# The one model-name rule (multi-model targets, MMS model names, the local model store).
-MODEL_NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 # File names inside the contract.
 HYPERPARAMETERS_FILE = "hyperparameters.json"
@@ -71,14 +69,6 @@ IGNORED_HYPERPARAMETER_PREFIXES = ("sagemaker_", "_")
 
 class ContractError(ValueError):
     """The job's configuration breaks the contract (bad hyperparameter, missing channel...)."""
-
-
-def validate_model_name(name: object) -> str:
-    """``name`` if it is a model name (letters, digits, '.', '_', '-'; 1-128; no '..')."""
-    if not isinstance(name, str) or not MODEL_NAME_PATTERN.fullmatch(name) or ".." in name:
-        raise ContractError(f"model name {name!r}: 1-128 letters, digits, '.', '_' and '-' "
-                            "(starting with a letter or digit, no '..')")
-    return name
 
 
 # --- paths ------------------------------------------------------------------------------------
@@ -504,9 +494,10 @@ def prepare_local_job(
 MODEL_NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 
-def validate_model_name(name: str) -> str:
-    """Return ``name`` if it is a valid model name, else raise :class:`ContractError`."""
-    if not MODEL_NAME_PATTERN.fullmatch(name) or ".." in name:
+def validate_model_name(name: object) -> str:
+    """Return ``name`` if it is a valid model name, else raise :class:`ContractError` (also for a
+    non-string, e.g. a ``model_name`` from a JSON request)."""
+    if not isinstance(name, str) or not MODEL_NAME_PATTERN.fullmatch(name) or ".." in name:
         raise ContractError(f"model name {name!r}: 1-128 letters, digits, '.', '_' and '-', "
                             "starting with a letter or digit, no '..'")
     return name

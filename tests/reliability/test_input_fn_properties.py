@@ -134,9 +134,6 @@ def test_generated_json_shapes(payload):
             TINY_PNG, "data:image/png;base64," + TINY_PNG)
 
 
-@pytest.mark.xfail(strict=True, raises=RecursionError,
-                   reason="issue 11 fault 8: deeply nested JSON escapes input_fn as RecursionError "
-                          "(a 500); fixed in the serving rewrite — then drop this marker")
 @pytest.mark.parametrize("depth", [100_000])
 def test_deeply_nested_json_is_a_400(depth):
     outcome = call(b"[" * depth + b"]" * depth, "application/json")

@@ -63,7 +63,7 @@ class Front(ThreadingHTTPServer):
         params: dict[str, Any] = dict(parse_qsl(query))
         try:
             params.update(json.loads(body) if body.strip() else {})
-        except (ValueError, TypeError):  # not JSON, or not an object
+        except (ValueError, TypeError, RecursionError):  # not JSON, or not an object
             return error(400, "BadRequest", 'body must be a JSON object {"model_name", "url"}')
         name, url = params.get("model_name"), params.get("url")
         try:

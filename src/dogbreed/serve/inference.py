@@ -243,6 +243,8 @@ def _json_request(body: bytes, config: Settings) -> InferenceRequest:
         payload = json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise RequestError(400, f"request body is not valid JSON: {exc}") from None
+    except RecursionError:  # e.g. [[[[...]]]] 100,000 deep
+        raise RequestError(400, "request body is JSON nested too deeply") from None
     if not isinstance(payload, dict):
         raise RequestError(400, 'JSON body must be an object: {"image": "<base64 JPEG/PNG>"}')
     top_k = parse_top_k(payload[TOP_K_FIELD]) if TOP_K_FIELD in payload else None
