@@ -60,18 +60,27 @@ def registry(tmp_path: Path) -> Iterator[str]:
 
 
 def test_make_push_to_a_registry_then_pull_back_and_run(
-        train_image: str, serve_image: str, registry: str) -> None:
+        train_image: str, serve_image: str, registry: str, tmp_path: Path) -> None:
     (train_name, tag), (serve_name, serve_tag) = split_image(train_image), split_image(serve_image)
     assert tag == serve_tag, "make push pushes one TAG for both images"
     pushed: list[str] = []
+    record_file = tmp_path / "pushed-images.json"  # never the checkout's .dogbreed/
     try:
         result = make("push", f"REGISTRY={registry}", f"TAG={tag}", f"PYTHON={sys.executable}",
-                      f"TRAIN_IMAGE={train_name}", f"SERVE_IMAGE={serve_name}", timeout=1800)
+                      f"TRAIN_IMAGE={train_name}", f"SERVE_IMAGE={serve_name}",
+                      f"PUSHED_IMAGES={record_file}", timeout=1800)
         pushed = [line for line in result.stdout.split() if line.startswith(registry + "/")]
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
         expected = {f"{registry}/{repo}:{t}" for repo in ("dogbreed-train", "dogbreed-serve")
                     for t in dict.fromkeys([tag, "latest"])}
         assert set(pushed) == expected
+        record = json.loads(record_file.read_text())
+        assert record["tag"] == tag
+        for kind, repo in (("train", "dogbreed-train"), ("serve", "dogbreed-serve")):
+            entry = record["images"][kind]
+            assert entry["reference"] == f"{registry}/{repo}:{tag}"
+            assert entry["digest"].startswith("sha256:")
+            assert entry["pinned"] == f"{registry}/{repo}@{entry['digest']}"
 
         catalog = _get_json(f"http://{registry}/v2/_catalog")
         assert {"dogbreed-train", "dogbreed-serve"} <= set(catalog["repositories"])
