@@ -8,7 +8,6 @@ import re
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -26,11 +25,10 @@ QUICK_HPS = {**ACCEPTANCE_HPS, "image-size": "32"}
 @pytest.mark.parametrize("arch", ["resnet18", "mobilenet_v2"])
 def test_string_hyperparameters_produce_a_servable_artifact(arch, make_job, run_entry_point):
     paths = make_job({**ACCEPTANCE_HPS, "model": arch})
-    started = time.monotonic()
+    # Its wall time (2 min bound, ~13 s idle) is measured by scripts/bench_train.py, not here:
+    # a timed assert fails on a loaded machine for reasons that are not the trainer's.
     result = run_entry_point(paths, console_script=True)
-    elapsed = time.monotonic() - started
     assert result.returncode == 0, result.stderr[-3000:]
-    assert elapsed < 120, f"took {elapsed:.0f}s"
     assert not paths.failure_file.exists()
 
     # model.pt is a plain state_dict, model.json carries everything a server needs.
