@@ -13,6 +13,15 @@ DOCKER ?= $(if $(wildcard /usr/bin/docker),/usr/bin/docker,docker)
 BASE_IMAGE ?= python:3.11-slim-bookworm
 LOCAL_BASE_IMAGE ?= local/debian:bookworm
 DEPS_IMAGE ?= dogbreed-deps
+# Each image's torch flavour: the pip index of its torch wheels (docker/Dockerfile.deps).
+# Train: empty = PyPI's CUDA 13.0 build (driver >= 580); e.g. .../whl/cu126 for 525+ drivers.
+# Serve: CPU (SageMaker multi-model endpoints with a custom container run on CPU instances);
+# where that index is unreachable the build falls back to PyPI's build and says so.
+TRAIN_TORCH_INDEX_URL ?=
+SERVE_TORCH_INDEX_URL ?= https://download.pytorch.org/whl/cpu
+# The serve image's own dependency image (the same image as DEPS_IMAGE when both flavours
+# resolve to the same index).
+SERVE_DEPS_IMAGE ?= $(DEPS_IMAGE)-serve
 TRAIN_IMAGE ?= dogbreed-train
 SERVE_IMAGE ?= dogbreed-serve
 # Read once (and passed on to sub-makes), so a commit landing mid-run cannot split the tags.
@@ -51,13 +60,20 @@ DOCKER_RUN = $(DOCKER) run --rm --network host $$(sh docker/gpu-flags.sh $(DOCKE
 build: ## build the train and serve images (tags: git short sha and latest; BASE_IMAGE=...)
 	@start=$$(date +%s); \
 	$(DOCKER_BUILD) -f docker/Dockerfile.deps --build-arg BASE_IMAGE=$(BASE_IMAGE) \
+	  --build-arg TORCH_INDEX_URL=$(TRAIN_TORCH_INDEX_URL) \
 	  -t $(DEPS_IMAGE):$(TAG) -t $(DEPS_IMAGE):latest . && \
+	$(DOCKER_BUILD) -f docker/Dockerfile.deps --build-arg BASE_IMAGE=$(BASE_IMAGE) \
+	  --build-arg TORCH_INDEX_URL=$(SERVE_TORCH_INDEX_URL) \
+	  -t $(SERVE_DEPS_IMAGE):$(TAG) -t $(SERVE_DEPS_IMAGE):latest . && \
 	$(DOCKER_BUILD) -f Dockerfile.train --build-arg DEPS_IMAGE=$(DEPS_IMAGE):$(TAG) \
 	  --build-arg BAKE_IMAGENET_WEIGHTS=$(BAKE_IMAGENET_WEIGHTS) \
 	  -t $(TRAIN_IMAGE):$(TAG) -t $(TRAIN_IMAGE):latest . && \
-	$(DOCKER_BUILD) -f Dockerfile.serve --build-arg DEPS_IMAGE=$(DEPS_IMAGE):$(TAG) \
+	$(DOCKER_BUILD) -f Dockerfile.serve --build-arg DEPS_IMAGE=$(SERVE_DEPS_IMAGE):$(TAG) \
 	  -t $(SERVE_IMAGE):$(TAG) -t $(SERVE_IMAGE):latest . && \
 	echo "built $(TRAIN_IMAGE):$(TAG) $(SERVE_IMAGE):$(TAG) in $$(( $$(date +%s) - start )) s" && \
+	for image in $(TRAIN_IMAGE) $(SERVE_IMAGE); do \
+	  echo "$$image torch flavour: $$($(DOCKER) run --rm --network host --entrypoint cat $$image:$(TAG) /opt/venv/torch-flavour)"; \
+	done && \
 	$(DOCKER) image ls --filter reference='$(TRAIN_IMAGE):$(TAG)' --filter reference='$(SERVE_IMAGE):$(TAG)'
 
 push: ## push both images (tag and latest) to ECR, or to REGISTRY=host:port; record them in PUSHED_IMAGES
@@ -89,4 +105,5 @@ test-docker: install docker-up ## build the images on the local base and run the
 	$(MAKE) --no-print-directory build BASE_IMAGE=$(LOCAL_BASE_IMAGE) TAG=$(TAG) GIT_SHA=$(GIT_SHA)
 	DOGBREED_DOCKER_TESTS=1 DOCKER=$(DOCKER) DOGBREED_IMAGE_TAG=$(TAG) \
 	  DOGBREED_TRAIN_IMAGE=$(TRAIN_IMAGE):$(TAG) DOGBREED_SERVE_IMAGE=$(SERVE_IMAGE):$(TAG) \
+	  DOGBREED_DEPS_IMAGE=$(DEPS_IMAGE):$(TAG) DOGBREED_SERVE_DEPS_IMAGE=$(SERVE_DEPS_IMAGE):$(TAG) \
 	  $(PYTHON) -m pytest tests/docker tests/unit/test_push_images.py $(PYTEST_ARGS)

@@ -10,14 +10,25 @@ with synthetic tensors already on the device, so the ratio is taken on one machi
     python scripts/bench_train.py                 # GPU: 133 classes, 6,680/835 JPEGs, 10 epochs
     python scripts/bench_train.py --quick         # CPU-sized smoke run (CI covers it)
     python scripts/bench_train.py --tune-trials 16  # + in-process HPO trials sharing one decode
+    python scripts/bench_train.py --quick --nproc 2  # + data-parallel scaling: 2 ranks vs 1
+
+Every run also trains the seeds' pipeline (torchvision ImageFolder + DataLoader + PIL
+transforms, fp32, NCHW) on the same data in the same process and reports our training
+throughput as a multiple of it (goal on CPU: >= 1.2x). ``--nproc N`` runs the entry point
+itself with 1 and with N ranks (gloo on CPU, NCCL on GPUs) and reports per-rank and global
+images/s and the scaling efficiency (global N-rank / (N x one-process)).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
+import os
+import re
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -36,6 +47,8 @@ from dogbreed import artifacts, contract, data, models, train  # noqa: E402
 # Issue 7 targets on one H100 (steady-state images/s end to end from JPEG files).
 TARGET_IMAGES_PER_SEC = {"resnet18": 12_000, "mobilenet_v2": 6_000}
 TARGET_RESNET18_10_EPOCH_WALL_S = 60
+# Issue 15: on a CPU, our training pass >= 1.2x the seeds' ImageFolder/DataLoader pipeline.
+TARGET_CPU_RATIO_TO_SEEDS = 1.2
 
 
 def ceiling_images_per_sec(hp: contract.Hyperparameters, num_classes: int, runtime: train.Runtime,
@@ -70,6 +83,82 @@ def ceiling_images_per_sec(hp: contract.Hyperparameters, num_classes: int, runti
     return hp.batch_size * steps / (time.perf_counter() - started)
 
 
+def seeds_pipeline_images_per_sec(arch: str, data_dir: Path, batch_size: int, image_size: int,
+                                  epochs: int, device: torch.device, num_workers: int = 0) -> float:
+    """The seeds' input pipeline and training step, timed over the train split: ImageFolder +
+    DataLoader (PIL decode and torchvision transforms every epoch), fp32, NCHW, same model,
+    optimizer and batch. Median images/s of the epochs after the first."""
+    from torchvision import datasets, transforms
+
+    transform = transforms.Compose([
+        transforms.RandomResizedCrop(image_size), transforms.RandomHorizontalFlip(),
+        transforms.ToTensor(), transforms.Normalize(data.IMAGENET_MEAN, data.IMAGENET_STD)])
+    dataset = datasets.ImageFolder(str(data_dir / "train"), transform=transform)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True,
+                                         num_workers=num_workers, drop_last=False)
+    model = models.build_model(arch, len(dataset.classes), models.WEIGHTS_NONE).to(device).train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    loss_fn = nn.CrossEntropyLoss()
+    rates = []
+    for _ in range(max(epochs, 2)):
+        train._sync(device)
+        started, seen = time.perf_counter(), 0
+        for images, labels in loader:
+            images, labels = images.to(device), labels.to(device)
+            loss = loss_fn(model(images), labels)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            seen += labels.numel()
+        train._sync(device)
+        rates.append(seen / (time.perf_counter() - started))
+    return statistics.median(rates[1:])
+
+
+_EPOCH_RATE = re.compile(r"^epoch=(\d+) .*images_per_sec=([0-9.]+)", re.M)
+_RANK_RATE = re.compile(r"event=rank_epoch rank=(\d+) images=\d+ images_per_sec=([0-9.]+)")
+
+
+def entry_point_run(nproc: int, hp: contract.Hyperparameters, data_dir: Path, work: Path) -> dict:
+    """The training entry point in a fresh process with ``nproc`` ranks on this host."""
+    paths = contract.prepare_local_job(work, hp.to_sagemaker(), {"training": data_dir})
+    env = {**os.environ, contract.BASE_DIR_ENV: str(paths.base),
+           contract.NPROC_PER_HOST_ENV: str(nproc)}
+    env.pop(contract.SM_HPS, None)
+    started = time.perf_counter()
+    result = subprocess.run([sys.executable, "-m", "dogbreed.train"], env=env, capture_output=True,
+                            text=True, timeout=3600)
+    if result.returncode != 0:
+        raise RuntimeError(f"{nproc}-rank run failed: {result.stderr[-2000:]}")
+    rates = [float(r) for _, r in _EPOCH_RATE.findall(result.stdout)]
+    steady = statistics.median(rates[1:]) if len(rates) > 1 else rates[0]
+    per_rank: dict[int, list[float]] = {}
+    for rank, rate in _RANK_RATE.findall(result.stderr):
+        per_rank.setdefault(int(rank), []).append(float(rate))
+    return {
+        "ranks": nproc, "global_images_per_sec_per_epoch": rates,
+        "global_steady_images_per_sec": round(steady, 1),
+        "per_rank_steady_images_per_sec": {
+            str(rank): round(statistics.median(r[1:]) if len(r) > 1 else r[0], 1)
+            for rank, r in sorted(per_rank.items())} or {"0": round(steady, 1)},
+        "wall_seconds": round(time.perf_counter() - started, 2),
+    }
+
+
+def bench_scaling(arch: str, args: argparse.Namespace, data_dir: Path, work: Path) -> dict:
+    hp = contract.parse_hyperparameters({
+        "model": arch, "epochs": args.epochs, "batch-size": args.batch_size.get(arch, 256),
+        "image-size": args.image_size, "weights": "none", "lr": 0.05, "compile": args.compile,
+        "eval-batch-size": 512,
+    })
+    one = entry_point_run(1, hp, data_dir, work / f"{arch}-1")
+    many = entry_point_run(args.nproc, hp, data_dir, work / f"{arch}-{args.nproc}")
+    efficiency = many["global_steady_images_per_sec"] / (args.nproc * one["global_steady_images_per_sec"])
+    return {"batch_size_global": hp.batch_size, "one_process": one, f"{args.nproc}_processes": many,
+            "speedup": round(many["global_steady_images_per_sec"] / one["global_steady_images_per_sec"], 3),
+            "scaling_efficiency": round(efficiency, 3)}
+
+
 def bench_model(arch: str, args: argparse.Namespace, data_dir: Path, work: Path,
                 device: torch.device) -> dict:
     hp = contract.parse_hyperparameters({
@@ -93,8 +182,12 @@ def bench_model(arch: str, args: argparse.Namespace, data_dir: Path, work: Path,
     steps = [h.images_per_sec for h in result.history]
     steady = statistics.median(steps[1:]) if len(steps) > 1 else steps[0]
     num_classes = artifacts.read_metadata(paths.model_dir).num_classes
+    # The layout the run chose (on a CPU it measures both at start).
+    runtime = dataclasses.replace(runtime, channels_last=bool(result.metrics["channels_last"]))
     ceiling = ceiling_images_per_sec(hp, num_classes, runtime, steps=args.ceiling_steps,
                                      warmup=args.ceiling_warmup)
+    seeds = seeds_pipeline_images_per_sec(arch, data_dir, hp.batch_size, hp.image_size, args.epochs,
+                                          device)
     report = {
         "batch_size": hp.batch_size, "image_size": hp.image_size, "epochs": len(result.history),
         "amp": str(runtime.amp_dtype or "off"), "channels_last": runtime.channels_last,
@@ -113,7 +206,11 @@ def bench_model(arch: str, args: argparse.Namespace, data_dir: Path, work: Path,
         "ceiling_images_per_sec": round(ceiling, 1),
         "ratio_to_ceiling": round(steady / ceiling, 3),
         "final_valid_accuracy": round(result.metrics["valid_accuracy"], 4),
+        "seeds_pipeline_images_per_sec": round(seeds, 1),
+        "ratio_to_seeds_pipeline": round(steady / seeds, 3),
     }
+    if device.type == "cpu":
+        report["meets_cpu_seeds_goal"] = steady / seeds >= TARGET_CPU_RATIO_TO_SEEDS
     if device.type == "cuda" and arch in TARGET_IMAGES_PER_SEC:
         report["target_images_per_sec"] = TARGET_IMAGES_PER_SEC[arch]
         report["meets_target"] = steady >= TARGET_IMAGES_PER_SEC[arch] and steady / ceiling >= 0.7
@@ -133,6 +230,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--tune-trials", type=int, default=0,
                         help="also run N HPO trials in this process sharing one decode")
+    parser.add_argument("--nproc", type=int, default=0,
+                        help="also run the entry point with 1 and N ranks and report the scaling")
     parser.add_argument("--out", type=Path, help="also write the JSON here")
     args = parser.parse_args(argv)
 
@@ -164,6 +263,9 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp, contextlib.redirect_stdout(sys.stderr):
         for arch in args.models.split(","):
             report["models"][arch] = bench_model(arch, args, data_dir, Path(tmp), device)
+        if args.nproc > 1:
+            report["scaling"] = {arch: bench_scaling(arch, args, data_dir, Path(tmp) / "scaling")
+                                 for arch in args.models.split(",")}
         if args.tune_trials:
             from dogbreed.launcher import local_backend
 

@@ -33,6 +33,11 @@ SM_HPS = "SM_HPS"
 SM_CURRENT_HOST = "SM_CURRENT_HOST"
 SM_HOSTS = "SM_HOSTS"
 SM_NUM_GPUS = "SM_NUM_GPUS"
+SM_NETWORK_INTERFACE_NAME = "SM_NETWORK_INTERFACE_NAME"
+# Not toolkit variables: processes per host for a CPU run (`dogbreed train --local --nproc N`;
+# GPU hosts run one per GPU), and the rendezvous port on the first host of a multi-host job.
+NPROC_PER_HOST_ENV = "DOGBREED_NPROC_PER_HOST"
+MASTER_PORT_ENV = "DOGBREED_MASTER_PORT"
 # Not a toolkit variable: lets a local run or a test put checkpoints elsewhere.
 CHECKPOINT_DIR_ENV = "DOGBREED_CHECKPOINT_DIR"
 # smdebug's own override for the hook config file, and our switch to turn the hook off.
@@ -130,12 +135,21 @@ class Paths:
             path.mkdir(parents=True, exist_ok=True)
 
 
-def write_failure(message: str, paths: Paths | None = None) -> Path:
-    """Write the reason a job failed where SageMaker reads it (``FailureReason``)."""
+def write_failure(message: str, paths: Paths | None = None, first_wins: bool = False) -> Path:
+    """Write the reason a job failed where SageMaker reads it (``FailureReason``).
+
+    ``first_wins``: keep a reason already there (the ranks of one host share the file, and the
+    first rank to fail names the cause; the others only see its effect).
+    """
     paths = paths or Paths.from_env()
     paths.output_dir.mkdir(parents=True, exist_ok=True)
     # SageMaker truncates FailureReason at 1024 characters; keep the first line readable.
-    paths.failure_file.write_text(message.strip()[:1024] + "\n", encoding="utf-8")
+    text = message.strip()[:1024] + "\n"
+    try:
+        with open(paths.failure_file, "x" if first_wins else "w", encoding="utf-8") as handle:
+            handle.write(text)
+    except FileExistsError:
+        pass
     return paths.failure_file
 
 
@@ -217,6 +231,53 @@ def resolve_splits(paths: Paths, env: Mapping[str, str] | None = None) -> dict[s
 
 def num_hosts(paths: Paths) -> int:
     return len(resource_config(paths).get("hosts", [])) or 1
+
+
+def cluster_hosts(paths: Paths, env: Mapping[str, str] | None = None) -> tuple[list[str], str]:
+    """(every host of the job, this host): ``SM_HOSTS``/``SM_CURRENT_HOST`` (set by the toolkit),
+    else ``resourceconfig.json``, else one host. Hosts keep SageMaker's order (algo-1, algo-2...):
+    a host's position is its node rank and the first host is the rendezvous."""
+    env = os.environ if env is None else env
+    config = resource_config(paths)
+    try:
+        hosts = json.loads(env[SM_HOSTS]) if env.get(SM_HOSTS) else config.get("hosts")
+    except json.JSONDecodeError as exc:
+        raise ContractError(f"{SM_HOSTS} is not valid JSON: {exc}") from exc
+    current = env.get(SM_CURRENT_HOST) or config.get("current_host")
+    if not hosts:
+        return [current or "localhost"], current or "localhost"
+    hosts = [str(h) for h in hosts]
+    if current is None and len(hosts) == 1:
+        current = hosts[0]
+    if current not in hosts:
+        raise ContractError(f"current host {current!r} is not among the job's hosts {hosts}")
+    return hosts, current
+
+
+def network_interface_name(paths: Paths, env: Mapping[str, str] | None = None) -> str | None:
+    env = os.environ if env is None else env
+    return env.get(SM_NETWORK_INTERFACE_NAME) or resource_config(paths).get("network_interface_name")
+
+
+def _int_env(env: Mapping[str, str], name: str) -> int:
+    raw = env.get(name, "").strip()
+    try:
+        value = int(raw or 0)
+    except ValueError:
+        raise ContractError(f"{name}={raw!r} is not a whole number") from None
+    if value < 0:
+        raise ContractError(f"{name}={raw!r} must not be negative")
+    return value
+
+
+def num_gpus(env: Mapping[str, str] | None = None) -> int:
+    """GPUs the toolkit counted on this host (``SM_NUM_GPUS``; 0 when unset)."""
+    return _int_env(os.environ if env is None else env, SM_NUM_GPUS)
+
+
+def procs_per_host(env: Mapping[str, str] | None = None) -> int:
+    """Training processes per host asked for explicitly (0 = the default: one per GPU, else one)."""
+    return _int_env(os.environ if env is None else env, NPROC_PER_HOST_ENV)
 
 
 # --- hyperparameters ------------------------------------------------------------------------

@@ -83,7 +83,13 @@ def test_sizes_and_shared_dependency_layers(train_image: str, serve_image: str) 
     deps_info = inspect(deps)
     deps_layers = deps_info["RootFS"]["Layers"]
     sizes = {"deps": deps_info["Size"]}
+    # The serve image has its own dependency image (its torch flavour, CPU by default); where
+    # both flavours resolve to the same index it is the same image.
+    serve_deps = os.environ.get("DOGBREED_SERVE_DEPS_IMAGE", f"{deps.rsplit(':', 1)[0]}-serve:{deps.rsplit(':', 1)[1]}")
+    own_deps = {"train": deps_info, "serve": inspect(serve_deps) if image_exists(serve_deps) else deps_info}
     for kind, name in (("train", train_image), ("serve", serve_image)):
+        deps_info = own_deps[kind]
+        deps_layers = deps_info["RootFS"]["Layers"]
         info = inspect(name)
         sizes[kind] = info["Size"]
         # One dependency stage: both images are the deps image plus their own small layers.

@@ -212,3 +212,18 @@ def test_a_stale_endpoint_state_is_ignored(backend: LocalBackend) -> None:
         other.wait()
     state_file.write_text(json.dumps({"pid": 2**22 + 12345, "url": "http://127.0.0.1:1"}))
     assert backend.state() is None
+
+
+def test_nproc_asks_the_entry_point_for_ranks(tmp_path: Path, sample_data: Path) -> None:
+    """`dogbreed train --local --nproc 2`: the entry point runs 2 gloo ranks (see
+    tests/integration/test_distributed_train.py for the real run)."""
+    from dogbreed import contract
+    from dogbreed.launcher.local_runs import TrainingRun
+
+    run = TrainingRun(tmp_path / "job", {"epochs": "1"}, sample_data, nproc=2)
+    _, env = run.command(run.prepare())
+    assert env[contract.NPROC_PER_HOST_ENV] == "2"
+    docker = TrainingRun(tmp_path / "job2", {"epochs": "1"}, sample_data, nproc=2,
+                         docker_image="dogbreed-train:latest")
+    command, _ = docker.command(docker.prepare())
+    assert f"{contract.NPROC_PER_HOST_ENV}=2" in command

@@ -358,3 +358,30 @@ def test_dry_run_sends_nothing_and_validates(settings: Settings) -> None:
     assert tuning["TrainingJobDefinition"]["AlgorithmSpecification"]["TrainingImage"] == \
         "<account>.dkr.ecr.us-east-1.amazonaws.com/dogbreed-train:<tag recorded by make push>"
     json.dumps([r.to_dict() for r in sm.recorded])  # all JSON-serialisable
+
+
+def test_instance_count_trains_one_model_on_several_instances(settings: Settings) -> None:
+    request = smb.training_request(settings, name="dogbreed-train-2", train_image=TRAIN_IMAGE,
+                                   hyperparameters={"epochs": "5"}, instance_count=2)
+    assert request["ResourceConfig"]["InstanceCount"] == 2
+    # Every host reads the whole data set; the entry point shards each epoch across the ranks.
+    assert request["InputDataConfig"][0]["DataSource"]["S3DataSource"]["S3DataDistributionType"] == "FullyReplicated"
+    smb.validate_request("sagemaker", "CreateTrainingJob", request)
+    tuning = smb.tuning_request(settings, name="dogbreed-tune-2", train_image=TRAIN_IMAGE,
+                                static_hyperparameters={}, instance_count=3)
+    assert tuning["TrainingJobDefinition"]["ResourceConfig"]["InstanceCount"] == 3
+    smb.validate_request("sagemaker", "CreateHyperParameterTuningJob", tuning)
+    assert smb.training_request(settings, name="j", train_image="i", hyperparameters={})[
+        "ResourceConfig"]["InstanceCount"] == settings.train_instance_count
+    with pytest.raises(SettingsError, match="instance count"):
+        smb.resource_config(Settings(train_instance_count=0))
+
+
+def test_cli_instance_count_reaches_the_requests(capsys: pytest.CaptureFixture[str]) -> None:
+    from dogbreed.launcher import cli
+
+    cli.main(["train", "--sagemaker", "--dry-run", "--instance-count", "2", "--epochs", "1"])
+    out = capsys.readouterr().out
+    assert '"InstanceCount": 2' in out
+    cli.main(["tune", "--sagemaker", "--dry-run", "--instance-count", "2", "--trials", "2"])
+    assert '"InstanceCount": 2' in capsys.readouterr().out

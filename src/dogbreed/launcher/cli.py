@@ -206,6 +206,8 @@ def tune_arguments(p: argparse.ArgumentParser) -> None:
                    choices=("IdenticalDataAndAlgorithm", "TransferLearning"),
                    help="TransferLearning when the data, image or static hyperparameters changed")
     p.add_argument("--instance-type", help="SageMaker: instance type for the trials")
+    p.add_argument("--instance-count", type=int,
+                   help="SageMaker: instances per trial, training data-parallel (default 1)")
     p.add_argument("--docker", metavar="IMAGE", nargs="?", const="dogbreed-train:latest",
                    help="local: run trials in the train image (default dogbreed-train:latest)")
     _job_flags(p)
@@ -227,7 +229,8 @@ def cmd_tune(args: argparse.Namespace, settings: settings_mod.Settings, backend:
                          max_tuning_runtime=args.max_tuning_runtime, checkpoints=args.checkpoints,
                          warm_start_from=parents, warm_start_type=args.warm_start_type,
                          data_uri=args.data_uri, instance_type=args.instance_type,
-                         random_seed=args.seed, wait=args.wait, logs=args.logs)
+                         instance_count=args.instance_count, random_seed=args.seed, wait=args.wait,
+                         logs=args.logs)
         if args.dry_run:
             return sm.dry_run_output()
         if result is not None and args.wait:
@@ -267,6 +270,10 @@ def train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-runtime", type=int, metavar="SECONDS",
                    help="SageMaker: MaxRuntimeInSeconds (default 4 h)")
     p.add_argument("--instance-type", help="SageMaker: training instance type")
+    p.add_argument("--instance-count", type=int, help="SageMaker: instances training one model "
+                   "data-parallel (DDP; default 1)")
+    p.add_argument("--nproc", type=int, default=1,
+                   help="local: training processes (DDP over gloo on the CPU; default 1)")
     p.add_argument("--docker", metavar="IMAGE", nargs="?", const="dogbreed-train:latest",
                    help="local: run the train image instead of the entry point")
     _job_flags(p)
@@ -286,7 +293,7 @@ def cmd_train(args: argparse.Namespace, settings: settings_mod.Settings, backend
                           profiler=args.profiler, spot=args.spot, max_wait=args.max_wait,
                           max_runtime=args.max_runtime, checkpoints=args.checkpoints,
                           data_uri=args.data_uri, instance_type=args.instance_type,
-                          wait=args.wait, logs=args.logs)
+                          instance_count=args.instance_count, wait=args.wait, logs=args.logs)
         return sm.dry_run_output() if args.dry_run else result
     _sagemaker_only(args, backend, "--spot", "--max-runtime", "--logs")
     from dogbreed.launcher.local_runs import default_weights
@@ -296,8 +303,8 @@ def cmd_train(args: argparse.Namespace, settings: settings_mod.Settings, backend
     merged = {**base, **flags}
     hps = default_weights(merged, explicit="weights" in merged)
     if args.dry_run:
-        return local.plan_train(name=name, hyperparameters=hps, data=args.data)
-    return local.train(name=name, hyperparameters=hps, data=_require_data(args))
+        return local.plan_train(name=name, hyperparameters=hps, data=args.data, nproc=args.nproc)
+    return local.train(name=name, hyperparameters=hps, data=_require_data(args), nproc=args.nproc)
 
 
 def deploy_arguments(p: argparse.ArgumentParser) -> None:

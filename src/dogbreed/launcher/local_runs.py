@@ -98,8 +98,10 @@ class TrainingRun:
                  docker_image: str | None = None, docker: str = "docker",
                  echo: Callable[[str], None] | None = None,
                  on_epoch: Callable[[int, dict[str, float]], bool] | None = None,
-                 keep_checkpoints: bool = True, train_command: Sequence[str] | None = None) -> None:
+                 keep_checkpoints: bool = True, train_command: Sequence[str] | None = None,
+                 nproc: int = 1) -> None:
         self.base = Path(base).resolve()
+        self.nproc = nproc
         self.train_command = list(train_command or TRAIN_COMMAND)
         self.hyperparameters = dict(hyperparameters)
         self.data = Path(data).resolve()
@@ -135,13 +137,15 @@ class TrainingRun:
         for name in (contract.SM_HPS, contract.SM_MODEL_DIR, contract.SM_OUTPUT_DIR,
                      contract.SM_OUTPUT_DATA_DIR, contract.SM_CHANNELS, contract.CHECKPOINT_DIR_ENV):
             env.pop(name, None)
+        env[contract.NPROC_PER_HOST_ENV] = str(self.nproc)  # >1: DDP ranks (gloo on a CPU)
         if not self.docker_image:
             return list(self.train_command), env
         container = contract.Paths.from_env({})
         channel = contract.channel_dir(contract.TRAINING_CHANNEL, container, {})
         command = [self.docker, "run", "--rm", "--network", "host", "--name", self.container,
                    "-v", f"{paths.base}:{container.base}",
-                   "-v", f"{self.data}:{channel}:ro"]
+                   "-v", f"{self.data}:{channel}:ro",
+                   "-e", f"{contract.NPROC_PER_HOST_ENV}={self.nproc}"]
         if hasattr(os, "getuid") and os.getuid() != 0:
             command += ["--user", f"{os.getuid()}:{os.getgid()}", "-e", "HOME=/tmp"]
         return [*command, self.docker_image, "train"], env

@@ -91,9 +91,15 @@ def training_channel(data_uri: str) -> dict[str, Any]:
             "InputMode": "File"}
 
 
-def resource_config(settings: Settings, instance_type: str | None = None) -> dict[str, Any]:
+def resource_config(settings: Settings, instance_type: str | None = None,
+                    instance_count: int | None = None) -> dict[str, Any]:
+    """Instances for a training job or every tuning trial. More than one instance trains one
+    model data-parallel (the entry point reads the hosts from resourceconfig.json)."""
+    count = instance_count or settings.train_instance_count
+    if count < 1:
+        raise SettingsError(f"instance count {count}: need at least 1")
     return {"InstanceType": instance_type or settings.train_instance_type,
-            "InstanceCount": settings.train_instance_count,
+            "InstanceCount": count,
             "VolumeSizeInGB": settings.train_volume_gb}
 
 
@@ -157,6 +163,7 @@ def tuning_request(
     max_tuning_runtime: int | None = None,
     warm_start_from: Sequence[str] = (),
     warm_start_type: str = "IdenticalDataAndAlgorithm",
+    instance_count: int | None = None,
 ) -> dict[str, Any]:
     """``CreateHyperParameterTuningJob`` over :data:`search_space.SEARCH_SPACE`.
 
@@ -202,7 +209,7 @@ def tuning_request(
         "RoleArn": _role(settings),
         "InputDataConfig": [training_channel(data_uri or settings.data_uri)],
         "OutputDataConfig": {"S3OutputPath": settings.s3_uri("output", "tuning")},
-        "ResourceConfig": resource_config(settings, instance_type),
+        "ResourceConfig": resource_config(settings, instance_type, instance_count),
         "StoppingCondition": stopping_condition(settings, spot, max_wait, max_runtime),
         "EnableManagedSpotTraining": spot,
     }
@@ -230,6 +237,7 @@ def training_request(
     data_uri: str | None = None,
     instance_type: str | None = None,
     max_runtime: int | None = None,
+    instance_count: int | None = None,
 ) -> dict[str, Any]:
     """``CreateTrainingJob`` with the seeds' debugger rules, profiler and checkpoints; the rule
     evaluators are ``region``'s (the region the request is sent to)."""
@@ -243,7 +251,7 @@ def training_request(
         "RoleArn": _role(settings),
         "InputDataConfig": [training_channel(data_uri or settings.data_uri)],
         "OutputDataConfig": {"S3OutputPath": settings.s3_uri("output", "training")},
-        "ResourceConfig": resource_config(settings, instance_type),
+        "ResourceConfig": resource_config(settings, instance_type, instance_count),
         "StoppingCondition": stopping_condition(settings, spot, max_wait, max_runtime),
         "EnableManagedSpotTraining": spot,
         "Tags": TAGS,

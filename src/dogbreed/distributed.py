@@ -1,0 +1,382 @@
+"""Data-parallel training across GPUs and hosts: the plan, the launch, and the collectives.
+
+One entry point serves every shape of job. :func:`plan_world` reads the SageMaker contract
+(``SM_HOSTS``/``SM_CURRENT_HOST`` or ``resourceconfig.json``, ``SM_NUM_GPUS``) and decides how
+many processes run on this host:
+
+* ``SM_NUM_GPUS > 1``: one process per GPU (NCCL);
+* ``DOGBREED_NPROC_PER_HOST=N`` (``dogbreed train --local --nproc N``): N CPU processes (gloo);
+* more than one host: one node per host, ranked by the host's position in ``SM_HOSTS``, with
+  the first host as the rendezvous (``MASTER_ADDR``).
+
+When the world has more than one process, the entry process becomes this host's agent: it
+starts the local ranks with ``torch.multiprocessing`` (spawn), forwards SIGTERM to them and
+exits with the first failing rank's code. Each rank finds its place in torchrun's variables
+(``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``, ``MASTER_PORT``), so running the
+entry point under ``torchrun`` works too.
+
+Training semantics (see README "Distributed training"): ``batch-size`` is the *global* batch.
+Every rank draws the same epoch permutation, splits each global batch into ``world_size``
+contiguous slices and trains on its slice; DDP averages the gradients, so an optimizer step
+sees the same global batch and the same learning rate as a one-process run. Augmentation is
+random per rank; BatchNorm statistics are per rank (as torchvision's reference DDP recipe).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import logging
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from dogbreed import contract
+from dogbreed.contract import ContractError, Paths
+
+log = logging.getLogger(__name__)
+
+# torchrun's variable names: a rank started by torchrun and one started by us look the same.
+RANK_ENV, WORLD_SIZE_ENV, LOCAL_RANK_ENV = "RANK", "WORLD_SIZE", "LOCAL_RANK"
+LOCAL_WORLD_SIZE_ENV, MASTER_ADDR_ENV, MASTER_PORT_ENV = "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"
+# A fixed port on the first host for multi-host jobs (torchrun's default); one host picks a free one.
+DEFAULT_MASTER_PORT = 29500
+# Collectives wait this long for a peer before failing the job instead of hanging it forever.
+COLLECTIVE_TIMEOUT = datetime.timedelta(minutes=10)
+# How long the agent lets the other ranks stop by themselves once one has exited non-zero.
+SHUTDOWN_GRACE_SECONDS = 20.0
+# Ranks agree on "stop?" every this many steps (one tiny all-reduce); a SIGTERM stops every
+# rank at the same step within this many steps.
+STOP_CHECK_EVERY_STEPS = 4
+
+
+class GpuUnusableError(ContractError):
+    """The job asked for a GPU but this torch build cannot use it."""
+
+
+# --- the plan -------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class WorldPlan:
+    """How many processes this job runs, and where this host sits in it."""
+
+    hosts: tuple[str, ...]
+    current_host: str
+    procs_per_host: int
+    use_gpu: bool
+    master_addr: str
+    master_port: int
+    socket_ifname: str | None
+
+    @property
+    def node_rank(self) -> int:
+        return self.hosts.index(self.current_host)
+
+    @property
+    def world_size(self) -> int:
+        return len(self.hosts) * self.procs_per_host
+
+    @property
+    def backend(self) -> str:
+        return "nccl" if self.use_gpu else "gloo"
+
+    def rank_env(self, local_rank: int) -> dict[str, str]:
+        """The torchrun variables for ``local_rank`` on this host."""
+        env = {
+            RANK_ENV: str(self.node_rank * self.procs_per_host + local_rank),
+            WORLD_SIZE_ENV: str(self.world_size), LOCAL_RANK_ENV: str(local_rank),
+            LOCAL_WORLD_SIZE_ENV: str(self.procs_per_host), MASTER_ADDR_ENV: self.master_addr,
+            MASTER_PORT_ENV: str(self.master_port),
+        }
+        if self.socket_ifname:
+            # gloo and NCCL otherwise pick the interface the host name resolves to.
+            env["GLOO_SOCKET_IFNAME"] = self.socket_ifname
+            env["NCCL_SOCKET_IFNAME"] = self.socket_ifname
+        return env
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def plan_world(paths: Paths, env: Mapping[str, str] | None = None) -> WorldPlan:
+    """The job's shape from the SageMaker contract (see the module docstring)."""
+    env = os.environ if env is None else env
+    hosts, current = contract.cluster_hosts(paths, env)
+    gpus = contract.num_gpus(env)
+    use_gpu = gpus > 0 and torch.cuda.is_available()
+    requested = contract.procs_per_host(env)
+    if use_gpu:
+        procs = requested or min(gpus, torch.cuda.device_count())
+    else:
+        procs = requested or 1
+    if len(hosts) > 1:
+        addr = hosts[0]
+        port = int(env.get(contract.MASTER_PORT_ENV) or DEFAULT_MASTER_PORT)
+        ifname = env.get("GLOO_SOCKET_IFNAME") or contract.network_interface_name(paths, env)
+    else:
+        addr = "127.0.0.1"
+        port = int(env.get(contract.MASTER_PORT_ENV) or 0) or _free_port()
+        ifname = env.get("GLOO_SOCKET_IFNAME") or "lo"  # one host: never leave the loopback
+    return WorldPlan(hosts=tuple(hosts), current_host=current, procs_per_host=procs,
+                     use_gpu=use_gpu, master_addr=addr, master_port=port, socket_ifname=ifname)
+
+
+def is_rank_process(env: Mapping[str, str] | None = None) -> bool:
+    """True inside a rank started by :func:`launch` or by torchrun."""
+    env = os.environ if env is None else env
+    return WORLD_SIZE_ENV in env and RANK_ENV in env
+
+
+# --- GPU truth ----------------------------------------------------------------------------------
+def nvidia_driver_version() -> str | None:
+    """The NVIDIA kernel driver's version (``/proc/driver/nvidia/version``, else nvidia-smi)."""
+    try:
+        version = parse_driver_version(Path("/proc/driver/nvidia/version").read_text(errors="replace"))
+        if version:
+            return version
+    except OSError:
+        pass
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=20, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    line = out.stdout.strip().splitlines()[0].strip() if out.returncode == 0 and out.stdout.strip() else ""
+    return line or None
+
+
+def parse_driver_version(text: str) -> str | None:
+    """``NVRM version: NVIDIA UNIX [Open ]Kernel Module[ for x86_64]  535.183.01  ...`` → 535.183.01."""
+    match = re.search(r"Kernel Module(?: for \S+)?\s+([0-9]+(?:\.[0-9]+)+)", text)
+    return match.group(1) if match else None
+
+
+def nvidia_device_files(dev: Path = Path("/dev")) -> list[str]:
+    try:
+        return sorted(p.name for p in dev.glob("nvidia[0-9]*"))
+    except OSError:
+        return []
+
+
+def gpu_request(env: Mapping[str, str] | None = None, dev: Path = Path("/dev")) -> str | None:
+    """Why this job expects a GPU, or None.
+
+    ``SM_NUM_GPUS > 0`` (the toolkit counts GPUs with nvidia-smi) or NVIDIA device files in the
+    container. ``NVIDIA_VISIBLE_DEVICES`` alone is no request: the images set it to ``all`` so
+    the NVIDIA runtime exposes GPUs where there are some, and a CPU host leaves it dangling;
+    it counts when it names devices and their files are there.
+    """
+    env = os.environ if env is None else env
+    reasons = []
+    gpus = contract.num_gpus(env)
+    if gpus > 0:
+        reasons.append(f"{contract.SM_NUM_GPUS}={gpus}")
+    devices = nvidia_device_files(dev)
+    if devices:
+        reasons.append("/dev/" + ",".join(devices))
+        visible = env.get("NVIDIA_VISIBLE_DEVICES", "")
+        if visible and visible not in ("all", "none", "void"):
+            reasons.append(f"NVIDIA_VISIBLE_DEVICES={visible}")
+    return "; ".join(reasons) or None
+
+
+def _cuda_init_error() -> str:
+    try:
+        torch.cuda.init()
+    except Exception as exc:  # noqa: BLE001 - the message is what we report
+        return str(exc).strip().splitlines()[0][:300]
+    return "torch.cuda.is_available() is False"
+
+
+def check_gpu(env: Mapping[str, str] | None = None, dev: Path = Path("/dev"),
+              cuda_available: Callable[[], bool] = torch.cuda.is_available,
+              driver_version: Callable[[], str | None] = nvidia_driver_version) -> None:
+    """Fail fast when the job asks for a GPU that this torch build cannot use.
+
+    Otherwise a driver older than the wheel's CUDA would quietly train on the CPU for hours.
+    """
+    request = gpu_request(env, dev)
+    if request is None or cuda_available():
+        return
+    driver = driver_version() or "unknown (no /proc/driver/nvidia/version, no nvidia-smi)"
+    wheel_cuda = torch.version.cuda or "none (a CPU-only torch build)"
+    raise GpuUnusableError(
+        f"GPU requested ({request}) but torch cannot use it ({_cuda_init_error()}): NVIDIA "
+        f"driver {driver}, torch {torch.__version__} built for CUDA {wheel_cuda}. Fix: run on "
+        f"an instance whose driver supports CUDA {wheel_cuda} (see README 'GPU drivers'), or "
+        f"rebuild the train image for the host's driver with --build-arg "
+        f"TORCH_INDEX_URL=https://download.pytorch.org/whl/cu126 (CUDA 12.6, driver >= 525), "
+        f"or run on a CPU instance"
+    )
+
+
+# --- the agent: one per host ----------------------------------------------------------------------
+def _rank_main(local_rank: int, plan: WorldPlan, entry: Callable[[Sequence[str]], int],
+               argv: Sequence[str]) -> None:
+    os.environ.update(plan.rank_env(local_rank))
+    sys.exit(entry(argv))
+
+
+def launch(plan: WorldPlan, entry: Callable[[Sequence[str]], int], argv: Sequence[str]) -> int:
+    """Run ``entry(argv)`` in ``plan.procs_per_host`` local ranks; return the job's exit code.
+
+    SIGTERM to this agent is forwarded to every rank (they agree to stop at the same step and
+    exit 143). When a rank exits non-zero the others get :data:`SHUTDOWN_GRACE_SECONDS` to
+    notice (a broken collective, or the stop agreement) before they are terminated.
+    """
+    import torch.multiprocessing as mp
+
+    log.info("event=launch hosts=%d node_rank=%d procs_per_host=%d world_size=%d backend=%s "
+             "master=%s:%d", len(plan.hosts), plan.node_rank, plan.procs_per_host,
+             plan.world_size, plan.backend, plan.master_addr, plan.master_port)
+    context = mp.start_processes(_rank_main, args=(plan, entry, list(argv)),
+                                 nprocs=plan.procs_per_host, join=False, start_method="spawn")
+
+    def forward(signum: int, _frame: Any) -> None:
+        for pid in context.pids():
+            try:
+                os.kill(pid, signum)
+            except ProcessLookupError:
+                pass
+
+    previous = signal.signal(signal.SIGTERM, forward)
+    try:
+        while not context.join(timeout=1.0, grace_period=SHUTDOWN_GRACE_SECONDS):
+            pass
+    except mp.ProcessExitedException as exc:
+        code = exc.exit_code if exc.exit_code > 0 else 128 - exc.exit_code
+        log.error("event=rank_failed local_rank=%d exit_code=%d", exc.error_index, code)
+        return code
+    except mp.ProcessRaisedException as exc:  # entry() returns codes; this is a crash
+        log.error("event=rank_failed local_rank=%d error=%s", exc.error_index, exc)
+        return 1
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    return 0
+
+
+# --- inside a rank --------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class World:
+    """This process's place in the job; ``World()`` is a plain one-process run."""
+
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+    host: str = ""
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.size > 1
+
+    def describe(self) -> str:
+        return f"rank {self.rank} of {self.size}" + (f" on {self.host}" if self.host else "")
+
+    # Sharding -----------------------------------------------------------------------------------
+    def shard_batch(self, batch: torch.Tensor) -> torch.Tensor:
+        """This rank's contiguous slice of a global batch."""
+        return batch if self.size == 1 else batch.tensor_split(self.size)[self.rank]
+
+    def shard_range(self, n: int) -> range:
+        """This rank's contiguous share of ``range(n)`` (for evaluation)."""
+        bounds = torch.linspace(0, n, self.size + 1).round().long().tolist()
+        return range(bounds[self.rank], bounds[self.rank + 1])
+
+    # Collectives --------------------------------------------------------------------------------
+    def all_sum(self, values: Sequence[float], device: torch.device) -> list[float]:
+        if self.size == 1:
+            return [float(v) for v in values]
+        tensor = torch.tensor([float(v) for v in values], dtype=torch.float64, device=device)
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        return tensor.tolist()
+
+    def all_max(self, value: float, device: torch.device) -> float:
+        if self.size == 1:
+            return float(value)
+        tensor = torch.tensor([float(value)], dtype=torch.float64, device=device)
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+        return float(tensor.item())
+
+    def stop_requested_by(self, local_stop: bool, device: torch.device) -> int | None:
+        """The lowest rank that was asked to stop, agreed by all ranks; None when none was."""
+        if self.size == 1:
+            return 0 if local_stop else None
+        mine = float(self.size - self.rank) if local_stop else 0.0
+        agreed = self.all_max(mine, device)
+        return None if agreed == 0 else self.size - int(agreed)
+
+    def broadcast_object(self, obj: Any) -> Any:
+        """Rank 0's ``obj`` on every rank."""
+        if self.size == 1:
+            return obj
+        box = [obj if self.is_main else None]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def sync_buffers(self, model: nn.Module) -> None:
+        """Rank 0's buffers (BatchNorm running stats) everywhere. DDP broadcasts them before each
+        training forward, so after the last step each rank still holds its own: evaluating
+        without this would score a slightly different model on each shard."""
+        if self.size == 1:
+            return
+        for buffer in model.buffers():
+            dist.broadcast(buffer, src=0)
+
+    def barrier(self) -> None:
+        if self.size > 1:
+            dist.barrier()
+
+    def wrap(self, model: nn.Module, device: torch.device) -> nn.Module:
+        """DDP around ``model`` when there is more than one rank, else ``model`` itself."""
+        if self.size == 1:
+            return model
+        from torch.nn.parallel import DistributedDataParallel
+
+        ids = [device.index] if device.type == "cuda" else None
+        return DistributedDataParallel(model, device_ids=ids)
+
+
+ONE_PROCESS = World()
+
+
+def init_rank(env: Mapping[str, str] | None = None) -> tuple[World, torch.device | None]:
+    """Join the process group as the rank the environment names; returns the world and device."""
+    env = os.environ if env is None else env
+    rank, size = int(env[RANK_ENV]), int(env[WORLD_SIZE_ENV])
+    local_rank = int(env.get(LOCAL_RANK_ENV, "0"))
+    device = None
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local_rank % torch.cuda.device_count())
+        torch.cuda.set_device(device)
+    elif "OMP_NUM_THREADS" not in env:
+        # N ranks share this host's cores: N x all-cores threads would oversubscribe them.
+        local_size = int(env.get(LOCAL_WORLD_SIZE_ENV, "1"))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(local_size, 1)))
+    backend = "nccl" if device is not None else "gloo"
+    dist.init_process_group(backend=backend, rank=rank, world_size=size, timeout=COLLECTIVE_TIMEOUT,
+                            device_id=device)
+    host = env.get(contract.SM_CURRENT_HOST) or socket.gethostname()
+    log.info("event=rank_started rank=%d world_size=%d local_rank=%d host=%s pid=%d backend=%s",
+             rank, size, local_rank, host, os.getpid(), backend)
+    return World(rank=rank, size=size, local_rank=local_rank, host=host), device
+
+
+def shutdown() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,125 @@
+"""Data-parallel training through the real entry point: 2 gloo ranks on this CPU, and the
+"GPU requested but unusable" fail-fast, faked with SM_NUM_GPUS and a fake nvidia-smi."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from dogbreed import artifacts, contract, train
+
+pytestmark = pytest.mark.slow
+
+# 4 epochs at 32 px: the smallest run whose accuracy is above the 5-class chance level.
+DDP_HPS = {"model": "resnet18", "epochs": "4", "batch-size": "16", "lr": "0.01",
+           "image-size": "32", "weights": "none", "seed": "3"}
+EPOCH_LINE = re.compile(r"^epoch=(\d+) .*valid_loss=([0-9.]+) valid_accuracy=([0-9.]+)", re.M)
+
+
+def _run(paths: contract.Paths, nproc: int, timeout: float = 300, **env: str) -> subprocess.CompletedProcess[str]:
+    full_env = {**os.environ, contract.BASE_DIR_ENV: str(paths.base),
+                contract.NPROC_PER_HOST_ENV: str(nproc), **env}
+    full_env.pop(contract.SM_HPS, None)
+    return subprocess.run([sys.executable, "-m", "dogbreed.train"], env=full_env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_two_gloo_ranks_train_one_model_like_one_process(make_job):
+    one = make_job(DDP_HPS, name="one")
+    two = make_job(DDP_HPS, name="two")
+    single = _run(one, 1)
+    assert single.returncode == 0, single.stderr[-3000:]
+    double = _run(two, 2)
+    assert double.returncode == 0, double.stderr[-3000:]
+
+    # Both ranks trained (gloo), rank 0 alone wrote: one artifact, one set of metric lines.
+    assert "world_size=2 rank=0" in double.stderr and "world_size=2 rank=1" in double.stderr
+    assert "backend=gloo" in double.stderr
+    assert sorted(p.name for p in two.model_dir.iterdir()) == ["model.json", "model.pt"]
+    assert double.stderr.count("event=done model_dir=") == 1
+    lines = EPOCH_LINE.findall(double.stdout)
+    assert [int(e) for e, _, _ in lines] == [1, 2, 3, 4]
+    meta = json.loads((two.model_dir / "model.json").read_text())
+    assert meta["metrics"]["world_size"] == 2
+
+    # Metric lines are global: the best epoch's line (each rank scored half of the valid set,
+    # all-reduced) equals rank 0 scoring the whole set with the saved weights afterwards.
+    best = meta["metrics"]["best_epoch"]
+    _, loss, accuracy = lines[best - 1]
+    assert float(accuracy) == pytest.approx(meta["metrics"]["valid_accuracy"], abs=1e-4)
+    assert float(loss) == pytest.approx(meta["metrics"]["valid_loss"], rel=1e-3)
+    # Same global batch and seed: the same recipe, so the same quality within noise.
+    single_acc = json.loads((one.model_dir / "model.json").read_text())["metrics"]["valid_accuracy"]
+    assert abs(meta["metrics"]["valid_accuracy"] - single_acc) <= 0.1, (single_acc, meta["metrics"])
+    model, _ = artifacts.load_model(two.model_dir)
+    assert not model.training
+
+
+def test_sigterm_to_one_rank_stops_every_rank_and_the_rerun_resumes(make_job):
+    paths = make_job({**DDP_HPS, "epochs": "40"})
+    env = {**os.environ, contract.BASE_DIR_ENV: str(paths.base), contract.NPROC_PER_HOST_ENV: "2"}
+    agent = subprocess.Popen([sys.executable, "-m", "dogbreed.train"], env=env, text=True,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    pids: dict[int, int] = {}
+    try:
+        for line in agent.stdout:
+            if match := re.search(r"event=rank_started rank=(\d+) .* pid=(\d+)", line):
+                pids[int(match.group(1))] = int(match.group(2))
+            if line.startswith("epoch=1 "):
+                break
+        assert set(pids) == {0, 1}
+        signalled = time.monotonic()
+        os.kill(pids[1], signal.SIGTERM)
+        rest, _ = agent.communicate(timeout=60)
+        stopped_in = time.monotonic() - signalled
+    finally:
+        agent.kill()
+    assert agent.returncode == train.EXIT_SIGTERM, rest[-3000:]
+    assert stopped_in < 30
+    for pid in pids.values():  # every rank is gone
+        assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text()
+    failure = paths.failure_file.read_text()
+    assert "SIGTERM" in failure and "received by rank 1 of 2" in failure
+    assert not (paths.model_dir / "model.pt").exists()
+    state = torch.load(paths.checkpoints_dir / "checkpoint.pt", weights_only=True)
+    completed = int(state["epoch"])
+    assert completed >= 1 and not any(k.startswith("module.") for k in state["model"])
+
+    # The checkpoint resumes on another world size: one process, one more epoch.
+    hps = json.loads(paths.hyperparameters_file.read_text())
+    paths.hyperparameters_file.write_text(json.dumps({**hps, "epochs": str(completed + 1)}))
+    resumed = _run(paths, 1)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"completed_epochs={completed}" in resumed.stderr
+    assert [int(e) for e, _, _ in EPOCH_LINE.findall(resumed.stdout)] == [completed + 1]
+    assert not paths.failure_file.exists() and (paths.model_dir / "model.pt").is_file()
+
+
+def test_gpu_requested_but_unusable_fails_fast_with_the_reason(make_job, tmp_path):
+    fake_bin = tmp_path / "bin"
+    fake_bin.mkdir()
+    smi = fake_bin / "nvidia-smi"
+    smi.write_text("#!/bin/sh\necho 470.57.02\n")
+    smi.chmod(0o755)
+    paths = make_job(DDP_HPS)
+    started = time.monotonic()
+    result = _run(paths, 0, timeout=120, SM_NUM_GPUS="4", PATH=f"{fake_bin}:{os.environ['PATH']}",
+                  CUDA_VISIBLE_DEVICES="")
+    assert result.returncode == train.EXIT_FAILURE
+    assert time.monotonic() - started < 60
+    assert "event=decoded" not in result.stderr, "failed before any work"
+    failure = paths.failure_file.read_text()
+    assert "GPU requested (SM_NUM_GPUS=4" in failure
+    real_driver = Path("/proc/driver/nvidia/version")  # a GPU host: its driver is reported
+    assert "driver 470.57.02" in failure or (real_driver.exists() and "driver " in failure)
+    assert f"CUDA {torch.version.cuda}" in failure and "Fix:" in failure
+    assert not (paths.model_dir / "model.pt").exists()
