@@ -362,7 +362,7 @@ def test_dry_run_sends_nothing_and_validates(settings: Settings) -> None:
 
 def test_instance_count_trains_one_model_on_several_instances(settings: Settings) -> None:
     request = smb.training_request(settings, name="dogbreed-train-2", train_image=TRAIN_IMAGE,
-                                   hyperparameters={"epochs": "5"}, instance_count=2)
+                                   region=REGION, hyperparameters={"epochs": "5"}, instance_count=2)
     assert request["ResourceConfig"]["InstanceCount"] == 2
     # Every host reads the whole data set; the entry point shards each epoch across the ranks.
     assert request["InputDataConfig"][0]["DataSource"]["S3DataSource"]["S3DataDistributionType"] == "FullyReplicated"
@@ -371,7 +371,7 @@ def test_instance_count_trains_one_model_on_several_instances(settings: Settings
                                 static_hyperparameters={}, instance_count=3)
     assert tuning["TrainingJobDefinition"]["ResourceConfig"]["InstanceCount"] == 3
     smb.validate_request("sagemaker", "CreateHyperParameterTuningJob", tuning)
-    assert smb.training_request(settings, name="j", train_image="i", hyperparameters={})[
+    assert smb.training_request(settings, name="j", train_image="i", region=REGION, hyperparameters={})[
         "ResourceConfig"]["InstanceCount"] == settings.train_instance_count
     with pytest.raises(SettingsError, match="instance count"):
         smb.resource_config(Settings(train_instance_count=0))
