@@ -214,8 +214,16 @@ def test_warmup_then_cosine_schedule():
     no_warmup = contract.parse_hyperparameters({"lr": "0.1", "epochs": "6", "weights": "imagenet"})
     opt2 = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1)
     assert type(recipe.make_scheduler(no_warmup, opt2)) is torch.optim.lr_scheduler.CosineAnnealingLR
+    # warmup-epochs ≥ epochs (an HPO trial with few epochs) leaves one epoch at the full schedule.
     clamped = contract.parse_hyperparameters({"epochs": "2", "warmup-epochs": "5", "weights": "imagenet"})
-    recipe.make_scheduler(clamped, torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1))
+    opt3 = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1)
+    messages: list[str] = []
+    sched3 = recipe.make_scheduler(clamped, opt3, log=messages.append)
+    first = opt3.param_groups[0]["lr"]
+    opt3.step()
+    sched3.step()
+    assert first == pytest.approx(0.001) and opt3.param_groups[0]["lr"] == pytest.approx(0.1)
+    assert messages == ["event=warmup_clamped warmup_epochs=5 epochs=2 used=1"]
 
 
 # --- through the real training loop ---------------------------------------------------------------
