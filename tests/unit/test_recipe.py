@@ -227,7 +227,11 @@ def test_warmup_then_cosine_schedule():
 
 
 # --- through the real training loop ---------------------------------------------------------------
-def test_training_with_every_knob_saves_ema_weights_and_fixres_size(tmp_path: Path, sample_data: Path):
+def test_training_with_every_knob_saves_ema_weights_and_fixres_size(
+        tmp_path: Path, sample_data: Path, monkeypatch: pytest.MonkeyPatch):
+    op_calls: list[int] = []
+    real = recipe.apply_ta_op
+    monkeypatch.setattr(recipe, "apply_ta_op", lambda images, *a: op_calls.append(len(images)) or real(images, *a))
     hps = {"model": "resnet18", "epochs": "1", "batch-size": "16", "image-size": "32",
            "eval-image-size": "40", "weights": "none", "augment": "trivialaugment",
            "random-erasing": "0.25", "mixup-alpha": "0.2", "cutmix-alpha": "1.0",
@@ -236,6 +240,10 @@ def test_training_with_every_knob_saves_ema_weights_and_fixres_size(tmp_path: Pa
     hp = contract.parse_hyperparameters(hps)
     result = train.run(hp, paths, device=torch.device("cpu"))
     assert result.history and 0.0 <= result.metrics["test_accuracy"] <= 1.0
+    # The training step augments batches: ≤ 13 batched op calls per batch of 16, not one per image.
+    batches = 80 // 16
+    assert 0 < len(op_calls) <= batches * (len(recipe.TA_OPS) - 1) and sum(op_calls) <= 80
+    assert max(op_calls) > 1  # 16 samples over 14 ops: some op ran on a group
     meta = json.loads((paths.model_dir / artifacts.METADATA_FILE).read_text())
     # Serving centre-crops model.json's image_size from resize_size: the FixRes eval geometry.
     assert (meta["image_size"], meta["resize_size"]) == data.eval_geometry(32, 40) == (40, 46)
