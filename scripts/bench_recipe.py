@@ -4,12 +4,13 @@ hyperparameters, on the same data and split, in one run. Prints one JSON documen
 
 Three arms, each trained through ``dogbreed.train.run`` (the code every job runs):
 
-* ``default``: the trainer's defaults for the starting point (``weights=none`` gets the
-  scratch recipe, ImageNet / a ``.pth`` the fine-tuning one), at ``--epochs``;
+* ``default``: the trainer's defaults for the starting point (``contract.recipe_defaults``),
+  at ``--epochs``;
 * ``seeds``: the seeds' hyperparameters (``search_space.SEEDS_HYPERPARAMETERS``: Adam 1e-3,
   batch 32, constant lr, crop + flip; frozen backbone when fine-tuning), at ``--epochs``;
-* ``previous`` (only with ``--arms``): the defaults before the recipe knobs existed (crop +
-  flip, no label smoothing, EMA or warmup) at ``--epochs``: the evidence for the scratch defaults;
+* ``recipe`` (only with ``--arms``): ``contract.RECIPE_CANDIDATE`` (TrivialAugment, label
+  smoothing 0.1, EMA 0.99, 1 warmup epoch) over the defaults, at ``--epochs``: the evidence
+  for or against making it a default;
 * ``study``: an in-process Optuna study (``tune_in_process``, trials sharing one decode) given
   ``--budget`` seconds; its best hyperparameters are then retrained with every ``--seeds``
   value, so the three arms are compared over the same seeds (the sample's 20-image test split
@@ -127,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epochs-max", type=int, default=10, help="cap of the study's epochs range")
     parser.add_argument("--space", choices=sorted(search_space.SPACES), default="full")
     parser.add_argument("--arms", nargs="+", default=["default", "seeds", "study"],
-                        choices=["default", "seeds", "study", "previous"])
+                        choices=["default", "seeds", "study", "recipe"])
     parser.add_argument("--hp", action="append", default=[], metavar="NAME=VALUE",
                         help="fixed for every arm (e.g. num-workers=1)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -159,9 +160,9 @@ def main(argv: list[str] | None = None) -> int:
         default_hps = {**common, "epochs": str(args.epochs)}
         seeds_hps = {**common, **search_space.SEEDS_HYPERPARAMETERS, "epochs": str(args.epochs),
                      "freeze-backbone": "false" if args.weights == "none" else "true"}
-        previous_hps = {**common, "epochs": str(args.epochs), "augment": "flip", "label-smoothing": "0",
-                        "ema-decay": "0", "warmup-epochs": "0"}
-        for arm, hps in (("default", default_hps), ("seeds", seeds_hps), ("previous", previous_hps)):
+        recipe_hps = {**{k.replace("_", "-"): str(v) for k, v in contract.RECIPE_CANDIDATE.items()},
+                      **common, "epochs": str(args.epochs)}
+        for arm, hps in (("default", default_hps), ("seeds", seeds_hps), ("recipe", recipe_hps)):
             if arm not in args.arms:
                 continue
             runs = [train_once(f"{arm}-seed{seed}", {**hps, "seed": str(seed)}, data_dir, work,

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from dogbreed import contract
+
 REPO = Path(__file__).resolve().parents[2]
 
 pytestmark = pytest.mark.slow
@@ -22,9 +24,10 @@ def test_quick_recipe_benchmark_compares_the_arms_on_one_split(tmp_path: Path):
     assert report == json.loads((tmp_path / "recipe.json").read_text())
     assert report["data_images"] == {"train": 80, "valid": 20, "test": 20} and report["seeds"] == [0]
     default, study = report["arms"]["default"], report["arms"]["study"]
-    # weights=none: the default arm ran the scratch recipe, as the trainer resolved it.
-    assert default["hyperparameters"]["augment"] == "trivialaugment"
-    assert default["hyperparameters"]["ema-decay"] == "0.99"
+    # weights=none: the default arm ran the scratch defaults, as the trainer resolved them.
+    scratch = contract.Hyperparameters(**{**contract.recipe_defaults("none"), "weights": "none", "image_size": 32,
+                                          "epochs": 1, "num_workers": 1})
+    assert default["hyperparameters"] == scratch.to_sagemaker()
     for arm in (default, study):
         assert 0.0 <= arm["test_accuracy_mean"] <= 1.0 and len(arm["runs"]) == 1
     inner = study["study"]

@@ -55,17 +55,20 @@ def test_bad_recipe_knob_fails_the_job_with_a_failure_file(tmp_path: Path, sampl
     assert "augment='randaugment': choose one of none, flip, trivialaugment" in paths.failure_file.read_text()
 
 
-def test_defaults_depend_on_the_starting_point():
+def test_defaults_depend_on_the_starting_point(monkeypatch: pytest.MonkeyPatch):
     finetune = contract.parse_hyperparameters({"weights": "imagenet"})
     assert finetune == contract.Hyperparameters(weights="imagenet")  # today's behaviour
     assert (finetune.augment, finetune.ema_decay, finetune.mixup_alpha) == ("flip", 0.0, 0.0)
+    # Scratch runs take SCRATCH_DEFAULTS (empty on the evidence so far) over those defaults.
+    monkeypatch.setattr(contract, "SCRATCH_DEFAULTS", {"augment": "trivialaugment", "ema_decay": 0.99})
     assert contract.parse_hyperparameters({"weights": "/x/w.pth"}).augment == "flip"
     scratch = contract.parse_hyperparameters({"weights": "none"})
-    for name, value in contract.SCRATCH_DEFAULTS.items():
-        assert getattr(scratch, name) == value
+    assert (scratch.augment, scratch.ema_decay) == ("trivialaugment", 0.99)
     explicit = contract.parse_hyperparameters({"weights": "none", "augment": "flip", "ema-decay": "0"})
     assert (explicit.augment, explicit.ema_decay) == ("flip", 0.0)
-    assert contract.recipe_defaults("none")["augment"] == contract.SCRATCH_DEFAULTS["augment"]
+    assert contract.recipe_defaults("none")["augment"] == "trivialaugment"
+    assert contract.recipe_defaults("imagenet")["augment"] == "flip"
+    contract.parse_hyperparameters({**contract.RECIPE_CANDIDATE, "weights": "none"})  # valid
 
 
 # --- augmentation: shape, determinism, effect ---------------------------------------------------
