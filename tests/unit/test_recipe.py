@@ -10,7 +10,7 @@ import torch
 import torchvision.transforms.v2 as T
 from torch import nn
 
-from dogbreed import artifacts, contract, data, recipe, train
+from dogbreed import artifacts, contract, data, models, recipe, train
 from dogbreed.contract import ContractError
 
 N, SIZE, CACHE, CLASSES = 12, 32, 37, 5
@@ -258,3 +258,8 @@ def test_training_with_every_knob_saves_ema_weights_and_fixres_size(
     ema_weights = {k.removeprefix("module."): v for k, v in ema["averaged"].items() if k.startswith("module.")}
     assert torch.equal(saved["fc.weight"], ema_weights["fc.weight"])
     assert not torch.equal(saved["fc.weight"], checkpoint["model"]["fc.weight"])  # not the raw weights
+    # A resumed run restores the EMA (what train.run does with checkpoint["recipe"]).
+    resumed = recipe.Recipe(hp, models.build_model("resnet18", CLASSES, "none"), CLASSES)
+    resumed.load_state_dict(checkpoint["recipe"])
+    assert resumed.ema is not None and resumed.ema.updates == 5
+    assert torch.equal(resumed.eval_model(nn.Identity()).state_dict()["fc.weight"], saved["fc.weight"])
