@@ -17,7 +17,15 @@ server on 127.0.0.1 and measures, with a 500x375 JPEG:
   noisy machine hits all three alike; the ratio server/in-process;
 - requests/s with 4 concurrent clients (bounded by count and time);
 - cold loads again on a server without the zygote (``DOGBREED_SERVE_ZYGOTE=0``: MMS starts a
-  plain Python worker per load), ``--cold-loads-without-zygote`` times per model.
+  plain Python worker per load), ``--cold-loads-without-zygote`` times per model;
+- ``explain=gradcam`` (issue 13): its own p50, and plain requests' p50 on the same worker
+  before any explain request (Captum not yet imported) and after them (``--explain-requests``),
+  interleaved over rounds; the "with the feature's code present or not" comparison is this
+  script run on the commits before and after (``server.p50_ms`` of both);
+- ``dogbreed batch --local`` throughput (``--batch-images`` files, the sample test photos
+  repeated): images/s through the served path (single-model server, ``--batch-workers``
+  workers and concurrent requests, :func:`dogbreed.launcher.batch.served_batch`) against the
+  in-process ceiling (:func:`~dogbreed.launcher.batch.in_process_predictor`, same threads).
 """
 
 from __future__ import annotations
@@ -39,6 +47,7 @@ import torch
 from PIL import Image
 
 from dogbreed import artifacts, data, models
+from dogbreed.launcher import batch
 from dogbreed.serve import TORCH_THREADS_ENV, inference
 from dogbreed.serve.client import ServeClient
 from dogbreed.serve.server import ModelServer
@@ -160,6 +169,56 @@ def throughput(server: ModelServer, name: str, body: bytes, clients: int, max_re
             "p50_ms": ms(percentile(latencies, 50)), "p99_ms": ms(percentile(latencies, 99))}
 
 
+def explain_latency(server: ModelServer, name: str, body: bytes, requests: int, rounds: int) -> dict:
+    """Plain p50 before any explain request, explain p50, plain p50 after (alternating rounds)."""
+    client = ServeClient(server.url, keep_alive=True)
+    explain_headers = {"X-Amzn-SageMaker-Custom-Attributes": "explain=gradcam"}
+
+    def timed(headers: dict[str, str] | None) -> float:
+        start = time.perf_counter()
+        reply = client.invoke(name, body, "image/jpeg", headers)
+        elapsed = time.perf_counter() - start
+        if reply.status != 200:
+            raise RuntimeError(f"invoke {name}: HTTP {reply.status} {reply.body[:200]!r}")
+        return elapsed
+
+    before = [timed(None) for _ in range(requests)]
+    first_explain = timed(explain_headers)  # imports Captum + matplotlib in the worker
+    explain, after = [], []
+    for _ in range(max(1, rounds)):
+        explain += [timed(explain_headers) for _ in range(max(1, requests // rounds))]
+        after += [timed(None) for _ in range(max(1, requests // rounds))]
+    return {"plain_before_p50_ms": ms(percentile(before, 50)), "first_explain_ms": ms(first_explain),
+            "explain_p50_ms": ms(percentile(explain, 50)), "plain_after_p50_ms": ms(percentile(after, 50)),
+            "plain_after_vs_before_p50": round(percentile(after, 50) / percentile(before, 50), 3),
+            "n": {"plain_before": len(before), "explain": len(explain), "plain_after": len(after)}}
+
+
+def batch_folder(root: Path, count: int, fallback: bytes) -> Path:
+    """``count`` images in the dogImages layout: the sample test photos, repeated."""
+    samples = sorted((SAMPLE_DATA / "test").rglob("*.jpg")) if SAMPLE_DATA.is_dir() else []
+    for i in range(count):
+        source = samples[i % len(samples)] if samples else None
+        folder = root / (source.parent.name if source else "001.Unknown")
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / f"{i:05d}-{source.name if source else 'noise.jpg'}").write_bytes(
+            source.read_bytes() if source else fallback)
+    return root
+
+
+def bench_batch(model_dir: Path, root: Path, body: bytes, args: argparse.Namespace) -> dict:
+    images = batch_folder(root / "batch-in", args.batch_images, body)
+    served = batch.served_batch(model_dir, images, root / "batch-out-served", workers=args.batch_workers,
+                                progress=False)
+    ceiling = batch.run_local(batch.in_process_predictor(model_dir), images, root / "batch-out-in-process",
+                              workers=args.batch_workers, progress=False)
+    return {"model": artifacts.read_metadata(model_dir).arch, "images": args.batch_images,
+            "workers": args.batch_workers, "execution_parameters": served["execution_parameters"],
+            "served_images_per_s": served["images_per_sec"], "served_errors": served["errors"],
+            "in_process_images_per_s": ceiling["images_per_sec"],
+            "served_vs_in_process": round(served["images_per_sec"] / ceiling["images_per_sec"], 3)}
+
+
 def bench_model(server: ModelServer, name: str, model_dir: Path, body: bytes, args: argparse.Namespace) -> dict:
     result: dict = {"arch": artifacts.read_metadata(model_dir).arch,
                     "image_size": artifacts.read_metadata(model_dir).image_size}
@@ -200,6 +259,8 @@ def bench_model(server: ModelServer, name: str, model_dir: Path, body: bytes, ar
         percentile(timings["server"], 50) - percentile(timings["mms_direct"], 50))
     result["throughput"] = throughput(server, name, body, args.clients, args.throughput_requests,
                                       args.throughput_seconds)
+    if args.explain_requests:
+        result["explain"] = explain_latency(server, name, body, args.explain_requests, 4)
     del served
     return result
 
@@ -219,6 +280,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clients", type=int, default=4)
     parser.add_argument("--throughput-requests", type=int, default=200)
     parser.add_argument("--throughput-seconds", type=float, default=20.0)
+    parser.add_argument("--explain-requests", type=int, default=40,
+                        help="plain requests before, and explain + plain after, per model (0: skip)")
+    parser.add_argument("--batch-images", type=int, default=100, help="local batch files (0: skip)")
+    parser.add_argument("--batch-workers", type=int, default=2)
     parser.add_argument("--threads", type=int, default=None,
                         help=f"torch threads in the workers and in-process (default: ${TORCH_THREADS_ENV} or 1)")
     args = parser.parse_args(argv)
@@ -252,6 +317,8 @@ def main(argv: list[str] | None = None) -> int:
                             for i in range(args.cold_loads_without_zygote)]
                     results[name]["cold_load_dir_without_zygote"] = {
                         stat: summarize([r[stat] for r in runs]) for stat in ("post_models_s", "first_answer_s")}
+        batch_result = (bench_batch(next(iter(model_dirs.values())), root, body, args)
+                        if args.batch_images else None)
     report = {
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
                     "torch": torch.__version__, "torch_threads": threads,
@@ -261,6 +328,7 @@ def main(argv: list[str] | None = None) -> int:
         "server_start_s": round(started, 2),
         "models_loaded": listed,
         "models": results,
+        "batch_local": batch_result,
         "targets": {
             "p50_ratio_max": P50_RATIO_MAX, "cold_load_max_s": COLD_LOAD_MAX_S,
             "p50_ratio_ok": {name: r["ratio_p50_server_vs_in_process"] <= P50_RATIO_MAX for name, r in results.items()},

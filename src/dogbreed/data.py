@@ -276,6 +276,14 @@ def normalize(batch: torch.Tensor, mean: Sequence[float], std: Sequence[float]) 
     return (batch.float() - mean_t) / std_t
 
 
+def eval_geometry(image_size: int, eval_image_size: int = 0) -> tuple[int, int]:
+    """(crop, resize) sizes evaluation and serving use: ``eval_image_size`` when set (FixRes:
+    evaluating above the training crop undoes the apparent zoom of random resized crops),
+    else the training crop; the resize keeps ImageNet's 256/224 ratio."""
+    crop = eval_image_size or image_size
+    return crop, resize_size_for(crop)
+
+
 def eval_transform(
     batch: torch.Tensor,
     image_size: int,
@@ -295,7 +303,17 @@ def train_transform(
     mean: Sequence[float] = IMAGENET_MEAN,
     std: Sequence[float] = IMAGENET_STD,
 ) -> torch.Tensor:
-    """Random resized crop + horizontal flip + normalise, for a whole batch in one sampling op.
+    """Random resized crop + horizontal flip + normalise, for a whole batch in one sampling op
+    (``augment=flip``; :mod:`dogbreed.recipe` adds the other augmentations)."""
+    return normalize(random_resized_crop_flip(batch, image_size, generator), mean, std)
+
+
+def random_resized_crop_flip(
+    batch: torch.Tensor,
+    image_size: int,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Random resized crop + horizontal flip of a uint8 batch → float pixels in [0, 255].
 
     Each sample gets its own crop box (area fraction in ``CROP_SCALE``, aspect in
     ``CROP_RATIO``) expressed as an affine map; ``grid_sample`` then resamples all of them to
@@ -318,6 +336,5 @@ def train_transform(
     theta[:, 1, 1] = height
     theta[:, 1, 2] = center_y
     grid = F.affine_grid(theta, [n, 3, image_size, image_size], align_corners=False)
-    pixels = F.grid_sample(batch.float(), grid, mode="bilinear", padding_mode="reflection",
-                           align_corners=False)
-    return normalize(pixels, mean, std)
+    return F.grid_sample(batch.float(), grid, mode="bilinear", padding_mode="reflection",
+                         align_corners=False)

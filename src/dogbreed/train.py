@@ -33,7 +33,17 @@ from typing import Any
 import torch
 from torch import nn
 
-from dogbreed import artifacts, contract, data, debugger, distributed, models, profiling, reports
+from dogbreed import (
+    artifacts,
+    contract,
+    data,
+    debugger,
+    distributed,
+    models,
+    profiling,
+    recipe,
+    reports,
+)
 from dogbreed.contract import ContractError, Hyperparameters, Paths
 from dogbreed.distributed import World
 
@@ -46,7 +56,7 @@ log = logging.getLogger("dogbreed.train")
 CHECKPOINT_FILE = "checkpoint.pt"
 # Set by SageMaker in every training container; a spot-restarted job keeps its name.
 TRAINING_JOB_NAME_ENV = "TRAINING_JOB_NAME"
-CHECKPOINT_VERSION = 1
+CHECKPOINT_VERSION = 2  # 2: recipe (EMA) state
 EXIT_FAILURE = 1
 EXIT_SIGTERM = 143  # 128 + SIGTERM, as a shell reports a process killed by it
 
@@ -191,9 +201,7 @@ def make_optimizer(hp: Hyperparameters, params: list[nn.Parameter], device: torc
 
 
 def make_scheduler(hp: Hyperparameters, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LRScheduler:
-    if hp.lr_schedule == "cosine":
-        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=hp.epochs)
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _epoch: 1.0)
+    return recipe.make_scheduler(hp, optimizer, log=log.info)
 
 
 # --- epochs -----------------------------------------------------------------------------------
@@ -225,6 +233,7 @@ def train_one_epoch(
     *,
     epoch: int = 0,
     steps: profiling.StepRecorder = profiling.NO_STEPS,
+    batch_recipe: recipe.Recipe | None = None,
 ) -> tuple[float, float, float]:
     """One pass over ``split``; returns (mean loss, accuracy, images/s of the training steps).
 
@@ -233,6 +242,8 @@ def train_one_epoch(
     Raises :class:`NonFiniteLoss` naming the epoch and the first batch whose loss was not finite.
     """
     model.train()
+    # Callers other than run() (tests) get the augmentation, without an EMA across epochs.
+    batch_recipe = batch_recipe or recipe.Recipe(hp, model, len(split.class_names))
     device = runtime.device
     total_loss = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.int64)
@@ -250,13 +261,13 @@ def train_one_epoch(
         index = world.shard_batch(index).to(split.device)
         images = split.images[index].to(device, non_blocking=True)
         labels = split.labels[index].to(device, non_blocking=True)
-        inputs = data.train_transform(images, hp.image_size, generator)
+        inputs, targets = batch_recipe.inputs(images, labels, generator)
         if runtime.channels_last:
             inputs = inputs.contiguous(memory_format=torch.channels_last)
         steps.data_ready()
         with runtime.autocast():
             logits = model(inputs)
-            loss = loss_fn(logits.float(), labels)
+            loss = loss_fn(logits.float(), targets)
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:
             scaler.scale(loss).backward()
@@ -265,6 +276,7 @@ def train_one_epoch(
         else:
             loss.backward()
             optimizer.step()
+        batch_recipe.after_step(model)
         total_loss += loss.detach() * labels.numel()
         correct += (logits.detach().argmax(1) == labels).sum()
         first_bad_batch = torch.where((first_bad_batch == 0) & ~torch.isfinite(loss.detach()),
@@ -299,11 +311,12 @@ def evaluate(model: nn.Module, split: data.DecodedSplit, hp: Hyperparameters, ru
     world.sync_buffers(model)
     losses, predictions = [], []
     rows = world.shard_range(len(split))
+    eval_size = data.eval_geometry(hp.image_size, hp.eval_image_size)[0]
     for start in range(rows.start, rows.stop, hp.eval_batch_size):
         end = min(start + hp.eval_batch_size, rows.stop)
         images = split.images[start:end].to(runtime.device, non_blocking=True)
         labels = split.labels[start:end].to(runtime.device, non_blocking=True)
-        inputs = data.eval_transform(images, hp.image_size)
+        inputs = data.eval_transform(images, eval_size)
         if runtime.channels_last:
             inputs = inputs.contiguous(memory_format=torch.channels_last)
         with runtime.autocast():
@@ -397,8 +410,10 @@ def run(hp: Hyperparameters, paths: Paths, stop: StopFlag | None = None,
     test_index = data.index_split(splits["test"], train_index.class_names) if "test" in splits else None
     class_names = train_index.class_names
     cache_size = data.resize_size_for(hp.image_size)
+    # Evaluation (valid/test, and serving through model.json) may use a larger size (FixRes).
+    eval_size, eval_cache_size = data.eval_geometry(hp.image_size, hp.eval_image_size)
     total_images = len(train_index) + len(valid_index) + (len(test_index) if test_index else 0)
-    on_device = data.fits_on_device(total_images, cache_size, runtime.device)
+    on_device = data.fits_on_device(total_images, max(cache_size, eval_cache_size), runtime.device)
     gpus = torch.cuda.device_count() if runtime.device.type == "cuda" else 0
     log.info("event=start model=%s device=%s gpus=%d world_size=%d rank=%d amp=%s classes=%d "
              "train_images=%d valid_images=%d test_images=%d cache_size=%d cache_on_device=%s",
@@ -408,11 +423,11 @@ def run(hp: Hyperparameters, paths: Paths, stop: StopFlag | None = None,
 
     decode_started = time.perf_counter()
 
-    def decode(index: data.SplitIndex) -> data.DecodedSplit:
-        return cache.get(index, cache_size, runtime.device, hp.num_workers, on_device)
+    def decode(index: data.SplitIndex, size: int) -> data.DecodedSplit:
+        return cache.get(index, size, runtime.device, hp.num_workers, on_device)
 
-    train_split, valid_split = decode(train_index), decode(valid_index)
-    test_split = decode(test_index) if test_index else None
+    train_split, valid_split = decode(train_index, cache_size), decode(valid_index, eval_cache_size)
+    test_split = decode(test_index, eval_cache_size) if test_index else None
     skipped = train_split.skipped + valid_split.skipped + (test_split.skipped if test_split else 0)
     decode_seconds = time.perf_counter() - decode_started
     log.info("event=decoded seconds=%.2f images_per_sec=%.1f skipped_images=%d",
@@ -437,6 +452,7 @@ def run(hp: Hyperparameters, paths: Paths, stop: StopFlag | None = None,
     generator = torch.Generator().manual_seed(hp.seed)
     # Ranks share the epoch order (same seed) but not the augmentation draws.
     order_generator = torch.Generator().manual_seed(hp.seed) if world.distributed else generator
+    batch_recipe = recipe.Recipe(hp, model, len(class_names))
 
     checkpoint_path = checkpoint_file(paths)
     key = _resume_key(hp, class_names)
@@ -452,6 +468,7 @@ def run(hp: Hyperparameters, paths: Paths, stop: StopFlag | None = None,
         scheduler.load_state_dict(resumed["scheduler"])
         generator.set_state(resumed["generator"])
         order_generator.set_state(resumed.get("order_generator", resumed["generator"]))
+        batch_recipe.load_state_dict(resumed["recipe"])
         history = [EpochResult(**h) for h in resumed["history"]]
         best = resumed["best"]
         best_state = resumed["best_model"]
@@ -474,6 +491,7 @@ def run(hp: Hyperparameters, paths: Paths, stop: StopFlag | None = None,
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "generator": generator.get_state(),
                 "order_generator": order_generator.get_state(),
+                "recipe": batch_recipe.state_dict(),
                 "history": [dataclasses.asdict(h) for h in history], "best": best,
                 "best_model": best_state or {}}
 
@@ -483,9 +501,9 @@ def run(hp: Hyperparameters, paths: Paths, stop: StopFlag | None = None,
         debugger.set_mode(hook, train=True)
         train_loss, train_acc, images_per_sec = train_one_epoch(
             train_model, train_split, hp, runtime, optimizer, loss_fn, generator, scaler, stop,
-            world, order_generator, epoch=epoch, steps=steps.epoch(epoch))
+            world, order_generator, epoch=epoch, steps=steps.epoch(epoch), batch_recipe=batch_recipe)
         debugger.set_mode(hook, train=False)
-        valid = evaluate(step_model, valid_split, hp, runtime, loss_fn, world)
+        valid = evaluate(batch_recipe.eval_model(step_model), valid_split, hp, runtime, loss_fn, world)
         lr = optimizer.param_groups[0]["lr"]
         scheduler.step()
         result = EpochResult(epoch, train_loss, train_acc, valid.loss, valid.accuracy,
@@ -496,7 +514,8 @@ def run(hp: Hyperparameters, paths: Paths, stop: StopFlag | None = None,
         improved = (valid.accuracy, -valid.loss) > (best["valid_accuracy"], -best["valid_loss"])
         if improved:
             best = {"epoch": epoch, "valid_accuracy": valid.accuracy, "valid_loss": valid.loss}
-            best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+            best_state = {k: v.detach().cpu().clone()
+                          for k, v in batch_recipe.eval_model(model).state_dict().items()}
             epochs_without_improvement = 0
         else:
             epochs_without_improvement += 1
@@ -539,7 +558,8 @@ def run(hp: Hyperparameters, paths: Paths, stop: StopFlag | None = None,
     metrics["wall_seconds"] = round(time.perf_counter() - run_started, 3)
 
     metadata = artifacts.ModelMetadata(
-        arch=hp.model, class_names=class_names, image_size=hp.image_size, resize_size=cache_size,
+        # The evaluation geometry: serving decodes at resize_size and centre-crops image_size.
+        arch=hp.model, class_names=class_names, image_size=eval_size, resize_size=eval_cache_size,
         mean=list(data.IMAGENET_MEAN), std=list(data.IMAGENET_STD), metrics=metrics,
         hyperparameters=hp.to_dict(), versions=artifacts.library_versions())
     artifacts.save_model_dir(paths.model_dir, model, metadata)

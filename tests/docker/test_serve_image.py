@@ -200,3 +200,35 @@ def test_sigterm_stops_everything_within_10_s(serve_image: str, tmp_path: Path, 
         assert "event=stopped" in log and "event=stop_failed" not in log, log[-3000:]
     finally:
         docker("rm", "-f", name, check=False)
+
+
+def test_single_model_answers_execution_parameters_and_explain(serve_image: str, tmp_path: Path) -> None:
+    """What SageMaker batch transform asks the serve image before it sends records, from the
+    container's own settings (2 workers here); and explain=gradcam works in the image (Captum is
+    installed there): the prediction plus a PNG heat map of the model's input size."""
+    import base64
+
+    model = _tiny_model(tmp_path / "opt-ml" / "model")
+    port = free_port()
+    name = unique("dogbreed-test-serve-batch")
+    docker("run", "-d", "--name", name, "--network", "host", "-e", f"SAGEMAKER_BIND_TO_PORT={port}",
+           "-e", "DOGBREED_BIND_HOST=127.0.0.1", "-e", "SAGEMAKER_MODEL_SERVER_WORKERS=2",
+           "-v", f"{model}:/opt/ml/model:ro", serve_image, "serve")
+    endpoint = _endpoint(name, port, tmp_path)
+    try:
+        wait_ready(endpoint)
+        reply = endpoint.client.request("GET", "/execution-parameters")
+        assert reply.status == 200 and reply.headers["content-type"] == "application/json", reply
+        assert reply.json() == {"MaxConcurrentTransforms": 2, "BatchStrategy": "SINGLE_RECORD",
+                                "MaxPayloadInMB": 6}
+        wait_for(lambda: b'"READY"' in endpoint.client.describe_model("model").body, 120, "the model's worker")
+        buffer = io.BytesIO()
+        Image.new("RGB", (40, 30), "brown").save(buffer, format="JPEG")
+        reply = endpoint.client.invoke(None, buffer.getvalue(), "image/jpeg",
+                                       {"X-Amzn-SageMaker-Custom-Attributes": "explain=gradcam"})
+        assert reply.status == 200, (reply.body[:500], logs(name)[-3000:])
+        heat = reply.json()["explanations"][0]
+        with Image.open(io.BytesIO(base64.b64decode(heat["png_base64"]))) as image:
+            assert (image.format, image.size) == ("PNG", (32, 32))
+    finally:
+        docker("rm", "-f", name, check=False)

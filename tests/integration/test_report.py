@@ -109,3 +109,24 @@ def test_the_page_renders_in_headless_chromium_with_every_plot_drawn(runs, tmp_p
     assert all(b["naturalWidth"] == 0 for b in blank_probe["images"])
     box = images["confusion-matrix"]
     assert colour_fraction(blank_shot, box) < colour_fraction(screenshot, box) / 5
+
+
+def test_train_local_debugger_then_report(sample_data, tmp_path, capsys):
+    """`dogbreed train --local --debugger` writes the hook config itself: `dogbreed report`
+    on that job then gives every rule a verdict, with no hand-written config."""
+    workdir = tmp_path / "work"
+    assert cli.main(["train", "--local", "--workdir", str(workdir), "--data", str(sample_data),
+                     "--name", "dbg", "--debugger", "--model", "resnet18", "--image-size", "32",
+                     "--epochs", "2", "--batch-size", "16", "--weights", "none"]) == 0
+    capsys.readouterr()
+    job = workdir / "jobs" / "dbg"
+    assert json.loads((job / "input/config/debughookconfig.json").read_text())["LocalPath"] == str(
+        job / "output" / "tensors")
+    assert cli.main(["report", "--local", "--workdir", str(workdir), "dbg"]) == 0
+    out = capsys.readouterr().out
+    result = json.loads(out[out.index("\n{\n") if not out.startswith("{") else 0:])  # after smdebug's own lines
+    assert set(result["verdicts"]) == ALL_RULES
+    assert all(v in (rules.ISSUES, rules.NO_ISSUES, rules.NOT_APPLICABLE)
+               for v in result["verdicts"].values()), result["verdicts"]
+    # The five smdebug rules really ran on the job's tensors (only the GPU rule has nothing to read).
+    assert [r for r, v in result["verdicts"].items() if v == rules.NOT_APPLICABLE] == ["LowGPUUtilization"]

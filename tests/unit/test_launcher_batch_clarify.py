@@ -201,10 +201,34 @@ def test_local_batch_out_per_file_summary_accuracy_errors_and_resume(tmp_path, m
     assert len(calls) == 1 and third["predicted"] == 1
 
 
-def test_local_batch_cli(tmp_path, model_tar, capsys):
+def test_local_batch_cli_checks_before_starting_a_server(tmp_path, model_tar, capsys):
+    """The served run itself: tests/integration/test_batch_served.py (real MMS)."""
     _write_images(tmp_path / "in")
-    assert cli.main(["batch", "--local", str(model_tar), str(tmp_path / "in"),
-                     str(tmp_path / "out"), "--workers", "1"]) == 0
-    summary = json.loads(capsys.readouterr().out)
-    assert summary["files"] == 6 and summary["errors"] == 0 and "accuracy" in summary
-    assert (tmp_path / "out" / "summary.csv").is_file()
+    assert cli.main(["batch", "--local", "--dry-run", str(model_tar), str(tmp_path / "in"),
+                     str(tmp_path / "out"), "--workers", "3"]) == 0
+    assert json.loads(capsys.readouterr().out)["workers"] == 3
+    assert cli.main(["batch", "--local", str(tmp_path / "missing.tar.gz"), str(tmp_path / "in"),
+                     str(tmp_path / "out")]) == cli.EXIT_USAGE
+    assert "no such model" in capsys.readouterr().err
+    assert cli.main(["batch", "--local", str(model_tar), str(tmp_path / "nowhere"),
+                     str(tmp_path / "out")]) == cli.EXIT_USAGE
+    assert "no such input folder" in capsys.readouterr().err
+
+
+def test_local_batch_redoes_transient_failures_only(tmp_path, model_tar):
+    inputs, outputs = tmp_path / "in", tmp_path / "out"
+    files = _write_images(inputs)
+
+    def flaky(body: bytes) -> dict:
+        if body == files[0].read_bytes():
+            raise ConnectionResetError("server went away")
+        if body == files[1].read_bytes():
+            return {"error": "HTTP 503: busy", "status": 503}
+        if body == files[2].read_bytes():
+            return {"error": "HTTP 400: not an image", "status": 400}
+        return {"predictions": [{"class_name": CLASSES[0], "probability": 1.0}]}
+
+    first = batch.run_local(flaky, inputs, outputs, progress=False)
+    assert first["errors"] == 3
+    again = batch.run_local(flaky, inputs, outputs, progress=False)
+    assert again["predicted"] == 2  # the reset and the 503, not the 400

@@ -71,3 +71,20 @@ def test_validate_refuses_what_the_entry_point_would_refuse() -> None:
         search_space.validate([Integer("epochs", 0, 3)])
     with pytest.raises(ValueError):
         search_space.validate([Integer("epochs", 5, 3)])
+
+
+def test_full_space_adds_the_recipe_knobs_in_both_renderings() -> None:
+    full = search_space.named("full")
+    assert search_space.named("seeds") == SEARCH_SPACE and full[:len(SEARCH_SPACE)] == SEARCH_SPACE
+    search_space.validate(full)  # every knob and bound is a valid hyperparameter
+    ranges = search_space.to_sagemaker(full)
+    names = {r["Name"] for group in ranges.values() for r in group}
+    assert names == {p.name for p in full} >= {"augment", "mixup-alpha", "ema-decay", "warmup-epochs"}
+    study = optuna.create_study(direction="maximize", sampler=optuna.samplers.RandomSampler(seed=0))
+    for _ in range(20):
+        trial = study.ask()
+        contract.parse_hyperparameters(search_space.to_strings(search_space.suggest(trial, full)))
+        study.tell(trial, 0.0)
+    contract.parse_hyperparameters(search_space.SEEDS_HYPERPARAMETERS)
+    with pytest.raises(ValueError, match="seeds, full"):
+        search_space.named("huge")

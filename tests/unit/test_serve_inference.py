@@ -350,3 +350,47 @@ def test_the_training_cache_matches_serving_for_exif_rotated_jpegs(tmp_path: Pat
                                                             apply_exif_orientation=True))
     if orientation in (5, 6, 7, 8):
         assert turned.shape[-2:] == (48, 32)  # portrait once turned
+
+
+# --- explain=gradcam ------------------------------------------------------------------------------
+def test_explain_option() -> None:
+    assert inference.explain_option(None) is None
+    assert inference.explain_option(" GradCAM ") == "gradcam"
+    with pytest.raises(RequestError) as excinfo:
+        inference.explain_option("shap")
+    assert status_of(excinfo) == 400 and "explain=gradcam" in excinfo.value.message
+
+
+def test_plain_requests_import_nothing_of_the_explain_path(tmp_path: Path) -> None:
+    """A fresh process serves a plain request without Captum, matplotlib or dogbreed.explain."""
+    import subprocess
+    import sys
+
+    model_dir = tiny_model_dir(tmp_path / "model", classes=4)
+    script = f"""
+import json, sys
+from dogbreed.serve import inference
+served = inference.model_fn({str(model_dir)!r})
+request = inference.input_fn({jpeg()!r}, "image/jpeg")
+plain = json.loads(inference.output_fn(inference.predict_fn(request, served))[0])
+assert len(plain["predictions"]) == 4, plain
+print(sorted(m for m in ("captum", "matplotlib", "dogbreed.explain") if m in sys.modules))
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_explain_answers_the_top_class_heat_map_as_png(served: inference.ServedModel) -> None:
+    request = inference.input_fn(jpeg(), "image/jpeg")
+    plain = json.loads(inference.output_fn(inference.predict_fn(request, served))[0])
+    assert "explanations" not in plain
+    explained = json.loads(inference.output_fn(inference.predict_fn(
+        inference.InferenceRequest(request.image, top_k=2, explain="gradcam"), served))[0])
+    assert explained["predictions"] == plain["predictions"][:2]
+    heat = explained["explanations"][0]
+    assert heat["method"] == "gradcam" and heat["index"] == plain["predictions"][0]["index"]
+    assert heat["class_name"] == plain["predictions"][0]["class_name"]
+    size = served.metadata.image_size
+    with Image.open(io.BytesIO(base64.b64decode(heat["png_base64"]))) as image:
+        assert (image.format, image.size) == ("PNG", (size, size))

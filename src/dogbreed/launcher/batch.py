@@ -5,29 +5,34 @@ SageMaker: ``CreateModel`` (the serve image, single-model mode, the model.tar.gz
 ``BatchStrategy=SingleRecord`` — so SageMaker writes ``<input name>.out`` per input under the
 output prefix, as batch transform always names them; then waits.
 
-Local (``--local``): :func:`run_local` walks a folder and calls a ``predict(bytes) -> dict``
-for each file, writing the same ``<name>.out`` JSON (sub-folders mirrored), ``summary.csv`` and,
-when the folder has the dogImages class layout (``NNN.Breed/*.jpg``), the accuracy. Finished
-outputs are skipped on a rerun; an unreadable image gets an error record and the run goes on.
-Design for the served path: ``predict`` will POST to the local serve container's
-``/invocations`` (what SageMaker's transform agent does, after ``GET /execution-parameters``);
-:func:`in_process_predictor` is the same answer without a server — the throughput ceiling.
+Local (``--local``, :func:`served_batch`): the same server as the serve image, started on
+127.0.0.1 in single-model mode (:class:`~dogbreed.serve.server.ModelServer`, a model.tar.gz
+unpacked once), asked ``GET /execution-parameters`` as SageMaker's transform agent asks it, then
+fed one ``POST /invocations`` per file, ``MaxConcurrentTransforms`` at a time.
+:func:`run_local` walks the folder and calls a ``predict(bytes) -> dict`` for each file,
+writing the same ``<name>.out`` JSON (sub-folders mirrored), ``summary.csv`` and, when the
+folder has the dogImages class layout (``NNN.Breed/*.jpg``), the accuracy. Finished outputs
+are skipped on a rerun; an unreadable image gets an error record and the run goes on.
+:func:`in_process_predictor` is the same answer without a server: the throughput ceiling
+(``scripts/bench_serve.py`` measures both).
 """
 
 from __future__ import annotations
 
 import concurrent.futures
 import csv
+import http.client
 import io
 import json
 import re
-import sys
+import tempfile
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from dogbreed import artifacts
+from dogbreed import artifacts, contract
 from dogbreed.launcher import events
 
 Predict = Callable[[bytes], Mapping[str, Any]]
@@ -37,7 +42,7 @@ SUMMARY_FILE = "summary.csv"
 SUMMARY_COLUMNS = ("file", "top1", "probability", "error", "true_class", "correct")
 CLASS_DIR = re.compile(r"^\d{3}\.")  # dogImages: 001.Affenpinscher/
 CONTENT_TYPE = "application/x-image"  # one type for every record; the server sniffs JPEG/PNG
-MAX_PAYLOAD_MB = 6  # SageMaker's default; dog photos are well under it
+MAX_PAYLOAD_MB = contract.MAX_PAYLOAD_BYTES // 1024**2  # what the server accepts per request
 LOG_GROUP = "/aws/sagemaker/TransformJobs"
 
 
@@ -169,6 +174,8 @@ def true_class(input_dir: Path, file: Path) -> str | None:
 def _record(predict: Predict, file: Path) -> dict[str, Any]:
     try:
         answer = dict(predict(file.read_bytes()))
+    except (ConnectionError, TimeoutError, http.client.HTTPException) as exc:
+        return {"error": f"{type(exc).__name__}: {exc}", "transient": True}  # redone on a rerun
     except Exception as exc:  # noqa: BLE001 - one bad file is recorded; the batch goes on
         return {"error": f"{type(exc).__name__}: {exc}"}
     if "error" not in answer and not answer.get("predictions"):
@@ -180,9 +187,14 @@ def _load_finished(path: Path) -> dict[str, Any] | None:
     if not path.is_file():
         return None
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        record = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError, OSError):
         return None  # unreadable: predict it again
+    if not isinstance(record, dict):
+        return None
+    if record.get("transient") or int(record.get("status") or 0) >= 500:
+        return None  # a server or connection failure, not the file's fault: try it again
+    return record
 
 
 def run_local(predict: Predict, input_dir: Path, output_dir: Path, *, workers: int = 1,
@@ -199,11 +211,9 @@ def run_local(predict: Predict, input_dir: Path, output_dir: Path, *, workers: i
             todo.append(file)
         else:
             records[file] = finished
-    from tqdm import tqdm
-
     started = time.perf_counter()
-    bar = tqdm(total=len(todo), unit="img", disable=not sys.stderr.isatty() if progress is None
-               else not progress)
+    bar = events.Progress(enabled=progress).bar("batch", total=len(todo), unit="img")
+    every = max(1, len(todo) // 10)  # off a terminal: an event line per tenth of the run
 
     def one(file: Path) -> tuple[Path, dict[str, Any]]:
         record = _record(predict, file)
@@ -212,9 +222,13 @@ def run_local(predict: Predict, input_dir: Path, output_dir: Path, *, workers: i
         return file, record
 
     with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        for file, record in pool.map(one, todo):
+        for done, (file, record) in enumerate(pool.map(one, todo), 1):
             records[file] = record
-            bar.update()
+            bar.advance()
+            if bar.is_null and (done % every == 0 or done == len(todo)):
+                elapsed = time.perf_counter() - started
+                events.event("batch_progress", done=done, total=len(todo),
+                             images_per_sec=round(done / elapsed, 2) if elapsed > 0 else None)
     bar.close()
     seconds = time.perf_counter() - started
 
@@ -247,6 +261,64 @@ def run_local(predict: Predict, input_dir: Path, output_dir: Path, *, workers: i
         summary["judged"] = judged
     events.event("batch_done", **{k: v for k, v in summary.items() if k not in ("input", "output")})
     return summary
+
+
+def http_predictor(url: str, timeout: float = 120.0) -> Predict:
+    """``predict(bytes)`` as ``POST /invocations`` to a serve endpoint (one keep-alive
+    connection per thread); an HTTP error becomes the record ``{"error", "status"}``."""
+    from dogbreed.serve.client import ServeClient
+
+    local = threading.local()
+
+    def predict(body: bytes) -> dict[str, Any]:
+        client = getattr(local, "client", None)
+        if client is None:
+            client = local.client = ServeClient(url, timeout, keep_alive=True)
+        reply = client.invoke(None, body, CONTENT_TYPE, {"Accept": "application/json"})
+        if reply.status != 200:
+            return {"error": f"HTTP {reply.status}: {reply.message()}", "status": reply.status}
+        return reply.json()
+
+    return predict
+
+
+def served_batch(model: Path, input_dir: Path, output_dir: Path, *, workers: int | None = None,
+                 progress: bool | None = None) -> dict[str, Any]:
+    """``dogbreed batch --local``: MODEL (a model dir or model.tar.gz) served by the serve
+    image's server on 127.0.0.1 with ``workers`` model workers, then :func:`run_local` over
+    ``input_dir`` with as many concurrent requests as its ``/execution-parameters`` allow."""
+    from dogbreed.serve.server import ModelServer, ServerError
+
+    model = Path(model)
+    if not model.exists():
+        raise ValueError(f"no such model {model} (a model dir with model.json, or a model.tar.gz)")
+    files = input_files(Path(input_dir))  # a missing folder fails before a server starts
+    if all(_load_finished(output_for(Path(input_dir), Path(output_dir), f)) for f in files):
+        def finished(body: bytes) -> dict[str, Any]:
+            raise AssertionError("every output is finished")
+        events.event("batch_all_finished", files=len(files))  # no server to start
+        return run_local(finished, input_dir, output_dir, progress=progress)
+    with tempfile.TemporaryDirectory(prefix="dogbreed-batch-") as tmp:
+        server = ModelServer(port=0, host="127.0.0.1", multi_model=False, model_dir=model,
+                             workers=workers, run_dir=Path(tmp) / "run", log_file=Path(tmp) / "serve.log")
+        events.event("batch_server_starting", model=model, workers=server.effective_workers)
+        try:
+            server.start()
+            server.wait_ready(timeout=180)
+        except ServerError:
+            server.stop()
+            raise
+        try:
+            reply = server.client.request("GET", "/execution-parameters")
+            if reply.status != 200:
+                raise ServerError(f"GET /execution-parameters answered {reply.status}: {reply.message()}")
+            parameters = reply.json()
+            events.event("batch_server_ready", url=server.url, **parameters)
+            summary = run_local(http_predictor(server.url), input_dir, output_dir,
+                                workers=int(parameters["MaxConcurrentTransforms"]), progress=progress)
+        finally:
+            server.stop()
+    return {**summary, "model": str(model), "execution_parameters": parameters}
 
 
 def in_process_predictor(model_path: Path, top_k: int = 5, device: str = "cpu") -> Predict:

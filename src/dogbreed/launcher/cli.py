@@ -260,6 +260,8 @@ def train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--from-tuning-job", metavar="NAME", help="start from this tuning job's best "
                    "hyperparameters (local: a study name or result JSON)")
     p.add_argument("--name", help="job name (default dogbreed-train-<time>)")
+    p.add_argument("--debugger", dest="debugger", action="store_true", default=None,
+                   help="local: smdebug hook on (for `dogbreed report`); SageMaker: the default")
     p.add_argument("--no-debugger", dest="debugger", action="store_false",
                    help="SageMaker: no debug hook or rules")
     p.add_argument("--no-profiler", dest="profiler", action="store_false",
@@ -289,7 +291,7 @@ def cmd_train(args: argparse.Namespace, settings: settings_mod.Settings, backend
         sm = _sagemaker(settings, args)
         base = sm.best_hyperparameters(args.from_tuning_job) if args.from_tuning_job else {}
         hps = {**base, **flags}
-        result = sm.train(name=name, hyperparameters=hps, debugger=args.debugger,
+        result = sm.train(name=name, hyperparameters=hps, debugger=args.debugger is not False,
                           profiler=args.profiler, spot=args.spot, max_wait=args.max_wait,
                           max_runtime=args.max_runtime, checkpoints=args.checkpoints,
                           data_uri=args.data_uri, instance_type=args.instance_type,
@@ -304,7 +306,8 @@ def cmd_train(args: argparse.Namespace, settings: settings_mod.Settings, backend
     hps = default_weights(merged, explicit="weights" in merged)
     if args.dry_run:
         return local.plan_train(name=name, hyperparameters=hps, data=args.data, nproc=args.nproc)
-    return local.train(name=name, hyperparameters=hps, data=_require_data(args), nproc=args.nproc)
+    return local.train(name=name, hyperparameters=hps, data=_require_data(args), nproc=args.nproc,
+                       debugger=bool(args.debugger))
 
 
 def deploy_arguments(p: argparse.ArgumentParser) -> None:

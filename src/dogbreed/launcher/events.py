@@ -62,6 +62,7 @@ class Bar:
 
     def __init__(self, tqdm_bar: Any = None) -> None:
         self._bar = tqdm_bar
+        self.is_null = tqdm_bar is None  # drawing nothing: callers log event lines instead
 
     def advance(self, n: float = 1) -> None:
         if self._bar is not None:

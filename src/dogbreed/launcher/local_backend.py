@@ -77,7 +77,7 @@ class LocalBackend:
                 else list(self.train_command or TrainingRun.default_command())}
 
     def train(self, *, name: str, hyperparameters: Mapping[str, str], data: Path,
-              echo: bool = True, nproc: int = 1) -> dict[str, Any]:
+              echo: bool = True, nproc: int = 1, debugger: bool = False) -> dict[str, Any]:
         epochs = contract.parse_hyperparameters(hyperparameters).epochs
         base = self.workdir / "jobs" / name
         events.event("training_started", job=name, base=base, docker=self.docker_image or "no",
@@ -97,7 +97,7 @@ class LocalBackend:
 
             run = TrainingRun(base, hyperparameters, data, docker_image=self.docker_image,
                               train_command=self.train_command, echo=on_line if echo else None,
-                              on_epoch=on_epoch, nproc=nproc)
+                              on_epoch=on_epoch, nproc=nproc, debugger=debugger)
             result = run.run()
         if result.returncode != 0:
             raise LocalError(f"training job {name} failed (exit {result.returncode}): "

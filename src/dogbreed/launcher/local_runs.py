@@ -99,7 +99,7 @@ class TrainingRun:
                  echo: Callable[[str], None] | None = None,
                  on_epoch: Callable[[int, dict[str, float]], bool] | None = None,
                  keep_checkpoints: bool = True, train_command: Sequence[str] | None = None,
-                 nproc: int = 1) -> None:
+                 nproc: int = 1, debugger: bool = False) -> None:
         self.base = Path(base).resolve()
         self.nproc = nproc
         self.train_command = list(train_command or TRAIN_COMMAND)
@@ -110,6 +110,7 @@ class TrainingRun:
         self.echo = echo
         self.on_epoch = on_epoch
         self.keep_checkpoints = keep_checkpoints
+        self.debugger = debugger
         self.process: subprocess.Popen[str] | None = None
         self._kill_timer: threading.Timer | None = None
         self.container = f"dogbreed-{self.base.name}-{os.getpid()}"
@@ -130,6 +131,12 @@ class TrainingRun:
             link = contract.channel_dir(contract.TRAINING_CHANNEL, paths, {})
             link.unlink()
             link.mkdir()
+        if self.debugger:  # smdebug on, as SageMaker's DebugHookConfig turns it on: `dogbreed report`
+            from dogbreed.report import write_local_hook_config
+
+            config = write_local_hook_config(paths)
+            if self.docker_image:  # the container sees the job dir at /opt/ml
+                config.write_text(config.read_text().replace(str(paths.base), str(contract.Paths.from_env({}).base)))
         return paths
 
     def command(self, paths: contract.Paths) -> tuple[list[str], dict[str, str]]:

@@ -47,6 +47,38 @@ SEARCH_SPACE: tuple[Parameter, ...] = (
     Categorical("batch-size", (16, 32, 64, 128, 256)),
     Integer(EPOCHS, 2, 10),
 )
+# The training-recipe knobs (dogbreed.recipe) on top of the seeds' space. Ranges follow
+# torchvision's reference recipe (label smoothing 0.1, mixup 0.2, cutmix 1.0, random erasing
+# 0.1, EMA, warmup) with room either side; every one is a SageMaker-expressible range.
+RECIPE_SPACE: tuple[Parameter, ...] = (
+    Categorical("optimizer", ("sgd", "adamw")),
+    Continuous("weight-decay", 1e-5, 1e-3, log=True),
+    Categorical("augment", ("flip", "trivialaugment")),
+    Continuous("label-smoothing", 0.0, 0.2),
+    Continuous("random-erasing", 0.0, 0.4),
+    Continuous("mixup-alpha", 0.0, 0.4),
+    Continuous("cutmix-alpha", 0.0, 1.0),
+    Categorical("ema-decay", (0.0, 0.9, 0.99, 0.999)),
+    Integer("warmup-epochs", 0, 2),
+)
+SPACES: dict[str, tuple[Parameter, ...]] = {"seeds": SEARCH_SPACE, "full": SEARCH_SPACE + RECIPE_SPACE}
+
+# What the seeds (the Udacity dog-breed SageMaker projects) trained with once tuned: Adam at
+# 1e-3, batch 32, a constant learning rate, random resized crop + flip, nothing else; they
+# froze the pretrained backbone. AdamW with weight decay 0 is Adam.
+SEEDS_HYPERPARAMETERS: dict[str, str] = {
+    "optimizer": "adamw", "lr": "0.001", "weight-decay": "0", "batch-size": "32",
+    "lr-schedule": "none", "augment": "flip", "label-smoothing": "0", "random-erasing": "0",
+    "mixup-alpha": "0", "cutmix-alpha": "0", "ema-decay": "0", "warmup-epochs": "0",
+}
+
+
+def named(name: str) -> tuple[Parameter, ...]:
+    """``seeds`` (lr, batch-size, epochs) or ``full`` (+ the recipe knobs)."""
+    try:
+        return SPACES[name]
+    except KeyError:
+        raise ValueError(f"unknown search space {name!r}: choose one of {', '.join(SPACES)}") from None
 
 
 class TrialLike(Protocol):  # the part of optuna.Trial used here

@@ -45,7 +45,8 @@ def batch_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--name", help="transform job name (default dogbreed-batch-<time>)")
     p.add_argument("--instance-type", help="SageMaker: transform instance (default: serve type)")
     p.add_argument("--workers", type=int, default=2,
-                   help="concurrent requests (SageMaker: MaxConcurrentTransforms)")
+                   help="SageMaker: MaxConcurrentTransforms; --local: model workers of the local "
+                   "server, and as many concurrent requests (its /execution-parameters)")
     p.add_argument("--logs", action="store_true",
                    help="SageMaker: say where the container logs are (CloudWatch)")
     p.add_argument("--no-wait", dest="wait", action="store_false")
@@ -141,15 +142,13 @@ def cmd_batch(args: argparse.Namespace, settings: settings_mod.Settings, backend
     from dogbreed.launcher.sagemaker_backend import SageMakerBackend, job_name
 
     if backend == "local":
-        # The served path (the serve container + GET /execution-parameters) comes with the
-        # serving rewrite; until then --local predicts in this process, same preprocessing.
         if args.output is None:
             raise ValueError("--local needs OUTPUT (a folder)")
         if args.dry_run:
             return {"backend": "local", "model": args.model, "input": args.input,
                     "output": args.output, "workers": args.workers}
-        predict = batch.in_process_predictor(Path(args.model))
-        return batch.run_local(predict, Path(args.input), Path(args.output), workers=args.workers)
+        return batch.served_batch(Path(args.model), Path(args.input), Path(args.output),
+                                  workers=args.workers)
     name = args.name or job_name("batch")
     sm = SageMakerBackend(settings, dry_run=args.dry_run)
     result = batch.sagemaker_batch(sm, model=args.model, input_uri=args.input,

@@ -11,6 +11,10 @@ for two things multi-model-server 1.1.11 (pinned) cannot do:
 2. **A model.tar.gz url**, which MMS would read as a .mar (zip). The front unpacks it once
    (the server's resolver: :func:`dogbreed.artifacts.safe_extract`) and removes it on ``DELETE``.
    SageMaker, the local router and ``add-model`` hand over model dirs.
+
+It also answers ``GET /execution-parameters`` itself (MMS has no such route): what SageMaker
+batch transform asks a container before sending records, from the server's own settings
+(:func:`execution_parameters`).
 """
 
 from __future__ import annotations
@@ -43,9 +47,17 @@ def error(status: int, error_type: str, message: str) -> Response:  # MMS's erro
     return Response(status, dict(JSON_HEADERS), error_body(status, error_type, message))
 
 
+def execution_parameters(workers: int) -> dict[str, Any]:
+    """The ``GET /execution-parameters`` answer: one record per request (images are not split),
+    as many in flight as there are model workers, and the one payload limit of the contract."""
+    return {"MaxConcurrentTransforms": max(1, int(workers)), "BatchStrategy": "SINGLE_RECORD",
+            "MaxPayloadInMB": contract.MAX_PAYLOAD_BYTES // 1024**2}
+
+
 class Front(ThreadingHTTPServer):
     daemon_threads = True
     request_queue_size = 128
+    execution_parameters: dict[str, Any] = execution_parameters(1)  # the server sets its own
 
     def __init__(self, address: tuple[str, int], mms_socket: str,
                  resolve: Callable[[str, str], tuple[Path, Path | None]],
@@ -117,6 +129,8 @@ class FrontHandler(BaseHTTPRequestHandler):
             path = [unquote(s) for s in parts.path.split("/") if s]
             if self.command == "POST" and path == ["models"]:
                 reply = self.server.register(body, parts.query)
+            elif self.command == "GET" and path == ["execution-parameters"]:
+                reply = Response(200, dict(JSON_HEADERS), json.dumps(self.server.execution_parameters).encode())
             else:
                 headers = {k: v for k, v in self.headers.items() if k.lower() not in HOP_BY_HOP}
                 delete = self.command == "DELETE" and len(path) == 2 and path[0] == "models"

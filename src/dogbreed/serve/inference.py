@@ -14,6 +14,10 @@ The four SageMaker-style functions are the whole path:
   under ``torch.inference_mode``.
 - :func:`output_fn` renders the top-k breeds as JSON.
 
+``CustomAttributes: explain=gradcam`` adds a Grad-CAM heat map of the top class, drawn over the
+pixels the model saw, as a base64 PNG (:func:`explain_prediction`). Captum and matplotlib are
+imported on the first such request: a plain request runs no line of it.
+
 Anything wrong with a request raises :class:`RequestError` (an HTTP 4xx with a JSON body of the
 shape MMS uses for its own errors: ``{"code", "type", "message"}``); the handler
 (:mod:`dogbreed.serve.handler`) answers every failure that way, so a bad request never takes a
@@ -71,6 +75,8 @@ DEFAULT_TOP_K = 5
 DEFAULT_MAX_IMAGE_PIXELS = 40_000_000  # e.g. 8000 x 5000; a 224 px model needs far less
 DEFAULT_URL_MAX_BYTES = 10 * 1024**2
 DEFAULT_URL_TIMEOUT = 5.0
+EXPLAIN_ATTRIBUTE = "explain"  # CustomAttributes: explain=gradcam
+EXPLAIN_METHODS = ("gradcam",)
 
 
 def phrase(status: int) -> str:
@@ -214,6 +220,7 @@ def warm_up(served: ServedModel) -> None:
 class InferenceRequest:
     image: bytes
     top_k: int | None = None
+    explain: str | None = None  # one of EXPLAIN_METHODS
 
 
 def mime_type(content_type: str | None) -> str:
@@ -382,6 +389,7 @@ class Prediction:
     model: ServedModel
     probabilities: torch.Tensor  # [num_classes], on the CPU
     top_k: int
+    explanations: tuple[dict[str, Any], ...] = ()
 
 
 def preprocess(image: bytes, metadata: artifacts.ModelMetadata, device: torch.device) -> torch.Tensor:
@@ -401,7 +409,39 @@ def predict_fn(request: InferenceRequest, served: ServedModel) -> Prediction:
     with torch.inference_mode():
         logits = served.model(batch)
         probabilities = torch.softmax(logits.float(), dim=1)[0].cpu()
-    return Prediction(served, probabilities, request.top_k or DEFAULT_TOP_K)
+    prediction = Prediction(served, probabilities, request.top_k or DEFAULT_TOP_K)
+    if request.explain:
+        prediction = explain_prediction(prediction, batch)
+    return prediction
+
+
+def explain_option(value: str | None) -> str | None:
+    """The ``explain`` custom attribute: None, or a method this server draws."""
+    if value is None:
+        return None
+    method = value.strip().lower()
+    if method not in EXPLAIN_METHODS:
+        raise RequestError(400, f"explain={value!r} is not supported; use explain={EXPLAIN_METHODS[0]}")
+    return method
+
+
+def explain_prediction(prediction: Prediction, batch: torch.Tensor) -> Prediction:
+    """Add the top class's Grad-CAM (``dogbreed.explain``, Captum) as a PNG of the model's input
+    size: the heat map over the pixels the model saw (``batch`` un-normalised)."""
+    from dogbreed import explain  # Captum + matplotlib: loaded by the first explain request
+
+    served = prediction.model
+    index = int(prediction.probabilities.argmax())
+    heatmap = explain.explain(served.model, batch, [index], served.metadata.arch)[0]
+    mean = torch.tensor(served.metadata.mean).view(3, 1, 1)
+    std = torch.tensor(served.metadata.std).view(3, 1, 1)
+    photo = ((batch[0].detach().float().cpu() * std + mean) * 255).round().clamp(0, 255).to(torch.uint8)
+    png = explain.overlay_png(photo, heatmap)
+    return dataclasses.replace(prediction, explanations=({
+        "method": "gradcam", "label": served.labels[index],
+        "class_name": served.metadata.class_names[index], "index": index,
+        "probability": round(float(prediction.probabilities[index]), 6),
+        "png_base64": base64.b64encode(png).decode("ascii")},))
 
 
 def output_fn(prediction: Prediction, accept: str | None = None) -> tuple[bytes, str]:
@@ -415,7 +455,9 @@ def output_fn(prediction: Prediction, accept: str | None = None) -> tuple[bytes,
         {"label": served.labels[i], "class_name": class_names[i], "index": i, "probability": round(p, 6)}
         for p, i in zip(values.tolist(), indices.tolist())
     ]
-    body = {"model": served.name, "arch": served.metadata.arch, "predictions": predictions}
+    body: dict[str, Any] = {"model": served.name, "arch": served.metadata.arch, "predictions": predictions}
+    if prediction.explanations:
+        body["explanations"] = list(prediction.explanations)
     return json.dumps(body).encode(), JSON
 
 
@@ -450,6 +492,8 @@ class DogbreedInferenceHandler(DefaultInferenceHandler):
                 raw = custom_attributes(header(properties, contract.CUSTOM_ATTRIBUTES_HEADER)).get("top_k")
             if raw is not None:
                 request = dataclasses.replace(request, top_k=parse_top_k(raw))
+        if context is not None:
+            request = with_explain(request, context)
         return request
 
     def default_predict_fn(self, data: InferenceRequest, model: ServedModel, context: Any = None) -> Prediction:
@@ -457,6 +501,15 @@ class DogbreedInferenceHandler(DefaultInferenceHandler):
 
     def default_output_fn(self, prediction: Prediction, accept: str | None, context: Any = None) -> tuple[bytes, str]:
         return output_fn(prediction, accept)
+
+
+def with_explain(request: InferenceRequest, context: Any) -> InferenceRequest:
+    """The request with CustomAttributes' ``explain=`` method, if it asks for one."""
+    attributes = header(context.request_processor[0].get_request_properties(), contract.CUSTOM_ATTRIBUTES_HEADER)
+    if not attributes or EXPLAIN_ATTRIBUTE not in attributes.lower():
+        return request  # the plain path: no parsing
+    method = explain_option(custom_attributes(attributes).get(EXPLAIN_ATTRIBUTE))
+    return dataclasses.replace(request, explain=method) if method else request
 
 
 class DogbreedTransformer(Transformer):

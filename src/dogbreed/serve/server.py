@@ -177,6 +177,12 @@ class ModelServer:
         return f"http://{f'[{host}]' if ':' in host else host}:{self.port}"
 
     @property
+    def effective_workers(self) -> int:
+        """Workers per model: the setting, else MMS's own default on a CPU host (one per core;
+        on a GPU host MMS starts one per GPU; set ``SAGEMAKER_MODEL_SERVER_WORKERS`` there)."""
+        return self.workers or os.cpu_count() or 1
+
+    @property
     def mms_socket(self) -> Path:
         assert self.run_dir is not None
         return self.run_dir / MMS_SOCKET
@@ -285,6 +291,7 @@ class ModelServer:
         except OSError as exc:
             raise ServerError(f"cannot listen on {self.host}:{self.port}: {exc}") from None
         self.port = self.front.server_address[1]
+        self.front.execution_parameters = front.execution_parameters(self.effective_workers)
         env = dict(self.env)
         env[RUN_DIR_ENV] = str(self.run_dir)
         env[contract.SAGEMAKER_MULTI_MODEL] = "true" if self.multi_model else "false"
