@@ -169,6 +169,7 @@ class ModelServer:
         self.front: front.Front | None = None
         self._log: IO[bytes] | None = None
         self._stopped = False
+        self._watching = threading.Event()  # set to stop the dead-worker watcher
 
     @property
     def url(self) -> str:
@@ -323,6 +324,9 @@ class ModelServer:
         (self.run_dir / "mms.pid").write_text(f"{self.java.pid}\n")
         threading.Thread(target=self.front.serve_forever, kwargs={"poll_interval": 0.2},
                          name="dogbreed-front", daemon=True).start()
+        if self.use_zygote:
+            threading.Thread(target=self.front.watch_workers, args=(self.run_dir / zygote.DEATHS_FILE, self._watching),
+                             name="dogbreed-worker-watch", daemon=True).start()
         log.info("event=front_listening url=%s multi_model=%s", self.url, self.multi_model)
 
     def _resolve(self, url: str, name: str, staging: Path) -> tuple[Path, Path | None]:
@@ -374,6 +378,7 @@ class ModelServer:
         if self._stopped:
             return
         self._stopped = True
+        self._watching.set()
         if self.front is not None:
             self.front.shutdown()
             self.front.server_close()
