@@ -207,3 +207,42 @@ def test_the_socket_is_reachable_only_where_bound(setup: dict) -> None:
     """The front listens where it is told (127.0.0.1 here); MMS only on a unix socket."""
     assert setup["front"].server_address[0] == "127.0.0.1"
     assert setup["front"].mms.unix_path.endswith("mms.sock")
+
+
+# --- fault 3: a dead worker is noticed and its model reloaded ----------------------------------------
+def test_a_recorded_worker_death_reloads_the_model(setup: dict, good_model: Path, tmp_path: Path) -> None:
+    assert register(setup, "m1", str(good_model))[0] == 200
+    deaths, stop = tmp_path / "worker-deaths", threading.Event()
+    watcher = threading.Thread(target=setup["front"].watch_workers, args=(deaths, stop, 0.05), daemon=True)
+    watcher.start()
+    try:
+        before = len(setup["mms"].requests)
+        stale = time.time() - 60  # a worker forked before the registration: an unload's, ignored
+        deaths.write_text(json.dumps({"model": "m1", "pid": 1, "exit": -9, "forked": stale}) + "\n")
+        time.sleep(0.3)
+        assert len(setup["mms"].requests) == before and setup["front"].recoveries == 0
+        with deaths.open("a") as handle:
+            handle.write(json.dumps({"model": "m1", "pid": 2, "exit": -9, "forked": time.time()}) + "\n")
+        deadline = time.monotonic() + 5
+        while setup["front"].recoveries == 0 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert setup["front"].recoveries == 1
+        sent = [(r["method"], r["path"]) for r in setup["mms"].requests[before:]]
+        assert sent[:2] == [("DELETE", "/models/m1"), ("POST", "/models")]
+        assert "m1" in setup["mms"].models and not setup["front"].paused
+        with deaths.open("a") as handle:  # another model's, or one never registered: ignored
+            handle.write(json.dumps({"model": "other", "pid": 3, "exit": -9, "forked": time.time()}) + "\n")
+        time.sleep(0.3)
+        assert setup["front"].recoveries == 1
+    finally:
+        stop.set()
+        watcher.join(5)
+
+
+def test_a_paused_model_answers_503_with_retry_after(setup: dict, good_model: Path) -> None:
+    assert register(setup, "m1", str(good_model))[0] == 200
+    setup["front"].paused["m1"] = "RECOVERING"
+    status, headers, raw = call(setup, "POST", "/models/m1/invoke", b"x", {"Content-Type": "image/jpeg"})
+    assert status == 503 and headers["retry-after"] and "recovering" in json.loads(raw)["message"]
+    status, _, raw = call(setup, "GET", "/models/m1")
+    assert status == 200 and "RECOVERING" in raw.decode()

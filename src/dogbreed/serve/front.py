@@ -237,6 +237,7 @@ class Front(ThreadingHTTPServer):
             try:
                 described = json.loads(reply.body)
                 for model in described if isinstance(described, list) else [described]:
+                    model["status"] = why
                     for worker in model.get("workers", []):
                         worker["status"] = why
                 return Response(200, dict(JSON_HEADERS), json.dumps(described, indent=2).encode())
