@@ -67,6 +67,7 @@ ROUTES = frozenset({("GET", ("ping",)), ("POST", ("invocations",)), ("GET", ("mo
 MAX_PATH_BYTES = 8192  # MMS (netty) drops a longer request line without an answer
 DRAIN_SECONDS = 5.0  # how long an unload waits for the model's requests in flight
 RETRY_AFTER_SECONDS = "2"
+SINGLE_MODEL_NAME = "model"  # what sagemaker-inference calls the model of a single-model endpoint
 
 
 def route_error(method: str, path: list[str], raw_path: str) -> Response | None:
@@ -116,6 +117,7 @@ class Front(ThreadingHTTPServer):
         self.in_flight: dict[str, set[http.client.HTTPConnection]] = {}  # name -> its calls into MMS
         self.paused: dict[str, str] = {}  # name -> "UNLOADING" / "RECOVERING": invokes get a 503
         self.recoveries = 0
+        self.single_model = False  # set by the server: /invocations goes to SINGLE_MODEL_NAME
         self.registered_at: dict[str, float] = {}  # name -> when its last registration began
         if ":" in address[0]:
             self.address_family = socket.AF_INET6
@@ -341,6 +343,11 @@ class FrontHandler(BaseHTTPRequestHandler):
                 reply = self.server.unload(path[1], self.path)
             elif len(path) == 3:
                 reply = self.server.invoke(path[1], self.command, self.path, body, headers)
+            elif path == ["invocations"] and self.server.single_model:
+                # Single-model: the model MMS loaded at start, by name (MMS's /invocations finds
+                # only a model loaded at start, not the one reloaded after its worker died).
+                target = f"/models/{SINGLE_MODEL_NAME}/invoke" + (f"?{parts.query}" if parts.query else "")
+                reply = self.server.invoke(SINGLE_MODEL_NAME, self.command, target, body, headers)
             elif len(path) == 2 and self.command in ("GET", "HEAD"):
                 reply = self.server.describe(path[1], self.path, headers)
             else:

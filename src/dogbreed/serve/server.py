@@ -60,7 +60,7 @@ from dogbreed.serve.client import LOAD_TIMEOUT, ServeClient
 log = logging.getLogger("dogbreed.serve")
 
 HANDLER_MODULE = "dogbreed.serve.handler"
-SINGLE_MODEL_NAME = "model"  # what sagemaker-inference calls the model of a single-model endpoint
+SINGLE_MODEL_NAME = front.SINGLE_MODEL_NAME
 MMS_SOCKET = "mms.sock"
 MMS_MAIN_CLASS = "com.amazonaws.ml.mms.ModelServer"
 PID_FILE = "dogbreed-serve.pid"
@@ -319,6 +319,8 @@ class ModelServer:
                "--python", python, "-f", str(config), "-s", str(self.model_store)]
         if single_model_dir is not None:
             cmd += ["-m", f"{SINGLE_MODEL_NAME}={single_model_dir}"]
+            self.front.registered[SINGLE_MODEL_NAME] = str(single_model_dir)  # reloaded if its worker dies
+            self.front.single_model = True
         log.info("event=start_mms run_dir=%s cmd=%s", self.run_dir, " ".join(cmd))
         self.java = subprocess.Popen(cmd, cwd=self.run_dir, env=env, start_new_session=True, **out)
         (self.run_dir / "mms.pid").write_text(f"{self.java.pid}\n")
