@@ -28,7 +28,7 @@ from test_input_fn_properties import CONTENT_TYPES, IMAGES, JSON_BODIES, png_hea
 from dogbreed.serve.server import ModelServer  # noqa: E402
 
 pytestmark = pytest.mark.slow
-LIVE = settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
+LIVE = settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
 
 
 @pytest.fixture(scope="module")

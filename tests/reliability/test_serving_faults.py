@@ -246,3 +246,16 @@ def test_a_paused_model_answers_503_with_retry_after(setup: dict, good_model: Pa
     assert status == 503 and headers["retry-after"] and "recovering" in json.loads(raw)["message"]
     status, _, raw = call(setup, "GET", "/models/m1")
     assert status == 200 and "RECOVERING" in raw.decode()
+
+
+# --- found by test_live_hostile.py: a corrupt PNG ended the worker process -------------------------
+def test_a_png_with_a_corrupt_zlib_header_is_refused_not_fatal() -> None:
+    """libpng (torchvision.io.decode_png) exits the process on this file; a subprocess shows it."""
+    import subprocess
+
+    script = ("import io, sys\nfrom PIL import Image\nfrom dogbreed import data\n"
+              "b = io.BytesIO(); Image.new('RGB', (16, 16)).save(b, 'PNG'); png = bytearray(b.getvalue())\n"
+              "png[png.find(b'IDAT') + 4] ^= 0x55\n"
+              "try:\n    data.decode_image(bytes(png), 37)\nexcept ValueError as exc:\n    print('refused', exc)\n")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.startswith("refused corrupt PNG"), (proc.returncode, proc.stderr)
