@@ -27,8 +27,8 @@ SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "soak.py"
 def test_short_soak_with_unloads_worker_kills_and_hostile_requests(tmp_path: Path) -> None:
     out = tmp_path / "soak.json"
     proc = subprocess.run(
-        [sys.executable, str(SCRIPT), "--seconds", "24", "--clients", "4", "--unload-every", "7",
-         "--kill-every", "9", "--hostile", "130", "--out", str(out), "--workdir", str(tmp_path / "work")],
+        [sys.executable, str(SCRIPT), "--seconds", "16", "--clients", "4", "--unload-every", "5",
+         "--kill-every", "7", "--hostile", "100", "--out", str(out), "--workdir", str(tmp_path / "work")],
         capture_output=True, text=True, timeout=240, env=dict(os.environ))
     assert out.is_file(), proc.stderr[-3000:]
     report = json.loads(out.read_text())
