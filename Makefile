@@ -7,7 +7,7 @@ SAMPLE_DATA ?= ../shared/data/dogs-sample
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install test test-all lint format audit demo bench-train bench-serve clean
+.PHONY: help install test test-all lint format audit demo bench-train bench-serve soak clean
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | sort | \
@@ -42,6 +42,9 @@ bench-train: install ## training throughput benchmark (JSON; --quick on CPU)
 
 bench-serve: install ## serving latency benchmark through real MMS (JSON)
 	$(PYTHON) scripts/bench_serve.py
+
+soak: install ## 11-minute soak of the local endpoint: hostile requests, unloads, worker kills (JSON)
+	$(PYTHON) scripts/soak.py --out build/soak.json
 
 clean: ## remove build outputs (keeps .venv)
 	rm -rf build .pytest_cache .ruff_cache

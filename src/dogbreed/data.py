@@ -102,10 +102,34 @@ def decode_image(data: bytes | torch.Tensor, cache_size: int) -> torch.Tensor:
     raw = data if isinstance(data, torch.Tensor) else torch.frombuffer(bytearray(data), dtype=torch.uint8)
     if raw.numel() == 0:
         raise ValueError("empty image")
+    if raw.numel() >= len(PNG_SIGNATURE) and bytes(raw[:len(PNG_SIGNATURE)].tolist()) == PNG_SIGNATURE:
+        check_png(raw.numpy().tobytes())
     image = torchvision.io.decode_image(
         raw, mode=torchvision.io.ImageReadMode.RGB, apply_exif_orientation=True
     )
     return resize_and_crop(image, cache_size)
+
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def check_png(data: bytes) -> None:
+    """Read a PNG fully with PIL first: ``ValueError`` if it is corrupt.
+
+    libpng under ``torchvision.io.decode_png`` ends the whole process on some corrupt streams
+    instead of raising (an IDAT whose zlib header is wrong: "libpng error: IDAT: incorrect header
+    check", then exit; found by the generated live-server tests of issue 11: it killed a model
+    worker). PIL raises for the same files. Costs one extra decode per PNG; JPEGs are not affected.
+    """
+    import io
+
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            image.load()
+    except Exception as exc:  # noqa: BLE001 - PIL raises many types for a corrupt file
+        raise ValueError(f"corrupt PNG: {type(exc).__name__}: {exc}") from None
 
 
 def resize_and_crop(image: torch.Tensor, cache_size: int) -> torch.Tensor:

@@ -125,13 +125,20 @@ def test_oversized_body_is_413(endpoint: Router, monkeypatch: pytest.MonkeyPatch
     assert invoke(endpoint.url, "resnet/model.tar.gz", body=b"x" * 11)[0] == 413
 
 
-def test_failed_load_is_a_model_error_and_is_not_cached(endpoint: Router,
-                                                        fake_server: FakeModelServer) -> None:
+def test_failed_load_is_a_model_error_remembered_until_the_archive_changes(
+        endpoint: Router, fake_server: FakeModelServer, store: ModelStore) -> None:
+    """(Changed by issue 11: a refused load used to be retried on every request.)"""
     fake_server.fail_load_with = 400
     status, _, body = invoke(endpoint.url, "resnet/model.tar.gz")
     assert status == 424 and body["OriginalStatusCode"] == 400
     assert endpoint.cache.loaded() == []
     fake_server.fail_load_with = None
+    status, _, again = invoke(endpoint.url, "resnet/model.tar.gz")
+    assert (status, again["OriginalMessage"]) == (424, body["OriginalMessage"])
+    assert fake_server.count("load") == 1  # remembered, not loaded again
+    assert "resnet/model.tar.gz" in endpoint.describe()["failed"]
+    archive = store.root / "resnet" / "model.tar.gz"
+    archive.write_bytes(archive.read_bytes() + b"\0" * 1024)  # a new upload (tar ignores the padding)
     assert invoke(endpoint.url, "resnet/model.tar.gz")[0] == 200
 
 

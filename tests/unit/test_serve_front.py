@@ -225,10 +225,12 @@ def test_resolve_refuses(tmp_path: Path, good_model: Path, url: str, error: type
 
 # --- register / unregister -------------------------------------------------------------------------------------
 def test_register_a_dir_forwards_sagemakers_request(setup: dict, good_model: Path) -> None:
-    status, body = register(setup, "m1", str(good_model), handler="evil.module", initial_workers=1)
+    # (Changed by issue 11: MMS's own parameters used to be forwarded, or dropped silently.)
+    assert register(setup, "m1", str(good_model), handler="evil.module", initial_workers=1)[0] == 400
+    status, body = register(setup, "m1", str(good_model))
     assert status == 200, body
     sent = registrations(setup)[-1]
-    assert sent == {"model_name": "m1", "url": str(good_model), "initial_workers": 1}  # no handler
+    assert sent == {"model_name": "m1", "url": str(good_model)}
     probe = setup["mms"].requests[-1]
     assert (probe["method"], probe["path"], probe["headers"][LOAD_STATUS_HEADER]) == ("POST", "/models/m1/invoke", "1")
     assert register(setup, "m1", str(good_model))[0] == 409

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import shutil
 import sys
 from collections.abc import Iterator
@@ -29,10 +30,16 @@ def jpeg() -> bytes:
 @pytest.fixture(autouse=True)
 def fresh_user_module() -> Iterator[None]:
     """Each MMS worker is its own process; here one process plays several: forget user code."""
-    path = list(sys.path)
+    path, pythonpath = list(sys.path), os.environ.get("PYTHONPATH")
     yield
     sys.path[:] = path
     sys.modules.pop("inference", None)
+    # The toolkit's Transformer prepends the model's code dir to $PYTHONPATH: in a real worker
+    # that is its own; here it would leak into every server a later test starts.
+    if pythonpath is None:
+        os.environ.pop("PYTHONPATH", None)
+    else:
+        os.environ["PYTHONPATH"] = pythonpath
 
 
 @pytest.fixture(scope="module")

@@ -141,3 +141,18 @@ def test_a_worker_dies_with_a_killed_zygote(zyg: dict) -> None:
     zyg["proc"].wait(10)
     wait_for(lambda: not alive(pid))
     assert proc.wait(10) != 0  # the shim, MMS's stand-in for the worker, reports it gone
+
+
+def test_a_dead_worker_is_recorded_with_its_model(zyg: dict) -> None:
+    """MMS 1.1 never restarts a forked worker: the front reads this record and reloads the model."""
+    proc = run_shim(zyg, "sleep", "--model-name", "dogs")
+    pid = int(next(line for line in iter(proc.stdout.readline, "") if line.startswith("pid")).split()[1])
+    os.kill(pid, signal.SIGKILL)
+    proc.wait(10)
+    deaths = Path(zyg["run_dir"]) / zygote.DEATHS_FILE
+    wait_for(deaths.exists)
+    import json
+
+    record = json.loads(deaths.read_text().splitlines()[-1])
+    assert (record["model"], record["pid"], record["exit"]) == ("dogs", pid, -signal.SIGKILL)
+    assert 0 < time.time() - record["forked"] < 60

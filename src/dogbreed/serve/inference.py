@@ -73,6 +73,11 @@ IMAGE_FORMATS = frozenset({"JPEG", "PNG"})
 TOP_K_FIELD = "top_k"
 DEFAULT_TOP_K = 5
 DEFAULT_MAX_IMAGE_PIXELS = 40_000_000  # e.g. 8000 x 5000; a 224 px model needs far less
+# Each side, and the long side over the short one. Only the pixel count was capped before: a
+# 668-byte 200000x1 PNG passed, and its short-side resize (to 1 x 292 -> 58 M x 292 pixels) made
+# a worker allocate 4 GB for 15 s (issue 11). Both are read from the header, before any decode.
+MAX_IMAGE_SIDE = 16_384
+MAX_ASPECT_RATIO = 100
 DEFAULT_URL_MAX_BYTES = 10 * 1024**2
 DEFAULT_URL_TIMEOUT = 5.0
 EXPLAIN_ATTRIBUTE = "explain"  # CustomAttributes: explain=gradcam
@@ -95,6 +100,17 @@ class RequestError(BaseInferenceToolkitError):
 
     def to_json(self) -> bytes:
         return error_body(self.status_code, self.error_type, self.message)
+
+
+class NonFiniteOutputError(BaseInferenceToolkitError):
+    """The model computed NaN or infinite probabilities (e.g. weights trained into NaN): a 500
+    JSON error (the router wraps it as a 424 ModelError), never a body with NaN in it."""
+
+    error_type = "NonFiniteOutput"
+
+    def __init__(self, model: str) -> None:
+        super().__init__(500, f"model {model} computed non-finite probabilities (NaN or inf): "
+                              "its weights are likely broken; retrain it", phrase(500))
 
 
 def load_failure(exc: BaseException) -> tuple[int, str, str]:
@@ -292,11 +308,21 @@ def check_image(body: bytes, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> tupl
     if fmt not in IMAGE_FORMATS:
         raise RequestError(415, f"image format {fmt} is not supported; send JPEG or PNG")
     width, height = size
-    if width * height > max_pixels:
-        raise RequestError(413, f"image is {width}x{height} pixels, more than the {max_pixels} allowed")
     if width < 1 or height < 1:
         raise RequestError(400, f"image has no pixels ({width}x{height})")
+    if width * height > max_pixels or max(width, height) > MAX_IMAGE_SIDE:
+        raise RequestError(413, f"image is {width}x{height} pixels, more than the {max_pixels} pixels "
+                                f"or {MAX_IMAGE_SIDE} per side allowed")
+    if max(width, height) > MAX_ASPECT_RATIO * min(width, height):
+        raise RequestError(413, f"image is {width}x{height} pixels: an aspect ratio over "
+                                f"{MAX_ASPECT_RATIO}:1 is not served")
     return fmt, size
+
+
+def resized_pixels(size: tuple[int, int], resize_size: int) -> int:
+    """Pixels the short-side resize to ``resize_size`` allocates (what the aspect ratio bounds)."""
+    short, long = sorted(size)
+    return resize_size * -(-long * resize_size // short)
 
 
 def fetch_image(url: Any, policy: UrlPolicy,
@@ -393,7 +419,16 @@ class Prediction:
 
 
 def preprocess(image: bytes, metadata: artifacts.ModelMetadata, device: torch.device) -> torch.Tensor:
-    """Exactly the evaluation pipeline: decode + resize + centre crop, then crop + normalise."""
+    """Exactly the evaluation pipeline: decode + resize + centre crop, then crop + normalise.
+
+    The header is checked again here (input_fn may be the user's own): the decoded image and
+    its short-side resize must both fit ``max_image_pixels`` before anything is allocated.
+    """
+    limit = settings().max_image_pixels
+    _, size = check_image(image, limit)
+    if resized_pixels(size, metadata.resize_size) > limit:
+        raise RequestError(413, f"image is {size[0]}x{size[1]} pixels: resized to {metadata.resize_size} "
+                                f"on its short side it would be over the {limit} pixels allowed")
     try:
         pixels = data.decode_image(image, metadata.resize_size)
     except (RuntimeError, ValueError) as exc:
@@ -449,6 +484,9 @@ def output_fn(prediction: Prediction, accept: str | None = None) -> tuple[bytes,
         raise RequestError(406, f"cannot answer Accept: {accept}; this server answers {JSON}")
     served = prediction.model
     k = min(prediction.top_k, served.metadata.num_classes)
+    if not bool(torch.isfinite(prediction.probabilities).all()):
+        # A model trained into NaN weights answers NaN: say so, never an invalid JSON "NaN".
+        raise NonFiniteOutputError(served.name)
     values, indices = torch.topk(prediction.probabilities, k)
     class_names = served.metadata.class_names
     predictions = [
@@ -458,7 +496,7 @@ def output_fn(prediction: Prediction, accept: str | None = None) -> tuple[bytes,
     body: dict[str, Any] = {"model": served.name, "arch": served.metadata.arch, "predictions": predictions}
     if prediction.explanations:
         body["explanations"] = list(prediction.explanations)
-    return json.dumps(body).encode(), JSON
+    return json.dumps(body, allow_nan=False).encode(), JSON
 
 
 # --- the toolkit's handler and transformer (see dogbreed.serve.handler) ------------------------------

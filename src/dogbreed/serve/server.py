@@ -60,7 +60,7 @@ from dogbreed.serve.client import LOAD_TIMEOUT, ServeClient
 log = logging.getLogger("dogbreed.serve")
 
 HANDLER_MODULE = "dogbreed.serve.handler"
-SINGLE_MODEL_NAME = "model"  # what sagemaker-inference calls the model of a single-model endpoint
+SINGLE_MODEL_NAME = front.SINGLE_MODEL_NAME
 MMS_SOCKET = "mms.sock"
 MMS_MAIN_CLASS = "com.amazonaws.ml.mms.ModelServer"
 PID_FILE = "dogbreed-serve.pid"
@@ -169,6 +169,7 @@ class ModelServer:
         self.front: front.Front | None = None
         self._log: IO[bytes] | None = None
         self._stopped = False
+        self._watching = threading.Event()  # set to stop the dead-worker watcher
 
     @property
     def url(self) -> str:
@@ -318,11 +319,16 @@ class ModelServer:
                "--python", python, "-f", str(config), "-s", str(self.model_store)]
         if single_model_dir is not None:
             cmd += ["-m", f"{SINGLE_MODEL_NAME}={single_model_dir}"]
+            self.front.registered[SINGLE_MODEL_NAME] = str(single_model_dir)  # reloaded if its worker dies
+            self.front.single_model = True
         log.info("event=start_mms run_dir=%s cmd=%s", self.run_dir, " ".join(cmd))
         self.java = subprocess.Popen(cmd, cwd=self.run_dir, env=env, start_new_session=True, **out)
         (self.run_dir / "mms.pid").write_text(f"{self.java.pid}\n")
         threading.Thread(target=self.front.serve_forever, kwargs={"poll_interval": 0.2},
                          name="dogbreed-front", daemon=True).start()
+        if self.use_zygote:
+            threading.Thread(target=self.front.watch_workers, args=(self.run_dir / zygote.DEATHS_FILE, self._watching),
+                             name="dogbreed-worker-watch", daemon=True).start()
         log.info("event=front_listening url=%s multi_model=%s", self.url, self.multi_model)
 
     def _resolve(self, url: str, name: str, staging: Path) -> tuple[Path, Path | None]:
@@ -374,6 +380,7 @@ class ModelServer:
         if self._stopped:
             return
         self._stopped = True
+        self._watching.set()
         if self.front is not None:
             self.front.shutdown()
             self.front.server_close()

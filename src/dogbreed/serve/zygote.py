@@ -23,10 +23,15 @@ import signal
 import socket
 import struct
 import sys
+import time
 
 SOCKET_NAME = "zygote.sock"
 SHIM_NAME = "python-worker"
 READY_FILE = "zygote.ready"  # beside the socket, once everything is imported
+# Beside the socket: one JSON line {"model", "pid", "exit", "forked"} per worker that died while
+# the zygote runs. MMS 1.1 cannot restart a worker it did not start (it retries the dead
+# worker's socket forever, the model stays READY); the front reads this and reloads the model.
+DEATHS_FILE = "worker-deaths"
 # Imported once in the zygote; every worker inherits them.
 PRELOAD = (
     "torch",
@@ -156,6 +161,8 @@ class Zygote:
         self.preload = preload
         self.warm = warm
         self.children: dict[int, socket.socket] = {}  # worker pid -> its shim's connection
+        self.workers: dict[int, tuple[str, float]] = {}  # worker pid -> (model name, fork time)
+        self.deaths_path = os.path.join(os.path.dirname(socket_path), DEATHS_FILE)
         self.selector = selectors.DefaultSelector()
         self.wakeup_r, self.wakeup_w = socket.socketpair()
         self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -222,6 +229,9 @@ class Zygote:
         for fd in fds:
             os.close(fd)
         self.children[pid] = conn
+        argv = request.get("argv", [])
+        model = next((argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--model-name"), "")
+        self.workers[pid] = (model, time.time())
         try:
             _send_message(conn, {"pid": pid})
         except OSError:
@@ -255,6 +265,7 @@ class Zygote:
             if conn is None:
                 continue
             code = os.waitstatus_to_exitcode(status)
+            self._record_death(pid, code)
             try:
                 self.selector.unregister(conn)
                 conn.setblocking(True)
@@ -263,6 +274,17 @@ class Zygote:
                 pass
             conn.close()
             self._kill_group(pid)  # whatever the worker forked and left behind
+
+    def _record_death(self, pid: int, code: int) -> None:
+        model, forked = self.workers.pop(pid, ("", 0.0))
+        if self.stopping or not model:
+            return
+        line = json.dumps({"model": model, "pid": pid, "exit": code, "forked": forked}) + "\n"
+        try:
+            with open(self.deaths_path, "a", encoding="utf-8") as handle:
+                handle.write(line)
+        except OSError as exc:
+            print(f"zygote: cannot record a worker's death: {exc}", file=sys.stderr, flush=True)
 
     @staticmethod
     def _kill_group(pid: int) -> None:

@@ -1,0 +1,261 @@
+# ruff: noqa: F811 - the fixtures imported from test_serve_front are arguments here
+"""Serving faults found in issue 11, each reproduced without Java (fast): the HTTP front before a
+fake MMS, the router before a fake model server, and the inference functions. The faults that
+need real MMS (a killed worker, the soak) are in ``test_soak.py``."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import http.client
+import json
+import math
+import struct
+import sys
+import threading
+import time
+import zlib
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "unit"))  # the fake MMS and models
+from test_serve_front import FakeHandler, FakeMMS, call, good_model, register, setup  # noqa: E402,F401
+
+from dogbreed.launcher.router import ModelStore, Router  # noqa: E402
+from dogbreed.launcher.testing import FakeModelServer, make_archive  # noqa: E402
+from dogbreed.serve import front, inference  # noqa: E402
+
+
+def png_header(width: int, height: int) -> bytes:
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    def chunk(tag: bytes, payload: bytes) -> bytes:
+        return struct.pack(">I", len(payload)) + tag + payload + struct.pack(">I", zlib.crc32(tag + payload))
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 600))
+            + chunk(b"IEND", b""))
+
+
+# --- fault 1: decode-size limits before any decode or resize ---------------------------------
+@pytest.mark.parametrize("width,height", [(200_000, 1), (1, 200_000), (20_000, 1_000), (3_000, 2), (16_385, 16)])
+def test_extreme_sides_and_aspect_ratios_are_413_from_the_header(width: int, height: int) -> None:
+    body = png_header(width, height)  # ~700 bytes; 200000x1 made a worker allocate 4 GB for 15 s
+    started = time.perf_counter()
+    with pytest.raises(inference.RequestError) as refused:
+        inference.input_fn(body, "image/png", inference.Settings())
+    assert refused.value.status_code == 413 and json.loads(refused.value.to_json())["code"] == 413
+    assert time.perf_counter() - started < 0.5
+
+
+def test_the_short_side_resize_is_bounded_before_decoding(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A user ``input_fn`` may skip the header check: ``predict_fn`` bounds the resize itself."""
+    monkeypatch.setattr(inference, "settings", lambda: inference.Settings(max_image_pixels=100_000))
+    from dogbreed import artifacts, data
+
+    metadata = artifacts.ModelMetadata(arch="resnet18", class_names=["001.A", "002.B"], image_size=224,
+                                       resize_size=256, mean=list(data.IMAGENET_MEAN), std=list(data.IMAGENET_STD))
+    import io
+
+    from PIL import Image
+    buffer = io.BytesIO()
+    Image.new("RGB", (2000, 40)).save(buffer, "PNG")  # 80,000 px decoded, 12.8 M px once resized
+    with pytest.raises(inference.RequestError) as refused:
+        inference.preprocess(buffer.getvalue(), metadata, torch.device("cpu"))
+    assert refused.value.status_code == 413 and "resized" in refused.value.message
+
+
+# --- fault 5: no response carries NaN ---------------------------------------------------------
+def test_non_finite_probabilities_are_a_json_error_never_nan() -> None:
+    from dogbreed import artifacts, data
+
+    metadata = artifacts.ModelMetadata(arch="resnet18", class_names=["001.A", "002.B", "003.C"], image_size=32,
+                                       resize_size=37, mean=list(data.IMAGENET_MEAN), std=list(data.IMAGENET_STD))
+    served = inference.ServedModel("m", torch.nn.Identity(), metadata, torch.device("cpu"), ("A", "B", "C"))
+    for bad in (math.nan, math.inf):
+        prediction = inference.Prediction(served, torch.tensor([0.5, bad, 0.1]), 3)
+        try:
+            body, _ = inference.output_fn(prediction, "application/json")
+        except inference.NonFiniteOutputError as exc:
+            assert exc.status_code == 500 and "non-finite" in exc.message
+        else:
+            json.loads(body, parse_constant=lambda c: pytest.fail(f"answered {c} (invalid JSON)"))
+            pytest.fail(f"answered {body!r}")
+
+
+# --- fault 4: MMS management beyond the container contract is refused ------------------------------
+def test_worker_scaling_and_caller_chosen_batching_are_refused(setup: dict, good_model: Path) -> None:
+    status, body = register(setup, "m1", str(good_model), initial_workers=4)
+    assert status == 400 and "model_name and url only" in body["message"]
+    for extra in ({"batch_size": 8}, {"max_batch_delay": 5000}, {"handler": "evil"}, {"synchronous": "false"}):
+        assert register(setup, "m1", str(good_model), **extra)[0] == 400
+    assert call(setup, "POST", f"/models?model_name=q1&url={good_model}&max_batch_delay=5000")[0] == 400
+    assert register(setup, "m1", str(good_model))[0] == 200
+    for method, path in (("PUT", "/models/m1?min_worker=4"), ("PUT", "/models/m1"), ("POST", "/models/m1"),
+                         ("DELETE", "/models"), ("GET", "/api-description"), ("OPTIONS", "/models"),
+                         ("POST", "/predictions/m1"), ("PATCH", "/ping")):
+        status, headers, raw = call(setup, method, path, b"{}")
+        assert 400 <= status < 500 and json.loads(raw)["code"] == status, (method, path, status)
+    sent = [(r["method"], r["path"]) for r in setup["mms"].requests]
+    assert not any(m == "PUT" or "min_worker" in p or "predictions" in p for m, p in sent)
+    assert all("initial_workers" not in json.loads(r["body"] or b"{}") for r in setup["mms"].requests
+               if r["path"] == "/models")
+
+
+# --- fault 8: names, long paths, nested JSON ----------------------------------------------------
+@pytest.mark.parametrize("name", [".", "..", "-rf", "a/b", "", "x" * 129, ".hidden"])
+def test_bad_model_names_are_refused_before_mms(setup: dict, good_model: Path, name: str) -> None:
+    status, body = register(setup, name, str(good_model))
+    assert status == 400 and body["code"] == 400
+    assert not any(r["path"] == "/models" and r["method"] == "POST" for r in setup["mms"].requests)
+
+
+@pytest.mark.parametrize("name", ["..", "-rf", "."])
+def test_bad_model_names_in_paths_are_400(setup: dict, name: str) -> None:
+    for method, suffix in (("GET", ""), ("DELETE", ""), ("POST", "/invoke")):
+        status, _, raw = call(setup, method, f"/models/{name}{suffix}", b"x")
+        assert status in (400, 404) and json.loads(raw)["code"] == status
+
+
+@pytest.mark.parametrize("length", [9_000, 60_000, 70_000])
+def test_a_long_path_is_a_414_json_not_a_dropped_connection(setup: dict, length: int) -> None:
+    status, headers, raw = call(setup, "GET", "/models/" + "a" * length)
+    assert status == 414 and json.loads(raw)["code"] == 414 and headers["content-type"] == "application/json"
+
+
+def test_deeply_nested_json_is_400(setup: dict) -> None:
+    status, _, raw = call(setup, "POST", "/models", b"[" * 40_000 + b"]" * 40_000,
+                          {"Content-Type": "application/json"})
+    assert status == 400 and json.loads(raw)["code"] == 400
+    with pytest.raises(inference.RequestError) as refused:
+        inference.input_fn(b'{"image":' + b"[" * 50_000 + b"]" * 50_000 + b"}", "application/json",
+                           inference.Settings())
+    assert refused.value.status_code == 400
+
+
+# --- fault 2: an unload never strands a request ---------------------------------------------------
+class StuckHandler(FakeHandler):
+    """Invokes wait in the 'queue' (MMS 1.1 left them there when the model was unloaded)."""
+
+    def do_POST(self) -> None:
+        if self.path.endswith("/invoke") and not self.headers.get("X-Dogbreed-Load-Status"):
+            self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            self.server.queued += 1
+            self.server.release.wait(60)
+            return self._reply(200, {"predictions": []})
+        return self.do_ANY()
+
+
+def test_unload_answers_every_queued_request_promptly(setup: dict, good_model: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(front, "DRAIN_SECONDS", 1.0)
+    mms = setup["mms"]
+    mms.RequestHandlerClass = StuckHandler
+    mms.queued, mms.release = 0, threading.Event()
+    assert register(setup, "m1", str(good_model))[0] == 200
+
+    def invoke(_: int) -> tuple[int, str | None, float]:
+        started = time.monotonic()
+        conn = http.client.HTTPConnection("127.0.0.1", setup["port"], timeout=15)
+        try:
+            conn.request("POST", "/models/m1/invoke", b"jpeg", {"Content-Type": "image/jpeg"})
+            reply = conn.getresponse()
+            json.loads(reply.read())
+            return reply.status, reply.getheader("Retry-After"), time.monotonic() - started
+        except (OSError, http.client.HTTPException) as exc:
+            return -1, type(exc).__name__, time.monotonic() - started
+        finally:
+            conn.close()
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        clients = [pool.submit(invoke, i) for i in range(8)]
+        deadline = time.monotonic() + 5
+        while mms.queued < 8 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        started = time.monotonic()
+        status, _, _ = call(setup, "DELETE", "/models/m1")
+        unload_seconds = time.monotonic() - started
+        results = [c.result() for c in clients]
+    mms.release.set()
+    assert status == 200 and unload_seconds < 5
+    assert all(s == 503 and retry for s, retry, _ in results), results
+    assert max(t for *_, t in results) < 6
+
+
+# --- fault 7: a broken model in the local store --------------------------------------------------
+def test_a_failed_load_is_shared_by_concurrent_callers_and_remembered(tmp_path: Path) -> None:
+    store = ModelStore(tmp_path / "store")
+    store.add("broken", make_archive(tmp_path / "archives", "broken"))
+    with FakeModelServer() as server, Router(store.root, server.url, tmp_path / "work") as router:
+        server.fail_load_with = 400
+        body = b"jpeg"
+        headers = {"Content-Type": "image/jpeg", "X-Amzn-SageMaker-Target-Model": "broken/model.tar.gz"}
+
+        def invoke(_: int) -> int:
+            conn = http.client.HTTPConnection(*router.url.removeprefix("http://").split(":"), timeout=10)
+            conn.request("POST", "/invocations", body, headers)
+            status = conn.getresponse().status
+            conn.close()
+            return status
+
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            statuses = list(pool.map(invoke, range(4)))
+        assert statuses == [424] * 4 and invoke(0) == 424
+        assert server.count("load") == 1
+        assert "broken/model.tar.gz" in router.describe()["failed"]
+
+
+def test_the_socket_is_reachable_only_where_bound(setup: dict) -> None:
+    """The front listens where it is told (127.0.0.1 here); MMS only on a unix socket."""
+    assert setup["front"].server_address[0] == "127.0.0.1"
+    assert setup["front"].mms.unix_path.endswith("mms.sock")
+
+
+# --- fault 3: a dead worker is noticed and its model reloaded ----------------------------------------
+def test_a_recorded_worker_death_reloads_the_model(setup: dict, good_model: Path, tmp_path: Path) -> None:
+    assert register(setup, "m1", str(good_model))[0] == 200
+    deaths, stop = tmp_path / "worker-deaths", threading.Event()
+    watcher = threading.Thread(target=setup["front"].watch_workers, args=(deaths, stop, 0.05), daemon=True)
+    watcher.start()
+    try:
+        before = len(setup["mms"].requests)
+        stale = time.time() - 60  # a worker forked before the registration: an unload's, ignored
+        deaths.write_text(json.dumps({"model": "m1", "pid": 1, "exit": -9, "forked": stale}) + "\n")
+        time.sleep(0.3)
+        assert len(setup["mms"].requests) == before and setup["front"].recoveries == 0
+        with deaths.open("a") as handle:
+            handle.write(json.dumps({"model": "m1", "pid": 2, "exit": -9, "forked": time.time()}) + "\n")
+        deadline = time.monotonic() + 5
+        while setup["front"].recoveries == 0 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert setup["front"].recoveries == 1
+        sent = [(r["method"], r["path"]) for r in setup["mms"].requests[before:]]
+        assert sent[:2] == [("DELETE", "/models/m1"), ("POST", "/models")]
+        assert "m1" in setup["mms"].models and not setup["front"].paused
+        with deaths.open("a") as handle:  # another model's, or one never registered: ignored
+            handle.write(json.dumps({"model": "other", "pid": 3, "exit": -9, "forked": time.time()}) + "\n")
+        time.sleep(0.3)
+        assert setup["front"].recoveries == 1
+    finally:
+        stop.set()
+        watcher.join(5)
+
+
+def test_a_paused_model_answers_503_with_retry_after(setup: dict, good_model: Path) -> None:
+    assert register(setup, "m1", str(good_model))[0] == 200
+    setup["front"].paused["m1"] = "RECOVERING"
+    status, headers, raw = call(setup, "POST", "/models/m1/invoke", b"x", {"Content-Type": "image/jpeg"})
+    assert status == 503 and headers["retry-after"] and "recovering" in json.loads(raw)["message"]
+    status, _, raw = call(setup, "GET", "/models/m1")
+    assert status == 200 and "RECOVERING" in raw.decode()
+
+
+# --- found by test_live_hostile.py: a corrupt PNG ended the worker process -------------------------
+def test_a_png_with_a_corrupt_zlib_header_is_refused_not_fatal() -> None:
+    """libpng (torchvision.io.decode_png) exits the process on this file; a subprocess shows it."""
+    import subprocess
+
+    script = ("import io, sys\nfrom PIL import Image\nfrom dogbreed import data\n"
+              "b = io.BytesIO(); Image.new('RGB', (16, 16)).save(b, 'PNG'); png = bytearray(b.getvalue())\n"
+              "png[png.find(b'IDAT') + 4] ^= 0x55\n"
+              "try:\n    data.decode_image(bytes(png), 37)\nexcept ValueError as exc:\n    print('refused', exc)\n")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.startswith("refused corrupt PNG"), (proc.returncode, proc.stderr)
