@@ -33,11 +33,13 @@ NO_ISSUES = "NoIssuesFound"
 ERROR = "Error"
 NOT_APPLICABLE = "NotApplicable"
 
-# AWS's documented defaults (SageMaker Developer Guide, "List of Debugger built-in rules").
+# AWS's documented defaults (SageMaker Developer Guide, "List of Debugger built-in rules",
+# debugger-built-in-rules.md; LossNotDecreasing's diff_percent/increase_threshold_percent as the
+# current page lists them).
 AWS_DEFAULTS: dict[str, dict[str, Any]] = {
     "VanishingGradient": {"threshold": 0.0000001},
     "Overfit": {"start_step": 0, "patience": 1, "ratio_threshold": 0.1},
-    "Overtraining": {"patience_train": 5, "patience_validation": 10, "delta": 0.01},
+    "Overtraining": {"patience_train": 5, "patience_validation": 10, "delta": 0.1},
     "PoorWeightInitialization": {"activation_inputs_regex": ".*relu_input", "threshold": 10.0,
                                  "distribution_range": 0.001, "patience": 5, "steps": 10},
     "LossNotDecreasing": {"num_steps": 10, "diff_percent": 0.1,
