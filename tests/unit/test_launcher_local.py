@@ -99,7 +99,7 @@ def test_failed_training_reports_the_failure_file(backend: LocalBackend, sample_
 def test_local_tune_prunes_and_saves_the_best(backend: LocalBackend, sample_data: Path,
                                               tmp_path: Path) -> None:
     result = backend.tune(name="study", data=sample_data, static_hyperparameters={"image-size": "64"},
-                          trials=8, epochs_max=3, seed=1)
+                          trials=8, epochs_max=3, seed=1, space="seeds", pruner="median")
     assert result["counts"]["COMPLETE"] + result["counts"]["PRUNED"] == 8
     assert result["counts"]["PRUNED"] >= 1
     for trial in result["trials"]:

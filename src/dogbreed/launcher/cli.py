@@ -151,6 +151,12 @@ def _require_data(args: argparse.Namespace) -> Path:
     return args.data
 
 
+def _local_only(args: argparse.Namespace, *flags: str) -> None:
+    given = [f for f in flags if getattr(args, f.lstrip("-").replace("-", "_"), None)]
+    if given:
+        raise CliError(f"{', '.join(given)}: local only (add --local)")
+
+
 def _sagemaker_only(args: argparse.Namespace, backend: str, *flags: str) -> None:
     given = [f for f in flags if getattr(args, f.lstrip("-").replace("-", "_"), None)]
     if backend == "local" and given:
@@ -174,21 +180,38 @@ def cmd_upload_data(args: argparse.Namespace, settings: settings_mod.Settings, b
 def tune_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", type=Path, help="local: the train/valid/test folder")
     p.add_argument("--data-uri", help="SageMaker: S3 prefix of the data (default <prefix>/data)")
-    p.add_argument("--trials", "--max-jobs", dest="trials", type=int, default=6,
-                   help="number of trials / training jobs (default 6)")
+    p.add_argument("--trials", "--max-jobs", dest="trials", type=int,
+                   help="number of trials / training jobs (default 6; local with --time-budget: "
+                        "as many as fit)")
+    p.add_argument("--time-budget", metavar="DURATION",
+                   help="wall clock for the whole study: 90s, 5m, 1.5h (local: no trial starts "
+                        "after it and a running one is stopped; SageMaker: the tuning job's "
+                        "MaxRuntimeInSeconds)")
+    p.add_argument("--space", choices=("full", "seeds"), default="full",
+                   help="full: lr, batch-size, epochs + the training-recipe knobs (default); "
+                        "seeds: lr, batch-size, epochs only")
     p.add_argument("--max-parallel", type=int, default=2, help="SageMaker: parallel jobs (default 2)")
     p.add_argument("--strategy", default="Bayesian", choices=("Bayesian", "Random", "Hyperband"))
     p.add_argument("--epochs-max", type=int, help="cap the epochs range (e.g. 3 → 2..3)")
     p.add_argument("--no-early-stopping", dest="early_stopping", action="store_false",
                    help="SageMaker: TrainingJobEarlyStoppingType Off")
     p.add_argument("--seed", type=int, default=0, help="sampler seed (default 0)")
+    p.add_argument("--pruner", choices=("hyperband", "median", "none"), default="hyperband",
+                   help="local: hyperband (default; epochs is the resource: every trial is set "
+                        "up for --epochs-max epochs, the weaker ones stop at 1, 3, 9), median "
+                        "(epochs searched, median pruning) or none")
+    p.add_argument("--storage", metavar="URL",
+                   help="local: Optuna RDB storage (any SQLAlchemy URL, e.g. postgresql://u:p@host/db "
+                        "for several workers on one study; default sqlite:///<workdir>/tuning/optuna.db)")
+    p.add_argument("--resume", metavar="NAME",
+                   help="local: continue study NAME (its finished trials count; same settings)")
     p.add_argument("--prune-startup-trials", type=int, default=2,
-                   help="local: trials that complete before pruning starts (default 2)")
+                   help="local --pruner median: trials that complete before pruning starts (default 2)")
     p.add_argument("--in-process", action="store_true",
                    help="local: run trials back to back in this process, sharing one decoded "
                         "image cache (fast on a GPU); default: one process per trial")
     p.add_argument("--prune-warmup-epochs", type=int, default=0,
-                   help="local: epochs before a trial may be pruned (default 0)")
+                   help="local --pruner median: epochs before a trial may be pruned (default 0)")
     p.add_argument("--name", help="tuning job / study name (default dogbreed-tune-<time>)")
     p.add_argument("--output", type=Path, help="where to save the result JSON")
     p.add_argument("--spot", action="store_true", help="SageMaker: managed spot training "
@@ -215,18 +238,29 @@ def tune_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_tune(args: argparse.Namespace, settings: settings_mod.Settings, backend: str) -> Any:
+    from dogbreed.launcher.local_tuning import parse_duration
     from dogbreed.launcher.sagemaker_backend import job_name
 
-    name = args.name or job_name("tune", limit=32)
+    if args.resume and args.name and args.resume != args.name:
+        raise CliError("--resume NAME names the study: drop --name or give the same name")
+    name = args.resume or args.name or job_name("tune", limit=32)
     static = _hyperparameters(args)
+    budget = parse_duration(args.time_budget) if args.time_budget else None
     if backend == "sagemaker":
+        _local_only(args, "--storage", "--resume")
+        if budget is not None and args.max_tuning_runtime:
+            raise CliError("--time-budget and --max-tuning-runtime both set the tuning job's "
+                           "MaxRuntimeInSeconds: give one")
+        trials = args.trials or 6
         sm = _sagemaker(settings, args)
         parents = [p.strip() for p in (args.warm_start_from or "").split(",") if p.strip()]
         result = sm.tune(name=name, static_hyperparameters=static, strategy=args.strategy,
-                         max_jobs=args.trials, max_parallel=min(args.max_parallel, args.trials),
+                         max_jobs=trials, max_parallel=min(args.max_parallel, trials),
                          early_stopping=args.early_stopping, epochs_max=args.epochs_max,
                          spot=args.spot, max_wait=args.max_wait, max_runtime=args.max_runtime,
-                         max_tuning_runtime=args.max_tuning_runtime, checkpoints=args.checkpoints,
+                         max_tuning_runtime=args.max_tuning_runtime or (
+                             int(budget) if budget is not None else None),
+                         space=args.space, checkpoints=args.checkpoints,
                          warm_start_from=parents, warm_start_type=args.warm_start_type,
                          data_uri=args.data_uri, instance_type=args.instance_type,
                          instance_count=args.instance_count, random_seed=args.seed, wait=args.wait,
@@ -246,12 +280,17 @@ def cmd_tune(args: argparse.Namespace, settings: settings_mod.Settings, backend:
     local = _local(settings, args)
     static = default_weights(static, explicit="weights" in static)
     options = dict(name=name, static_hyperparameters=static, trials=args.trials,
-                   epochs_max=args.epochs_max, seed=args.seed,
-                   prune_startup_trials=args.prune_startup_trials,
+                   time_budget=budget, space=args.space, pruner=args.pruner,
+                   epochs_max=args.epochs_max, seed=args.seed, storage=args.storage,
+                   resume=bool(args.resume), prune_startup_trials=args.prune_startup_trials,
                    prune_warmup_epochs=args.prune_warmup_epochs, in_process=args.in_process)
     if args.dry_run:
         return local.plan_tune(data=args.data, **options)
-    return local.tune(data=_require_data(args), output=args.output, **options)
+    result = local.tune(data=_require_data(args), output=args.output, **options)
+    if result.get("interrupted"):
+        _emit(result)  # the best so far, then the exit status of the signal
+        raise KeyboardInterrupt(result["interrupted"])
+    return result
 
 
 def train_arguments(p: argparse.ArgumentParser) -> None:
@@ -480,9 +519,12 @@ SUBCOMMANDS: list[Subcommand] = [
     Subcommand("upload-data", "upload a train/valid/test folder to S3", cmd_upload_data,
                upload_data_arguments),
     Subcommand("tune", "hyperparameter tuning (SageMaker HPO or Optuna)", cmd_tune, tune_arguments,
-               "Tune lr, batch-size and epochs (the one search space) for valid_accuracy. "
-               "SageMaker: a tuning job (trials checkpoint; --warm-start-from earlier jobs); "
-               "--local: Optuna TPE trials with median pruning on the per-epoch metric lines."),
+               "Tune lr, batch-size, epochs and (--space full) the training-recipe knobs for "
+               "valid_accuracy: one search space for both backends. SageMaker: a tuning job "
+               "(trials checkpoint; --warm-start-from earlier jobs). --local: Optuna TPE trials "
+               "with Hyperband pruning on the per-epoch metric lines, within --trials or a "
+               "--time-budget; the study lives in --storage (SQLite under the workdir by default; "
+               "PostgreSQL for several workers) and --resume NAME continues it."),
     Subcommand("train", "one training job with the debugger", cmd_train, train_arguments,
                "Train once: hyperparameters from flags or a tuning job's best trial. SageMaker "
                "jobs get the seeds' debugger rules, profiler, checkpoints and optional managed "
@@ -564,9 +606,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         events.event("error", 40, command=args.command, error=f"{type(exc).__name__}: {exc}")
         print(f"dogbreed {args.command}: {exc}", file=sys.stderr)
         return EXIT_ERROR
-    except KeyboardInterrupt:
-        events.event("interrupted", command=args.command)
-        return 130
+    except KeyboardInterrupt as exc:
+        events.event("interrupted", command=args.command, signal=str(exc) or "SIGINT")
+        return 143 if str(exc) == "SIGTERM" else 130
     if result is not None:
         _emit(result)
     return 0

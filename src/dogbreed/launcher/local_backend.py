@@ -5,8 +5,8 @@ One object per concern, composed here:
 * runs (:mod:`~dogbreed.launcher.local_runs`): ``python -m dogbreed.train`` (or the train image
   in docker) against a fresh ``/opt/ml`` layout, as a SageMaker job or HPO trial would;
   ``model/`` is packed into ``output/model.tar.gz`` as SageMaker does.
-* tuning (:mod:`~dogbreed.launcher.local_tuning`): an Optuna study (TPE + median pruning on the
-  per-epoch metric lines).
+* tuning (:mod:`~dogbreed.launcher.local_tuning`): an Optuna study (TPE + Hyperband pruning on
+  the per-epoch metric lines) in RDB storage, within a trial count or a wall-clock budget.
 * endpoint (:mod:`~dogbreed.launcher.local_endpoint`): the router in front of a multi-model
   ``dogbreed-serve`` (MMS) over a model store folder of ``<name>/model.tar.gz``.
 
@@ -15,6 +15,7 @@ would use. Work dir layout (``--workdir``, default ``.dogbreed``)::
 
     jobs/<job>/            one /opt/ml per training job (model/, output/, train.log)
     tuning/<study>/        one /opt/ml per trial;  tuning/<study>.json  the result
+    tuning/optuna.db       the studies (Optuna RDB storage, unless --storage URL)
     models/<name>/model.tar.gz                     the local endpoint's model store
     endpoint/              state.json, router + MMS run dirs, endpoint.log
 """
@@ -136,7 +137,7 @@ class LocalBackend:
              output: Path | None = None, device: Any = None, **options: Any) -> dict[str, Any]:
         """Optuna study over the search space (see :class:`LocalTuning`); the result JSON goes
         to ``<workdir>/tuning/<name>.json`` (where ``train --from-tuning-job`` finds it) and to
-        ``output``."""
+        ``output`` — also when interrupted (``result["interrupted"]``: the best so far)."""
         tuning = self.tuning(name=name, static_hyperparameters=static_hyperparameters, **options)
         result = tuning.run(data, progress=self.progress, device=device)
         path = self.workdir / "tuning" / f"{name}.json"
@@ -146,10 +147,14 @@ class LocalBackend:
                 target.write_text(json.dumps(result, indent=2) + "\n")
         path = output or path
         result["result_file"] = str(path)
-        events.event("tuning_completed", study=name, best_trial=result["best_trial"],
-                     best_objective=result["best_objective"], complete=result["counts"]["COMPLETE"],
-                     pruned=result["counts"]["PRUNED"], failed=result["counts"]["FAIL"],
-                     seconds=result["seconds"], result=path)
+        events.event("tuning_interrupted" if result.get("interrupted") else "tuning_completed",
+                     study=name, best_trial=result.get("best_trial"),
+                     best_objective=result.get("best_objective"),
+                     complete=result["counts"]["COMPLETE"], pruned=result["counts"]["PRUNED"],
+                     failed=result["counts"]["FAIL"], seconds=result["seconds"], result=path,
+                     best_model_data=result.get("best_model_data"))
+        if result.get("best_model_data"):
+            result["next"] = f"dogbreed add-model NAME --local --file {result['best_model_data']}"
         return result
 
     def best_hyperparameters(self, tuning_job: str) -> dict[str, str]:
@@ -158,7 +163,10 @@ class LocalBackend:
             path = self.workdir / "tuning" / f"{tuning_job}.json"
         if not path.is_file():
             raise SettingsError(f"no local tuning result {tuning_job!r} (looked for {path})")
-        return dict(json.loads(path.read_text())["best_hyperparameters"])
+        best = json.loads(path.read_text()).get("best_hyperparameters")
+        if best is None:
+            raise SettingsError(f"tuning result {path} has no completed trial yet")
+        return dict(best)
 
     # -- model store
     def plan_add_model(self, name: str, *, training_job: str | None = None,
@@ -241,11 +249,14 @@ class LocalBackend:
                 "training_jobs": jobs, "tuning_jobs": tunings}
 
 
-def tune_in_process(data: Path, workdir: Path, *, trials: int, device: Any = None,
+def tune_in_process(data: Path, workdir: Path, *, trials: int | None = None, device: Any = None,
                     base_hyperparameters: Mapping[str, str] | None = None,
-                    epochs_max: int | None = None) -> dict[str, Any]:
-    """A local study with every trial in this process sharing one decode (for benchmarks)."""
+                    epochs_max: int | None = None, name: str = "bench-tune",
+                    **options: Any) -> dict[str, Any]:
+    """``dogbreed tune --local --in-process`` as a function (benchmarks): every trial in this
+    process sharing one decode; ``options`` are :class:`LocalTuning`'s (``time_budget``,
+    ``space``, ``pruner``, ``seed``, ``storage``, ``resume``)."""
     backend = LocalBackend(Settings(workdir=str(workdir)))
-    return backend.tune(name="bench-tune", data=data, trials=trials, epochs_max=epochs_max,
+    return backend.tune(name=name, data=data, trials=trials, epochs_max=epochs_max,
                         static_hyperparameters=dict(base_hyperparameters or {}),
-                        in_process=True, device=device)
+                        in_process=True, device=device, **options)

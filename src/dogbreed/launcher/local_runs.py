@@ -73,6 +73,7 @@ class RunResult:
     final: dict[str, float]
     pruned: bool = False
     seconds: float = 0.0
+    stopped: bool = False  # stop() ended it early (e.g. a tuning budget ran out)
 
     @property
     def paths(self) -> contract.Paths:
@@ -113,6 +114,7 @@ class TrainingRun:
         self.debugger = debugger
         self.process: subprocess.Popen[str] | None = None
         self._kill_timer: threading.Timer | None = None
+        self._stopped = False
         self.container = f"dogbreed-{self.base.name}-{os.getpid()}"
 
     @staticmethod
@@ -195,7 +197,13 @@ class TrainingRun:
                     self._kill_timer.cancel()
         if not self.keep_checkpoints:
             shutil.rmtree(paths.checkpoints_dir, ignore_errors=True)
-        return RunResult(returncode, paths.base, epochs, final, pruned, time.monotonic() - started)
+        return RunResult(returncode, paths.base, epochs, final, pruned, time.monotonic() - started,
+                         stopped=self._stopped)
+
+    def stop(self) -> None:
+        """End the run early from another thread (SIGTERM: it stops after the current batch)."""
+        self._stopped = True
+        self.terminate()
 
     def terminate(self) -> None:
         """SIGTERM, as SageMaker stops a job; the entry point stops after the current batch."""
@@ -222,6 +230,12 @@ class _Pruned(Exception):
     """Raised from the per-epoch callback to end a pruned in-process trial."""
 
 
+class _StopRequest:
+    """What ``dogbreed.train.run`` polls between batches (a ``train.StopFlag`` without signals)."""
+
+    requested = False
+
+
 class InProcessRun:
     """One trial through ``dogbreed.train.run`` in this process, same interface as TrainingRun.
 
@@ -241,6 +255,11 @@ class InProcessRun:
         self.device = device
         self.on_epoch = on_epoch
         self.keep_checkpoints = keep_checkpoints
+        self._stop = _StopRequest()
+
+    def stop(self) -> None:
+        """End the run after the current batch (callable from another thread)."""
+        self._stop.requested = True
 
     def run(self) -> RunResult:
         from dogbreed import train  # in-process trials train here: torch is needed anyway
@@ -265,14 +284,19 @@ class InProcessRun:
                 contextlib.redirect_stdout(log_file):
             try:
                 hp = contract.parse_hyperparameters(self.hyperparameters)
-                outcome = train.run(hp, paths, on_epoch=on_epoch, device=self.device, cache=self.cache)
+                outcome = train.run(hp, paths, self._stop, on_epoch=on_epoch,  # type: ignore[arg-type]
+                                    device=self.device, cache=self.cache)
                 final.update({k: v for k, v in outcome.metrics.items()
                               if k in METRIC_NAMES and isinstance(v, float)})
             except _Pruned:
                 pruned = True
+            except train.Interrupted:
+                contract.write_failure("stopped before the end (stop requested)", paths)
+                returncode = train.EXIT_SIGTERM
             except Exception as exc:  # noqa: BLE001 - a failed trial is recorded, the study goes on
                 contract.write_failure(f"{type(exc).__name__}: {exc}", paths)
                 returncode = train.EXIT_FAILURE
         if not self.keep_checkpoints:
             shutil.rmtree(paths.checkpoints_dir, ignore_errors=True)
-        return RunResult(returncode, paths.base, epochs, final, pruned, time.monotonic() - started)
+        return RunResult(returncode, paths.base, epochs, final, pruned, time.monotonic() - started,
+                         stopped=self._stop.requested)

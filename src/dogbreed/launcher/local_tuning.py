@@ -1,19 +1,40 @@
-"""Local tuning: an Optuna study over :data:`search_space.SEARCH_SPACE`, trials run as local jobs.
+"""Local tuning: an Optuna study over a :mod:`search_space`, trials run as local jobs.
 
-TPE samples the space; a median pruner stops a trial whose per-epoch ``valid_accuracy`` (read
-from its metric lines with the SageMaker ``MetricDefinitions`` regexes) trails the others'. Each
-trial is a :class:`~dogbreed.launcher.local_runs.TrainingRun` (its own process, as a SageMaker
-HPO trial is) or, ``in_process``, an :class:`~dogbreed.launcher.local_runs.InProcessRun`
-sharing one decoded image cache. :meth:`LocalTuning.plan` renders the study it would run (for
-``--dry-run``) from the very sampler and pruner objects :meth:`LocalTuning.run` uses.
+* **Space**: ``full`` (the seeds' lr / batch-size / epochs plus the training-recipe knobs) or
+  ``seeds`` — the very ranges the SageMaker tuning request carries.
+* **Multi-fidelity**: with the default ``hyperband`` pruner, epochs is the resource (as in
+  SageMaker's Hyperband strategy): every trial is set up for ``epochs-max`` epochs and Optuna's
+  :class:`~optuna.pruners.HyperbandPruner` stops the weaker ones at its rungs (epochs 1, 3, 9 for
+  η=3), so a budget buys several times more configurations than full runs would. ``median``
+  keeps epochs in the space and prunes on the median, ``none`` never prunes.
+* **Durable**: the study lives in Optuna's RDB storage — SQLite in ``<workdir>/tuning/optuna.db``
+  by default, any SQLAlchemy URL (PostgreSQL: several processes or machines share one study)
+  with ``storage`` — and every trial is written as it finishes, with its per-epoch curve
+  (intermediate values, and the ``curve`` user attribute). Ctrl-C or SIGTERM fails the running
+  trial and writes the result so far; a kill loses only the running trial (the storage's
+  heartbeat fails it later); ``resume`` continues a study.
+* **Budget**: ``time_budget`` seconds of wall clock: no trial starts after it, and a running one
+  is stopped at it (after the current batch) and recorded as pruned, its curve kept.
+
+Each trial is a :class:`~dogbreed.launcher.local_runs.TrainingRun` (its own process, as a
+SageMaker HPO trial is) or, ``in_process``, an :class:`~dogbreed.launcher.local_runs.InProcessRun`
+sharing one decoded image cache. :meth:`LocalTuning.plan` renders the study (``--dry-run``) from
+the very sampler and pruner objects :meth:`LocalTuning.run` uses.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import re
 import shutil
+import signal
+import socket
+import threading
 import time
-from collections.abc import Mapping, Sequence
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +49,33 @@ from dogbreed.metrics import OBJECTIVE_METRIC
 # dogbreed.train uses to pick its best epoch — folded into one number below the accuracy step.
 TIE_BREAK = 1e-4
 LOSS_METRIC = "valid_loss"
-STATES = ("COMPLETE", "PRUNED", "FAIL")
+STATES = ("COMPLETE", "PRUNED", "FAIL", "RUNNING")
+PRUNERS = ("hyperband", "median", "none")
+DEFAULT_SPACE = "full"
+STORAGE_FILE = "optuna.db"
+# Hyperband's halving rate: rungs at 1, 3, 9 epochs; a third of a rung's trials go on.
+REDUCTION_FACTOR = 3
+# A process that dies without a word (SIGKILL, power loss) leaves its trial RUNNING; with a
+# heartbeat every HEARTBEAT_SECONDS the next process to start a trial fails it after GRACE_SECONDS.
+HEARTBEAT_SECONDS = 30
+GRACE_SECONDS = 120
+TRIAL_ATTRS = ("curve", "dir", "host", "valid_accuracy", "test_accuracy", "stopped", "failure",
+               "model_data", "seconds")
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d*)?)\s*([smh]?)\s*$", re.IGNORECASE)
+
+
+def parse_duration(text: str) -> float:
+    """``"300"``/``"300s"``, ``"5m"``, ``"1.5h"`` → seconds."""
+    match = _DURATION.match(str(text))
+    if not match or float(match.group(1)) <= 0:
+        raise ValueError(f"time budget {text!r}: expected a positive number of seconds, or with "
+                         "a unit: 90s, 5m, 1.5h")
+    return float(match.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600}[match.group(2).lower()]
+
+
+def default_storage(root: Path) -> str:
+    """SQLite beside the studies' trial folders: ``<workdir>/tuning/optuna.db``."""
+    return f"sqlite:///{Path(root).resolve().parent / STORAGE_FILE}"
 
 
 def tuning_score(metrics: Mapping[str, float]) -> float | None:
@@ -47,99 +94,217 @@ def _options(obj: Any, names: Sequence[str]) -> dict[str, Any]:
     return {n: getattr(obj, "_" + n) for n in names if hasattr(obj, "_" + n)}
 
 
+class TrialFailed(Exception):
+    """A trial's training failed (recorded as FAIL; the study goes on)."""
+
+
 class LocalTuning:
-    """One study: the space, the static hyperparameters, the sampler and the pruner."""
+    """One study: the space, the static hyperparameters, the sampler, the pruner and the storage."""
 
     def __init__(self, *, name: str, root: Path, static_hyperparameters: Mapping[str, str],
-                 trials: int = 6, epochs_max: int | None = None, seed: int | None = 0,
+                 trials: int | None = 6, time_budget: float | None = None,
+                 space: str = DEFAULT_SPACE, pruner: str = "hyperband",
+                 epochs_max: int | None = None, seed: int | None = 0,
                  prune_startup_trials: int = 2, prune_warmup_epochs: int = 0,
+                 storage: str | None = None, resume: bool = False,
                  in_process: bool = False, docker_image: str | None = None,
                  train_command: Sequence[str] | None = None) -> None:
         import optuna
 
         if in_process and docker_image:
             raise SettingsError("--in-process and --docker exclude each other")
-        self.space = search_space.with_epochs_max(search_space.SEARCH_SPACE, epochs_max)
-        search_space.validate(self.space)
+        if pruner not in PRUNERS:
+            raise SettingsError(f"pruner {pruner!r}: choose one of {', '.join(PRUNERS)}")
+        if trials is not None and trials < 1:
+            raise SettingsError("--trials must be at least 1")
+        if time_budget is not None and time_budget <= 0:
+            raise SettingsError("--time-budget must be positive")
+        full = search_space.with_epochs_max(search_space.named(space), epochs_max)
+        search_space.validate(full)
         self.static = dict(static_hyperparameters)
-        overlap = sorted(set(self.static) & {p.name for p in self.space})
+        overlap = sorted(set(self.static) & {p.name for p in full})
         if overlap:
             raise SettingsError(f"hyperparameter(s) {', '.join(overlap)} are tuned; do not also fix them")
+        self.space_name, self.pruner_name = space, pruner
+        if pruner == "hyperband":
+            # Epochs is the resource, not a searched value: each trial is set up for the most
+            # epochs (the cosine schedule spans them) and the pruner decides how many it gets.
+            epochs = search_space.get(full, search_space.EPOCHS)
+            self.max_epochs = epochs.high if isinstance(epochs, search_space.Integer) else \
+                contract.Hyperparameters().epochs
+            self.space = search_space.without(full, search_space.EPOCHS)
+            self.static[search_space.EPOCHS] = str(self.max_epochs)
+            self.pruner: Any = optuna.pruners.HyperbandPruner(
+                min_resource=1, max_resource=self.max_epochs, reduction_factor=REDUCTION_FACTOR)
+        else:
+            self.space = full
+            epochs = search_space.get(full, search_space.EPOCHS)
+            self.max_epochs = epochs.high if isinstance(epochs, search_space.Integer) else None
+            self.pruner = (optuna.pruners.MedianPruner(n_startup_trials=prune_startup_trials,
+                                                       n_warmup_steps=prune_warmup_epochs)
+                           if pruner == "median" else optuna.pruners.NopPruner())
         contract.parse_hyperparameters(self.static)
-        self.name, self.root, self.trials, self.seed = name, Path(root), trials, seed
+        self.name, self.root, self.seed = name, Path(root), seed
+        # Neither a count nor a budget: the old default of 6 trials.
+        self.trials = trials if trials is not None or time_budget is not None else 6
+        self.time_budget, self.resume = time_budget, resume
+        self.storage_url = storage or default_storage(self.root)
         self.in_process, self.docker_image, self.train_command = in_process, docker_image, train_command
-        self.sampler = optuna.samplers.TPESampler(seed=seed,
-                                                  n_startup_trials=max(1, min(10, trials // 3)))
-        self.pruner = optuna.pruners.MedianPruner(n_startup_trials=prune_startup_trials,
-                                                  n_warmup_steps=prune_warmup_epochs)
+        startup = self.trials if self.trials is not None else 30
+        self.sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=max(1, min(10, startup // 3)))
+        self._deadline: float | None = None
+        self._stop_event = threading.Event()
 
     @property
     def mode(self) -> str:
         return "in_process" if self.in_process else "subprocess"
 
+    def definition(self) -> dict[str, Any]:
+        """What makes two processes' trials comparable: stored with the study, checked on joins."""
+        return {"space": search_space.describe(self.space), "static_hyperparameters": self.static,
+                "pruner": self.pruner_name}
+
     def plan(self) -> dict[str, Any]:
         """What :meth:`run` would do, read off the objects it would use."""
-        return {"tuning_job": self.name, "trials": self.trials, "mode": self.mode,
+        return {"tuning_job": self.name, "trials": self.trials, "time_budget_seconds": self.time_budget,
+                "mode": self.mode, "space": self.space_name, "storage": _redact(self.storage_url),
+                "resume": self.resume,
                 "sampler": {"name": type(self.sampler).__name__,
                             # Optuna keeps no seed, only the generator it seeded.
                             "seed": self.seed, **_options(self.sampler, ("n_startup_trials",))},
                 "pruner": {"name": type(self.pruner).__name__,
                            **_options(self.pruner, ("percentile", "n_startup_trials",
-                                                    "n_warmup_steps", "interval_steps"))},
+                                                    "n_warmup_steps", "interval_steps",
+                                                    "min_resource", "max_resource",
+                                                    "reduction_factor"))},
                 "objective": {"metric": OBJECTIVE_METRIC, "direction": "maximize",
                               "ties": f"lower {LOSS_METRIC} wins"},
                 "search_space": search_space.describe(self.space),
                 "static_hyperparameters": self.static, "root": str(self.root),
                 "docker": self.docker_image}
 
+    # -- the study -------------------------------------------------------------------------------
+    def storage(self) -> Any:
+        import optuna
+
+        url = self.storage_url
+        if url.startswith("sqlite:///"):
+            Path(url[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+        # SQLite: wait for a writer up to 60 s instead of failing at once (several local workers).
+        engine = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {"pool_pre_ping": True}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return optuna.storages.RDBStorage(url, engine_kwargs=engine,
+                                              heartbeat_interval=HEARTBEAT_SECONDS,
+                                              grace_period=GRACE_SECONDS)
+
+    def open_study(self) -> Any:
+        """Create the study, or join it (``resume``, or the same name in a shared storage) after
+        checking it searches the same space with the same static hyperparameters."""
+        import optuna
+
+        storage = self.storage()
+        exists = self.name in {s.study_name for s in optuna.study.get_all_study_summaries(storage)}
+        if self.resume and not exists:
+            raise SettingsError(f"no study {self.name!r} to resume in {_redact(self.storage_url)}")
+        study = optuna.create_study(study_name=self.name, storage=storage, direction="maximize",
+                                    sampler=self.sampler, pruner=self.pruner, load_if_exists=True)
+        stored = study.user_attrs.get("definition")
+        mine = json.loads(json.dumps(self.definition()))
+        if stored is None:
+            study.set_user_attr("definition", mine)
+        elif stored != mine:
+            raise SettingsError(
+                f"study {self.name!r} was created with a different definition; resume it with the "
+                f"same --space/--pruner/--epochs-max and hyperparameters (stored: "
+                f"{json.dumps(stored, separators=(',', ':'))})")
+        return study
+
     def run(self, data: Path, *, progress: events.Progress, device: Any = None) -> dict[str, Any]:
-        """Run every trial; keep the best trial's model (packed) and drop the others' weights."""
+        """Run trials until the count or the budget is spent; return the study's result (best so
+        far). Interrupted (Ctrl-C, SIGTERM), the result so far is returned with ``interrupted``."""
         import optuna
 
         optuna.logging.set_verbosity(optuna.logging.WARNING)
-        study = optuna.create_study(study_name=self.name, direction="maximize",
-                                    sampler=self.sampler, pruner=self.pruner)
+        started = time.monotonic()
+        study = self.open_study()
+        self.root.mkdir(parents=True, exist_ok=True)
         cache = None
         if self.in_process:
             from dogbreed.data import DecodeCache
 
             cache = DecodeCache()
-        started = time.monotonic()
-        records: list[dict[str, Any]] = []
-        events.event("tuning_started", study=self.name, trials=self.trials,
+        self._deadline = started + self.time_budget if self.time_budget else None
+        self._stop_event.clear()
+        before = len(study.trials)
+        events.event("tuning_started", study=self.name, trials=self.trials or "budget",
+                     time_budget=self.time_budget or "none", resumed_trials=before,
                      sampler=type(self.sampler).__name__, pruner=type(self.pruner).__name__,
-                     mode=self.mode, objective=OBJECTIVE_METRIC,
-                     space=json.dumps(search_space.describe(self.space), separators=(",", ":")))
-        with progress.bar(f"tune {self.name}", total=self.trials, unit="trial") as trials_bar:
-            for index in range(self.trials):
-                records.append(self._trial(study, index, data, cache, device, progress))
-                counts = {s: sum(r["state"] == s for r in records) for s in STATES}
-                best = max((r["value"] for r in records if r["state"] == "COMPLETE"), default=None)
-                trials_bar.status(f"done={counts['COMPLETE']} pruned={counts['PRUNED']} "
-                                  f"failed={counts['FAIL']} best={best}")
-                trials_bar.advance()
-        return self._result(records, started)
+                     mode=self.mode, objective=OBJECTIVE_METRIC, space=self.space_name,
+                     storage=_redact(self.storage_url))
+        interrupted: str | None = None
+        with progress.bar(f"tune {self.name}", total=self.trials, unit="trial") as trials_bar, \
+                _signals_as_interrupt():
 
-    def _trial(self, study: Any, index: int, data: Path, cache: Any, device: Any,
-               progress: events.Progress) -> dict[str, Any]:
+            def after_trial(study: Any, trial: Any) -> None:
+                counts = _counts(study.get_trials(deepcopy=False))
+                best = _best(study)
+                trials_bar.status(f"done={counts['COMPLETE']} pruned={counts['PRUNED']} "
+                                  f"failed={counts['FAIL']} best={best.value if best else None}")
+                trials_bar.advance()
+                if self._expired():
+                    study.stop()
+
+            def objective(trial: Any) -> float:
+                return self._trial(study, trial, data, cache, device, progress)
+
+            try:
+                if not self._expired():
+                    study.optimize(objective, n_trials=self.trials, callbacks=[after_trial],
+                                   catch=(TrialFailed,),
+                                   timeout=self._deadline - time.monotonic() if self._deadline else None)
+            except KeyboardInterrupt as exc:
+                interrupted = str(exc) or "SIGINT"
+                events.warning("tuning_interrupted", study=self.name, signal=interrupted,
+                               note="finished trials are in the storage; --resume continues")
+        mine = [t for t in study.get_trials(deepcopy=False)[before:]
+                if t.user_attrs.get("pid") == os.getpid()]
+        return self._result(study, started, mine, interrupted)
+
+    def _expired(self) -> bool:
+        return self._deadline is not None and time.monotonic() >= self._deadline
+
+    def _trial(self, study: Any, trial: Any, data: Path, cache: Any, device: Any,
+               progress: events.Progress) -> float:
         import optuna
 
-        trial = study.ask()
         tuned = search_space.to_strings(search_space.suggest(trial, self.space))
         hps = {**self.static, **tuned}
         epochs = contract.parse_hyperparameters(hps).epochs
         trial_dir = self.root / f"trial-{trial.number:03d}"
-        with progress.bar(f"  trial {trial.number} ({index + 1}/{self.trials})", total=epochs,
-                          unit="epoch", leave=False) as epoch_bar:
+        trial.set_user_attr("dir", str(trial_dir.resolve()))
+        trial.set_user_attr("host", socket.gethostname())
+        trial.set_user_attr("pid", os.getpid())
+        curve: list[dict[str, float]] = []
+        decided: dict[str, Any] = {}
+
+        with progress.bar(f"  trial {trial.number}", total=epochs, unit="epoch", leave=False) as epoch_bar:
 
             def on_epoch(epoch: int, metrics: dict[str, float]) -> bool:
                 epoch_bar.set(epoch)
                 epoch_bar.status(f"{OBJECTIVE_METRIC}={metrics.get(OBJECTIVE_METRIC)}")
+                curve.append({"epoch": epoch, **metrics})
+                trial.set_user_attr("curve", curve)  # in the storage epoch by epoch
                 score = tuning_score(metrics)
                 if score is None:
                     return False
                 trial.report(score, epoch)
-                return trial.should_prune()
+                # The last epoch's work is done: the trial is complete, whatever a pruner would
+                # say (asking there recorded full 10-epoch runs as pruned).
+                if epoch < epochs and trial.should_prune():
+                    decided["pruned_at"] = epoch
+                    return True
+                return False
 
             run: TrainingRun | InProcessRun
             if self.in_process:
@@ -149,55 +314,148 @@ class LocalTuning:
                 run = TrainingRun(trial_dir, hps, data, docker_image=self.docker_image,
                                   on_epoch=on_epoch, keep_checkpoints=False,
                                   train_command=self.train_command)
-            result = run.run()
-        record = {"number": trial.number, "hyperparameters": tuned,
-                  "epochs_completed": len(result.epochs),
-                  "intermediate": [e.get(OBJECTIVE_METRIC) for e in result.epochs],
-                  "seconds": round(result.seconds, 1), "dir": str(result.base)}
-        if result.pruned:
-            study.tell(trial, state=optuna.trial.TrialState.PRUNED)
-            record.update(state="PRUNED", value=None)
-        elif result.returncode == 0 and result.objective is not None:
-            score = tuning_score(result.final)
-            study.tell(trial, score)
-            record.update(state="COMPLETE", value=result.objective, score=score)
+            timer = None
+            if self._deadline is not None:
+                # The budget's end stops a running trial after its current batch.
+                timer = threading.Timer(max(0.0, self._deadline - time.monotonic()), run.stop)
+                timer.daemon = True
+                timer.start()
+            try:
+                result = run.run()
+            finally:
+                if timer is not None:
+                    timer.cancel()
+        seconds = round(result.seconds, 1)
+        trial.set_user_attr("seconds", seconds)
+        fields = {k.replace("-", "_"): v for k, v in tuned.items()}
+        if result.pruned or (result.stopped and self._expired()):
+            if not result.pruned:
+                trial.set_user_attr("stopped", "time_budget")
+            events.event("trial", study=self.name, number=trial.number, state="PRUNED",
+                         epochs_completed=len(curve), seconds=seconds,
+                         reason="pruner" if result.pruned else "time_budget", **fields)
+            shutil.rmtree(trial_dir / "model", ignore_errors=True)
+            raise optuna.TrialPruned(f"after epoch {len(curve)}")
+        if result.returncode != 0 or result.objective is None:
+            failure = result.failure() or f"exit {result.returncode}; log {result.base / TRAIN_LOG}"
+            trial.set_user_attr("failure", failure)
+            events.event("trial", study=self.name, number=trial.number, state="FAIL",
+                         epochs_completed=len(curve), seconds=seconds, failure=failure, **fields)
+            raise TrialFailed(failure)
+        score = tuning_score(result.final)
+        assert score is not None
+        trial.set_user_attr("valid_accuracy", result.objective)
+        if "test_accuracy" in result.final:
+            trial.set_user_attr("test_accuracy", result.final["test_accuracy"])
+        best = _best(study)
+        if best is None or score > best.value:
+            # A new best: its model is packed now, so a study stopped any time later has one.
+            from dogbreed import artifacts
+
+            archive = artifacts.pack(trial_dir / "model", trial_dir / "output" / artifacts.ARCHIVE_NAME)
+            trial.set_user_attr("model_data", str(archive.resolve()))
         else:
-            study.tell(trial, state=optuna.trial.TrialState.FAIL)
-            record.update(state="FAIL", value=None, failure=result.failure()
-                          or f"exit {result.returncode}; log {result.base / TRAIN_LOG}")
-        events.event("trial", study=self.name, number=trial.number, state=record["state"],
-                     value=record["value"], epochs_completed=record["epochs_completed"],
-                     seconds=record["seconds"], **{k.replace("-", "_"): v for k, v in tuned.items()})
-        return record
+            shutil.rmtree(trial_dir / "model", ignore_errors=True)  # tens of MB each
+        events.event("trial", study=self.name, number=trial.number, state="COMPLETE",
+                     value=result.objective, epochs_completed=len(curve), seconds=seconds, **fields)
+        return score
 
-    def _result(self, records: list[dict[str, Any]], started: float) -> dict[str, Any]:
-        complete = [r for r in records if r["state"] == "COMPLETE"]
-        if not complete:
-            raise LocalError(f"no trial of {self.name} completed: "
-                             + "; ".join(f"{r['number']}: {r.get('failure', r['state'])}" for r in records))
-        best = max(complete, key=lambda r: r["score"])
-        best_dir = Path(best["dir"])
-        # Keep the best trial's model; drop the others' weights (tens of MB each).
-        for record in records:
-            if record is not best:
-                shutil.rmtree(Path(record["dir"]) / "model", ignore_errors=True)
-        from dogbreed import artifacts
-
-        archive = artifacts.pack(best_dir / "model", best_dir / "output" / artifacts.ARCHIVE_NAME)
-        return {
+    def _result(self, study: Any, started: float, mine: Sequence[Any],
+                interrupted: str | None) -> dict[str, Any]:
+        trials = study.get_trials(deepcopy=False)
+        records = [_record(t) for t in trials]
+        best = _best(study)
+        result: dict[str, Any] = {
             "tuning_job": self.name,
             "backend": "local",
             "mode": self.mode,
+            "storage": _redact(self.storage_url),
+            "space": self.space_name,
+            "pruner": {"name": type(self.pruner).__name__, "max_epochs": self.max_epochs},
             "objective": {"metric": OBJECTIVE_METRIC, "type": "Maximize",
                           "ties": f"lower {LOSS_METRIC} wins (score = accuracy - "
                                   f"{TIE_BREAK} * loss / (1 + loss))"},
             "search_space": search_space.describe(self.space),
             "static_hyperparameters": self.static,
+            "time_budget_seconds": self.time_budget,
             "trials": records,
-            "counts": {s: sum(r["state"] == s for r in records) for s in STATES},
-            "best_trial": best["number"],
-            "best_objective": best["value"],
-            "best_hyperparameters": {**self.static, **best["hyperparameters"]},
-            "best_model_data": str(archive),
+            "counts": _counts(trials),
+            "this_process": {"trials": [t.number for t in mine], "counts": _counts(mine)},
             "seconds": round(time.monotonic() - started, 1),
         }
+        if interrupted:
+            result["interrupted"] = interrupted
+        if best is None:
+            if interrupted:
+                return result
+            failures = "; ".join(f"{r['number']}: {r.get('failure', r['state'])}" for r in records)
+            raise LocalError(f"no trial of {self.name} completed (the study is kept in "
+                             f"{_redact(self.storage_url)}; --resume {self.name} continues): {failures}")
+        best_dir = Path(best.user_attrs["dir"])
+        self._drop_other_models(trials, best)
+        result.update({
+            "best_trial": best.number,
+            "best_objective": best.user_attrs.get("valid_accuracy"),
+            "best_hyperparameters": {**self.static, **search_space.to_strings(best.params)},
+            "best_model_data": best.user_attrs.get("model_data"),
+            "best_model_dir": str(best_dir / "model"),
+            "best_host": best.user_attrs.get("host"),
+        })
+        return result
+
+    def _drop_other_models(self, trials: Sequence[Any], best: Any) -> None:
+        """Packed models of trials that were the best once, on this host, under this study."""
+        host = socket.gethostname()
+        for trial in trials:
+            if trial.number == best.number or trial.user_attrs.get("host") != host:
+                continue
+            trial_dir = Path(trial.user_attrs.get("dir", ""))
+            if trial.user_attrs.get("model_data") and trial_dir.parent == self.root.resolve() \
+                    and trial.state.name != "RUNNING":
+                shutil.rmtree(trial_dir / "model", ignore_errors=True)
+                Path(trial.user_attrs["model_data"]).unlink(missing_ok=True)
+
+
+def _best(study: Any) -> Any:
+    complete = [t for t in study.get_trials(deepcopy=False) if t.state.name == "COMPLETE"]
+    return max(complete, key=lambda t: t.value) if complete else None
+
+
+def _counts(trials: Sequence[Any]) -> dict[str, int]:
+    return {s: sum(t.state.name == s for t in trials) for s in STATES}
+
+
+def _record(trial: Any) -> dict[str, Any]:
+    attrs = trial.user_attrs
+    curve = attrs.get("curve") or []
+    record = {"number": trial.number, "state": trial.state.name,
+              "hyperparameters": search_space.to_strings(trial.params),
+              "value": attrs.get("valid_accuracy") if trial.state.name == "COMPLETE" else None,
+              "score": trial.value,
+              "epochs_completed": len(curve),
+              "intermediate": [point.get(OBJECTIVE_METRIC) for point in curve],
+              "curve": curve}
+    record.update({k: attrs[k] for k in TRIAL_ATTRS if k in attrs and k not in ("curve", "valid_accuracy")})
+    return record
+
+
+def _redact(url: str) -> str:
+    """A storage URL without its password (it goes to logs and result files)."""
+    return re.sub(r"(://[^:/@]+:)[^@]+@", r"\1***@", url)
+
+
+@contextlib.contextmanager
+def _signals_as_interrupt() -> Iterator[None]:
+    """SIGTERM behaves as Ctrl-C: Optuna fails the running trial, the study is written."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, _frame: Any) -> None:
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)

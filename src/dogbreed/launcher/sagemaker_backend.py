@@ -164,8 +164,10 @@ def tuning_request(
     warm_start_from: Sequence[str] = (),
     warm_start_type: str = "IdenticalDataAndAlgorithm",
     instance_count: int | None = None,
+    space: str = "seeds",
 ) -> dict[str, Any]:
-    """``CreateHyperParameterTuningJob`` over :data:`search_space.SEARCH_SPACE`.
+    """``CreateHyperParameterTuningJob`` over the search space ``space`` (``seeds`` or ``full``:
+    :func:`search_space.named`, the ranges the local tuner searches).
 
     Each trial checkpoints (always with ``spot``: an interrupted trial resumes instead of
     starting over), stops after ``max_runtime`` seconds (the tuning job after
@@ -175,7 +177,10 @@ def tuning_request(
     if not 1 <= max_parallel <= max_jobs:
         raise SettingsError("need 1 <= max-parallel <= max-jobs")
     _check_name(name, TUNING_JOB_NAME_MAX, "tuning job name")
-    space = search_space.with_epochs_max(search_space.SEARCH_SPACE, epochs_max)
+    try:
+        space = search_space.with_epochs_max(search_space.named(space), epochs_max)
+    except ValueError as exc:
+        raise SettingsError(str(exc)) from None
     static = dict(static_hyperparameters)
     config: dict[str, Any] = {
         "Strategy": strategy,

@@ -1,0 +1,131 @@
+"""The local tuner's study: pruning decisions, Hyperband rungs, curves in storage, the budget.
+
+Trials run the fake entry point (``dogbreed.launcher.testing``: the real metric lines in
+milliseconds), so these tests exercise the study machinery, not torch.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+
+from dogbreed.launcher import events, local_tuning
+from dogbreed.launcher.local_backend import LocalBackend
+from dogbreed.launcher.local_runs import LocalError
+from dogbreed.launcher.settings import Settings
+from dogbreed.launcher.testing import FAKE_EPOCH_SECONDS_ENV
+
+FAKE_TRAIN = ["python", "-m", "dogbreed.launcher.testing"]
+
+
+@pytest.fixture
+def backend(tmp_path: Path) -> LocalBackend:
+    import sys
+
+    return LocalBackend(Settings(workdir=str(tmp_path / "work")),
+                        train_command=[sys.executable, *FAKE_TRAIN[1:]])
+
+
+def _study(backend: LocalBackend, name: str) -> optuna.Study:
+    return optuna.load_study(study_name=name,
+                             storage=local_tuning.default_storage(backend.workdir / "tuning" / name))
+
+
+class AlwaysPrune(optuna.pruners.BasePruner):
+    def prune(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> bool:
+        return True
+
+
+@pytest.mark.parametrize("text, seconds", [("300", 300), ("45s", 45), ("5m", 300), ("1.5h", 5400),
+                                           (" 2M ", 120)])
+def test_durations(text: str, seconds: float) -> None:
+    assert local_tuning.parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["", "5 minutes", "-1m", "0", "m"])
+def test_bad_durations_say_what_is_expected(text: str) -> None:
+    with pytest.raises(ValueError, match="90s, 5m, 1.5h"):
+        local_tuning.parse_duration(text)
+
+
+def test_a_trial_is_never_pruned_after_its_last_epoch(backend: LocalBackend, sample_data: Path) -> None:
+    """The bug: a pruner asked at the final epoch marked a finished 10-epoch trial PRUNED."""
+    one_epoch = backend.tuning(name="last", static_hyperparameters={}, trials=2, epochs_max=1,
+                               space="seeds", pruner="none")
+    one_epoch.pruner = AlwaysPrune()
+    result = one_epoch.run(sample_data, progress=events.Progress(enabled=False))
+    assert result["counts"]["COMPLETE"] == 2 and result["counts"]["PRUNED"] == 0
+
+    three = backend.tuning(name="early", static_hyperparameters={}, trials=2, epochs_max=3,
+                           space="seeds", pruner="hyperband")
+    three.pruner = AlwaysPrune()
+    with pytest.raises(LocalError, match="no trial of early completed"):
+        three.run(sample_data, progress=events.Progress(enabled=False))
+    trials = _study(backend, "early").trials
+    # Stopped at the first epoch, not after the third: the decision came before the last epoch.
+    assert [t.state.name for t in trials] == ["PRUNED", "PRUNED"]
+    assert [list(t.intermediate_values) for t in trials] == [[1], [1]]
+
+
+def test_hyperband_gives_every_trial_the_most_epochs_and_stops_the_weak_at_rungs(
+        backend: LocalBackend, sample_data: Path) -> None:
+    result = backend.tune(name="hb", data=sample_data, static_hyperparameters={}, trials=8,
+                          epochs_max=3, space="seeds", pruner="hyperband", seed=3)
+    assert result["pruner"] == {"name": "HyperbandPruner", "max_epochs": 3}
+    assert result["static_hyperparameters"]["epochs"] == "3"
+    assert result["counts"]["COMPLETE"] + result["counts"]["PRUNED"] == 8
+    assert result["counts"]["PRUNED"] >= 1, [t["intermediate"] for t in result["trials"]]
+    for trial in result["trials"]:
+        assert set(trial["hyperparameters"]) == {"lr", "batch-size"}  # epochs is the resource
+        expected = 3 if trial["state"] == "COMPLETE" else 1  # the rungs: 1 (then 3 = the end)
+        assert trial["epochs_completed"] == expected == len(trial["intermediate"])
+        assert [p["epoch"] for p in trial["curve"]] == list(range(1, expected + 1))
+    # The curves live in the storage: intermediate values per epoch and the curve attribute.
+    stored = {t.number: t for t in _study(backend, "hb").trials}
+    for trial in result["trials"]:
+        frozen = stored[trial["number"]]
+        assert sorted(frozen.intermediate_values) == list(range(1, trial["epochs_completed"] + 1))
+        assert frozen.user_attrs["curve"] == trial["curve"]
+    # The best model is packed (add-model --file; the fake trainer's is not loadable, the
+    # integration test adds a real one); the others' weights are gone.
+    best_archive = Path(result["best_model_data"])
+    assert best_archive.is_file() and Path(result["best_model_dir"]).is_dir()
+    assert result["next"].endswith(f"--file {best_archive}")
+    others = [t for t in result["trials"] if t["number"] != result["best_trial"]]
+    assert not any((Path(t["dir"]) / "model").exists() for t in others)
+
+
+def test_the_budget_stops_a_running_trial_instead_of_waiting(backend: LocalBackend, sample_data: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(FAKE_EPOCH_SECONDS_ENV, "1.5")  # a trial would take 4.5 s + start-up
+    started = time.monotonic()
+    with pytest.raises(LocalError, match="no trial of budget completed.*--resume budget"):
+        backend.tune(name="budget", data=sample_data, static_hyperparameters={}, time_budget=2.5,
+                     epochs_max=3, space="seeds", pruner="none")
+    assert time.monotonic() - started < 2.5 + 4.0  # stopped at the budget, not after 4.5 s
+    (trial,) = _study(backend, "budget").trials
+    assert trial.state.name == "PRUNED" and trial.user_attrs["stopped"] == "time_budget"
+    assert len(trial.user_attrs["curve"]) <= 1
+
+
+def test_a_study_refuses_to_join_one_with_another_definition(backend: LocalBackend,
+                                                              sample_data: Path) -> None:
+    backend.tune(name="same", data=sample_data, static_hyperparameters={}, trials=1, epochs_max=2,
+                 space="seeds", pruner="none")
+    with pytest.raises(local_tuning.SettingsError, match="different definition"):
+        backend.tune(name="same", data=sample_data, static_hyperparameters={"image-size": "64"},
+                     trials=1, epochs_max=2, space="seeds", pruner="none", resume=True)
+    with pytest.raises(local_tuning.SettingsError, match="no study 'other' to resume"):
+        backend.tune(name="other", data=sample_data, static_hyperparameters={}, trials=1,
+                     space="seeds", resume=True)
+    again = backend.tune(name="same", data=sample_data, static_hyperparameters={}, trials=1,
+                         epochs_max=2, space="seeds", pruner="none", resume=True)
+    assert [t["number"] for t in again["trials"]] == [0, 1] and again["this_process"]["trials"] == [1]
+
+
+def test_storage_passwords_stay_out_of_results() -> None:
+    assert local_tuning._redact("postgresql://tuner:s3cret@db:5432/hpo") == "postgresql://tuner:***@db:5432/hpo"
+    assert local_tuning._redact("sqlite:////tmp/x.db") == "sqlite:////tmp/x.db"
