@@ -59,6 +59,7 @@ REDUCTION_FACTOR = 3
 # heartbeat every HEARTBEAT_SECONDS the next process to start a trial fails it after GRACE_SECONDS.
 HEARTBEAT_SECONDS = 30
 GRACE_SECONDS = 120
+SCHEMA_ATTEMPTS = 5
 TRIAL_ATTRS = ("curve", "dir", "host", "valid_accuracy", "test_accuracy", "stopped", "failure",
                "model_data", "seconds")
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d*)?)\s*([smh]?)\s*$", re.IGNORECASE)
@@ -192,11 +193,23 @@ class LocalTuning:
             Path(url[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
         # SQLite: wait for a writer up to 60 s instead of failing at once (several local workers).
         engine = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {"pool_pre_ping": True}
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            return optuna.storages.RDBStorage(url, engine_kwargs=engine,
-                                              heartbeat_interval=HEARTBEAT_SECONDS,
-                                              grace_period=GRACE_SECONDS)
+        from sqlalchemy.exc import IntegrityError, ProgrammingError
+
+        for attempt in range(SCHEMA_ATTEMPTS):
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                    return optuna.storages.RDBStorage(url, engine_kwargs=engine,
+                                                      heartbeat_interval=HEARTBEAT_SECONDS,
+                                                      grace_period=GRACE_SECONDS)
+            except (IntegrityError, ProgrammingError):
+                # Workers started together on an empty database race to create Optuna's
+                # tables (PostgreSQL: "duplicate key ... studydirection"); the loser finds them
+                # made on the next try.
+                if attempt == SCHEMA_ATTEMPTS - 1:
+                    raise
+                time.sleep(0.5 * (attempt + 1))
+        raise AssertionError("unreachable")
 
     def open_study(self) -> Any:
         """Create the study, or join it (``resume``, or the same name in a shared storage) after
