@@ -1,5 +1,6 @@
-"""`dogbreed tune --local --trials 6 --epochs-max 3` on the sample data: real trials, Optuna TPE,
-median pruning from the per-epoch metric lines, best hyperparameters saved as JSON."""
+"""`dogbreed tune --local --trials 6 --epochs-max 3` on the sample data: real trials, Optuna TPE
+over the full space, Hyperband pruning from the per-epoch metric lines, best hyperparameters
+saved as JSON and the best model added to the local model store."""
 
 from __future__ import annotations
 
@@ -34,8 +35,18 @@ def test_local_tune_prunes_and_reports_the_best(sample_data: Path, tmp_path: Pat
     assert 2 <= int(best["epochs"]) <= 3
     contract.parse_hyperparameters(best)
     for trial in saved["trials"]:
-        assert 1 <= trial["epochs_completed"] <= int(trial["hyperparameters"]["epochs"])
+        # Hyperband: epochs is the resource (static), every trial set up for the most.
+        epochs = int({**saved["static_hyperparameters"], **trial["hyperparameters"]}["epochs"])
+        assert 1 <= trial["epochs_completed"] <= epochs
         if trial["state"] == "PRUNED":
-            assert trial["value"] is None
+            assert trial["value"] is None and trial["epochs_completed"] < epochs
+        else:
+            assert trial["epochs_completed"] == epochs == len(trial["curve"])
     assert result.stderr.count("event=trial ") == 6
     assert Path(saved["best_model_data"]).is_file()
+    # The best model is ready for the endpoint's model store as it is.
+    added = subprocess.run([DOGBREED, "add-model", "--local", "tuned", "--file", saved["best_model_data"],
+                            "--workdir", str(tmp_path / "work")], capture_output=True, text=True,
+                           timeout=300)
+    assert added.returncode == 0, added.stderr[-3000:]
+    assert json.loads(added.stdout)["target_model"] == "tuned/model.tar.gz"

@@ -67,13 +67,33 @@ def test_tune_dry_run_prints_the_tuning_request(run) -> None:
     validate_request("sagemaker", "CreateHyperParameterTuningJob", body)
     config = body["HyperParameterTuningJobConfig"]
     assert config["Strategy"] == "Random"
-    assert config["ParameterRanges"] == search_space.to_sagemaker(search_space.SEARCH_SPACE)
+    # --space full (the default): the seeds' ranges and the recipe knobs, as the local tuner.
+    assert config["ParameterRanges"] == search_space.to_sagemaker(search_space.named("full"))
     assert config["ResourceLimits"]["MaxNumberOfTrainingJobs"] == 10
     definition = body["TrainingJobDefinition"]
     assert definition["AlgorithmSpecification"]["MetricDefinitions"] == train.METRIC_DEFINITIONS
     assert definition["RoleArn"] == AWS[3]
     assert definition["StaticHyperParameters"] == {"image-size": "224"}
     assert definition["InputDataConfig"][0]["DataSource"]["S3DataSource"]["S3Uri"] == "s3://my-bucket/dogbreed/data"
+
+
+def test_tune_dry_run_space_and_time_budget(run) -> None:
+    code, request, err = run("tune", "--dry-run", *AWS, "--space", "seeds", "--time-budget", "1.5h",
+                             "--strategy", "Hyperband", "--epochs-max", "9", "--name", "t")
+    assert code == 0, err
+    body = request["request"]
+    validate_request("sagemaker", "CreateHyperParameterTuningJob", body)
+    config = body["HyperParameterTuningJobConfig"]
+    assert config["ParameterRanges"] == search_space.to_sagemaker(
+        search_space.without(search_space.SEARCH_SPACE, "epochs"))
+    assert config["ResourceLimits"]["MaxRuntimeInSeconds"] == 5400
+    assert config["StrategyConfig"]["HyperbandStrategyConfig"]["MaxResource"] == 9
+    code, _, err = run("tune", "--dry-run", *AWS, "--time-budget", "5m", "--max-tuning-runtime", "60")
+    assert code == cli.EXIT_USAGE and "give one" in err
+    code, _, err = run("tune", "--dry-run", *AWS, "--time-budget", "soon")
+    assert code == cli.EXIT_USAGE and "90s, 5m, 1.5h" in err
+    code, _, err = run("tune", "--dry-run", *AWS, "--storage", "sqlite:///x.db")
+    assert code == cli.EXIT_USAGE and "local only" in err
 
 
 def test_tune_dry_run_without_settings_shows_placeholders(run) -> None:
@@ -86,12 +106,22 @@ def test_tune_dry_run_without_settings_shows_placeholders(run) -> None:
 
 def test_tune_dry_run_local_shows_the_optuna_plan(run) -> None:
     code, plan, err = run("tune", "--local", "--dry-run", "--trials", "6", "--epochs-max", "3",
-                          "--weights", "none")
+                          "--weights", "none", "--pruner", "median")
     assert code == 0, err
     assert plan["backend"] == "local" and plan["pruner"]["name"] == "MedianPruner"
     assert plan["sampler"]["name"] == "TPESampler"
     assert plan["search_space"][2] == {"name": "epochs", "type": "integer", "low": 2, "high": 3,
                                        "log": False}
+    # The default: Hyperband with epochs as its resource, the full space, SQLite storage.
+    code, plan, err = run("tune", "--local", "--dry-run", "--time-budget", "5m", "--epochs-max", "9",
+                          "--weights", "none", "--workdir", "/tmp/w")
+    assert code == 0, err
+    assert plan["pruner"] == {"name": "HyperbandPruner", "min_resource": 1, "max_resource": 9,
+                              "reduction_factor": 3}
+    assert "epochs" not in {p["name"] for p in plan["search_space"]}
+    assert plan["static_hyperparameters"]["epochs"] == "9" and plan["space"] == "full"
+    assert plan["time_budget_seconds"] == 300 and plan["trials"] is None
+    assert plan["storage"] == "sqlite:////tmp/w/tuning/optuna.db"
 
 
 @pytest.mark.parametrize(("argv", "operations"), [
@@ -246,7 +276,8 @@ def test_local_tune_then_train_from_it(run, sample_data: Path,
 def test_local_dry_runs_are_the_backends_own_plans(run, sample_data: Path, tmp_path: Path) -> None:
     work = str(tmp_path / "work")
     code, plan, err = run("tune", "--local", "--dry-run", "--data", str(sample_data), "--trials",
-                          "9", "--prune-warmup-epochs", "1", "--seed", "7", "--workdir", work)
+                          "9", "--pruner", "median", "--prune-warmup-epochs", "1", "--seed", "7",
+                          "--workdir", work)
     assert code == 0, err
     # Read off the Optuna objects the study would use, not restated by the CLI.
     assert plan["sampler"] == {"name": "TPESampler", "seed": 7, "n_startup_trials": 3}

@@ -203,6 +203,8 @@ def tune_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--storage", metavar="URL",
                    help="local: Optuna RDB storage (any SQLAlchemy URL, e.g. postgresql://u:p@host/db "
                         "for several workers on one study; default sqlite:///<workdir>/tuning/optuna.db)")
+    p.add_argument("--no-default-trial", dest="default_trial", action="store_false",
+                   help="local: do not start a new study with the trainer's default recipe")
     p.add_argument("--resume", metavar="NAME",
                    help="local: continue study NAME (its finished trials count; same settings)")
     p.add_argument("--prune-startup-trials", type=int, default=2,
@@ -282,7 +284,8 @@ def cmd_tune(args: argparse.Namespace, settings: settings_mod.Settings, backend:
     options = dict(name=name, static_hyperparameters=static, trials=args.trials,
                    time_budget=budget, space=args.space, pruner=args.pruner,
                    epochs_max=args.epochs_max, seed=args.seed, storage=args.storage,
-                   resume=bool(args.resume), prune_startup_trials=args.prune_startup_trials,
+                   resume=bool(args.resume), default_trial=args.default_trial,
+                   prune_startup_trials=args.prune_startup_trials,
                    prune_warmup_epochs=args.prune_warmup_epochs, in_process=args.in_process)
     if args.dry_run:
         return local.plan_tune(data=args.data, **options)

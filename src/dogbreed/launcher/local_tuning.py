@@ -60,7 +60,7 @@ REDUCTION_FACTOR = 3
 HEARTBEAT_SECONDS = 30
 GRACE_SECONDS = 120
 SCHEMA_ATTEMPTS = 5
-TRIAL_ATTRS = ("curve", "dir", "host", "valid_accuracy", "test_accuracy", "stopped", "failure",
+TRIAL_ATTRS = ("origin", "curve", "dir", "host", "valid_accuracy", "test_accuracy", "stopped", "failure",
                "model_data", "seconds")
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d*)?)\s*([smh]?)\s*$", re.IGNORECASE)
 
@@ -107,7 +107,7 @@ class LocalTuning:
                  space: str = DEFAULT_SPACE, pruner: str = "hyperband",
                  epochs_max: int | None = None, seed: int | None = 0,
                  prune_startup_trials: int = 2, prune_warmup_epochs: int = 0,
-                 storage: str | None = None, resume: bool = False,
+                 storage: str | None = None, resume: bool = False, default_trial: bool = True,
                  in_process: bool = False, docker_image: str | None = None,
                  train_command: Sequence[str] | None = None) -> None:
         import optuna
@@ -149,6 +149,10 @@ class LocalTuning:
         # Neither a count nor a budget: the old default of 6 trials.
         self.trials = trials if trials is not None or time_budget is not None else 6
         self.time_budget, self.resume = time_budget, resume
+        # A new study's first trial is the trainer's own recipe for this starting point (where
+        # the space holds it): the search starts from the known-good point, not only from TPE's
+        # random start-up trials.
+        self.default_trial = self.defaults_in_space() if default_trial else {}
         self.storage_url = storage or default_storage(self.root)
         self.in_process, self.docker_image, self.train_command = in_process, docker_image, train_command
         startup = self.trials if self.trials is not None else 30
@@ -160,6 +164,20 @@ class LocalTuning:
     def mode(self) -> str:
         return "in_process" if self.in_process else "subprocess"
 
+    def defaults_in_space(self) -> dict[str, Any]:
+        """The trainer's defaults (for these static hyperparameters: ``weights=none`` gets the
+        scratch recipe) for every searched name whose default lies in its range."""
+        defaults = contract.parse_hyperparameters(self.static).to_dict()
+        point: dict[str, Any] = {}
+        for param in self.space:
+            value = defaults.get(param.name.replace("-", "_"))
+            if isinstance(param, search_space.Categorical):
+                if value in param.values:
+                    point[param.name] = value
+            elif isinstance(value, int | float) and param.low <= value <= param.high:
+                point[param.name] = value
+        return point
+
     def definition(self) -> dict[str, Any]:
         """What makes two processes' trials comparable: stored with the study, checked on joins."""
         return {"space": search_space.describe(self.space), "static_hyperparameters": self.static,
@@ -169,7 +187,7 @@ class LocalTuning:
         """What :meth:`run` would do, read off the objects it would use."""
         return {"tuning_job": self.name, "trials": self.trials, "time_budget_seconds": self.time_budget,
                 "mode": self.mode, "space": self.space_name, "storage": _redact(self.storage_url),
-                "resume": self.resume,
+                "resume": self.resume, "default_trial": search_space.to_strings(self.default_trial),
                 "sampler": {"name": type(self.sampler).__name__,
                             # Optuna keeps no seed, only the generator it seeded.
                             "seed": self.seed, **_options(self.sampler, ("n_startup_trials",))},
@@ -226,6 +244,9 @@ class LocalTuning:
         mine = json.loads(json.dumps(self.definition()))
         if stored is None:
             study.set_user_attr("definition", mine)
+            if self.default_trial:
+                study.enqueue_trial(self.default_trial, user_attrs={"origin": "defaults"},
+                                    skip_if_exists=True)
         elif stored != mine:
             raise SettingsError(
                 f"study {self.name!r} was created with a different definition; resume it with the "
