@@ -6,6 +6,7 @@ milliseconds), so these tests exercise the study machinery, not torch.
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -62,8 +63,8 @@ def test_a_trial_is_never_pruned_after_its_last_epoch(backend: LocalBackend, sam
     three = backend.tuning(name="early", static_hyperparameters={}, trials=2, epochs_max=3,
                            space="seeds", pruner="hyperband")
     three.pruner = AlwaysPrune()
-    with pytest.raises(LocalError, match="no trial of early completed"):
-        three.run(sample_data, progress=events.Progress(enabled=False))
+    result = three.run(sample_data, progress=events.Progress(enabled=False))
+    assert result["best_trial"] is None and "no trial of early completed" in result["error"]
     trials = _study(backend, "early").trials
     # Stopped at the first epoch, not after the third: the decision came before the last epoch.
     assert [t.state.name for t in trials] == ["PRUNED", "PRUNED"]
@@ -106,6 +107,9 @@ def test_the_budget_stops_a_running_trial_instead_of_waiting(backend: LocalBacke
         backend.tune(name="budget", data=sample_data, static_hyperparameters={}, time_budget=2.5,
                      epochs_max=3, space="seeds", pruner="none")
     assert time.monotonic() - started < 2.5 + 4.0  # stopped at the budget, not after 4.5 s
+    # Nothing finished, yet the result file is written (every trial, why each stopped).
+    saved = json.loads((backend.workdir / "tuning" / "budget.json").read_text())
+    assert saved["best_trial"] is None and saved["trials"][0]["stopped"] == "time_budget"
     (trial,) = _study(backend, "budget").trials
     assert trial.state.name == "PRUNED" and trial.user_attrs["stopped"] == "time_budget"
     assert len(trial.user_attrs["curve"]) <= 1

@@ -155,6 +155,8 @@ class LocalBackend:
                      best_model_data=result.get("best_model_data"))
         if result.get("best_model_data"):
             result["next"] = f"dogbreed add-model NAME --local --file {result['best_model_data']}"
+        if result.get("best_trial") is None and not result.get("interrupted"):
+            raise LocalError(result["error"] + f" (result: {path})")
         return result
 
     def best_hyperparameters(self, tuning_job: str) -> dict[str, str]:

@@ -40,7 +40,7 @@ from typing import Any
 
 from dogbreed import contract
 from dogbreed.launcher import events, search_space
-from dogbreed.launcher.local_runs import TRAIN_LOG, InProcessRun, LocalError, TrainingRun
+from dogbreed.launcher.local_runs import TRAIN_LOG, InProcessRun, TrainingRun
 from dogbreed.launcher.settings import SettingsError
 from dogbreed.metrics import OBJECTIVE_METRIC
 
@@ -158,7 +158,8 @@ class LocalTuning:
         startup = self.trials if self.trials is not None else 30
         self.sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=max(1, min(10, startup // 3)))
         self._deadline: float | None = None
-        self._stop_event = threading.Event()
+        self._interrupted: str | None = None  # the signal that asked the study to stop
+        self._current_run: TrainingRun | InProcessRun | None = None
 
     @property
     def mode(self) -> str:
@@ -260,7 +261,7 @@ class LocalTuning:
         import optuna
 
         optuna.logging.set_verbosity(optuna.logging.WARNING)
-        started = time.monotonic()
+        started, wall_started = time.monotonic(), time.time()
         study = self.open_study()
         self.root.mkdir(parents=True, exist_ok=True)
         cache = None
@@ -269,16 +270,15 @@ class LocalTuning:
 
             cache = DecodeCache()
         self._deadline = started + self.time_budget if self.time_budget else None
-        self._stop_event.clear()
-        before = len(study.trials)
+        self._interrupted = None
+        before = sum(t.state.name != "WAITING" for t in study.get_trials(deepcopy=False))
         events.event("tuning_started", study=self.name, trials=self.trials or "budget",
                      time_budget=self.time_budget or "none", resumed_trials=before,
                      sampler=type(self.sampler).__name__, pruner=type(self.pruner).__name__,
                      mode=self.mode, objective=OBJECTIVE_METRIC, space=self.space_name,
                      storage=_redact(self.storage_url))
-        interrupted: str | None = None
         with progress.bar(f"tune {self.name}", total=self.trials, unit="trial") as trials_bar, \
-                _signals_as_interrupt():
+                _stopping_on_signals(self._on_signal):
 
             def after_trial(study: Any, trial: Any) -> None:
                 counts = _counts(study.get_trials(deepcopy=False))
@@ -286,7 +286,7 @@ class LocalTuning:
                 trials_bar.status(f"done={counts['COMPLETE']} pruned={counts['PRUNED']} "
                                   f"failed={counts['FAIL']} best={best.value if best else None}")
                 trials_bar.advance()
-                if self._expired():
+                if self._expired() or self._interrupted:
                     study.stop()
 
             def objective(trial: Any) -> float:
@@ -297,13 +297,26 @@ class LocalTuning:
                     study.optimize(objective, n_trials=self.trials, callbacks=[after_trial],
                                    catch=(TrialFailed,),
                                    timeout=self._deadline - time.monotonic() if self._deadline else None)
-            except KeyboardInterrupt as exc:
-                interrupted = str(exc) or "SIGINT"
-                events.warning("tuning_interrupted", study=self.name, signal=interrupted,
-                               note="finished trials are in the storage; --resume continues")
-        mine = [t for t in study.get_trials(deepcopy=False)[before:]
-                if t.user_attrs.get("pid") == os.getpid()]
+            except KeyboardInterrupt as exc:  # a second signal: Optuna failed the running trial
+                self._interrupted = str(exc) or "SIGINT"
+        interrupted = self._interrupted
+        if interrupted:
+            events.warning("tuning_interrupted", study=self.name, signal=interrupted,
+                           note="finished trials are in the storage; --resume continues")
+        mine = [t for t in study.get_trials(deepcopy=False) if t.user_attrs.get("pid") == os.getpid()
+                and t.datetime_start is not None and t.datetime_start.timestamp() >= wall_started]
         return self._result(study, started, mine, interrupted)
+
+    def _on_signal(self, name: str) -> None:
+        """Ctrl-C or SIGTERM: no new trial; the running one stops after its current batch and
+        is recorded as failed; then the result so far is written. A second signal stops at once."""
+        if self._interrupted:
+            raise KeyboardInterrupt(name)
+        self._interrupted = name
+        events.warning("tuning_stopping", study=self.name, signal=name,
+                       note="the running trial stops after its current batch; again to stop now")
+        if self._current_run is not None:
+            self._current_run.stop()
 
     def _expired(self) -> bool:
         return self._deadline is not None and time.monotonic() >= self._deadline
@@ -312,6 +325,9 @@ class LocalTuning:
                progress: events.Progress) -> float:
         import optuna
 
+        if self._interrupted:  # the signal came between two trials
+            trial.set_user_attr("failure", f"interrupted by {self._interrupted} before it started")
+            raise TrialFailed(trial.user_attrs["failure"])
         tuned = search_space.to_strings(search_space.suggest(trial, self.space))
         hps = {**self.static, **tuned}
         epochs = contract.parse_hyperparameters(hps).epochs
@@ -354,14 +370,22 @@ class LocalTuning:
                 timer = threading.Timer(max(0.0, self._deadline - time.monotonic()), run.stop)
                 timer.daemon = True
                 timer.start()
+            self._current_run = run
             try:
                 result = run.run()
             finally:
+                self._current_run = None
                 if timer is not None:
                     timer.cancel()
         seconds = round(result.seconds, 1)
         trial.set_user_attr("seconds", seconds)
         fields = {k.replace("-", "_"): v for k, v in tuned.items()}
+        if result.stopped and self._interrupted:
+            failure = f"interrupted by {self._interrupted} after epoch {len(curve)}"
+            trial.set_user_attr("failure", failure)
+            events.event("trial", study=self.name, number=trial.number, state="FAIL",
+                         epochs_completed=len(curve), seconds=seconds, failure=failure, **fields)
+            raise TrialFailed(failure)
         if result.pruned or (result.stopped and self._expired()):
             if not result.pruned:
                 trial.set_user_attr("stopped", "time_budget")
@@ -420,11 +444,12 @@ class LocalTuning:
         if interrupted:
             result["interrupted"] = interrupted
         if best is None:
-            if interrupted:
-                return result
-            failures = "; ".join(f"{r['number']}: {r.get('failure', r['state'])}" for r in records)
-            raise LocalError(f"no trial of {self.name} completed (the study is kept in "
-                             f"{_redact(self.storage_url)}; --resume {self.name} continues): {failures}")
+            failures = "; ".join(f"{r['number']}: {r.get('failure') or r.get('stopped') or r['state']}"
+                                 for r in records)
+            result.update(best_trial=None, error=(
+                f"no trial of {self.name} completed (the study is kept in "
+                f"{_redact(self.storage_url)}; --resume {self.name} continues): {failures}"))
+            return result
         best_dir = Path(best.user_attrs["dir"])
         self._drop_other_models(trials, best)
         result.update({
@@ -479,17 +504,18 @@ def _redact(url: str) -> str:
 
 
 @contextlib.contextmanager
-def _signals_as_interrupt() -> Iterator[None]:
-    """SIGTERM behaves as Ctrl-C: Optuna fails the running trial, the study is written."""
+def _stopping_on_signals(on_signal: Any) -> Iterator[None]:
+    """SIGINT (Ctrl-C) and SIGTERM call ``on_signal(name)`` instead of raising mid-write."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
 
     def handler(signum: int, _frame: Any) -> None:
-        raise KeyboardInterrupt(signal.Signals(signum).name)
+        on_signal(signal.Signals(signum).name)
 
-    previous = signal.signal(signal.SIGTERM, handler)
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, old in previous.items():
+            signal.signal(sig, old)
