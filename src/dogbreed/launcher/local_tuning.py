@@ -325,16 +325,17 @@ class LocalTuning:
                progress: events.Progress) -> float:
         import optuna
 
-        if self._interrupted:  # the signal came between two trials
-            trial.set_user_attr("failure", f"interrupted by {self._interrupted} before it started")
-            raise TrialFailed(trial.user_attrs["failure"])
-        tuned = search_space.to_strings(search_space.suggest(trial, self.space))
-        hps = {**self.static, **tuned}
-        epochs = contract.parse_hyperparameters(hps).epochs
         trial_dir = self.root / f"trial-{trial.number:03d}"
         trial.set_user_attr("dir", str(trial_dir.resolve()))
         trial.set_user_attr("host", socket.gethostname())
         trial.set_user_attr("pid", os.getpid())
+        if self._interrupted:  # the signal came between two trials
+            failure = f"interrupted by {self._interrupted} before it started"
+            trial.set_user_attr("failure", failure)
+            raise TrialFailed(failure)
+        tuned = search_space.to_strings(search_space.suggest(trial, self.space))
+        hps = {**self.static, **tuned}
+        epochs = contract.parse_hyperparameters(hps).epochs
         curve: list[dict[str, float]] = []
         decided: dict[str, Any] = {}
 
