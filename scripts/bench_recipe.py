@@ -11,8 +11,10 @@ Three arms, each trained through ``dogbreed.train.run`` (the code every job runs
 * ``recipe`` (only with ``--arms``): ``contract.RECIPE_CANDIDATE`` (TrivialAugment, label
   smoothing 0.1, EMA 0.99, 1 warmup epoch) over the defaults, at ``--epochs``: the evidence
   for or against making it a default;
-* ``study``: an in-process Optuna study (``tune_in_process``, trials sharing one decode) given
-  ``--budget`` seconds; its best hyperparameters are then retrained with every ``--seeds``
+* ``study``: ``dogbreed tune --local --in-process --time-budget <--budget>`` as a function
+  (``local_backend.tune_in_process``: the CLI's own budgeted tuner — Hyperband on epochs over
+  ``--space``, trials sharing one decode, the study in SQLite under the work dir); its best
+  hyperparameters are then retrained with every ``--seeds``
   value, so the three arms are compared over the same seeds (the sample's 20-image test split
   moves 5 points per image: one seed says little).
 
@@ -27,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import inspect
 import json
 import statistics
 import sys
@@ -45,11 +46,7 @@ import make_bench_data  # noqa: E402
 
 from dogbreed import contract, data, train  # noqa: E402
 from dogbreed.launcher import search_space  # noqa: E402
-
-try:  # the launcher restructure may move it; the later CLI --time-budget builds on it
-    from dogbreed.launcher.local_backend import tune_in_process  # noqa: E402
-except ImportError:  # pragma: no cover - depends on the launcher layout
-    from dogbreed.launcher.tuning import tune_in_process  # type: ignore[no-redef]  # noqa: E402
+from dogbreed.launcher.local_backend import tune_in_process  # noqa: E402
 
 SAMPLE = REPO.parent / "shared" / "data" / "dogs-sample"
 
@@ -77,38 +74,23 @@ def summarise(runs: list[dict[str, Any]], hyperparameters: dict[str, str]) -> di
 
 
 def run_study(data_dir: Path, work: Path, device: torch.device, static: dict[str, str],
-              budget: float, epochs_max: int, space: str, trial_estimate_s: float) -> dict[str, Any]:
-    """A study within ``budget`` seconds through the launcher's in-process entry point.
-
-    When the entry point takes a wall-clock budget (``time_budget``) and a space, they are
-    passed; otherwise the trial count is what the budget buys at ``trial_estimate_s`` each and
-    only the seeds' space (lr, batch size, epochs) is searched, over the static recipe.
-    """
-    params = inspect.signature(tune_in_process).parameters
-    options: dict[str, Any] = {}
-    if "time_budget" in params:
-        trials = 10_000
-        options["time_budget"] = budget
-    else:
-        trials = max(2, int(budget / max(trial_estimate_s, 1e-3)))
-    searched = "seeds"
-    if "space" in params:
-        options["space"] = space
-        searched = space
+              budget: float, epochs_max: int, space: str, trials: int | None = None) -> dict[str, Any]:
+    """A study within ``budget`` seconds of wall clock: the CLI's budgeted tuner, in process."""
     started = time.perf_counter()
     with contextlib.redirect_stdout(sys.stderr):
         result = tune_in_process(data_dir, work, trials=trials, device=device,
-                                 base_hyperparameters=static, epochs_max=epochs_max, **options)
+                                 base_hyperparameters=static, epochs_max=epochs_max,
+                                 time_budget=budget, space=space)
     best = next(t for t in result["trials"] if t["number"] == result["best_trial"])
-    metrics_file = Path(best["dir"]) / "output" / "data" / "metrics.json"
-    best_test = json.loads(metrics_file.read_text())["metrics"].get("test_accuracy")
     return {"budget_seconds": budget, "seconds": round(time.perf_counter() - started, 1),
-            "space": searched, "trials_planned": trials if "time_budget" not in options else None,
-            "counts": result["counts"], "best_trial": result["best_trial"],
-            "best_valid_accuracy": result["best_objective"], "best_trial_test_accuracy": best_test,
+            "space": result["space"], "pruner": result["pruner"], "trials_cap": trials,
+            "storage": result["storage"], "counts": result["counts"],
+            "best_trial": result["best_trial"],
+            "best_valid_accuracy": result["best_objective"],
+            "best_trial_test_accuracy": best.get("test_accuracy"),
             "best_hyperparameters": result["best_hyperparameters"],
             "trials": [{k: t.get(k) for k in ("number", "state", "value", "epochs_completed",
-                                              "seconds", "hyperparameters")}
+                                              "seconds", "stopped", "origin", "hyperparameters")}
                        for t in result["trials"]]}
 
 
@@ -125,7 +107,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epochs", type=int, default=10, help="epochs of the default and seeds arms")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--budget", type=float, default=300.0, help="study wall-clock seconds")
-    parser.add_argument("--epochs-max", type=int, default=10, help="cap of the study's epochs range")
+    parser.add_argument("--epochs-max", type=int, default=10,
+                        help="epochs each study trial is set up for (Hyperband's max resource)")
+    parser.add_argument("--trials", type=int, help="also cap the study's trial count (default: "
+                                                   "as many as the budget fits)")
     parser.add_argument("--space", choices=sorted(search_space.SPACES), default="full")
     parser.add_argument("--arms", nargs="+", default=["default", "seeds", "study"],
                         choices=["default", "seeds", "study", "recipe"])
@@ -139,7 +124,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.quick:
         args.image_size, args.epochs, args.seeds, args.epochs_max = 32, 1, args.seeds[:1], 1
-        args.budget = min(args.budget, 1.0)
+        # Two 1-epoch trials; the budget only bounds them (a budget too short to finish one
+        # trial leaves the study without a best).
+        args.trials, args.budget = 2, min(args.budget, 300.0)
     device = torch.device(args.device)
     fixed = dict(item.split("=", 1) for item in args.hp)
 
@@ -174,12 +161,8 @@ def main(argv: list[str] | None = None) -> int:
                   file=sys.stderr, flush=True)
 
         if "study" in args.arms:
-            # A study trial runs (2 + epochs-max) / 2 epochs on average: estimate from a run above.
-            timed = arms.get("default") or next(iter(arms.values()), None)
-            per_epoch = timed["wall_seconds_mean"] / max(args.epochs, 1) if timed else 10.0
-            estimate = per_epoch * (min(2, args.epochs_max) + args.epochs_max) / 2
             study = run_study(data_dir, work / "study", device, {**common, "seed": str(args.seeds[0])},
-                              args.budget, args.epochs_max, args.space, estimate)
+                              args.budget, args.epochs_max, args.space, args.trials)
             best = {k: v for k, v in study["best_hyperparameters"].items() if k != "seed"}
             runs = [train_once(f"study-best-seed{seed}", {**best, "seed": str(seed)}, data_dir, work,
                                device, cache) for seed in args.seeds]

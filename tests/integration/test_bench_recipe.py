@@ -32,6 +32,9 @@ def test_quick_recipe_benchmark_compares_the_arms_on_one_split(tmp_path: Path):
         assert 0.0 <= arm["test_accuracy_mean"] <= 1.0 and len(arm["runs"]) == 1
     inner = study["study"]
     assert inner["counts"]["COMPLETE"] >= 1 and inner["counts"]["FAIL"] == 0
-    assert len(inner["trials"]) == inner["trials_planned"] == 2  # what a 1 s budget buys: the minimum
-    assert set(inner["best_hyperparameters"]) >= {"lr", "batch-size", "epochs"}
+    # The CLI's budgeted tuner: Hyperband on epochs over the full space, capped at 2 trials.
+    assert len(inner["trials"]) == inner["trials_cap"] == 2 and inner["space"] == "full"
+    assert inner["pruner"] == {"name": "HyperbandPruner", "max_epochs": 1}
+    assert inner["trials"][0]["origin"] == "defaults"  # a new study starts from the default recipe
+    assert set(inner["best_hyperparameters"]) >= {"lr", "batch-size", "epochs", "augment"}
     assert sorted(report["ranking"]) == ["default", "study"]
