@@ -1,6 +1,7 @@
-"""`dogbreed tune --local --trials 6 --epochs-max 3` on the sample data: real trials, Optuna TPE
-over the full space, Hyperband pruning from the per-epoch metric lines, best hyperparameters
-saved as JSON and the best model added to the local model store."""
+"""`dogbreed tune --local --trials 6 --epochs-max 3 --pruner median` on the sample data: real
+trials, Optuna TPE, median pruning from the per-epoch metric lines, best hyperparameters saved
+as JSON and the best model added to the local model store. (Hyperband and the full space with
+real training: test_local_tune_in_process.py; the study machinery: tests/unit/test_local_tuning.py.)"""
 
 from __future__ import annotations
 
@@ -21,7 +22,8 @@ DOGBREED = str(Path(sys.executable).with_name("dogbreed"))
 def test_local_tune_prunes_and_reports_the_best(sample_data: Path, tmp_path: Path) -> None:
     output = tmp_path / "best.json"
     result = subprocess.run(
-        [DOGBREED, "tune", "--local", "--trials", "6", "--epochs-max", "3", "--data", str(sample_data),
+        [DOGBREED, "tune", "--local", "--trials", "6", "--epochs-max", "3", "--pruner", "median",
+         "--space", "seeds", "--data", str(sample_data),
          "--image-size", "32", "--workdir", str(tmp_path / "work"), "--output", str(output)],
         capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-4000:]
@@ -29,16 +31,18 @@ def test_local_tune_prunes_and_reports_the_best(sample_data: Path, tmp_path: Pat
     saved = json.loads(output.read_text())
     assert saved["best_hyperparameters"] == report["best_hyperparameters"]
     assert len(saved["trials"]) == 6 and saved["counts"]["FAIL"] == 0
-    assert saved["counts"]["PRUNED"] >= 1, [t["intermediate"] for t in saved["trials"]]
+    # No PRUNED >= 1 here: on 20 validation images at 32 px the curves tie (0.15, 0.2, ...), and
+    # the pruning this test used to see was the bug — trials "pruned" after their last epoch.
+    # Pruning itself is asserted deterministically in tests/unit (test_local_tuning.py, and
+    # test_launcher_local.py's median study), on trials whose curves differ.
     best = saved["best_hyperparameters"]
     assert {"lr", "batch-size", "epochs"} <= set(best) and best["image-size"] == "32"
     assert 2 <= int(best["epochs"]) <= 3
     contract.parse_hyperparameters(best)
     for trial in saved["trials"]:
-        # Hyperband: epochs is the resource (static), every trial set up for the most.
-        epochs = int({**saved["static_hyperparameters"], **trial["hyperparameters"]}["epochs"])
+        epochs = int(trial["hyperparameters"]["epochs"])
         assert 1 <= trial["epochs_completed"] <= epochs
-        if trial["state"] == "PRUNED":
+        if trial["state"] == "PRUNED":  # decided before the last epoch
             assert trial["value"] is None and trial["epochs_completed"] < epochs
         else:
             assert trial["epochs_completed"] == epochs == len(trial["curve"])

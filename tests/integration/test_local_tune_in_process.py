@@ -30,6 +30,10 @@ def test_trials_share_one_decode_and_write_the_study(sample_data: Path, tmp_path
     # train, valid and test decoded once for the whole study, not once per trial.
     assert sorted(decoded_roots) == ["test", "train", "valid"]
     assert result["mode"] == "in_process" and len(result["trials"]) == 3
+    # The defaults: Hyperband on epochs over the full space, starting from the default recipe.
+    assert result["pruner"] == {"name": "HyperbandPruner", "max_epochs": 2}
+    assert result["trials"][0]["origin"] == "defaults"
+    assert {"augment", "mixup-alpha", "ema-decay"} <= set(result["trials"][1]["hyperparameters"])
     assert result["counts"]["COMPLETE"] >= 1 and result["counts"]["FAIL"] == 0
     saved = json.loads((tmp_path / "work" / "tuning" / "bench-tune.json").read_text())
     assert saved["best_hyperparameters"] == result["best_hyperparameters"]
