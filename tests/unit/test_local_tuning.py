@@ -112,7 +112,7 @@ def test_the_budget_stops_a_running_trial_instead_of_waiting(backend: LocalBacke
     assert saved["best_trial"] is None and saved["trials"][0]["stopped"] == "time_budget"
     (trial,) = _study(backend, "budget").trials
     assert trial.state.name == "PRUNED" and trial.user_attrs["stopped"] == "time_budget"
-    assert len(trial.user_attrs["curve"]) <= 1
+    assert len(trial.user_attrs.get("curve", [])) <= 1  # none yet on a loaded machine
 
 
 def test_a_study_refuses_to_join_one_with_another_definition(backend: LocalBackend,

@@ -171,6 +171,8 @@ class TrainingRun:
             self.process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE,
                                             stderr=subprocess.STDOUT, text=True, bufsize=1,
                                             start_new_session=True)
+            if self._stopped:  # stop() came while the process was starting
+                self.terminate()
             try:
                 assert self.process.stdout is not None
                 for line in self.process.stdout:

@@ -368,7 +368,11 @@ class LocalTuning:
             timer = None
             if self._deadline is not None:
                 # The budget's end stops a running trial after its current batch.
-                timer = threading.Timer(max(0.0, self._deadline - time.monotonic()), run.stop)
+                def budget_spent(run: TrainingRun | InProcessRun = run) -> None:
+                    decided["budget"] = True
+                    run.stop()
+
+                timer = threading.Timer(max(0.0, self._deadline - time.monotonic()), budget_spent)
                 timer.daemon = True
                 timer.start()
             self._current_run = run
@@ -387,7 +391,7 @@ class LocalTuning:
             events.event("trial", study=self.name, number=trial.number, state="FAIL",
                          epochs_completed=len(curve), seconds=seconds, failure=failure, **fields)
             raise TrialFailed(failure)
-        if result.pruned or (result.stopped and self._expired()):
+        if result.pruned or (result.stopped and decided.get("budget")):
             if not result.pruned:
                 trial.set_user_attr("stopped", "time_budget")
             events.event("trial", study=self.name, number=trial.number, state="PRUNED",
