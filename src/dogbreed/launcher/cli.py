@@ -2,6 +2,7 @@
 
     dogbreed upload-data --data DIR            # S3: <bucket>/<prefix>/data/
     dogbreed tune  [--local] ...               # SageMaker HPO job, or Optuna trials here
+    dogbreed tune --local --time-budget 5m     #   (budgeted, Hyperband; --resume NAME continues)
     dogbreed train [--local] [--from-tuning-job NAME] ...
     dogbreed deploy [--local]                  # multi-model endpoint (updated in place if it exists)
     dogbreed add-model NAME --job JOB          # <models prefix>/NAME/model.tar.gz
