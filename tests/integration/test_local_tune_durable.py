@@ -101,8 +101,11 @@ def test_a_killed_study_keeps_its_finished_trials_and_resumes(sample_data: Path,
     assert third.returncode == 143, err[-3000:]
     stopped = json.loads(out)
     assert stopped["interrupted"] == "SIGTERM" and stopped["best_trial"] is not None
-    assert stopped["this_process"]["counts"]["FAIL"] == 1
+    # The running trial failed — or, when the signal came after its last epoch, completed.
     assert stopped["this_process"]["counts"]["RUNNING"] == 0
+    assert stopped["this_process"]["counts"]["FAIL"] <= 1
+    mine = [t for t in stopped["trials"] if t["number"] in stopped["this_process"]["trials"]]
+    assert all(t["failure"].startswith("interrupted by SIGTERM") for t in mine if t["state"] == "FAIL")
     assert json.loads((work / "tuning" / "s.json").read_text())["interrupted"] == "SIGTERM"
 
 

@@ -385,13 +385,15 @@ class LocalTuning:
         seconds = round(result.seconds, 1)
         trial.set_user_attr("seconds", seconds)
         fields = {k.replace("-", "_"): v for k, v in tuned.items()}
-        if result.stopped and self._interrupted:
+        # A stop that came after the last epoch changes nothing: the run completed.
+        completed = not result.pruned and result.returncode == 0 and result.objective is not None
+        if result.stopped and self._interrupted and not completed:
             failure = f"interrupted by {self._interrupted} after epoch {len(curve)}"
             trial.set_user_attr("failure", failure)
             events.event("trial", study=self.name, number=trial.number, state="FAIL",
                          epochs_completed=len(curve), seconds=seconds, failure=failure, **fields)
             raise TrialFailed(failure)
-        if result.pruned or (result.stopped and decided.get("budget")):
+        if result.pruned or (result.stopped and decided.get("budget") and not completed):
             if not result.pruned:
                 trial.set_user_attr("stopped", "time_budget")
             events.event("trial", study=self.name, number=trial.number, state="PRUNED",
@@ -399,7 +401,7 @@ class LocalTuning:
                          reason="pruner" if result.pruned else "time_budget", **fields)
             shutil.rmtree(trial_dir / "model", ignore_errors=True)
             raise optuna.TrialPruned(f"after epoch {len(curve)}")
-        if result.returncode != 0 or result.objective is None:
+        if not completed:
             failure = result.failure() or f"exit {result.returncode}; log {result.base / TRAIN_LOG}"
             trial.set_user_attr("failure", failure)
             events.event("trial", study=self.name, number=trial.number, state="FAIL",
