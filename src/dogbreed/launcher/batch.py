@@ -113,7 +113,6 @@ def sagemaker_batch(sm: Any, *, model: str, input_uri: str, output_uri: str | No
                     wait: bool = True) -> dict[str, Any] | None:
     """MODEL: an S3 URI of a model.tar.gz, a local model.tar.gz (uploaded first) or a
     training job name (its ModelArtifacts). Sends CreateModel + CreateTransformJob."""
-    from dogbreed.launcher.sagemaker_backend import TERMINAL_JOB_STATES, BackendError
 
     sm.require("role_arn", "bucket")
     if not input_uri.startswith("s3://"):
@@ -138,14 +137,10 @@ def sagemaker_batch(sm: Any, *, model: str, input_uri: str, output_uri: str | No
     if not wait:
         return {**result, "status": "InProgress"}
     client = sm.client("sagemaker")
-    description = sm._wait(lambda: client.describe_transform_job(TransformJobName=name),
-                           "TransformJobStatus", TERMINAL_JOB_STATES, f"transform job {name}",
-                           lambda d: d["TransformJobStatus"])
+    description = sm.wait_until_completed(
+        lambda: client.describe_transform_job(TransformJobName=name), "TransformJobStatus",
+        f"transform job {name}", hint=f"; logs: {result['logs']}")
     result["status"] = description["TransformJobStatus"]
-    if result["status"] != "Completed":
-        raise BackendError(f"transform job {name} ended {result['status']}: "
-                           f"{description.get('FailureReason', 'no reason given')}; logs: "
-                           f"{result['logs']}")
     return result
 
 

@@ -134,7 +134,7 @@ def run_clarify(sm: Any, *, model_data: str, class_names: Sequence[str], data_ur
                 wait: bool = True) -> dict[str, Any] | None:
     """CreateModel (serve image, ``model_data``), the config to S3, CreateProcessingJob."""
     from dogbreed.launcher import batch
-    from dogbreed.launcher.sagemaker_backend import TERMINAL_JOB_STATES, BackendError, split_s3_uri
+    from dogbreed.launcher.sagemaker_backend import split_s3_uri
 
     sm.require("role_arn", "bucket")
     if not data_uri.startswith("s3://"):
@@ -162,11 +162,8 @@ def run_clarify(sm: Any, *, model_data: str, class_names: Sequence[str], data_ur
     if not wait:
         return {**result, "status": "InProgress"}
     client = sm.client("sagemaker")
-    description = sm._wait(lambda: client.describe_processing_job(ProcessingJobName=name),
-                           "ProcessingJobStatus", TERMINAL_JOB_STATES, f"clarify job {name}",
-                           lambda d: d["ProcessingJobStatus"])
+    description = sm.wait_until_completed(
+        lambda: client.describe_processing_job(ProcessingJobName=name), "ProcessingJobStatus",
+        f"clarify job {name}")
     result["status"] = description["ProcessingJobStatus"]
-    if result["status"] != "Completed":
-        raise BackendError(f"clarify job {name} ended {result['status']}: "
-                           f"{description.get('FailureReason', 'no reason given')}")
     return result

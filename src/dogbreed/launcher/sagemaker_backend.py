@@ -468,6 +468,18 @@ class SageMakerBackend:
         items = [r.to_dict() for r in self.recorded]
         return items[0] if len(items) == 1 else items
 
+    def wait_until_completed(self, describe: Callable[[], dict[str, Any]], status_key: str,
+                             what: str, hint: str = "") -> dict[str, Any]:
+        """Wait for a job (transform, processing, ...) to end; anything but Completed is a
+        :class:`BackendError` with its FailureReason (and ``hint``, e.g. where the logs are)."""
+        description = self._wait(describe, status_key, TERMINAL_JOB_STATES, what,
+                                 lambda d: d[status_key])
+        status = description[status_key]
+        if status != "Completed":
+            raise BackendError(f"{what} ended {status}: "
+                               f"{description.get('FailureReason', 'no reason given')}{hint}")
+        return description
+
     def _wait(self, describe: Callable[[], dict[str, Any]], status_key: str,
               terminal: Sequence[str], what: str, summary: Callable[[dict[str, Any]], str],
               logs: cloudwatch.LogTail | None = None,
