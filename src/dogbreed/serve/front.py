@@ -175,15 +175,16 @@ class Front(ThreadingHTTPServer):
             if name in self.paused:
                 return self._unavailable(name)
             conn = UnixHTTPConnection(self.mms.unix_path or "", self.response_timeout)
+            conn.connect()  # connected before it is tracked: _pause can always cut it off
             self.in_flight.setdefault(name, set()).add(conn)
         try:
             conn.request(method, path, body=body, headers=headers)
             resp = conn.getresponse()
             return Response(resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read())
         except (OSError, http.client.HTTPException):
-            with self.state:
-                if name in self.paused:  # cut off by an unload or a recovery (see _cut_off)
-                    return self._unavailable(name)
+            cut_by = getattr(conn, "cut_by", None)  # an unload or a recovery (see _pause)
+            if cut_by is not None:  # the pause may be over by now: answer why it was cut
+                return self._unavailable(name, cut_by)
             raise
         finally:
             conn.close()
@@ -194,9 +195,9 @@ class Front(ThreadingHTTPServer):
                     self.in_flight.pop(name, None)
                     self.state.notify_all()
 
-    def _unavailable(self, name: str) -> Response:
-        reply = error(503, "ServiceUnavailable", f"model {name} is {self.paused.get(name, 'UNLOADING').lower()}; "
-                      f"retry in {RETRY_AFTER_SECONDS} s")
+    def _unavailable(self, name: str, why: str | None = None) -> Response:
+        why = why or self.paused.get(name, "UNLOADING")
+        reply = error(503, "ServiceUnavailable", f"model {name} is {why.lower()}; retry in {RETRY_AFTER_SECONDS} s")
         reply.headers["retry-after"] = RETRY_AFTER_SECONDS
         return reply
 
@@ -210,6 +211,7 @@ class Front(ThreadingHTTPServer):
                 self.state.wait(max(0.01, deadline - time.monotonic()))
             stuck = list(self.in_flight.get(name, ()))
         for conn in stuck:
+            conn.cut_by = why  # type: ignore[attr-defined]
             with contextlib.suppress(OSError, AttributeError):
                 conn.sock.shutdown(socket.SHUT_RDWR)
 
