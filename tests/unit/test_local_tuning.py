@@ -99,6 +99,25 @@ def test_hyperband_gives_every_trial_the_most_epochs_and_stops_the_weak_at_rungs
     assert not any((Path(t["dir"]) / "model").exists() for t in others)
 
 
+def test_a_new_study_starts_from_the_defaults_then_the_seeds_point(backend: LocalBackend,
+                                                                    sample_data: Path) -> None:
+    tuning = backend.tuning(name="start", static_hyperparameters={"weights": "none"}, trials=3,
+                            epochs_max=2, space="full", pruner="none")
+    assert tuning.plan()["seeds_trial"] == {  # the seeds' values the full space holds
+        "optimizer": "adamw", "lr": "0.001", "batch-size": "32", "lr-schedule": "none", "augment": "flip",
+        "label-smoothing": "0.0", "random-erasing": "0.0", "mixup-alpha": "0.0", "cutmix-alpha": "0.0",
+        "ema-decay": "0.0", "warmup-epochs": "0"}  # weight-decay 0 is outside its log range: sampled
+    result = tuning.run(sample_data, progress=events.Progress(enabled=False))
+    first, second, third = result["trials"]
+    assert (first["origin"], second["origin"], third.get("origin")) == ("defaults", "seeds", None)
+    assert {k: second["hyperparameters"][k] for k in tuning.plan()["seeds_trial"]} == tuning.plan()["seeds_trial"]
+    assert first["hyperparameters"]["optimizer"] == "sgd" and first["hyperparameters"]["lr"] == "0.01"
+    # Without the known-good points, the sampler chooses from the first trial.
+    bare = backend.tuning(name="bare", static_hyperparameters={}, trials=1, epochs_max=2,
+                          space="full", pruner="none", default_trial=False)
+    assert bare.plan()["default_trial"] == bare.plan()["seeds_trial"] == {}
+
+
 def test_the_budget_stops_a_running_trial_instead_of_waiting(backend: LocalBackend, sample_data: Path,
                                                              monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(FAKE_EPOCH_SECONDS_ENV, "1.5")  # a trial would take 4.5 s + start-up
@@ -110,7 +129,9 @@ def test_the_budget_stops_a_running_trial_instead_of_waiting(backend: LocalBacke
     # Nothing finished, yet the result file is written (every trial, why each stopped).
     saved = json.loads((backend.workdir / "tuning" / "budget.json").read_text())
     assert saved["best_trial"] is None and saved["trials"][0]["stopped"] == "time_budget"
-    (trial,) = _study(backend, "budget").trials
+    # The one trial that ran; the seeds' point, enqueued behind it, waits for a --resume.
+    ran = [t for t in _study(backend, "budget").trials if t.state.name != "WAITING"]
+    (trial,) = ran
     assert trial.state.name == "PRUNED" and trial.user_attrs["stopped"] == "time_budget"
     assert len(trial.user_attrs.get("curve", [])) <= 1  # none yet on a loaded machine
 

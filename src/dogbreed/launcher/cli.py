@@ -205,7 +205,8 @@ def tune_arguments(p: argparse.ArgumentParser) -> None:
                    help="local: Optuna RDB storage (any SQLAlchemy URL, e.g. postgresql://u:p@host/db "
                         "for several workers on one study; default sqlite:///<workdir>/tuning/optuna.db)")
     p.add_argument("--no-default-trial", dest="default_trial", action="store_false",
-                   help="local: do not start a new study with the trainer's default recipe")
+                   help="local: do not start a new study with the known-good points (the trainer's "
+                        "default recipe, the seeds' hyperparameters)")
     p.add_argument("--resume", metavar="NAME",
                    help="local: continue study NAME (its finished trials count; same settings)")
     p.add_argument("--prune-startup-trials", type=int, default=2,

@@ -149,10 +149,13 @@ class LocalTuning:
         # Neither a count nor a budget: the old default of 6 trials.
         self.trials = trials if trials is not None or time_budget is not None else 6
         self.time_budget, self.resume = time_budget, resume
-        # A new study's first trial is the trainer's own recipe for this starting point (where
-        # the space holds it): the search starts from the known-good point, not only from TPE's
-        # random start-up trials.
+        # A new study's first trials are the known-good points (where the space holds them): the
+        # trainer's own recipe for this starting point, then the seeds' tuned hyperparameters.
+        # The search starts from them, not only from TPE's random start-up trials, and its best
+        # is never worse, on its own objective, than what the seeds shipped.
         self.default_trial = self.defaults_in_space() if default_trial else {}
+        seeds_point = self.defaults_in_space(search_space.SEEDS_HYPERPARAMETERS) if default_trial else {}
+        self.seeds_trial = seeds_point if seeds_point != self.default_trial else {}
         self.storage_url = storage or default_storage(self.root)
         self.in_process, self.docker_image, self.train_command = in_process, docker_image, train_command
         startup = self.trials if self.trials is not None else 30
@@ -165,10 +168,13 @@ class LocalTuning:
     def mode(self) -> str:
         return "in_process" if self.in_process else "subprocess"
 
-    def defaults_in_space(self) -> dict[str, Any]:
+    def defaults_in_space(self, overrides: Mapping[str, str] | None = None) -> dict[str, Any]:
         """The trainer's defaults (for these static hyperparameters: ``weights=none`` gets the
-        scratch recipe) for every searched name whose default lies in its range."""
-        defaults = contract.parse_hyperparameters(self.static).to_dict()
+        scratch recipe), with ``overrides`` on top, for every searched name whose value lies in
+        its range (a name whose value does not is left to the sampler)."""
+        searched = {p.name for p in self.space}
+        fixed = {**self.static, **{k: v for k, v in (overrides or {}).items() if k in searched}}
+        defaults = contract.parse_hyperparameters(fixed).to_dict()
         point: dict[str, Any] = {}
         for param in self.space:
             value = defaults.get(param.name.replace("-", "_"))
@@ -189,6 +195,7 @@ class LocalTuning:
         return {"tuning_job": self.name, "trials": self.trials, "time_budget_seconds": self.time_budget,
                 "mode": self.mode, "space": self.space_name, "storage": _redact(self.storage_url),
                 "resume": self.resume, "default_trial": search_space.to_strings(self.default_trial),
+                "seeds_trial": search_space.to_strings(self.seeds_trial),
                 "sampler": {"name": type(self.sampler).__name__,
                             # Optuna keeps no seed, only the generator it seeded.
                             "seed": self.seed, **_options(self.sampler, ("n_startup_trials",))},
@@ -245,9 +252,9 @@ class LocalTuning:
         mine = json.loads(json.dumps(self.definition()))
         if stored is None:
             study.set_user_attr("definition", mine)
-            if self.default_trial:
-                study.enqueue_trial(self.default_trial, user_attrs={"origin": "defaults"},
-                                    skip_if_exists=True)
+            for origin, point in (("defaults", self.default_trial), ("seeds", self.seeds_trial)):
+                if point:
+                    study.enqueue_trial(point, user_attrs={"origin": origin}, skip_if_exists=True)
         elif stored != mine:
             raise SettingsError(
                 f"study {self.name!r} was created with a different definition; resume it with the "

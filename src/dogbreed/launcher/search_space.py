@@ -53,6 +53,7 @@ SEARCH_SPACE: tuple[Parameter, ...] = (
 RECIPE_SPACE: tuple[Parameter, ...] = (
     Categorical("optimizer", ("sgd", "adamw")),
     Continuous("weight-decay", 1e-5, 1e-3, log=True),
+    Categorical("lr-schedule", contract.LR_SCHEDULES),  # the seeds kept lr constant ("none")
     Categorical("augment", ("flip", "trivialaugment")),
     Continuous("label-smoothing", 0.0, 0.2),
     Continuous("random-erasing", 0.0, 0.4),
