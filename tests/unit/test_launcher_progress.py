@@ -7,6 +7,7 @@ import fcntl
 import json
 import os
 import pty
+import re
 import struct
 import subprocess
 import sys
@@ -76,7 +77,9 @@ def test_a_terminal_shows_trials_done_pruned_and_best(local_args: list[str]) -> 
                                    "--epochs-max", "2", "--weights", "none"])
     assert code == 0, screen
     assert "tune bar-study" in screen and "2/2" in screen
-    assert "done=2 pruned=0 failed=0 best=" in screen
+    # The last bar: both trials counted (the seeds' point, trial 2, may be pruned at epoch 1).
+    done, pruned = map(int, re.findall(r"done=(\d+) pruned=(\d+) failed=0 best=0\.\d+", screen)[-1])
+    assert done + pruned == 2 and done >= 1
 
 
 def test_the_launcher_never_imports_torch(tmp_path: Path, sample_data: Path) -> None:
