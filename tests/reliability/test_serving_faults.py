@@ -212,6 +212,45 @@ def test_a_request_cut_off_by_an_unload_is_answered_after_the_unload_ends(
     assert status == 503 and json.loads(body)["code"] == 503, (status, body)
 
 
+# --- found by the live hostile test in session 3's CI check ------------------------------------
+@pytest.mark.parametrize("value", ["\x0c\x1111111O0", "image/\x0bjpeg", "\x7f", "a\x00b"])
+def test_control_characters_in_a_header_are_a_400_json_before_mms(setup: dict, value: str) -> None:
+    """Real MMS answers these 400 but may close the connection while the body is still being
+    sent: the caller saw a dropped connection about once in 20 tries."""
+    before = len(setup["mms"].requests)
+    conn = http.client.HTTPConnection("127.0.0.1", setup["port"], timeout=10)
+    try:
+        conn.putrequest("POST", "/models/m1/invoke")
+        conn.putheader("Content-Type", value)
+        conn.putheader("Content-Length", "4")
+        conn.endheaders(b"jpeg")
+        reply = conn.getresponse()
+        payload = json.loads(reply.read())
+    finally:
+        conn.close()
+    assert reply.status == 400 and payload["code"] == 400 and "control characters" in payload["message"]
+    assert len(setup["mms"].requests) == before  # refused before MMS
+
+
+class HangUpHandler(FakeHandler):
+    """MMS closing the connection without an answer (what netty does after some 400s)."""
+
+    def do_POST(self) -> None:
+        if self.path.endswith("/invoke") and not self.headers.get("X-Dogbreed-Load-Status"):
+            self.close_connection = True
+            return
+        return self.do_ANY()
+
+
+def test_mms_hanging_up_is_a_502_json_not_a_dropped_connection(setup: dict, good_model: Path) -> None:
+    mms = setup["mms"]
+    mms.RequestHandlerClass = HangUpHandler
+    assert register(setup, "m1", str(good_model))[0] == 200
+    status, _, body = call(setup, "POST", "/models/m1/invoke", b"jpeg", {"Content-Type": "image/jpeg"})
+    assert status == 502 and json.loads(body)["type"] == "BadGateway"
+    assert call(setup, "GET", "/ping")[0] == 200  # the front serves on
+
+
 # --- fault 7: a broken model in the local store --------------------------------------------------
 def test_a_failed_load_is_shared_by_concurrent_callers_and_remembered(tmp_path: Path) -> None:
     store = ModelStore(tmp_path / "store")

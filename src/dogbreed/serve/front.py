@@ -36,6 +36,7 @@ import contextlib
 import http.client
 import json
 import logging
+import re
 import shutil
 import socket
 import threading
@@ -64,6 +65,7 @@ JSON_HEADERS = {"content-type": "application/json"}
 ROUTES = frozenset({("GET", ("ping",)), ("POST", ("invocations",)), ("GET", ("models",)),
                     ("POST", ("models",)), ("GET", ("models", "*")), ("DELETE", ("models", "*")),
                     ("POST", ("models", "*", "invoke")), ("GET", ("execution-parameters",))})
+CONTROL_CHARACTERS = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")  # all but HTAB
 MAX_PATH_BYTES = 8192  # MMS (netty) drops a longer request line without an answer
 DRAIN_SECONDS = 5.0  # how long an unload waits for the model's requests in flight
 RETRY_AFTER_SECONDS = "2"
@@ -329,41 +331,61 @@ class FrontHandler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         try:
             body = self._body()
-            if body is None:
-                return
-            parts = urlsplit(self.path)
-            path = [unquote(s) for s in parts.path.split("/") if s]
-            refused = route_error(self.command, path, self.path)
-            headers = {k: v for k, v in self.headers.items() if k.lower() not in HOP_BY_HOP}
-            if refused is not None:
-                reply = refused
-            elif self.command == "POST" and path == ["models"]:
-                reply = self.server.register(body, parts.query)
-            elif self.command == "GET" and path == ["execution-parameters"]:
-                reply = Response(200, dict(JSON_HEADERS), json.dumps(self.server.execution_parameters).encode())
-            elif self.command == "DELETE":
-                reply = self.server.unload(path[1], self.path)
-            elif len(path) == 3:
-                reply = self.server.invoke(path[1], self.command, self.path, body, headers)
-            elif path == ["invocations"] and self.server.single_model:
-                # Single-model: the model MMS loaded at start, by name (MMS's /invocations finds
-                # only a model loaded at start, not the one reloaded after its worker died).
-                target = f"/models/{SINGLE_MODEL_NAME}/invoke" + (f"?{parts.query}" if parts.query else "")
-                reply = self.server.invoke(SINGLE_MODEL_NAME, self.command, target, body, headers)
-            elif len(path) == 2 and self.command in ("GET", "HEAD"):
-                reply = self.server.describe(path[1], self.path, headers)
-            else:
-                reply = self.server.mms.request(self.command, self.path, body, headers)
-            self._send(reply)
-        except (ConnectionRefusedError, FileNotFoundError):
-            self._send(error(503, "ServiceUnavailable", "the model server (MMS) is not running"))
-        except TimeoutError:
-            self._send(error(504, "GatewayTimeout", "the model server did not answer in time"), close=True)
         except (BrokenPipeError, ConnectionResetError):
-            self.close_connection = True  # the caller went away
+            self.close_connection = True  # the caller went away mid-request
+            return
+        if body is None:
+            return
+        close = False
+        try:
+            reply = self._reply(body)
+        except (ConnectionRefusedError, FileNotFoundError):
+            reply = error(503, "ServiceUnavailable", "the model server (MMS) is not running")
+        except TimeoutError:
+            reply, close = error(504, "GatewayTimeout", "the model server did not answer in time"), True
+        except (OSError, http.client.HTTPException) as exc:  # MMS dropped the connection
+            log.warning("event=mms_disconnected path=%s error=%s", self.path, type(exc).__name__)
+            reply = error(502, "BadGateway", f"the model server closed the connection ({type(exc).__name__})")
         except Exception as exc:  # the front outlives anything a request does
             log.exception("event=front_error path=%s", self.path)
-            self._send(error(500, "InternalServerError", f"{type(exc).__name__}: {exc}"))
+            reply = error(500, "InternalServerError", f"{type(exc).__name__}: {exc}")
+        try:
+            self._send(reply, close=close)
+        except (BrokenPipeError, ConnectionResetError):
+            self.close_connection = True  # the caller went away
+
+    def _reply(self, body: bytes) -> Response:
+        """The answer to this request; errors talking to MMS propagate (see :meth:`do_GET`)."""
+        parts = urlsplit(self.path)
+        path = [unquote(s) for s in parts.path.split("/") if s]
+        refused = route_error(self.command, path, self.path)
+        headers = {k: v for k, v in self.headers.items() if k.lower() not in HOP_BY_HOP}
+        # Control characters in a header (RFC 9110 5.5): MMS answers 400 but may close the
+        # connection before the body is sent, so the caller saw a dropped connection (issue 11's
+        # live hostile test, once in ~40 examples). Refused here, always as JSON.
+        bad = next((k for k, v in self.headers.items() if CONTROL_CHARACTERS.search(k + v)), None)
+        if refused is None and bad is not None:
+            refused = error(400, "BadRequest", f"header {bad!r} holds control characters")
+        if refused is not None:
+            return refused
+        if self.command == "POST" and path == ["models"]:
+            reply = self.server.register(body, parts.query)
+        elif self.command == "GET" and path == ["execution-parameters"]:
+            reply = Response(200, dict(JSON_HEADERS), json.dumps(self.server.execution_parameters).encode())
+        elif self.command == "DELETE":
+            reply = self.server.unload(path[1], self.path)
+        elif len(path) == 3:
+            reply = self.server.invoke(path[1], self.command, self.path, body, headers)
+        elif path == ["invocations"] and self.server.single_model:
+            # Single-model: the model MMS loaded at start, by name (MMS's /invocations finds
+            # only a model loaded at start, not the one reloaded after its worker died).
+            target = f"/models/{SINGLE_MODEL_NAME}/invoke" + (f"?{parts.query}" if parts.query else "")
+            reply = self.server.invoke(SINGLE_MODEL_NAME, self.command, target, body, headers)
+        elif len(path) == 2 and self.command in ("GET", "HEAD"):
+            reply = self.server.describe(path[1], self.path, headers)
+        else:
+            reply = self.server.mms.request(self.command, self.path, body, headers)
+        return reply
 
     do_POST = do_PUT = do_DELETE = do_HEAD = do_OPTIONS = do_PATCH = do_GET
 
