@@ -119,7 +119,10 @@ def check_png(data: bytes) -> None:
     libpng under ``torchvision.io.decode_png`` ends the whole process on some corrupt streams
     instead of raising (an IDAT whose zlib header is wrong: "libpng error: IDAT: incorrect header
     check", then exit; found by the generated live-server tests of issue 11: it killed a model
-    worker). PIL raises for the same files. Costs one extra decode per PNG; JPEGs are not affected.
+    worker), or on a chunk whose CRC is wrong ("libpng error: IDAT: CRC error", then a segfault;
+    found by the same tests in session 3: PIL's ``load`` skips IDAT's CRC, its ``verify`` checks
+    every chunk's). PIL raises for these files. Costs one extra decode per PNG; JPEGs are not
+    affected.
     """
     import io
 
@@ -127,6 +130,8 @@ def check_png(data: bytes) -> None:
 
     try:
         with Image.open(io.BytesIO(data)) as image:
+            image.verify()  # every chunk's CRC
+        with Image.open(io.BytesIO(data)) as image:  # verify leaves the image unusable: reopen
             image.load()
     except Exception as exc:  # noqa: BLE001 - PIL raises many types for a corrupt file
         raise ValueError(f"corrupt PNG: {type(exc).__name__}: {exc}") from None

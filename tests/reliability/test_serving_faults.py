@@ -330,3 +330,16 @@ def test_a_png_with_a_corrupt_zlib_header_is_refused_not_fatal() -> None:
               "try:\n    data.decode_image(bytes(png), 37)\nexcept ValueError as exc:\n    print('refused', exc)\n")
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and proc.stdout.startswith("refused corrupt PNG"), (proc.returncode, proc.stderr)
+
+
+def test_a_png_with_a_bad_idat_crc_is_refused_not_fatal() -> None:
+    """A 1x1 1-bit PNG with one bit of IDAT's compressed data flipped (Hypothesis, session 3's CI
+    check): PIL's ``load`` passed it, libpng said "IDAT: CRC error" and the worker segfaulted."""
+    import subprocess
+
+    script = ("import io, sys\nfrom PIL import Image\nfrom dogbreed import data\n"
+              "b = io.BytesIO(); Image.new('1', (1, 1)).save(b, 'PNG'); png = bytearray(b.getvalue())\n"
+              "png[51] ^= 1\n"
+              "try:\n    data.decode_image(bytes(png), 37)\nexcept ValueError as exc:\n    print('refused', exc)\n")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.startswith("refused corrupt PNG"), (proc.returncode, proc.stderr)
