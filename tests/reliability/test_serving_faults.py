@@ -320,26 +320,20 @@ def test_a_paused_model_answers_503_with_retry_after(setup: dict, good_model: Pa
 
 
 # --- found by test_live_hostile.py: a corrupt PNG ended the worker process -------------------------
-def test_a_png_with_a_corrupt_zlib_header_is_refused_not_fatal() -> None:
-    """libpng (torchvision.io.decode_png) exits the process on this file; a subprocess shows it."""
+@pytest.mark.parametrize("mode, size, corrupt", [
+    # libpng exited the worker on a wrong zlib header in IDAT ("incorrect header check").
+    ("RGB", 16, "png[png.find(b'IDAT') + 4] ^= 0x55"),
+    # A bad IDAT CRC (Hypothesis, session 3's CI check): PIL's load passed it, libpng said
+    # "IDAT: CRC error" and the worker segfaulted.
+    ("1", 1, "png[51] ^= 1"),
+], ids=["zlib-header", "idat-crc"])
+def test_a_corrupt_png_that_kills_libpng_is_refused_not_fatal(mode: str, size: int, corrupt: str) -> None:
+    """torchvision.io.decode_png (libpng) ends the process on these files; a subprocess shows it."""
     import subprocess
 
     script = ("import io, sys\nfrom PIL import Image\nfrom dogbreed import data\n"
-              "b = io.BytesIO(); Image.new('RGB', (16, 16)).save(b, 'PNG'); png = bytearray(b.getvalue())\n"
-              "png[png.find(b'IDAT') + 4] ^= 0x55\n"
-              "try:\n    data.decode_image(bytes(png), 37)\nexcept ValueError as exc:\n    print('refused', exc)\n")
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0 and proc.stdout.startswith("refused corrupt PNG"), (proc.returncode, proc.stderr)
-
-
-def test_a_png_with_a_bad_idat_crc_is_refused_not_fatal() -> None:
-    """A 1x1 1-bit PNG with one bit of IDAT's compressed data flipped (Hypothesis, session 3's CI
-    check): PIL's ``load`` passed it, libpng said "IDAT: CRC error" and the worker segfaulted."""
-    import subprocess
-
-    script = ("import io, sys\nfrom PIL import Image\nfrom dogbreed import data\n"
-              "b = io.BytesIO(); Image.new('1', (1, 1)).save(b, 'PNG'); png = bytearray(b.getvalue())\n"
-              "png[51] ^= 1\n"
+              f"b = io.BytesIO(); Image.new({mode!r}, ({size}, {size})).save(b, 'PNG'); png = bytearray(b.getvalue())\n"
+              f"{corrupt}\n"
               "try:\n    data.decode_image(bytes(png), 37)\nexcept ValueError as exc:\n    print('refused', exc)\n")
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and proc.stdout.startswith("refused corrupt PNG"), (proc.returncode, proc.stderr)
