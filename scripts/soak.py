@@ -221,7 +221,7 @@ def run_hostile(endpoint: Any, model: str, count: int) -> dict[str, Any]:
     for _ in range(20):  # warm up: first requests allocate what later ones reuse
         request(port, "POST", f"/models/{model}/invoke", {"Content-Type": "image/jpeg"}, good)
     kinds = hostile_kinds(model)
-    pids_before, recoveries_before = worker_pids(server), server.front.recoveries
+    pids_before, recoveries_before = worker_pids(server), server.front.models.recoveries
     rss_before = rss_mb(server_processes(server))
     failures: list[dict[str, Any]] = []
     slowest = 0.0
@@ -240,7 +240,7 @@ def run_hostile(endpoint: Any, model: str, count: int) -> dict[str, Any]:
     for _ in range(20):
         request(port, "POST", f"/models/{model}/invoke", {"Content-Type": "image/jpeg"}, good)
     rss_after = rss_mb(server_processes(server))
-    restarts = len(pids_before - worker_pids(server)) + server.front.recoveries - recoveries_before
+    restarts = len(pids_before - worker_pids(server)) + server.front.models.recoveries - recoveries_before
     growth = (rss_after["server_total"] - rss_before["server_total"]) / max(rss_before["server_total"], 1)
     result = {"requests": count, "kinds": len(kinds), "statuses": statuses, "failures": failures[:20],
               "failure_count": len(failures), "slowest_s": round(slowest, 3), "worker_restarts": restarts,
@@ -355,7 +355,7 @@ class Soak:
             "p50_s": percentile(self.latencies, 0.50), "p99_s": percentile(self.latencies, 0.99),
             "max_s": round(max(self.latencies), 3) if self.latencies else None,
             "over_10s": self.slow, "unexpected": self.samples, "faults": self.faults,
-            "unloads": unloads, "kills": kills, "front_recoveries": server.front.recoveries,
+            "unloads": unloads, "kills": kills, "front_recoveries": server.front.models.recoveries,
             "rss_mb_before": rss_before, "rss_mb_after": rss_after,
             "rss_growth": {k: round((rss_after[k] - v) / v, 4) if v else None for k, v in rss_before.items()},
         }

@@ -15,10 +15,12 @@ import platform
 import shutil
 import tarfile
 import tempfile
+import uuid
 import zlib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from urllib.parse import quote
 
 from dogbreed.contract import ARCHITECTURES
 
@@ -301,3 +303,32 @@ def safe_extract(archive: Path, destination: Path, max_bytes: int = MAX_UNPACKED
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return destination
+
+
+def resolve_model_dir(path: Path, staging: Path, name: str = "model") -> tuple[Path, Path | None]:
+    """A model dir from ``path``: ``(model_dir, unpacked)``, what servers and tools load from.
+
+    A dir holding ``model.json`` (or one subfolder that does) is used as it is, as SageMaker
+    hands it over; a ``model.tar.gz`` (the file, or a dir holding only it) is unpacked once with
+    :func:`safe_extract` into a new folder under ``staging``, returned as ``unpacked`` for the
+    caller to remove. ``FileNotFoundError`` for a missing path, :class:`ArtifactError` otherwise.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(str(path))
+    archive = path if path.is_file() else None
+    if path.is_dir() and not (path / METADATA_FILE).is_file() and (path / ARCHIVE_NAME).is_file():
+        archive = path / ARCHIVE_NAME
+    if archive is None:
+        try:
+            return find_model_dir(path), None
+        except ArtifactError:
+            raise ArtifactError(f"{path} holds neither {METADATA_FILE} nor {ARCHIVE_NAME}") from None
+    if not tarfile.is_tarfile(archive):
+        raise ArtifactError(f"{archive} is not a tar archive (model.tar.gz)")
+    unpacked = Path(staging) / f"{quote(name, safe='')[:80] or 'model'}-{uuid.uuid4().hex[:8]}"
+    try:
+        return find_model_dir(safe_extract(archive, unpacked)), unpacked
+    except BaseException:
+        shutil.rmtree(unpacked, ignore_errors=True)
+        raise

@@ -259,25 +259,29 @@ def network_interface_name(paths: Paths, env: Mapping[str, str] | None = None) -
     return env.get(SM_NETWORK_INTERFACE_NAME) or resource_config(paths).get("network_interface_name")
 
 
-def _int_env(env: Mapping[str, str], name: str) -> int:
+def env_int(env: Mapping[str, str], name: str, minimum: int = 0, default: int | None = 0) -> int | None:
+    """A whole-number setting: ``default`` when unset or blank, :class:`ContractError` when it is
+    not a whole number or under ``minimum``."""
     raw = env.get(name, "").strip()
+    if not raw:
+        return default
     try:
-        value = int(raw or 0)
+        value = int(raw)
     except ValueError:
         raise ContractError(f"{name}={raw!r} is not a whole number") from None
-    if value < 0:
-        raise ContractError(f"{name}={raw!r} must not be negative")
+    if value < minimum:
+        raise ContractError(f"{name}={raw!r} must be at least {minimum}")
     return value
 
 
 def num_gpus(env: Mapping[str, str] | None = None) -> int:
     """GPUs the toolkit counted on this host (``SM_NUM_GPUS``; 0 when unset)."""
-    return _int_env(os.environ if env is None else env, SM_NUM_GPUS)
+    return env_int(os.environ if env is None else env, SM_NUM_GPUS) or 0
 
 
 def procs_per_host(env: Mapping[str, str] | None = None) -> int:
     """Training processes per host asked for explicitly (0 = the default: one per GPU, else one)."""
-    return _int_env(os.environ if env is None else env, NPROC_PER_HOST_ENV)
+    return env_int(os.environ if env is None else env, NPROC_PER_HOST_ENV) or 0
 
 
 # --- hyperparameters ------------------------------------------------------------------------

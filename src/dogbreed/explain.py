@@ -16,6 +16,7 @@ centre crop to ``resize_size``) and :func:`dogbreed.data.eval_transform` with th
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 import tempfile
@@ -101,14 +102,25 @@ def overlay_png(image: torch.Tensor, heatmap: torch.Tensor) -> bytes:
     return buffer.getvalue()
 
 
+def served_explanation(model: nn.Module, batch: torch.Tensor, metadata: artifacts.ModelMetadata,
+                       probabilities: torch.Tensor) -> dict[str, Any]:
+    """What ``CustomAttributes: explain=gradcam`` adds to a served answer: the top class's
+    Grad-CAM drawn over the pixels the model saw (``batch`` un-normalised), as a base64 PNG."""
+    index = int(probabilities.argmax())
+    heatmap = explain(model, batch, [index], metadata.arch)[0]
+    mean, std = (torch.tensor(v).view(3, 1, 1) for v in (metadata.mean, metadata.std))
+    photo = ((batch[0].detach().float().cpu() * std + mean) * 255).round().clamp(0, 255).to(torch.uint8)
+    return {"method": "gradcam", "label": data.breed_name(metadata.class_names[index]),
+            "class_name": metadata.class_names[index], "index": index,
+            "probability": round(float(probabilities[index]), 6),
+            "png_base64": base64.b64encode(overlay_png(photo, heatmap)).decode("ascii")}
+
+
 # --- files ----------------------------------------------------------------------------------------
 def load(model_path: Path, device: torch.device | str = "cpu") -> tuple[nn.Module, artifacts.ModelMetadata]:
     """A model dir (with model.json) or a model.tar.gz (unpacked safely into a temp dir)."""
-    model_path = Path(model_path)
-    if model_path.is_file():
-        with tempfile.TemporaryDirectory(prefix="dogbreed-explain-") as tmp:
-            return artifacts.load_model(artifacts.safe_extract(model_path, Path(tmp) / "model"), device)
-    return artifacts.load_model(model_path, device)
+    with tempfile.TemporaryDirectory(prefix="dogbreed-explain-") as tmp:
+        return artifacts.load_model(artifacts.resolve_model_dir(Path(model_path), Path(tmp))[0], device)
 
 
 def explain_files(model_path: Path, images: Sequence[Path], out_dir: Path, top_k: int = 3,

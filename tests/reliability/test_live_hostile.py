@@ -39,7 +39,7 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
         workers = {p.pid for p in psutil.Process(server.zygote.pid).children(recursive=True)}
         yield {"server": server, "workers": workers}
         assert {p.pid for p in psutil.Process(server.zygote.pid).children(recursive=True)} == workers
-        assert server.front.recoveries == 0
+        assert server.front.models.recoveries == 0
 
 
 def send(live: dict, body: bytes, content_type: str | None) -> tuple[int, bytes]:

@@ -9,6 +9,7 @@ import concurrent.futures
 import http.client
 import json
 import math
+import queue
 import struct
 import sys
 import threading
@@ -24,7 +25,7 @@ from test_serve_front import FakeHandler, FakeMMS, call, good_model, register, s
 
 from dogbreed.launcher.router import ModelStore, Router  # noqa: E402
 from dogbreed.launcher.testing import FakeModelServer, make_archive  # noqa: E402
-from dogbreed.serve import front, inference  # noqa: E402
+from dogbreed.serve import inference, lifecycle  # noqa: E402
 
 
 def png_header(width: int, height: int) -> bytes:
@@ -146,7 +147,7 @@ class StuckHandler(FakeHandler):
 
 def test_unload_answers_every_queued_request_promptly(setup: dict, good_model: Path,
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(front, "DRAIN_SECONDS", 1.0)
+    monkeypatch.setattr(lifecycle, "DRAIN_SECONDS", 1.0)
     mms = setup["mms"]
     mms.RequestHandlerClass = StuckHandler
     mms.queued, mms.release = 0, threading.Event()
@@ -184,13 +185,13 @@ def test_a_request_cut_off_by_an_unload_is_answered_after_the_unload_ends(
         setup: dict, good_model: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """CI flake of session 2: a stranded thread that sees its connection cut only after the
     unload finished (the model no longer paused) dropped its caller without an answer."""
-    monkeypatch.setattr(front, "DRAIN_SECONDS", 0.2)
+    monkeypatch.setattr(lifecycle, "DRAIN_SECONDS", 0.2)
     mms = setup["mms"]
     mms.RequestHandlerClass = StuckHandler
     mms.queued, mms.release = 0, threading.Event()
     assert register(setup, "m1", str(good_model))[0] == 200
     unloaded = threading.Event()
-    real_getresponse = front.UnixHTTPConnection.getresponse
+    real_getresponse = lifecycle.UnixHTTPConnection.getresponse
 
     def late_getresponse(self: http.client.HTTPConnection) -> http.client.HTTPResponse:
         try:
@@ -199,7 +200,7 @@ def test_a_request_cut_off_by_an_unload_is_answered_after_the_unload_ends(
             unloaded.wait(10)  # the unload has answered and resumed the model by now
             raise
 
-    monkeypatch.setattr(front.UnixHTTPConnection, "getresponse", late_getresponse)
+    monkeypatch.setattr(lifecycle.UnixHTTPConnection, "getresponse", late_getresponse)
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         stranded = pool.submit(call, setup, "POST", "/models/m1/invoke", b"jpeg", {"Content-Type": "image/jpeg"})
         deadline = time.monotonic() + 5
@@ -281,38 +282,38 @@ def test_the_socket_is_reachable_only_where_bound(setup: dict) -> None:
 
 
 # --- fault 3: a dead worker is noticed and its model reloaded ----------------------------------------
-def test_a_recorded_worker_death_reloads_the_model(setup: dict, good_model: Path, tmp_path: Path) -> None:
+def test_a_reported_worker_death_reloads_the_model(setup: dict, good_model: Path) -> None:
     assert register(setup, "m1", str(good_model))[0] == 200
-    deaths, stop = tmp_path / "worker-deaths", threading.Event()
-    watcher = threading.Thread(target=setup["front"].watch_workers, args=(deaths, stop, 0.05), daemon=True)
+    models, reports = setup["front"].models, queue.Queue()  # the zygote's stdout, line by line
+    watcher = threading.Thread(target=models.watch, args=(iter(reports.get, None),), daemon=True)
     watcher.start()
     try:
         before = len(setup["mms"].requests)
         stale = time.time() - 60  # a worker forked before the registration: an unload's, ignored
-        deaths.write_text(json.dumps({"model": "m1", "pid": 1, "exit": -9, "forked": stale}) + "\n")
+        reports.put(json.dumps({"died": "m1", "pid": 1, "exit": -9, "forked": stale}) + "\n")
+        reports.put("not json: something the zygote's imports printed\n")
         time.sleep(0.3)
-        assert len(setup["mms"].requests) == before and setup["front"].recoveries == 0
-        with deaths.open("a") as handle:
-            handle.write(json.dumps({"model": "m1", "pid": 2, "exit": -9, "forked": time.time()}) + "\n")
+        assert len(setup["mms"].requests) == before and models.recoveries == 0
+        reports.put(json.dumps({"died": "m1", "pid": 2, "exit": -9, "forked": time.time()}) + "\n")
         deadline = time.monotonic() + 5
-        while setup["front"].recoveries == 0 and time.monotonic() < deadline:
+        while models.recoveries == 0 and time.monotonic() < deadline:
             time.sleep(0.02)
-        assert setup["front"].recoveries == 1
+        assert models.recoveries == 1
         sent = [(r["method"], r["path"]) for r in setup["mms"].requests[before:]]
         assert sent[:2] == [("DELETE", "/models/m1"), ("POST", "/models")]
-        assert "m1" in setup["mms"].models and not setup["front"].paused
-        with deaths.open("a") as handle:  # another model's, or one never registered: ignored
-            handle.write(json.dumps({"model": "other", "pid": 3, "exit": -9, "forked": time.time()}) + "\n")
+        assert "m1" in setup["mms"].models and not models.paused
+        # another model's, or one never registered: ignored
+        reports.put(json.dumps({"died": "other", "pid": 3, "exit": -9, "forked": time.time()}) + "\n")
         time.sleep(0.3)
-        assert setup["front"].recoveries == 1
+        assert models.recoveries == 1
     finally:
-        stop.set()
+        reports.put(None)
         watcher.join(5)
 
 
 def test_a_paused_model_answers_503_with_retry_after(setup: dict, good_model: Path) -> None:
     assert register(setup, "m1", str(good_model))[0] == 200
-    setup["front"].paused["m1"] = "RECOVERING"
+    setup["front"].models.paused["m1"] = "RECOVERING"
     status, headers, raw = call(setup, "POST", "/models/m1/invoke", b"x", {"Content-Type": "image/jpeg"})
     assert status == 503 and headers["retry-after"] and "recovering" in json.loads(raw)["message"]
     status, _, raw = call(setup, "GET", "/models/m1")

@@ -20,7 +20,9 @@ from test_artifacts import tiny_model_dir
 
 from dogbreed import artifacts
 from dogbreed.serve import LOAD_STATUS_HEADER, front
-from dogbreed.serve.server import resolve_model_source
+from dogbreed.serve.client import ServeClient
+from dogbreed.serve.lifecycle import ModelLifecycle
+from dogbreed.serve.server import resolve_url as resolve_model_source
 
 
 class FakeMMS(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
@@ -95,8 +97,8 @@ def setup(tmp_path: Path) -> Iterator[dict]:
     def resolve(url: str, name: str) -> tuple[Path, Path | None]:
         return resolve_model_source(url, store, run_dir / "models", name)
 
-    server = front.Front(("127.0.0.1", 0), sock, resolve, max_request_bytes=100_000,
-                         response_timeout=10, load_timeout=10)
+    models = ModelLifecycle(ServeClient(f"unix://{sock}"), resolve, response_timeout=10, load_timeout=10)
+    server = front.Front(("127.0.0.1", 0), models, max_request_bytes=100_000)
     threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
     try:
         yield {"front": server, "mms": mms, "run_dir": run_dir, "store": store, "port": server.server_address[1]}
@@ -240,7 +242,8 @@ def test_register_a_dir_forwards_sagemakers_request(setup: dict, good_model: Pat
 def test_register_with_query_parameters(setup: dict, good_model: Path) -> None:
     status, _, _ = call(setup, "POST", f"/models?model_name=q1&url={good_model}&synchronous=true")
     assert status == 200
-    assert registrations(setup)[-1] == {"model_name": "q1", "url": str(good_model), "synchronous": "true"}
+    # MMS is sent exactly the name and the resolved dir (synchronous=true is its default)
+    assert registrations(setup)[-1] == {"model_name": "q1", "url": str(good_model)}
 
 
 def test_register_an_archive_unpacks_it_and_delete_removes_it(setup: dict, good_model: Path) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -55,8 +56,8 @@ def zyg(tmp_path: Path) -> Iterator[dict]:
     sock = str(run_dir / zygote.SOCKET_NAME)
     proc = subprocess.Popen([sys.executable, "-c",
                              f"from dogbreed.serve.zygote import Zygote; Zygote({sock!r}, preload=(), warm=()).serve()"],
-                            start_new_session=True, stderr=subprocess.PIPE, text=True)
-    wait_for(lambda: (run_dir / zygote.READY_FILE).exists())
+                            start_new_session=True, stdout=subprocess.PIPE, text=True)
+    assert json.loads(proc.stdout.readline()) == {"ready": proc.pid}  # its report channel: stdout
     shim = zygote.write_shim(str(run_dir / zygote.SHIM_NAME), sock)
     script = tmp_path / "worker.py"
     script.write_text(WORKER_SCRIPT)
@@ -143,16 +144,12 @@ def test_a_worker_dies_with_a_killed_zygote(zyg: dict) -> None:
     assert proc.wait(10) != 0  # the shim, MMS's stand-in for the worker, reports it gone
 
 
-def test_a_dead_worker_is_recorded_with_its_model(zyg: dict) -> None:
-    """MMS 1.1 never restarts a forked worker: the front reads this record and reloads the model."""
+def test_a_dead_worker_is_reported_with_its_model(zyg: dict) -> None:
+    """MMS 1.1 never restarts a forked worker: the server reads this report and reloads the model."""
     proc = run_shim(zyg, "sleep", "--model-name", "dogs")
     pid = int(next(line for line in iter(proc.stdout.readline, "") if line.startswith("pid")).split()[1])
     os.kill(pid, signal.SIGKILL)
     proc.wait(10)
-    deaths = Path(zyg["run_dir"]) / zygote.DEATHS_FILE
-    wait_for(deaths.exists)
-    import json
-
-    record = json.loads(deaths.read_text().splitlines()[-1])
-    assert (record["model"], record["pid"], record["exit"]) == ("dogs", pid, -signal.SIGKILL)
+    record = json.loads(zyg["proc"].stdout.readline())
+    assert (record["died"], record["pid"], record["exit"]) == ("dogs", pid, -signal.SIGKILL)
     assert 0 < time.time() - record["forked"] < 60

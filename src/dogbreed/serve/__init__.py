@@ -1,23 +1,15 @@
 """Serving: Multi Model Server (MMS) + a sagemaker-inference handler, driven like SageMaker.
 
-    dogbreed-serve                      # single-model: loads /opt/ml/model
+    dogbreed-serve                              # single-model: loads /opt/ml/model
     SAGEMAKER_MULTI_MODEL=true dogbreed-serve   # multi-model: POST /models {"model_name","url"}
 
-Modules:
-
-- :mod:`dogbreed.serve.inference` request parsing, image checks, prediction and JSON output
-  (``model_fn``/``input_fn``/``predict_fn``/``output_fn``), independent of MMS.
-- :mod:`dogbreed.serve.handler` the toolkit handler service MMS loads in each backend worker
-  (and a model's own ``code/inference.py``).
-- :mod:`dogbreed.serve.server` ``dogbreed-serve`` and :class:`~dogbreed.serve.server.ModelServer`
-  (start/stop MMS from Python).
-- :mod:`dogbreed.serve.front` the thin HTTP front on the public port (what only it can do is in
-  its docstring).
-- :mod:`dogbreed.serve.zygote` a fork server that hands MMS pre-imported Python workers.
-- :mod:`dogbreed.serve.client` a small HTTP client for the endpoint.
-
-This module holds only the serving-specific environment names (the SageMaker ones live in
-:mod:`dogbreed.contract`); it imports nothing heavy, since the worker shim imports it.
+The request path: :mod:`~dogbreed.serve.front` (the public port) → MMS → :mod:`~dogbreed.serve.handler`
+(the toolkit's handler service) → :mod:`~dogbreed.serve.inference` (``model_fn`` … ``output_fn``).
+Beside it: :mod:`~dogbreed.serve.lifecycle` (what MMS 1.1 lacks about a model's life),
+:mod:`~dogbreed.serve.zygote` (pre-imported workers), :mod:`~dogbreed.serve.server`
+(``dogbreed-serve``, :class:`~dogbreed.serve.server.ModelServer`), :mod:`~dogbreed.serve.client`.
+The SageMaker environment names live in :mod:`dogbreed.contract`; these are serving's own. Nothing
+heavy is imported here: the worker shim imports this package.
 """
 
 # Where the server keeps its MMS config, sockets, pid file, logs and unpacked models.
@@ -36,7 +28,7 @@ ZYGOTE_ENV = "DOGBREED_SERVE_ZYGOTE"
 JVM_OPTS_ENV = "DOGBREED_MMS_JVM_OPTS"
 
 
-# The front asks a freshly registered model whether it loaded (see handler.HandlerService.handle).
+# Asked once of a freshly registered model: did it load? (handler.HandlerService.handle)
 LOAD_STATUS_HEADER = "X-Dogbreed-Load-Status"
 # Where the handler finds a ``?top_k=`` query parameter among the request properties.
 TOP_K_PROPERTY = "top_k"

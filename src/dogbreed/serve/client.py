@@ -1,11 +1,9 @@
-"""A small client for a ``dogbreed-serve`` endpoint: the SageMaker container API over HTTP.
+"""The one HTTP client for a ``dogbreed-serve`` endpoint (tests, benchmark, router, the front's
+calls into MMS). Every call returns a :class:`Response`; nothing raises for an HTTP error status.
 
     client = ServeClient("http://127.0.0.1:8080")     # or unix:///run/dir/mms.sock (MMS itself)
     client.load_model("resnet18", "/opt/ml/models/resnet18/model")   # POST /models
     client.invoke("resnet18", jpeg_bytes).json()                      # POST /models/{name}/invoke
-
-Every call returns a :class:`Response` (status, lower-cased headers, body); nothing raises for
-an HTTP error status. Standard library only.
 """
 
 from __future__ import annotations
@@ -18,20 +16,27 @@ from collections.abc import Mapping
 from typing import Any
 from urllib.parse import quote, urlsplit
 
+from dogbreed.serve import error_body
+
 LOAD_TIMEOUT = 180.0  # MMS gives a new worker 2 minutes to start
 
 
 @dataclasses.dataclass(frozen=True)
 class Response:
     status: int
-    headers: dict[str, str]
+    headers: dict[str, str]  # lower-cased names
     body: bytes
+
+    @classmethod
+    def error(cls, status: int, error_type: str, message: str) -> Response:
+        """The container's one error shape (MMS's own): ``{"code", "type", "message"}``."""
+        return cls(status, {"content-type": "application/json"}, error_body(status, error_type, message))
 
     def json(self) -> Any:
         return json.loads(self.body)
 
     def message(self) -> str:
-        """The error message of a JSON error body (``{"message": ...}``), else the body's text."""
+        """The message of a JSON error body, else the body's text."""
         try:
             data = json.loads(self.body)
             if isinstance(data, dict):
@@ -53,24 +58,23 @@ class UnixHTTPConnection(http.client.HTTPConnection):
 
 
 class ServeClient:
-    """``keep_alive=True`` reuses one connection (one client per thread then; the benchmark's
-    latency loop); by default every call opens its own and the client is thread-safe."""
+    """``keep_alive=True`` reuses one connection (one client per thread then); by default every
+    call opens its own and the client is thread-safe."""
 
     def __init__(self, url: str, timeout: float = 120.0, keep_alive: bool = False) -> None:
         parts = urlsplit(url)
         if not (parts.scheme == "http" and parts.hostname or parts.scheme == "unix" and parts.path):
             raise ValueError(f"expected http://host:port or unix:///path/to.sock, got {url!r}")
-        self.url = url.rstrip("/")
+        self.url, self.timeout, self.keep_alive = url.rstrip("/"), timeout, keep_alive
         self.host, self.port = parts.hostname, parts.port or 80
         self.unix_path = parts.path if parts.scheme == "unix" else None
-        self.timeout = timeout
         self._kept: http.client.HTTPConnection | None = None
-        self.keep_alive = keep_alive
 
     def request(self, method: str, path: str, body: bytes | None = None,
                 headers: Mapping[str, str] | None = None, timeout: float | None = None) -> Response:
-        conn = self._kept or (UnixHTTPConnection(self.unix_path, timeout or self.timeout) if self.unix_path
-                              else http.client.HTTPConnection(self.host, self.port, timeout=timeout or self.timeout))
+        timeout = timeout or self.timeout
+        conn = self._kept or (UnixHTTPConnection(self.unix_path, timeout) if self.unix_path
+                              else http.client.HTTPConnection(self.host, self.port, timeout=timeout))
         try:
             conn.request(method, path, body=body, headers=dict(headers or {}))
             resp = conn.getresponse()
@@ -79,11 +83,9 @@ class ServeClient:
             conn.close()
             self._kept = None
             raise
-        if self.keep_alive and not resp.will_close:
-            self._kept = conn
-        else:
+        self._kept = conn if self.keep_alive and not resp.will_close else None
+        if self._kept is None:
             conn.close()
-            self._kept = None
         return reply
 
     def ping(self) -> Response:
@@ -108,7 +110,5 @@ class ServeClient:
         """``POST /models/{name}/invoke`` (``/invocations`` when ``name`` is None); a None
         ``content_type`` sends no Content-Type header."""
         path = "/invocations" if name is None else f"/models/{quote(name, safe='')}/invoke"
-        all_headers = dict(headers or {})
-        if content_type is not None:
-            all_headers["Content-Type"] = content_type
-        return self.request("POST", path + (f"?{query}" if query else ""), body, all_headers)
+        headers = {**(headers or {}), **({"Content-Type": content_type} if content_type else {})}
+        return self.request("POST", path + (f"?{query}" if query else ""), body, headers)

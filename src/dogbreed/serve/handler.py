@@ -14,8 +14,8 @@ A model that cannot be loaded (bad ``model.json``, class count not matching the 
 ``model.pt`` that is not a plain state_dict, unknown arch, broken user code) does not kill the
 worker: :meth:`HandlerService.initialize` keeps the reason and every request to that model is
 answered with it, as JSON. MMS 1.1 answers a failed worker start with a fixed "Failed to start
-workers" and drops the worker's message, so this is how the reason reaches a caller (the front
-asks once after ``POST /models``, see :mod:`dogbreed.serve.front`).
+workers" and drops the worker's message, so this is how the reason reaches a caller (asked
+once after ``POST /models``, see :mod:`dogbreed.serve.lifecycle`).
 """
 
 from __future__ import annotations

@@ -1,27 +1,16 @@
-"""From request bytes to a JSON answer: the inference path, independent of MMS.
+"""From request bytes to a JSON answer, independent of MMS: the SageMaker-style functions
+(:func:`model_fn`, :func:`input_fn`, :func:`predict_fn`, :func:`output_fn`) and the toolkit
+classes :mod:`dogbreed.serve.handler` runs them with.
 
-The four SageMaker-style functions are the whole path:
-
-- :func:`model_fn` loads a model dir written by ``dogbreed-train`` (``model.json`` +
-  ``model.pt``, ``weights_only``) once per worker, on the GPU when there is one, and warms it up.
-- :func:`input_fn` accepts ``application/x-image``, ``image/jpeg`` and ``image/png`` bodies, or
-  ``application/json`` with ``{"image": <base64>}`` (or ``{"url": "https://..."}`` when
-  ``DOGBREED_ALLOW_URL_HOSTS`` allows the host) and an optional ``"top_k"``. Every image's
-  header is read (PIL, lazily) before anything is decoded: only JPEG/PNG, at most
-  ``DOGBREED_MAX_IMAGE_PIXELS`` pixels.
-- :func:`predict_fn` decodes with :func:`dogbreed.data.decode_image` and transforms with
-  :func:`dogbreed.data.eval_transform`, the code training evaluates with, then runs the model
-  under ``torch.inference_mode``.
-- :func:`output_fn` renders the top-k breeds as JSON.
-
-``CustomAttributes: explain=gradcam`` adds a Grad-CAM heat map of the top class, drawn over the
-pixels the model saw, as a base64 PNG (:func:`explain_prediction`). Captum and matplotlib are
-imported on the first such request: a plain request runs no line of it.
-
-Anything wrong with a request raises :class:`RequestError` (an HTTP 4xx with a JSON body of the
-shape MMS uses for its own errors: ``{"code", "type", "message"}``); the handler
-(:mod:`dogbreed.serve.handler`) answers every failure that way, so a bad request never takes a
-worker down.
+- :func:`input_fn` takes ``application/x-image``, ``image/jpeg``, ``image/png``, or JSON
+  ``{"image": <base64>}`` (``{"url": "https://..."}`` when ``DOGBREED_ALLOW_URL_HOSTS`` allows
+  the host) with an optional ``"top_k"``. Only the image header is read here (JPEG/PNG, size
+  limits); nothing is decoded.
+- :func:`predict_fn` decodes and transforms with :mod:`dogbreed.data`, the code training
+  evaluates with; ``CustomAttributes: explain=gradcam`` adds a Grad-CAM (:mod:`dogbreed.explain`,
+  imported by the first such request).
+- Anything wrong with a request is a :class:`RequestError`: a 4xx whose body is MMS's own error
+  shape ``{"code", "type", "message"}``; a bad request never takes a worker down.
 """
 
 from __future__ import annotations
@@ -182,13 +171,10 @@ def default_device() -> torch.device:
 
 
 def configure_threads(env: Mapping[str, str] | None = None) -> int:
-    """Set this process's torch threads: ``DOGBREED_TORCH_THREADS``, else 1.
-
-    One intra-op thread per worker is MMS's own choice (it exports ``OMP_NUM_THREADS=1``) and
-    the robust one: on a busy or shared CPU a multi-threaded batch-1 forward waits at every op
-    for a descheduled thread (measured on a shared 2-vCPU box: ResNet18 at 64 px took 660 ms
-    with 2 threads against 22 ms with 1). On a dedicated instance, raise it for lower batch-1
-    latency; raise ``SAGEMAKER_MODEL_SERVER_WORKERS`` for throughput.
+    """Set this process's torch threads: ``DOGBREED_TORCH_THREADS``, else 1, as MMS exports
+    ``OMP_NUM_THREADS=1``: on a shared 2-vCPU box a 2-thread batch-1 ResNet18 forward at 64 px
+    took 660 ms against 22 ms with 1 (every op waits for a descheduled thread). Raise
+    ``SAGEMAKER_MODEL_SERVER_WORKERS`` for throughput.
     """
     env = os.environ if env is None else env
     threads = max(1, int(env.get(TORCH_THREADS_ENV) or 1))
@@ -445,8 +431,11 @@ def predict_fn(request: InferenceRequest, served: ServedModel) -> Prediction:
         logits = served.model(batch)
         probabilities = torch.softmax(logits.float(), dim=1)[0].cpu()
     prediction = Prediction(served, probabilities, request.top_k or DEFAULT_TOP_K)
-    if request.explain:
-        prediction = explain_prediction(prediction, batch)
+    if request.explain:  # Captum + matplotlib: loaded by the first explain request
+        from dogbreed import explain
+
+        explanation = explain.served_explanation(served.model, batch, served.metadata, probabilities)
+        prediction = dataclasses.replace(prediction, explanations=(explanation,))
     return prediction
 
 
@@ -458,25 +447,6 @@ def explain_option(value: str | None) -> str | None:
     if method not in EXPLAIN_METHODS:
         raise RequestError(400, f"explain={value!r} is not supported; use explain={EXPLAIN_METHODS[0]}")
     return method
-
-
-def explain_prediction(prediction: Prediction, batch: torch.Tensor) -> Prediction:
-    """Add the top class's Grad-CAM (``dogbreed.explain``, Captum) as a PNG of the model's input
-    size: the heat map over the pixels the model saw (``batch`` un-normalised)."""
-    from dogbreed import explain  # Captum + matplotlib: loaded by the first explain request
-
-    served = prediction.model
-    index = int(prediction.probabilities.argmax())
-    heatmap = explain.explain(served.model, batch, [index], served.metadata.arch)[0]
-    mean = torch.tensor(served.metadata.mean).view(3, 1, 1)
-    std = torch.tensor(served.metadata.std).view(3, 1, 1)
-    photo = ((batch[0].detach().float().cpu() * std + mean) * 255).round().clamp(0, 255).to(torch.uint8)
-    png = explain.overlay_png(photo, heatmap)
-    return dataclasses.replace(prediction, explanations=({
-        "method": "gradcam", "label": served.labels[index],
-        "class_name": served.metadata.class_names[index], "index": index,
-        "probability": round(float(prediction.probabilities[index]), 6),
-        "png_base64": base64.b64encode(png).decode("ascii")},))
 
 
 def output_fn(prediction: Prediction, accept: str | None = None) -> tuple[bytes, str]:

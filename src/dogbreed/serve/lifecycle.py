@@ -1,0 +1,210 @@
+"""What multi-model-server 1.1.11 (pinned) cannot do about a model's life, done beside it.
+
+1. **A refused model's reason.** MMS answers a failed worker start with a fixed "Failed to start
+   workers" and drops the worker's message. The handler keeps a load failure instead of dying;
+   after MMS registers a model, :meth:`ModelLifecycle.register` asks it once
+   (``X-Dogbreed-Load-Status``) and, if refused, unregisters it and answers the reason.
+2. **A model.tar.gz url**, which MMS would read as a .mar (zip): unpacked once
+   (:func:`dogbreed.artifacts.resolve_model_dir`), removed again on ``DELETE``.
+3. **An unload never strands a request.** ``DELETE`` stops new invokes (503 + ``Retry-After``),
+   waits up to :data:`DRAIN_SECONDS` for those in flight, then unloads; any still waiting in MMS
+   are answered 503 at once (MMS left them hanging 65-90 s, then 504).
+4. **A dead worker is noticed.** The zygote reports each worker that dies while its model is
+   loaded; MMS would retry the dead worker's socket forever while ``/ping`` says healthy. The
+   model is re-registered (503 meanwhile; ``GET /models/{name}`` says ``RECOVERING``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import json
+import logging
+import shutil
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qsl
+
+from dogbreed import artifacts, contract
+from dogbreed.serve import LOAD_STATUS_HEADER
+from dogbreed.serve.client import Response, ServeClient, UnixHTTPConnection
+
+log = logging.getLogger("dogbreed.serve")
+
+# What POST /models takes (SageMaker sends model_name and url). MMS's initial_workers,
+# batch_size, max_batch_delay... are a 400: a caller-chosen max_batch_delay=5000 made every
+# invoke wait 5 s (issue 11).
+REGISTER_PARAMETERS = frozenset({"model_name", "url", "synchronous"})
+JSON_HEADERS = {"content-type": "application/json"}
+DRAIN_SECONDS = 5.0
+RETRY_AFTER_SECONDS = "2"
+
+
+class ModelLifecycle:
+    def __init__(self, mms: ServeClient, resolve: Callable[[str, str], tuple[Path, Path | None]],
+                 response_timeout: float, load_timeout: float) -> None:
+        self.mms, self.resolve = mms, resolve
+        self.response_timeout, self.load_timeout = response_timeout, load_timeout
+        self.unpacked: dict[str, Path] = {}  # name -> the archive unpacked for it
+        self.registered: dict[str, str] = {}  # name -> the model dir MMS loaded it from
+        self.registered_at: dict[str, float] = {}  # name -> when its last registration began
+        self.state = threading.Condition()
+        self.in_flight: dict[str, set[http.client.HTTPConnection]] = {}  # name -> its calls into MMS
+        self.paused: dict[str, str] = {}  # name -> "UNLOADING" / "RECOVERING"
+        self.recoveries = 0
+
+    def _load(self, name: str, model_dir: str) -> Response:
+        self.registered.pop(name, None)
+        self.registered_at[name] = time.time()
+        body = json.dumps({"model_name": name, "url": model_dir}).encode()
+        reply = self.mms.request("POST", "/models", body, JSON_HEADERS, self.load_timeout)
+        if 200 <= reply.status < 300:
+            probe = self.mms.invoke(name, b"", "application/json", {LOAD_STATUS_HEADER: "1"})
+            if probe.status != 200:  # refused by the handler: its reason, and no model left behind
+                self.mms.unload_model(name)
+                return Response(probe.status, dict(JSON_HEADERS), probe.body)
+            self.registered[name] = model_dir
+        return reply
+
+    def register(self, body: bytes, query: str) -> Response:
+        params: dict[str, Any] = dict(parse_qsl(query))
+        try:
+            params.update(json.loads(body) if body.strip() else {})
+        except (ValueError, TypeError, RecursionError):  # not JSON, or not an object
+            return Response.error(400, "BadRequest", 'body must be a JSON object {"model_name", "url"}')
+        unknown = sorted(set(params) - REGISTER_PARAMETERS)
+        if unknown or str(params.get("synchronous", "true")).lower() != "true":
+            return Response.error(400, "BadRequest", f"POST /models takes model_name and url only, not "
+                                  f"{unknown or 'synchronous'}: workers, batching and timeouts are set by the platform")
+        name, url = params.get("model_name"), params.get("url")
+        try:
+            if not isinstance(url, str) or not url:
+                return Response.error(400, "BadRequest", "Parameter url is required.")
+            if self.mms.describe_model(contract.validate_model_name(name)).status == 200:
+                return Response.error(409, "ConflictStatusException", f"Model {name} is already registered.")
+            model_dir, unpacked = self.resolve(url, name)
+        except FileNotFoundError:
+            return Response.error(404, "ModelNotFoundException", f"Model not found: {url}")
+        except contract.ContractError as exc:
+            return Response.error(400, "BadRequest", f"Parameter model_name: {exc}")
+        except artifacts.ArtifactError as exc:
+            return Response.error(400, "ArtifactError", str(exc))
+        reply = Response.error(500, "InternalServerError", "registration did not finish")
+        try:
+            reply = self._load(name, str(model_dir))
+        finally:  # tidy up before answering: the caller may look at once
+            if unpacked is not None and 200 <= reply.status < 300:
+                self.unpacked[name] = unpacked
+            elif unpacked is not None:
+                shutil.rmtree(unpacked, ignore_errors=True)
+        return reply
+
+    def invoke(self, name: str, method: str, path: str, body: bytes, headers: dict[str, str]) -> Response:
+        """Forward one invoke of ``name``, tracked so an unload or a recovery can answer it."""
+        with self.state:
+            if name in self.paused:
+                return self._unavailable(name)
+            conn = UnixHTTPConnection(self.mms.unix_path or "", self.response_timeout)
+            conn.connect()  # connected before it is tracked: _pause can always cut it off
+            self.in_flight.setdefault(name, set()).add(conn)
+        try:
+            conn.request(method, path, body=body, headers=headers)
+            resp = conn.getresponse()
+            return Response(resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read())
+        except (OSError, http.client.HTTPException):
+            cut_by = getattr(conn, "cut_by", None)  # the pause may be over by now: say why it was cut
+            if cut_by is not None:
+                return self._unavailable(name, cut_by)
+            raise
+        finally:
+            conn.close()
+            with self.state:
+                calls = self.in_flight.get(name, set())
+                calls.discard(conn)
+                if not calls:
+                    self.in_flight.pop(name, None)
+                    self.state.notify_all()
+
+    def _unavailable(self, name: str, why: str | None = None) -> Response:
+        why = why or self.paused.get(name, "UNLOADING")
+        reply = Response.error(503, "ServiceUnavailable", f"model {name} is {why.lower()}; retry in {RETRY_AFTER_SECONDS} s")
+        reply.headers["retry-after"] = RETRY_AFTER_SECONDS
+        return reply
+
+    @contextlib.contextmanager
+    def _paused(self, name: str, why: str, drain: float) -> Any:
+        """No new invokes of ``name``; those in flight get ``drain`` s, then are cut off (503 now,
+        not MMS's timeout later)."""
+        deadline = time.monotonic() + drain
+        with self.state:
+            self.paused[name] = why
+            while self.in_flight.get(name) and time.monotonic() < deadline:
+                self.state.wait(max(0.01, deadline - time.monotonic()))
+            stuck = list(self.in_flight.get(name, ()))
+        for conn in stuck:
+            conn.cut_by = why  # type: ignore[attr-defined]
+            with contextlib.suppress(OSError, AttributeError):
+                conn.sock.shutdown(socket.SHUT_RDWR)
+        try:
+            yield
+        finally:
+            with self.state:
+                self.paused.pop(name, None)
+                self.state.notify_all()
+
+    def unload(self, name: str, path: str) -> Response:
+        if self.paused.get(name) == "RECOVERING":
+            return self._unavailable(name)
+        with self._paused(name, "UNLOADING", DRAIN_SECONDS):
+            reply = self.mms.request("DELETE", path, b"", {}, self.load_timeout)
+            if reply.status == 200:
+                self.registered.pop(name, None)
+                shutil.rmtree(self.unpacked.pop(name, "/nonexistent"), ignore_errors=True)
+            return reply
+
+    def describe(self, name: str, path: str, headers: dict[str, str]) -> Response:
+        reply = self.mms.request("GET", path, b"", headers)
+        why = self.paused.get(name)
+        if why and reply.status == 200:  # what MMS cannot say: this model does not serve now
+            with contextlib.suppress(ValueError, AttributeError):
+                described = json.loads(reply.body)
+                for model in described if isinstance(described, list) else [described]:
+                    model["status"] = why
+                    for worker in model.get("workers", []):
+                        worker["status"] = why
+                return Response(200, dict(JSON_HEADERS), json.dumps(described, indent=2).encode())
+        return reply
+
+    def watch(self, reports: Iterable[bytes | str]) -> None:
+        """Follow the zygote's reports (its stdout) and recover each model that lost a worker."""
+        for line in reports:
+            try:
+                report = json.loads(line)
+                name, forked = report.get("died"), float(report.get("forked", 0))
+            except (ValueError, AttributeError, TypeError):
+                continue  # "ready", or anything else the zygote's imports printed
+            # A worker forked before the model's last registration is one an unload stopped.
+            if (isinstance(name, str) and name in self.registered and name not in self.paused
+                    and forked >= self.registered_at.get(name, 0)):
+                try:
+                    self.recover(name)
+                except Exception:  # the watcher outlives any one recovery
+                    log.exception("event=worker_recovery_failed model=%s", name)
+
+    def recover(self, name: str) -> None:
+        """Unload (MMS cannot restart a forked worker) and load again from the same dir."""
+        started, model_dir = time.monotonic(), self.registered[name]
+        log.warning("event=worker_died model=%s action=reload", name)
+        with self._paused(name, "RECOVERING", 0.0):
+            self.mms.unload_model(name)
+            reply = self._load(name, model_dir)
+            if 200 <= reply.status < 300:
+                self.recoveries += 1
+                log.info("event=worker_recovered model=%s seconds=%.2f", name, time.monotonic() - started)
+            else:
+                log.error("event=worker_recovery_failed model=%s status=%d reason=%s", name, reply.status,
+                          reply.message())
