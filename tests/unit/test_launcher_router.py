@@ -150,6 +150,17 @@ def test_model_lost_by_the_server_is_loaded_again(endpoint: Router,
     assert fake_server.count("load") == 2
 
 
+def test_a_model_the_server_still_holds_after_a_router_restart_is_used(
+        store: ModelStore, fake_server: FakeModelServer, tmp_path: Path) -> None:
+    """The server answers 409 (already registered) to the new router's load: that is a load."""
+    for attempt in range(2):
+        with Router(store.root, fake_server.url, tmp_path / f"work{attempt}", endpoint_name=ENDPOINT,
+                    max_loaded=2) as router:
+            status, _, body = invoke(router.url, "resnet/model.tar.gz")
+            assert status == 200 and body["artifact"] == "resnet", body
+    assert fake_server.count("load") == 2 and len(fake_server.loaded) == 1
+
+
 def test_corrupt_archive_in_store_is_refused(endpoint: Router, store: ModelStore) -> None:
     bad = store.root / "broken" / "model.tar.gz"
     bad.parent.mkdir()

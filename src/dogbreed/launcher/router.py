@@ -284,9 +284,8 @@ class ModelCache:
                 victims = self._pick_victims_beyond(1)
             self._unload_all(victims)
             reply = self.server.load_model(entry.name, str(model_dir))
-        if reply.status == 409:  # already loaded (e.g. a router restart): fine
-            reply.status = 200
-        if reply.status >= 300:
+        # 409: the server already holds it (e.g. a router restart): that is a load too.
+        if reply.status >= 300 and reply.status != 409:
             raise model_error(reply.status, reply.message(), f"model server loading {entry.target}")
         self.loads += 1
         events.event("model_loaded", target=entry.target, model=entry.name)
