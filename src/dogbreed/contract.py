@@ -56,6 +56,19 @@ DEFAULT_BIND_PORT = 8080
 MAX_PAYLOAD_BYTES = 6 * 1024 * 1024  # "6 MB" request/response payload of InvokeEndpoint
 CUSTOM_ATTRIBUTES_HEADER = "X-Amzn-SageMaker-Custom-Attributes"
 TARGET_MODEL_HEADER = "X-Amzn-SageMaker-Target-Model"
+SINGLE_MODEL_NAME = "model"  # what sagemaker-inference calls the model of a single-model endpoint
+# The container API of a SageMaker (multi-model) endpoint: (method, path shape) pairs, "*" one
+# path segment (a model name).
+CONTAINER_ROUTES = frozenset({
+    ("GET", ("ping",)), ("POST", ("invocations",)), ("GET", ("execution-parameters",)), ("GET", ("models",)),
+    ("POST", ("models",)), ("GET", ("models", "*")), ("DELETE", ("models", "*")), ("POST", ("models", "*", "invoke"))})
+
+
+def execution_parameters(workers: int) -> dict[str, Any]:
+    """The ``GET /execution-parameters`` answer batch transform asks a container for: one record
+    per request (images are not split), as many in flight as model workers, the payload limit."""
+    return {"MaxConcurrentTransforms": max(1, int(workers)), "BatchStrategy": "SINGLE_RECORD",
+            "MaxPayloadInMB": MAX_PAYLOAD_BYTES // 1024**2}
 
 # File names inside the contract.
 HYPERPARAMETERS_FILE = "hyperparameters.json"

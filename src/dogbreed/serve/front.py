@@ -1,17 +1,9 @@
-"""The thin HTTP front on the public port; MMS listens on a unix socket behind it.
-
-What only a front can do with multi-model-server 1.1.11 (pinned), all measured in issue 11:
-
-- **Only the SageMaker container API passes** (:data:`ROUTES`). MMS would also serve
-  ``PUT /models/{name}?min_worker=`` and caller-chosen batching: the platform sizes workers.
-- **Every refusal is JSON, and never a dropped connection**: chunked bodies are read (MMS
-  answers them 400), a header with control characters is refused here (MMS answers 400 but may
-  close mid-body: 1 in 20 tries for ``\\x7f``), a request line over 8 KB gets a 414 (MMS drops it),
-  and MMS hanging up is a 502.
-- **The model life MMS lacks** (:mod:`dogbreed.serve.lifecycle`): a refused model's reason,
-  model.tar.gz urls, unloads that drain, dead workers noticed.
-- ``GET /execution-parameters`` (MMS has no such route), what SageMaker batch transform asks.
-"""
+"""The thin HTTP front on the public port (MMS on a unix socket behind it), for what only a front
+can do with multi-model-server 1.1.11 (pinned), each found in issue 11: only the SageMaker
+container API passes (MMS would also take worker scaling, batching set by callers); every refusal
+is JSON, never a dropped connection (MMS answers chunked bodies 400, drops request lines over
+8 KB, may close mid-answer on a header with control characters; MMS hanging up is a 502); the
+model life MMS lacks (:mod:`dogbreed.serve.lifecycle`); ``GET /execution-parameters``."""
 
 from __future__ import annotations
 
@@ -20,10 +12,8 @@ import json
 import logging
 import re
 import socket
-from collections.abc import Iterable
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
 from urllib.parse import unquote, urlsplit
 
 from dogbreed import contract
@@ -32,52 +22,40 @@ from dogbreed.serve.lifecycle import ModelLifecycle
 
 log = logging.getLogger("dogbreed.serve")
 
-# Headers that describe one hop, not the request (RFC 9110 7.6.1).
-HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-connection", "te", "trailer", "upgrade",
-                        "transfer-encoding", "content-length", "host", "expect", "date", "server"})
-# (method, path shape) pairs that pass; "*" is one path segment (a model name).
-ROUTES = frozenset({("GET", ("ping",)), ("POST", ("invocations",)), ("GET", ("models",)),
-                    ("POST", ("models",)), ("GET", ("models", "*")), ("DELETE", ("models", "*")),
-                    ("POST", ("models", "*", "invoke")), ("GET", ("execution-parameters",))})
+HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-connection", "te", "trailer", "upgrade",  # RFC 9110
+                        "transfer-encoding", "content-length", "host", "expect", "date", "server"})  # 7.6.1
 CONTROL_CHARACTERS = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")  # all but HTAB (RFC 9110 5.5)
 MAX_PATH_BYTES = 8192
-SINGLE_MODEL_NAME = "model"  # what sagemaker-inference calls the model of a single-model endpoint
 
 
-def refusal(method: str, path: list[str], raw_path: str, headers: Iterable[tuple[str, str]]) -> Response | None:
+def refusal(method: str, path: list[str], raw_path: str, headers: list[tuple[str, str]]) -> Response | None:
     """A 4xx for anything outside the SageMaker container API, else None."""
     if len(raw_path) > MAX_PATH_BYTES:
         return Response.error(414, "URITooLong", f"request path of {len(raw_path)} bytes, over {MAX_PATH_BYTES}")
-    try:
-        contract.validate_model_name(path[1]) if path[:1] == ["models"] and len(path) >= 2 else None
-    except contract.ContractError as exc:
-        return Response.error(400, "BadRequest", str(exc))
+    if path[:1] == ["models"] and len(path) >= 2:
+        try:
+            contract.validate_model_name(path[1])
+        except contract.ContractError as exc:
+            return Response.error(400, "BadRequest", str(exc))
     shape = tuple("*" if i == 1 and path[0] == "models" else p for i, p in enumerate(path))
-    if not ((method, shape) in ROUTES or method == "HEAD" and ("GET", shape) in ROUTES):
-        if any(shape == s for _, s in ROUTES):
-            return Response.error(405, "MethodNotAllowed", f"{method} /{'/'.join(path)} is not part of the "
-                                  "SageMaker container API (worker scaling and other MMS management calls are not served)")
+    routes = contract.CONTAINER_ROUTES
+    if not ((method, shape) in routes or method == "HEAD" and ("GET", shape) in routes):
+        if any(shape == s for _, s in routes):
+            return Response.error(405, "MethodNotAllowed", f"{method} /{'/'.join(path)}: not in the SageMaker container API")
         return Response.error(404, "ResourceNotFoundException", f"no route for {method} /{'/'.join(path)}")
     bad = next((k for k, v in headers if CONTROL_CHARACTERS.search(k + v)), None)
     return None if bad is None else Response.error(400, "BadRequest", f"header {bad!r} holds control characters")
 
 
-def execution_parameters(workers: int) -> dict[str, Any]:
-    """One record per request (images are not split), as many in flight as model workers."""
-    return {"MaxConcurrentTransforms": max(1, int(workers)), "BatchStrategy": "SINGLE_RECORD",
-            "MaxPayloadInMB": contract.MAX_PAYLOAD_BYTES // 1024**2}
-
-
 class Front(ThreadingHTTPServer):
     daemon_threads, request_queue_size = True, 128
-    single_model = False  # set by the server: /invocations goes to SINGLE_MODEL_NAME
+    single_model = False  # set by the server: /invocations goes to contract.SINGLE_MODEL_NAME
 
     def __init__(self, address: tuple[str, int], models: ModelLifecycle, workers: int = 1,
                  max_request_bytes: int = contract.MAX_PAYLOAD_BYTES) -> None:
         self.models, self.mms, self.max_request_bytes = models, models.mms, max_request_bytes
-        self.execution_parameters = execution_parameters(workers)
-        if ":" in address[0]:
-            self.address_family = socket.AF_INET6
+        self.execution_parameters = json.dumps(contract.execution_parameters(workers)).encode()
+        self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
         super().__init__(address, FrontHandler)
 
 
@@ -87,11 +65,10 @@ class FrontHandler(BaseHTTPRequestHandler):
     timeout = 120  # a caller that stops sending mid-request gives up its thread
     server: Front
 
-    def log_message(self, *args: Any) -> None:
+    def log_message(self, *args: object) -> None:
         pass  # MMS logs every request already
 
-    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
-        """http.server's own refusals (a request line over 64 KB, a malformed one) as JSON too."""
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:  # as JSON too
         kind = HTTPStatus(code).phrase.replace(" ", "")
         self._send(Response.error(code, kind, message or kind), close=True)
 
@@ -119,52 +96,41 @@ class FrontHandler(BaseHTTPRequestHandler):
     do_POST = do_PUT = do_DELETE = do_HEAD = do_OPTIONS = do_PATCH = do_GET
 
     def _reply(self, body: bytes) -> Response:
-        """The answer to this request; errors talking to MMS propagate (see :meth:`do_GET`)."""
         parts, method, models = urlsplit(self.path), self.command, self.server.models
         path = [unquote(s) for s in parts.path.split("/") if s]
-        refused = refusal(method, path, self.path, self.headers.items())
-        if refused is not None:
+        if refused := refusal(method, path, self.path, self.headers.items()):
             return refused
         headers = {k: v for k, v in self.headers.items() if k.lower() not in HOP_BY_HOP}
         if method == "POST" and path == ["models"]:
             return models.register(body, parts.query)
         if path == ["execution-parameters"]:
-            return Response(200, {"content-type": "application/json"},
-                            json.dumps(self.server.execution_parameters).encode())
+            return Response(200, {"content-type": "application/json"}, self.server.execution_parameters)
         if method == "DELETE":
             return models.unload(path[1], self.path)
         if len(path) == 3:
             return models.invoke(path[1], method, self.path, body, headers)
         if path == ["invocations"] and self.server.single_model:
-            # By name: MMS's /invocations finds only a model loaded at start, not a recovered one.
-            target = f"/models/{SINGLE_MODEL_NAME}/invoke" + (f"?{parts.query}" if parts.query else "")
-            return models.invoke(SINGLE_MODEL_NAME, method, target, body, headers)
+            return models.invoke_single(method, parts.query, body, headers)
         if len(path) == 2:
             return models.describe(path[1], self.path, headers)
         return self.server.mms.request(method, self.path, body, headers)
 
     def _body(self) -> bytes | Response:
         """The request body (Content-Length or chunked), or the 400/413 refusing it."""
-        chunked = "chunked" in self.headers.get("Transfer-Encoding", "").lower()
-        chunks, total = [], 0
+        chunked, body = "chunked" in self.headers.get("Transfer-Encoding", "").lower(), b""
         while True:
             text = self.rfile.readline(1024).split(b";")[0].strip() if chunked else (
                 self.headers.get("Content-Length") or "0").encode()
-            try:
-                size = int(text, 16 if chunked else 10)
-            except ValueError:
-                size = -1
-            if size < 0:
+            if not re.fullmatch(rb"[0-9a-fA-F]{1,16}" if chunked else rb"[0-9]{1,16}", text):
                 return Response.error(400, "BadRequest", f"bad body length {text[:20]!r}")
-            total += size
-            if total > self.server.max_request_bytes:
-                return Response.error(413, "RequestEntityTooLarge", f"request body over the "
-                                      f"{self.server.max_request_bytes} bytes allowed")
-            chunks.append(self.rfile.read(size))
+            size = int(text, 16 if chunked else 10)
+            if len(body) + size > self.server.max_request_bytes:
+                return Response.error(413, "RequestEntityTooLarge", f"body over {self.server.max_request_bytes} bytes")
+            body += self.rfile.read(size)
             if not chunked or size == 0:
                 while chunked and self.rfile.readline(1024) not in (b"\r\n", b"\n", b""):
                     pass  # trailers
-                return b"".join(chunks)
+                return body
             self.rfile.readline(1024)
 
     def _send(self, reply: Response, close: bool = False) -> None:

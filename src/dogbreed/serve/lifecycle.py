@@ -129,6 +129,13 @@ class ModelLifecycle:
                     self.in_flight.pop(name, None)
                     self.state.notify_all()
 
+    def invoke_single(self, method: str, query: str, body: bytes, headers: dict[str, str]) -> Response:
+        """Single-model ``/invocations``, by name: MMS's own finds only a model loaded at start,
+        not one recovered after its worker died."""
+        name = contract.SINGLE_MODEL_NAME
+        target = f"/models/{name}/invoke" + (f"?{query}" if query else "")
+        return self.invoke(name, method, target, body, headers)
+
     def _unavailable(self, name: str, why: str | None = None) -> Response:
         why = why or self.paused.get(name, "UNLOADING")
         reply = Response.error(503, "ServiceUnavailable", f"model {name} is {why.lower()}; retry in {RETRY_AFTER_SECONDS} s")

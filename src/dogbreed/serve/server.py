@@ -46,7 +46,7 @@ from dogbreed.serve.lifecycle import ModelLifecycle
 log = logging.getLogger("dogbreed.serve")
 
 HANDLER_MODULE = "dogbreed.serve.handler"
-SINGLE_MODEL_NAME = front.SINGLE_MODEL_NAME
+SINGLE_MODEL_NAME = contract.SINGLE_MODEL_NAME
 PID_FILE = "dogbreed-serve.pid"
 MAX_RUN_DIR_LENGTH = 80  # a unix socket path fits in 108 bytes; MMS adds "/.mms.sock.NNNN"
 
