@@ -209,3 +209,23 @@ def test_extraction_without_tarfile_filters(model_dir: Path, tmp_path: Path, mon
         tar.addfile(info, io.BytesIO(b""))
     with pytest.raises(artifacts.ArtifactError, match="unsafe path"):
         artifacts.safe_extract(evil, tmp_path / "out2")
+
+
+def test_resolve_model_dir_uses_dirs_and_unpacks_archives_once(model_dir: Path, tmp_path: Path) -> None:
+    staging = tmp_path / "staging"
+    assert artifacts.resolve_model_dir(model_dir, staging) == (model_dir, None)  # as SageMaker hands it
+    archive = artifacts.pack(model_dir, tmp_path / "store" / artifacts.ARCHIVE_NAME)
+    for source in (archive, archive.parent):  # the file, or a dir holding only it
+        found, unpacked = artifacts.resolve_model_dir(source, staging, "a/b")
+        assert unpacked is not None and unpacked.parent == staging and found == unpacked
+        assert (found / artifacts.METADATA_FILE).read_bytes() == (model_dir / artifacts.METADATA_FILE).read_bytes()
+    assert len(list(staging.iterdir())) == 2  # one folder per resolve, for its caller to remove
+    with pytest.raises(FileNotFoundError):
+        artifacts.resolve_model_dir(tmp_path / "missing", staging)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(artifacts.ArtifactError, match="neither model.json nor model.tar.gz"):
+        artifacts.resolve_model_dir(tmp_path / "empty", staging)
+    (tmp_path / "fake.tar.gz").write_bytes(b"plain text")
+    with pytest.raises(artifacts.ArtifactError, match="not a tar archive"):
+        artifacts.resolve_model_dir(tmp_path / "fake.tar.gz", staging)
+    assert len(list(staging.iterdir())) == 2  # a refused source leaves nothing behind

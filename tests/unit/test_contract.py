@@ -119,3 +119,13 @@ def test_pipe_mode_is_refused(tmp_path: Path, sample_data: Path):
     paths.input_data_config_file.write_text(json.dumps({"training": {"TrainingInputMode": "Pipe"}}))
     with pytest.raises(ContractError, match="Pipe mode"):
         contract.resolve_splits(paths, env={})
+
+
+def test_env_int_is_the_one_whole_number_setting_parser():
+    env = {"A": " 3 ", "B": "", "C": "x", "D": "0"}
+    assert contract.env_int(env, "A", 1) == 3
+    assert contract.env_int(env, "B", 1, None) is None and contract.env_int(env, "unset", 0, 7) == 7
+    with pytest.raises(contract.ContractError, match="C='x' is not a whole number"):
+        contract.env_int(env, "C")
+    with pytest.raises(contract.ContractError, match="D='0' must be at least 1"):
+        contract.env_int(env, "D", 1)

@@ -126,7 +126,7 @@ class UrlPolicy:
     def from_env(cls, env: Mapping[str, str] | None = None) -> UrlPolicy:
         env = os.environ if env is None else env
         hosts = frozenset(h.strip().lower() for h in env.get(ALLOW_URL_HOSTS_ENV, "").split(",") if h.strip())
-        return cls(hosts=hosts, max_bytes=int(env.get(URL_MAX_BYTES_ENV) or DEFAULT_URL_MAX_BYTES),
+        return cls(hosts=hosts, max_bytes=contract.env_int(env, URL_MAX_BYTES_ENV, 1, DEFAULT_URL_MAX_BYTES),
                    timeout=float(env.get(URL_TIMEOUT_ENV) or DEFAULT_URL_TIMEOUT))
 
     def allows(self, host: str) -> bool:
@@ -147,7 +147,7 @@ class Settings:
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
         env = os.environ if env is None else env
-        return cls(UrlPolicy.from_env(env), int(env.get(MAX_IMAGE_PIXELS_ENV) or DEFAULT_MAX_IMAGE_PIXELS))
+        return cls(UrlPolicy.from_env(env), contract.env_int(env, MAX_IMAGE_PIXELS_ENV, 1, DEFAULT_MAX_IMAGE_PIXELS))
 
 
 @functools.lru_cache(maxsize=1)
@@ -177,7 +177,7 @@ def configure_threads(env: Mapping[str, str] | None = None) -> int:
     ``SAGEMAKER_MODEL_SERVER_WORKERS`` for throughput.
     """
     env = os.environ if env is None else env
-    threads = max(1, int(env.get(TORCH_THREADS_ENV) or 1))
+    threads = contract.env_int(env, TORCH_THREADS_ENV, 1, 1)
     torch.set_num_threads(threads)
     try:
         torch.set_num_interop_threads(1)
@@ -191,17 +191,10 @@ def model_fn(model_dir: str | Path, context: Any = None) -> ServedModel:
 
     (Two parameters exactly: the toolkit passes ``context`` when a function takes one more.)
     """
-    start = time.perf_counter()
-    device = default_device()
+    start, device = time.perf_counter(), default_device()
     model, metadata = artifacts.load_model(Path(model_dir), device)
     name = getattr(context, "model_name", None) or Path(model_dir).name
-    served = ServedModel(
-        name=name,
-        model=model.eval(),
-        metadata=metadata,
-        device=device,
-        labels=tuple(data.breed_name(c) for c in metadata.class_names),
-    )
+    served = ServedModel(name, model.eval(), metadata, device, tuple(data.breed_name(c) for c in metadata.class_names))
     log.info("event=model_fn model=%s load_s=%.3f", name, time.perf_counter() - start)
     return served
 
