@@ -170,7 +170,8 @@ class ModelLifecycle:
             reply = self.mms.request("DELETE", path, b"", {}, self.load_timeout)
             if reply.status == 200:
                 self.registered.pop(name, None)
-                shutil.rmtree(self.unpacked.pop(name, "/nonexistent"), ignore_errors=True)
+                if name in self.unpacked:
+                    shutil.rmtree(self.unpacked.pop(name), ignore_errors=True)
             return reply
 
     def describe(self, name: str, path: str, headers: dict[str, str]) -> Response:
