@@ -57,7 +57,9 @@ class ModelLifecycle:
         self.paused: dict[str, str] = {}  # name -> "UNLOADING" / "RECOVERING"
         self.recoveries = 0
 
-    def _load(self, name: str, model_dir: str) -> Response:
+    def load(self, name: str, model_dir: str) -> Response:
+        """Register a checked model dir with MMS; a model the handler refused is unregistered and
+        its reason answered."""
         self.registered.pop(name, None)
         self.registered_at[name] = time.time()
         body = json.dumps({"model_name": name, "url": model_dir}).encode()
@@ -95,7 +97,7 @@ class ModelLifecycle:
             return Response.error(400, "ArtifactError", str(exc))
         reply = Response.error(500, "InternalServerError", "registration did not finish")
         try:
-            reply = self._load(name, str(model_dir))
+            reply = self.load(name, str(model_dir))
         finally:  # tidy up before answering: the caller may look at once
             if unpacked is not None and 200 <= reply.status < 300:
                 self.unpacked[name] = unpacked
@@ -209,7 +211,7 @@ class ModelLifecycle:
         log.warning("event=worker_died model=%s action=reload", name)
         with self._paused(name, "RECOVERING", 0.0):
             self.mms.unload_model(name)
-            reply = self._load(name, model_dir)
+            reply = self.load(name, model_dir)
             if 200 <= reply.status < 300:
                 self.recoveries += 1
                 log.info("event=worker_recovered model=%s seconds=%.2f", name, time.monotonic() - started)

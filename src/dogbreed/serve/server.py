@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import IO
 
 from dogbreed import artifacts, contract
-from dogbreed.serve import JVM_OPTS_ENV, LOAD_STATUS_HEADER, RUN_DIR_ENV, ZYGOTE_ENV, front, zygote
+from dogbreed.serve import JVM_OPTS_ENV, RUN_DIR_ENV, ZYGOTE_ENV, front, zygote
 from dogbreed.serve.client import LOAD_TIMEOUT, ServeClient
 from dogbreed.serve.lifecycle import ModelLifecycle
 
@@ -103,6 +103,7 @@ class ModelServer:
         self._log: IO[bytes] | None = None
         self._stopped = False
         self._zygote_ready = threading.Event()
+        self.single_model_source: Path | None = None  # single-model: the dir it loads
 
     @property
     def url(self) -> str:
@@ -231,10 +232,7 @@ class ModelServer:
         cmd = [java, f"-Dmodel_server_home={home}", f"-Dlog4j.configurationFile=file://{self.run_dir / 'log4j2.properties'}",
                f"-Djava.io.tmpdir={self.run_dir}", *vmargs, "-cp", f"{home / 'mms' / 'frontend'}/*",
                "com.amazonaws.ml.mms.ModelServer", "--python", python, "-f", str(config), "-s", str(self.model_store)]
-        if single_model_dir is not None:
-            cmd += ["-m", f"{SINGLE_MODEL_NAME}={single_model_dir}"]
-            models.registered[SINGLE_MODEL_NAME] = str(single_model_dir)  # reloaded if its worker dies
-            self.front.single_model = True
+        self.single_model_source, self.front.single_model = single_model_dir, single_model_dir is not None
         log.info("event=start_mms run_dir=%s cmd=%s", self.run_dir, " ".join(cmd))
         self.java = subprocess.Popen(cmd, cwd=self.run_dir, env=env, start_new_session=True, **out)
         (self.run_dir / "mms.pid").write_text(f"{self.java.pid}\n")
@@ -266,20 +264,20 @@ class ModelServer:
         return self
 
     def _ready(self) -> bool:
+        """MMS answers; single-model: the model is loaded the one way any model is (lifecycle)."""
         if self.use_zygote and not self._zygote_ready.is_set():
             return False
-        mms = ServeClient(f"unix://{self.mms_socket}", timeout=5)
         try:
-            if mms.ping().status != 200:
+            if ServeClient(f"unix://{self.mms_socket}", timeout=5).ping().status != 200:
                 return False
-            if self.multi_model or b'"READY"' not in mms.describe_model(SINGLE_MODEL_NAME).body:
-                return self.multi_model
-            refused = mms.invoke(SINGLE_MODEL_NAME, b"", "application/json", {LOAD_STATUS_HEADER: "1"})
-            if refused.status != 200:  # a model that cannot serve fails the start, with the reason
-                raise ServerError(f"single-model mode: model refused: {refused.message()}")
-            return True
+            if self.single_model_source is None or SINGLE_MODEL_NAME in self.front.models.registered:
+                return True
+            reply = self.front.models.load(SINGLE_MODEL_NAME, str(self.single_model_source))
         except (OSError, http.client.HTTPException):
             return False
+        if reply.status != 200:  # a model that cannot serve fails the start, with the reason
+            raise ServerError(f"single-model mode: model refused: {reply.message()}")
+        return True
 
     def _log_hint(self) -> str:
         if self.log_file and self.log_file.is_file():
