@@ -32,6 +32,7 @@ class FakeMMS(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
         self.requests: list[dict] = []
         self.models: dict[str, str] = {}
         self.fail_load: dict[str, str] = {}  # name -> reason the handler keeps and answers with
+        self.hang_up_after_reply = False  # close the connection without saying so (an idle timeout)
         self.run_dir: Path | None = None
         super().__init__(path, FakeHandler)
 
@@ -52,11 +53,14 @@ class FakeHandler(BaseHTTPRequestHandler):
             self.send_header(k, v)
         self.end_headers()
         self.wfile.write(body)
+        if self.server.hang_up_after_reply:
+            self.close_connection = True
 
     def do_ANY(self) -> None:
         length = int(self.headers.get("Content-Length") or 0)
         body = self.rfile.read(length)
-        record = {"method": self.command, "path": self.path, "headers": dict(self.headers), "body": body}
+        record = {"method": self.command, "path": self.path, "headers": dict(self.headers), "body": body,
+                  "connection": id(self)}  # one handler per connection
         self.server.requests.append(record)
         segments = [s for s in urlsplit(self.path).path.split("/") if s]
         if segments[:1] == ["models"] and len(segments) == 2 and self.command == "GET":
@@ -293,3 +297,20 @@ def test_a_worker_load_failure_comes_back_with_its_reason(setup: dict, good_mode
     assert not list((setup["run_dir"] / "models").iterdir())  # the unpacked copy is gone
     assert "bad" not in setup["mms"].models  # unregistered again: nothing left behind
     assert [r["method"] for r in setup["mms"].requests if "/models" in r["path"]][-2:] == ["POST", "DELETE"]
+
+
+def test_invokes_reuse_one_connection_to_mms_and_retry_one_mms_closed(setup: dict, good_model: Path) -> None:
+    assert register(setup, "m1", str(good_model))[0] == 200
+    invoke = ("POST", "/models/m1/invoke", b"x", {"Content-Type": "image/jpeg"})
+    before = len(setup["mms"].requests)
+    assert [call(setup, *invoke)[0] for _ in range(3)] == [200] * 3
+    assert len({r["connection"] for r in setup["mms"].requests[before:]}) == 1
+    # MMS closes a kept connection without a word (an idle timeout, a restart): the next invoke
+    # fails on it, and is sent again on a new connection; the caller sees only the answer.
+    setup["mms"].hang_up_after_reply = True
+    assert call(setup, *invoke)[0] == 200
+    setup["mms"].hang_up_after_reply = False
+    before = len(setup["mms"].requests)
+    assert call(setup, *invoke)[0] == 200
+    sent = setup["mms"].requests[before:]
+    assert len(sent) == 1 and sent[0]["path"] == "/models/m1/invoke"

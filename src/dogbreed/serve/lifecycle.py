@@ -42,6 +42,7 @@ REGISTER_PARAMETERS = frozenset({"model_name", "url", "synchronous"})
 JSON_HEADERS = {"content-type": "application/json"}
 DRAIN_SECONDS = 5.0
 RETRY_AFTER_SECONDS = "2"
+MAX_IDLE_CONNECTIONS = 16
 
 
 class ModelLifecycle:
@@ -55,6 +56,7 @@ class ModelLifecycle:
         self.state = threading.Condition()
         self.in_flight: dict[str, set[http.client.HTTPConnection]] = {}  # name -> its calls into MMS
         self.paused: dict[str, str] = {}  # name -> "UNLOADING" / "RECOVERING"
+        self.idle: list[http.client.HTTPConnection] = []  # connections to MMS, kept for the next invoke
         self.recoveries = 0
 
     def load(self, name: str, model_dir: str) -> Response:
@@ -105,31 +107,47 @@ class ModelLifecycle:
                 shutil.rmtree(unpacked, ignore_errors=True)
         return reply
 
-    def invoke(self, name: str, method: str, path: str, body: bytes, headers: dict[str, str]) -> Response:
-        """Forward one invoke of ``name``, tracked so an unload or a recovery can answer it."""
+    def invoke(self, name: str, method: str, path: str, body: bytes, headers: dict[str, str],
+               reuse: bool = True) -> Response:
+        """Forward one invoke of ``name``, tracked so an unload or a recovery can answer it.
+
+        Connections to MMS are kept for the next invoke (a new one per invoke was 0.5 ms of the
+        1.1 ms the front adds; 64 px model, this machine); one that MMS closed meanwhile is
+        retried once on a new connection.
+        """
         with self.state:
             if name in self.paused:
                 return self._unavailable(name)
-            conn = UnixHTTPConnection(self.mms.unix_path or "", self.response_timeout)
-            conn.connect()  # connected before it is tracked: _pause can always cut it off
+            kept = self.idle.pop() if self.idle and reuse else None
+            conn = kept or UnixHTTPConnection(self.mms.unix_path or "", self.response_timeout)
+            if kept is None:
+                conn.connect()  # connected before it is tracked: _pause can always cut it off
             self.in_flight.setdefault(name, set()).add(conn)
+        keep = False
         try:
             conn.request(method, path, body=body, headers=headers)
             resp = conn.getresponse()
-            return Response(resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read())
-        except (OSError, http.client.HTTPException):
+            reply = Response(resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read())
+            keep = not resp.will_close
+            return reply
+        except (OSError, http.client.HTTPException) as exc:
             cut_by = getattr(conn, "cut_by", None)  # the pause may be over by now: say why it was cut
             if cut_by is not None:
                 return self._unavailable(name, cut_by)
-            raise
+            if kept is None or isinstance(exc, TimeoutError):
+                raise
         finally:
-            conn.close()
             with self.state:
                 calls = self.in_flight.get(name, set())
                 calls.discard(conn)
                 if not calls:
                     self.in_flight.pop(name, None)
                     self.state.notify_all()
+                if keep and len(self.idle) < MAX_IDLE_CONNECTIONS:
+                    self.idle.append(conn)
+                else:
+                    conn.close()
+        return self.invoke(name, method, path, body, headers, reuse=False)  # the kept one was stale
 
     def invoke_single(self, method: str, query: str, body: bytes, headers: dict[str, str]) -> Response:
         """Single-model ``/invocations``, by name: MMS's own finds only a model loaded at start,
