@@ -188,3 +188,11 @@ def test_broken_user_code_refuses_the_model(good: Path, tmp_path: Path) -> None:
     (model / "code" / "inference.py").write_text("def model_fn(model_dir:\n")
     error = refused(model)
     assert error["code"] == 400 and "inference.py" in error["message"]
+
+
+def test_a_bad_torch_threads_setting_is_a_load_reason_not_a_dead_worker(
+        good: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DOGBREED_TORCH_THREADS", "0")
+    service, context = load(good)  # initialize keeps the reason instead of raising
+    status, _, body = ask(service, context, jpeg(), {"Content-Type": "image/jpeg"})
+    assert status == 500 and "DOGBREED_TORCH_THREADS='0' must be at least 1" in json.loads(body)["message"]

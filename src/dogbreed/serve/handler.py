@@ -45,9 +45,9 @@ class HandlerService(DefaultHandlerService):
         code_dir = Path(model_dir, "code")
         if code_dir.is_dir():  # this worker serves this model only: its code goes first
             sys.path.insert(0, str(code_dir))
-        threads = inf.configure_threads()
         start = time.perf_counter()
-        try:
+        try:  # a bad DOGBREED_TORCH_THREADS too is a reason the caller gets, not a dead worker
+            threads = inf.configure_threads()
             super().initialize(context)
         except Exception as exc:  # noqa: BLE001 - kept and answered, see the module docstring
             self.load_error = inf.load_failure(exc)
