@@ -2,7 +2,7 @@
 
 1. **A refused model's reason.** MMS answers a failed worker start with a fixed "Failed to start
    workers" and drops the worker's message. The handler keeps a load failure instead of dying;
-   after MMS registers a model, :meth:`ModelLifecycle.register` asks it once
+   after MMS registers a model, :meth:`ModelLifecycle.load` asks it once
    (``X-Dogbreed-Load-Status``) and, if refused, unregisters it and answers the reason.
 2. **A model.tar.gz url**, which MMS would read as a .mar (zip): unpacked once
    (:func:`dogbreed.artifacts.resolve_model_dir`), removed again on ``DELETE``.

@@ -250,7 +250,7 @@ class ModelServer:
         self.front.models.watch(reports)
 
     def wait_ready(self, timeout: float = 120.0, stop: threading.Event | None = None) -> ModelServer:
-        """Block until MMS answers ``/ping`` (and, single-model, the model's worker is up), or
+        """Block until MMS answers ``/ping`` (and, single-model, the model is loaded), or
         until ``stop`` is set (a SIGTERM during start-up)."""
         deadline = time.monotonic() + timeout
         while not (stop and stop.is_set()):
@@ -268,7 +268,7 @@ class ModelServer:
         if self.use_zygote and not self._zygote_ready.is_set():
             return False
         try:
-            if ServeClient(f"unix://{self.mms_socket}", timeout=5).ping().status != 200:
+            if self.front.models.mms.ping().status != 200:
                 return False
             if self.single_model_source is None or SINGLE_MODEL_NAME in self.front.models.registered:
                 return True

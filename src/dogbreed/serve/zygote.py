@@ -156,9 +156,9 @@ class Zygote:
         conn.settimeout(10)
         fds: list[int] = []
         try:
-            data, fds, _, _ = socket.recv_fds(conn, 1 << 20, 3)
+            data, fds, _, _ = socket.recv_fds(conn, 1 << 16, 3)
             while data and not data.endswith(b"\n"):
-                data += conn.recv(1 << 20) or b"\n"  # a shim gone mid-request: fails as JSON
+                data += conn.recv(1 << 16) or b"\n"  # a shim gone mid-request: fails as JSON
             request = json.loads(data)
             if len(fds) != 3:
                 raise ValueError(f"expected 3 file descriptors, got {len(fds)}")
