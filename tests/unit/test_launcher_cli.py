@@ -11,7 +11,7 @@ import pytest
 from dogbreed import train
 from dogbreed.launcher import cli, local_backend, local_runs, search_space
 from dogbreed.launcher import settings as settings_mod
-from dogbreed.launcher.sagemaker_backend import validate_request
+from dogbreed.launcher.sagemaker_requests import validate_request
 
 SUBCOMMANDS = ["upload-data", "tune", "train", "deploy", "add-model", "invoke", "status",
                "cleanup", "demo"]

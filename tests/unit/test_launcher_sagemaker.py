@@ -18,7 +18,7 @@ from moto import mock_aws
 
 from dogbreed import contract, train
 from dogbreed.launcher import rules, search_space
-from dogbreed.launcher import sagemaker_backend as smb
+from dogbreed.launcher import sagemaker_requests as smr
 from dogbreed.launcher.sagemaker_backend import SageMakerBackend
 from dogbreed.launcher.settings import Settings, SettingsError
 
@@ -60,7 +60,7 @@ def backend(settings: Settings, **kwargs) -> SageMakerBackend:
 
 # --- the tuning job --------------------------------------------------------------------------------
 def test_tuning_request_carries_the_search_space_metrics_and_objective(settings: Settings) -> None:
-    request = smb.tuning_request(settings, name="dogbreed-tune-1", train_image=TRAIN_IMAGE,
+    request = smr.tuning_request(settings, name="dogbreed-tune-1", train_image=TRAIN_IMAGE,
                                  static_hyperparameters={"model": "resnet18", "image-size": "224"},
                                  max_jobs=20, max_parallel=3)
     config = request["HyperParameterTuningJobConfig"]
@@ -84,7 +84,7 @@ def test_tuning_request_carries_the_search_space_metrics_and_objective(settings:
     assert definition["InputDataConfig"][0]["ChannelName"] == contract.TRAINING_CHANNEL
     assert definition["InputDataConfig"][0]["DataSource"]["S3DataSource"]["S3Uri"] == \
         f"s3://{BUCKET}/dogbreed/data"
-    smb.validate_request("sagemaker", "CreateHyperParameterTuningJob", request)
+    smr.validate_request("sagemaker", "CreateHyperParameterTuningJob", request)
 
 
 def test_every_metric_regex_matches_a_real_epoch_line() -> None:
@@ -102,7 +102,7 @@ def test_every_metric_regex_matches_a_real_epoch_line() -> None:
 
 @pytest.mark.parametrize("strategy", ["Random", "Hyperband"])
 def test_tuning_strategies(settings: Settings, strategy: str) -> None:
-    request = smb.tuning_request(settings, name="t", train_image=TRAIN_IMAGE,
+    request = smr.tuning_request(settings, name="t", train_image=TRAIN_IMAGE,
                                  static_hyperparameters={}, strategy=strategy, epochs_max=6)
     config = request["HyperParameterTuningJobConfig"]
     assert config["Strategy"] == strategy
@@ -115,18 +115,18 @@ def test_tuning_strategies(settings: Settings, strategy: str) -> None:
         assert request["TrainingJobDefinition"]["StaticHyperParameters"]["epochs"] == "6"
     else:
         assert config["ParameterRanges"]["IntegerParameterRanges"][0]["MaxValue"] == "6"
-    smb.validate_request("sagemaker", "CreateHyperParameterTuningJob", request)
+    smr.validate_request("sagemaker", "CreateHyperParameterTuningJob", request)
 
 
 def test_tuning_request_refuses_bad_input(settings: Settings) -> None:
     with pytest.raises(SettingsError, match="tuned"):
-        smb.tuning_request(settings, name="t", train_image="i", static_hyperparameters={"lr": "0.1"})
+        smr.tuning_request(settings, name="t", train_image="i", static_hyperparameters={"lr": "0.1"})
     with pytest.raises(contract.ContractError):
-        smb.tuning_request(settings, name="t", train_image="i", static_hyperparameters={"modle": "x"})
+        smr.tuning_request(settings, name="t", train_image="i", static_hyperparameters={"modle": "x"})
     with pytest.raises(SettingsError):
-        smb.tuning_request(settings, name="x" * 33, train_image="i", static_hyperparameters={})
+        smr.tuning_request(settings, name="x" * 33, train_image="i", static_hyperparameters={})
     with pytest.raises(SettingsError):
-        smb.tuning_request(settings, name="t", train_image="i", static_hyperparameters={},
+        smr.tuning_request(settings, name="t", train_image="i", static_hyperparameters={},
                            max_jobs=2, max_parallel=3)
 
 
@@ -151,7 +151,7 @@ def test_best_hyperparameters_from_a_tuning_job(settings: Settings) -> None:
     sm = backend(settings)
     sm._clients["sagemaker"] = client
     now = dt.datetime(2026, 1, 1)
-    definition = smb.tuning_request(settings, name="t", train_image=TRAIN_IMAGE,
+    definition = smr.tuning_request(settings, name="t", train_image=TRAIN_IMAGE,
                                     static_hyperparameters={"image-size": "224"})["TrainingJobDefinition"]
     definition["StaticHyperParameters"]["_tuning_objective_metric"] = "valid_accuracy"
     with Stubber(client) as stub:
@@ -179,7 +179,7 @@ def test_best_hyperparameters_from_a_tuning_job(settings: Settings) -> None:
 
 # --- the training job --------------------------------------------------------------------------------
 def test_training_request_has_rules_profiler_checkpoints_and_spot(settings: Settings) -> None:
-    request = smb.training_request(settings, name="dogbreed-train-1", train_image=TRAIN_IMAGE, region=REGION,
+    request = smr.training_request(settings, name="dogbreed-train-1", train_image=TRAIN_IMAGE, region=REGION,
                                    hyperparameters={"lr": "0.01", "epochs": "5"}, spot=True)
     assert request["HyperParameters"] == {"lr": "0.01", "epochs": "5"}
     assert request["AlgorithmSpecification"]["MetricDefinitions"] == train.METRIC_DEFINITIONS
@@ -199,11 +199,11 @@ def test_training_request_has_rules_profiler_checkpoints_and_spot(settings: Sett
     # of dogbreed-train-10, -11, ... would come down into dogbreed-train-1.
     assert request["CheckpointConfig"] == {"S3Uri": f"s3://{BUCKET}/dogbreed/checkpoints/dogbreed-train-1/",
                                            "LocalPath": "/opt/ml/checkpoints"}
-    smb.validate_request("sagemaker", "CreateTrainingJob", request)
+    smr.validate_request("sagemaker", "CreateTrainingJob", request)
 
 
 def test_training_request_without_debugger(settings: Settings) -> None:
-    request = smb.training_request(settings, name="j", train_image="i", region=REGION, hyperparameters={},
+    request = smr.training_request(settings, name="j", train_image="i", region=REGION, hyperparameters={},
                                    debugger=False, profiler=False, checkpoints=False)
     for key in ("DebugHookConfig", "DebugRuleConfigurations", "ProfilerConfig",
                 "ProfilerRuleConfigurations", "CheckpointConfig"):
@@ -212,7 +212,7 @@ def test_training_request_without_debugger(settings: Settings) -> None:
 
 def test_training_request_refuses_a_bad_hyperparameter(settings: Settings) -> None:
     with pytest.raises(contract.ContractError):
-        smb.training_request(settings, name="j", train_image="i", region=REGION,
+        smr.training_request(settings, name="j", train_image="i", region=REGION,
                              hyperparameters={"lr": "-1"})
 
 
@@ -280,7 +280,7 @@ def test_deploy_add_model_status_cleanup_with_moto(aws, settings: Settings) -> N
     # add-model: a finished training job's model.tar.gz is copied under the models prefix.
     sm.train(name="dogbreed-train-a", hyperparameters={})
     job = client.describe_training_job(TrainingJobName="dogbreed-train-a")
-    src_bucket, src_key = smb.split_s3_uri(job["ModelArtifacts"]["S3ModelArtifacts"])
+    src_bucket, src_key = smr.split_s3_uri(job["ModelArtifacts"]["S3ModelArtifacts"])
     s3 = boto3.client("s3", region_name=REGION)
     s3.put_object(Bucket=src_bucket, Key=src_key, Body=b"a model archive")
     added = sm.add_model("dog-breed-classifier", training_job="dogbreed-train-a")
@@ -361,20 +361,20 @@ def test_dry_run_sends_nothing_and_validates(settings: Settings) -> None:
 
 
 def test_instance_count_trains_one_model_on_several_instances(settings: Settings) -> None:
-    request = smb.training_request(settings, name="dogbreed-train-2", train_image=TRAIN_IMAGE,
+    request = smr.training_request(settings, name="dogbreed-train-2", train_image=TRAIN_IMAGE,
                                    region=REGION, hyperparameters={"epochs": "5"}, instance_count=2)
     assert request["ResourceConfig"]["InstanceCount"] == 2
     # Every host reads the whole data set; the entry point shards each epoch across the ranks.
     assert request["InputDataConfig"][0]["DataSource"]["S3DataSource"]["S3DataDistributionType"] == "FullyReplicated"
-    smb.validate_request("sagemaker", "CreateTrainingJob", request)
-    tuning = smb.tuning_request(settings, name="dogbreed-tune-2", train_image=TRAIN_IMAGE,
+    smr.validate_request("sagemaker", "CreateTrainingJob", request)
+    tuning = smr.tuning_request(settings, name="dogbreed-tune-2", train_image=TRAIN_IMAGE,
                                 static_hyperparameters={}, instance_count=3)
     assert tuning["TrainingJobDefinition"]["ResourceConfig"]["InstanceCount"] == 3
-    smb.validate_request("sagemaker", "CreateHyperParameterTuningJob", tuning)
-    assert smb.training_request(settings, name="j", train_image="i", region=REGION, hyperparameters={})[
+    smr.validate_request("sagemaker", "CreateHyperParameterTuningJob", tuning)
+    assert smr.training_request(settings, name="j", train_image="i", region=REGION, hyperparameters={})[
         "ResourceConfig"]["InstanceCount"] == settings.train_instance_count
     with pytest.raises(SettingsError, match="instance count"):
-        smb.resource_config(Settings(train_instance_count=0))
+        smr.resource_config(Settings(train_instance_count=0))
 
 
 def test_cli_instance_count_reaches_the_requests(capsys: pytest.CaptureFixture[str]) -> None:

@@ -17,6 +17,7 @@ from moto import mock_aws
 
 from dogbreed.launcher import cli, cloudwatch, rules
 from dogbreed.launcher import sagemaker_backend as smb
+from dogbreed.launcher import sagemaker_requests as smr
 from dogbreed.launcher.sagemaker_backend import SageMakerBackend
 from dogbreed.launcher.settings import Settings
 
@@ -64,7 +65,7 @@ def test_rule_images_are_the_sessions_region(region: str) -> None:
                           session=boto3.session.Session(region_name=region))
     sm.train(name="dogbreed-train-r", hyperparameters={})
     request = sm.recorded[0].request
-    smb.validate_request("sagemaker", "CreateTrainingJob", request)
+    smr.validate_request("sagemaker", "CreateTrainingJob", request)
     images = {r["RuleEvaluatorImage"] for r in request["DebugRuleConfigurations"]
               + request["ProfilerRuleConfigurations"]}
     assert images == {f"{account}.dkr.ecr.{region}.{domain}/sagemaker-debugger-rules:latest"}
@@ -220,10 +221,10 @@ def test_autoscaling_is_registered_and_cleanup_removes_it(aws) -> None:
 
 
 def test_autoscale_flag_is_checked() -> None:
-    assert smb.parse_autoscale("2:8") == (2, 8)
+    assert smr.parse_autoscale("2:8") == (2, 8)
     for bad in ("8:2", "0:3", "3", "a:b"):
         with pytest.raises(ValueError, match="MIN:MAX"):
-            smb.parse_autoscale(bad)
+            smr.parse_autoscale(bad)
 
 
 # --- CloudWatch logs (Stubber) -------------------------------------------------------------------------
@@ -335,7 +336,7 @@ def test_tuning_trials_share_a_prefix_but_not_a_checkpoint_file(tmp_path: Path) 
     from dogbreed import contract
     from dogbreed.train import checkpoint_file
 
-    request = smb.tuning_request(_settings(), name="dogbreed-tune-ck", train_image="i",
+    request = smr.tuning_request(_settings(), name="dogbreed-tune-ck", train_image="i",
                                  static_hyperparameters={}, spot=True)
     assert request["TrainingJobDefinition"]["CheckpointConfig"] == {
         "S3Uri": f"s3://{BUCKET}/dogbreed/checkpoints/dogbreed-tune-ck/",

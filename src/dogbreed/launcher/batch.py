@@ -34,6 +34,13 @@ from typing import Any
 
 from dogbreed import artifacts, contract
 from dogbreed.launcher import events
+from dogbreed.launcher.sagemaker_requests import (
+    JOB_NAME_MAX,
+    TAGS,
+    check_name,
+    role_arn,
+    split_s3_uri,
+)
 
 Predict = Callable[[bytes], Mapping[str, Any]]
 
@@ -49,10 +56,8 @@ LOG_GROUP = "/aws/sagemaker/TransformJobs"
 # --- SageMaker ------------------------------------------------------------------------------------
 def model_request(settings: Any, *, name: str, serve_image: str, model_data: str) -> dict[str, Any]:
     """``CreateModel``: the serve image in single-model mode with one model.tar.gz."""
-    from dogbreed.launcher.sagemaker_backend import JOB_NAME_MAX, TAGS, _check_name, _role
-
-    return {"ModelName": _check_name(name, JOB_NAME_MAX, "model name"),
-            "ExecutionRoleArn": _role(settings),
+    return {"ModelName": check_name(name, JOB_NAME_MAX, "model name"),
+            "ExecutionRoleArn": role_arn(settings),
             "PrimaryContainer": {"Image": serve_image, "Mode": "SingleModel",
                                  "ModelDataUrl": model_data},
             "Tags": TAGS}
@@ -62,10 +67,8 @@ def transform_request(settings: Any, *, name: str, model_name: str, input_uri: s
                       output_uri: str, instance_type: str | None = None,
                       max_concurrent: int | None = None) -> dict[str, Any]:
     """``CreateTransformJob``: every object under ``input_uri`` is one record."""
-    from dogbreed.launcher.sagemaker_backend import JOB_NAME_MAX, TAGS, _check_name
-
     request: dict[str, Any] = {
-        "TransformJobName": _check_name(name, JOB_NAME_MAX, "transform job name"),
+        "TransformJobName": check_name(name, JOB_NAME_MAX, "transform job name"),
         "ModelName": model_name,
         "BatchStrategy": "SingleRecord",
         "MaxPayloadInMB": MAX_PAYLOAD_MB,
@@ -86,7 +89,7 @@ def transform_request(settings: Any, *, name: str, model_name: str, input_uri: s
 def model_data_uri(sm: Any, model: str, *prefix: str) -> str:
     """The S3 URI of MODEL: itself (s3://…), a local model.tar.gz uploaded to
     ``<prefix>/.../model.tar.gz``, or a training job's ModelArtifacts."""
-    from dogbreed.launcher.sagemaker_backend import BackendError, Recorded, split_s3_uri
+    from dogbreed.launcher.sagemaker_backend import BackendError, Recorded
 
     if model.startswith("s3://"):
         return model

@@ -21,6 +21,14 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
+from dogbreed.launcher.sagemaker_requests import (
+    JOB_NAME_MAX,
+    TAGS,
+    check_name,
+    role_arn,
+    split_s3_uri,
+)
+
 # SageMaker Python SDK src/sagemaker/image_uri_config/clarify.json (processing, version 1.0),
 # aws/sagemaker-python-sdk@088b7acbee152313ca3db05dd24be518ebdfb36d.
 CLARIFY_REPOSITORY = "sagemaker-clarify-processing"
@@ -104,8 +112,6 @@ def analysis_config(*, model_name: str, class_names: Sequence[str], instance_typ
 def processing_request(settings: Any, *, name: str, image_uri: str, data_uri: str,
                        config_uri: str, output_uri: str, instance_type: str) -> dict[str, Any]:
     """``CreateProcessingJob`` in the shape the SageMaker SDK's SageMakerClarifyProcessor sends."""
-    from dogbreed.launcher.sagemaker_backend import JOB_NAME_MAX, TAGS, _check_name, _role
-
     def s3_input(input_name: str, uri: str, local: str) -> dict[str, Any]:
         return {"InputName": input_name, "AppManaged": False,
                 "S3Input": {"S3Uri": uri, "LocalPath": local, "S3DataType": "S3Prefix",
@@ -113,7 +119,7 @@ def processing_request(settings: Any, *, name: str, image_uri: str, data_uri: st
                             "S3CompressionType": "None"}}
 
     return {
-        "ProcessingJobName": _check_name(name, JOB_NAME_MAX, "processing job name"),
+        "ProcessingJobName": check_name(name, JOB_NAME_MAX, "processing job name"),
         "ProcessingInputs": [s3_input("analysis_config", config_uri, CONFIG_INPUT),
                              s3_input("dataset", data_uri, DATA_INPUT)],
         "ProcessingOutputConfig": {"Outputs": [{
@@ -124,7 +130,7 @@ def processing_request(settings: Any, *, name: str, image_uri: str, data_uri: st
                                                   "VolumeSizeInGB": 30}},
         "StoppingCondition": {"MaxRuntimeInSeconds": 3 * 3600},
         "AppSpecification": {"ImageUri": image_uri},
-        "RoleArn": _role(settings),
+        "RoleArn": role_arn(settings),
         "Tags": TAGS,
     }
 
@@ -134,7 +140,6 @@ def run_clarify(sm: Any, *, model_data: str, class_names: Sequence[str], data_ur
                 wait: bool = True) -> dict[str, Any] | None:
     """CreateModel (serve image, ``model_data``), the config to S3, CreateProcessingJob."""
     from dogbreed.launcher import batch
-    from dogbreed.launcher.sagemaker_backend import split_s3_uri
 
     sm.require("role_arn", "bucket")
     if not data_uri.startswith("s3://"):

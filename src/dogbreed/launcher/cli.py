@@ -243,7 +243,7 @@ def tune_arguments(p: argparse.ArgumentParser) -> None:
 
 def cmd_tune(args: argparse.Namespace, settings: settings_mod.Settings, backend: str) -> Any:
     from dogbreed.launcher.local_tuning import parse_duration
-    from dogbreed.launcher.sagemaker_backend import job_name
+    from dogbreed.launcher.sagemaker_requests import job_name
 
     if args.resume and args.name and args.resume != args.name:
         raise CliError("--resume NAME names the study: drop --name or give the same name")
@@ -327,7 +327,7 @@ def train_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_train(args: argparse.Namespace, settings: settings_mod.Settings, backend: str) -> Any:
-    from dogbreed.launcher.sagemaker_backend import job_name
+    from dogbreed.launcher.sagemaker_requests import job_name
 
     name = args.name or job_name("train")
     flags = _hyperparameters(args)
@@ -373,7 +373,7 @@ def deploy_arguments(p: argparse.ArgumentParser) -> None:
 
 def cmd_deploy(args: argparse.Namespace, settings: settings_mod.Settings, backend: str) -> Any:
     if backend == "sagemaker":
-        from dogbreed.launcher.sagemaker_backend import parse_autoscale
+        from dogbreed.launcher.sagemaker_requests import parse_autoscale
 
         sm = _sagemaker(settings, args)
         result = sm.deploy(wait=args.wait, instance_count=args.instance_count,

@@ -1,8 +1,9 @@
 """The SageMaker backend: plain boto3 requests (no SageMaker SDK).
 
-Every request is built by a pure function (``*_request``) so tests and ``--dry-run`` see exactly
-what would be sent; :class:`SageMakerBackend` sends them, or — in a dry run — records them
-without touching AWS after checking each one against botocore's service model. The region is
+:class:`SageMakerBackend` sends the requests :mod:`~dogbreed.launcher.sagemaker_requests` builds
+(pure functions, so tests and ``--dry-run`` see exactly what would be sent), or — in a dry run —
+records them without touching AWS after checking each one against botocore's service model; it
+waits for jobs and endpoints, follows their logs, uploads data and cleans up. The region is
 the boto3 session's (``--region`` / ``AWS_REGION`` / the profile's): the images, the rule
 evaluators and every client use that one region.
 """
@@ -13,46 +14,42 @@ import dataclasses
 import datetime as dt
 import functools
 import json
-import re
 import sys
 import time
 import urllib.parse
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 from dogbreed import contract
-from dogbreed.launcher import cloudwatch, events, images, rules, search_space
+from dogbreed.launcher import cloudwatch, events, images, rules
 from dogbreed.launcher.invoke import content_type_for, invoke_request, top_k_attributes  # noqa: F401
-from dogbreed.launcher.settings import (
-    SERVE_REPOSITORY,
-    TRAIN_REPOSITORY,
-    Settings,
-    SettingsError,
-    check_model_name,
+from dogbreed.launcher.sagemaker_requests import (
+    JOB_NAME_MAX,
+    SCALING_DIMENSION,
+    SCALING_METRIC,
+    SCALING_NAMESPACE,
+    VARIANT_NAME,
+    endpoint_config_request,
+    endpoint_request,
+    model_request,
+    scalable_target_request,
+    scaling_policy_name,
+    scaling_policy_request,
+    scaling_resource_id,
+    split_s3_uri,
+    target_model_key,
+    timestamp,
+    training_request,
+    tuning_request,
+    update_endpoint_request,
+    validate_request,
 )
-from dogbreed.metrics import METRIC_DEFINITIONS, OBJECTIVE_METRIC
+from dogbreed.launcher.settings import SERVE_REPOSITORY, TRAIN_REPOSITORY, Settings, SettingsError
 
-# Grid is left out: SageMaker grid search takes categorical ranges only, and lr is continuous.
-STRATEGIES = ("Bayesian", "Random", "Hyperband")
-VARIANT_NAME = "AllTraffic"
-TAGS = [{"Key": "project", "Value": "dogbreed"}]
-# The container paths SageMaker mounts, as the contract knows them.
-CONTAINER_PATHS = contract.Paths.from_env({})
-TUNING_JOB_NAME_MAX = 32
-JOB_NAME_MAX = 63
 TERMINAL_JOB_STATES = ("Completed", "Failed", "Stopped")
 TERMINAL_ENDPOINT_STATES = ("InService", "Failed", "OutOfService")
-WARM_START_TYPES = ("IdenticalDataAndAlgorithm", "TransferLearning")
-WARM_START_PARENTS_MAX = 5  # CreateHyperParameterTuningJob's limit on parent tuning jobs
-# Application Auto Scaling of an endpoint variant: target tracking on invocations per instance
-# (the metric AWS's guide suggests for real-time endpoints).
-SCALING_NAMESPACE = "sagemaker"
-SCALING_DIMENSION = "sagemaker:variant:DesiredInstanceCount"
-SCALING_METRIC = "SageMakerVariantInvocationsPerInstance"
-SCALE_IN_COOLDOWN_S = 300
-SCALE_OUT_COOLDOWN_S = 60
 # Dry runs without any region configured show this one (a real run refuses: no region).
 DRY_RUN_REGION = "us-east-1"
 
@@ -61,310 +58,6 @@ class BackendError(RuntimeError):
     """A SageMaker request failed or a job ended badly; the message says what to do."""
 
 
-def timestamp(now: dt.datetime | None = None) -> str:
-    return (now or dt.datetime.now(dt.timezone.utc)).strftime("%y%m%d-%H%M%S")
-
-
-def job_name(kind: str, now: dt.datetime | None = None, limit: int = JOB_NAME_MAX) -> str:
-    """``dogbreed-<kind>-yymmdd-hhmmss``: unique per second, valid for every SageMaker name."""
-    name = f"dogbreed-{kind}-{timestamp(now)}"
-    if len(name) > limit:
-        raise ValueError(f"job name {name!r} is longer than {limit} characters")
-    return name
-
-
-def _check_name(name: str, limit: int, what: str) -> str:
-    if not re.fullmatch(r"[a-zA-Z0-9](-*[a-zA-Z0-9])*", name) or len(name) > limit:
-        raise SettingsError(f"{what} {name!r}: use letters, digits and single dashes, at most {limit} characters")
-    return name
-
-
-# --- request builders (pure) ------------------------------------------------------------------
-def _role(settings: Settings) -> str:
-    return settings.role_arn or "<role-arn: set --role-arn or DOGBREED_ROLE_ARN>"
-
-
-def training_channel(data_uri: str) -> dict[str, Any]:
-    return {"ChannelName": contract.TRAINING_CHANNEL,
-            "DataSource": {"S3DataSource": {"S3DataType": "S3Prefix", "S3Uri": data_uri,
-                                            "S3DataDistributionType": "FullyReplicated"}},
-            "InputMode": "File"}
-
-
-def resource_config(settings: Settings, instance_type: str | None = None,
-                    instance_count: int | None = None) -> dict[str, Any]:
-    """Instances for a training job or every tuning trial. More than one instance trains one
-    model data-parallel (the entry point reads the hosts from resourceconfig.json)."""
-    count = instance_count or settings.train_instance_count
-    if count < 1:
-        raise SettingsError(f"instance count {count}: need at least 1")
-    return {"InstanceType": instance_type or settings.train_instance_type,
-            "InstanceCount": count,
-            "VolumeSizeInGB": settings.train_volume_gb}
-
-
-def stopping_condition(settings: Settings, spot: bool, max_wait: int | None = None,
-                       max_runtime: int | None = None) -> dict[str, Any]:
-    runtime = max_runtime or settings.max_run_seconds
-    if runtime < 1:
-        raise SettingsError(f"--max-runtime {runtime}: at least 1 second")
-    condition = {"MaxRuntimeInSeconds": runtime}
-    if spot:
-        condition["MaxWaitTimeInSeconds"] = max(max_wait or 2 * runtime, runtime)
-    return condition
-
-
-def checkpoint_config(settings: Settings, *parts: str) -> dict[str, Any]:
-    """Where SageMaker syncs ``/opt/ml/checkpoints``: the trainer resumes from it after a spot
-    interruption. A tuning job's trials share its prefix (each writes its own file, named after
-    its training job: :func:`dogbreed.train.checkpoint_file`)."""
-    # The trailing "/" matters: SageMaker syncs every key under the prefix, and ".../job-1"
-    # would also match ".../job-10/".
-    return {"S3Uri": settings.s3_uri("checkpoints", *parts) + "/",
-            "LocalPath": str(CONTAINER_PATHS.checkpoints_dir)}
-
-
-def warm_start_config(parents: Sequence[str], warm_start_type: str) -> dict[str, Any]:
-    """``WarmStartConfig``: start from up to five earlier tuning jobs' results."""
-    if warm_start_type not in WARM_START_TYPES:
-        raise SettingsError(f"warm start type {warm_start_type!r}: one of {', '.join(WARM_START_TYPES)}")
-    if not 1 <= len(parents) <= WARM_START_PARENTS_MAX:
-        raise SettingsError(f"--warm-start-from: 1 to {WARM_START_PARENTS_MAX} tuning jobs")
-    for parent in parents:
-        _check_name(parent, TUNING_JOB_NAME_MAX, "warm-start tuning job name")
-    return {"ParentHyperParameterTuningJobs": [{"HyperParameterTuningJobName": p} for p in parents],
-            "WarmStartType": warm_start_type}
-
-
-def check_hyperparameters(values: Mapping[str, str]) -> dict[str, str]:
-    """Refuse what the training entry point would refuse, before a job is paid for."""
-    contract.parse_hyperparameters(values)
-    return {k.replace("_", "-"): str(v) for k, v in values.items()}
-
-
-def tuning_request(
-    settings: Settings,
-    *,
-    name: str,
-    train_image: str,
-    static_hyperparameters: Mapping[str, str],
-    strategy: str = "Bayesian",
-    max_jobs: int = 12,
-    max_parallel: int = 2,
-    early_stopping: bool = True,
-    epochs_max: int | None = None,
-    spot: bool = False,
-    data_uri: str | None = None,
-    instance_type: str | None = None,
-    random_seed: int | None = None,
-    checkpoints: bool = True,
-    max_wait: int | None = None,
-    max_runtime: int | None = None,
-    max_tuning_runtime: int | None = None,
-    warm_start_from: Sequence[str] = (),
-    warm_start_type: str = "IdenticalDataAndAlgorithm",
-    instance_count: int | None = None,
-    space: str = "seeds",
-) -> dict[str, Any]:
-    """``CreateHyperParameterTuningJob`` over the search space ``space`` (``seeds`` or ``full``:
-    :func:`search_space.named`, the ranges the local tuner searches).
-
-    Each trial checkpoints (always with ``spot``: an interrupted trial resumes instead of
-    starting over), stops after ``max_runtime`` seconds (the tuning job after
-    ``max_tuning_runtime``) and may warm-start from earlier tuning jobs."""
-    if strategy not in STRATEGIES:
-        raise SettingsError(f"strategy {strategy!r}: choose one of {', '.join(STRATEGIES)}")
-    if not 1 <= max_parallel <= max_jobs:
-        raise SettingsError("need 1 <= max-parallel <= max-jobs")
-    _check_name(name, TUNING_JOB_NAME_MAX, "tuning job name")
-    try:
-        space = search_space.with_epochs_max(search_space.named(space), epochs_max)
-    except ValueError as exc:
-        raise SettingsError(str(exc)) from None
-    static = dict(static_hyperparameters)
-    config: dict[str, Any] = {
-        "Strategy": strategy,
-        "HyperParameterTuningJobObjective": {"Type": "Maximize", "MetricName": OBJECTIVE_METRIC},
-        "ResourceLimits": {"MaxNumberOfTrainingJobs": max_jobs, "MaxParallelTrainingJobs": max_parallel,
-                           **({"MaxRuntimeInSeconds": max_tuning_runtime} if max_tuning_runtime else {})},
-        "TrainingJobEarlyStoppingType": "Auto" if early_stopping else "Off",
-    }
-    if strategy == "Hyperband":
-        # Hyperband stops trials itself (early stopping must be Off) and owns the epoch budget:
-        # epochs leaves the ranges, its maximum becomes MaxResource and a static value.
-        epochs = search_space.get(space, search_space.EPOCHS)
-        max_resource = epochs.high if isinstance(epochs, search_space.Integer) else int(
-            static.get(search_space.EPOCHS, contract.Hyperparameters().epochs))
-        space = search_space.without(space, search_space.EPOCHS)
-        static[search_space.EPOCHS] = str(max_resource)
-        config["TrainingJobEarlyStoppingType"] = "Off"
-        config["StrategyConfig"] = {"HyperbandStrategyConfig": {"MinResource": 1,
-                                                                "MaxResource": max_resource}}
-    overlap = sorted(set(static) & {p.name for p in space})
-    if overlap:
-        raise SettingsError(f"hyperparameter(s) {', '.join(overlap)} are tuned; do not also fix them")
-    search_space.validate(space)
-    config["ParameterRanges"] = search_space.to_sagemaker(space)
-    if random_seed is not None:
-        config["RandomSeed"] = random_seed
-    definition: dict[str, Any] = {
-        "StaticHyperParameters": check_hyperparameters(static),
-        "AlgorithmSpecification": {"TrainingImage": train_image, "TrainingInputMode": "File",
-                                   "MetricDefinitions": [dict(m) for m in METRIC_DEFINITIONS]},
-        "RoleArn": _role(settings),
-        "InputDataConfig": [training_channel(data_uri or settings.data_uri)],
-        "OutputDataConfig": {"S3OutputPath": settings.s3_uri("output", "tuning")},
-        "ResourceConfig": resource_config(settings, instance_type, instance_count),
-        "StoppingCondition": stopping_condition(settings, spot, max_wait, max_runtime),
-        "EnableManagedSpotTraining": spot,
-    }
-    if checkpoints or spot:
-        definition["CheckpointConfig"] = checkpoint_config(settings, name)
-    request = {"HyperParameterTuningJobName": name, "HyperParameterTuningJobConfig": config,
-               "TrainingJobDefinition": definition, "Tags": TAGS}
-    if warm_start_from:
-        request["WarmStartConfig"] = warm_start_config(list(warm_start_from), warm_start_type)
-    return request
-
-
-def training_request(
-    settings: Settings,
-    *,
-    name: str,
-    train_image: str,
-    region: str,
-    hyperparameters: Mapping[str, str],
-    debugger: bool = True,
-    profiler: bool = True,
-    spot: bool = False,
-    max_wait: int | None = None,
-    checkpoints: bool = True,
-    data_uri: str | None = None,
-    instance_type: str | None = None,
-    max_runtime: int | None = None,
-    instance_count: int | None = None,
-) -> dict[str, Any]:
-    """``CreateTrainingJob`` with the seeds' debugger rules, profiler and checkpoints; the rule
-    evaluators are ``region``'s (the region the request is sent to)."""
-    _check_name(name, JOB_NAME_MAX, "training job name")
-    request: dict[str, Any] = {
-        "TrainingJobName": name,
-        "HyperParameters": check_hyperparameters(hyperparameters),
-        "AlgorithmSpecification": {"TrainingImage": train_image, "TrainingInputMode": "File",
-                                   "MetricDefinitions": [dict(m) for m in METRIC_DEFINITIONS],
-                                   "EnableSageMakerMetricsTimeSeries": True},
-        "RoleArn": _role(settings),
-        "InputDataConfig": [training_channel(data_uri or settings.data_uri)],
-        "OutputDataConfig": {"S3OutputPath": settings.s3_uri("output", "training")},
-        "ResourceConfig": resource_config(settings, instance_type, instance_count),
-        "StoppingCondition": stopping_condition(settings, spot, max_wait, max_runtime),
-        "EnableManagedSpotTraining": spot,
-        "Tags": TAGS,
-    }
-    if checkpoints or spot:
-        request["CheckpointConfig"] = checkpoint_config(settings, name)
-    if debugger:
-        request["DebugHookConfig"] = rules.debug_hook_config(settings.s3_uri("debug"))
-        request["DebugRuleConfigurations"] = rules.debug_rule_configurations(region)
-    if profiler:
-        request["ProfilerConfig"] = rules.profiler_config(settings.s3_uri("profiler"))
-        request["ProfilerRuleConfigurations"] = rules.profiler_rule_configurations(region)
-    return request
-
-
-def model_request(settings: Settings, *, name: str, serve_image: str) -> dict[str, Any]:
-    """``CreateModel`` for a multi-model endpoint: every model under ``models_uri`` is servable."""
-    return {
-        "ModelName": _check_name(name, JOB_NAME_MAX, "model name"),
-        "ExecutionRoleArn": _role(settings),
-        "PrimaryContainer": {"Image": serve_image, "Mode": "MultiModel",
-                             "ModelDataUrl": settings.models_uri,
-                             "Environment": {contract.SAGEMAKER_MULTI_MODEL: "true"}},
-        "Tags": TAGS,
-    }
-
-
-def endpoint_config_request(settings: Settings, *, name: str, model_name: str,
-                            instance_count: int | None = None) -> dict[str, Any]:
-    count = instance_count or settings.serve_instance_count
-    if count < 1:
-        raise SettingsError(f"--instance-count {count}: at least 1")
-    return {
-        "EndpointConfigName": _check_name(name, JOB_NAME_MAX, "endpoint config name"),
-        "ProductionVariants": [{"VariantName": VARIANT_NAME, "ModelName": model_name,
-                                "InitialInstanceCount": count,
-                                "InstanceType": settings.serve_instance_type,
-                                "InitialVariantWeight": 1.0}],
-        "Tags": TAGS,
-    }
-
-
-def endpoint_request(settings: Settings, *, name: str, config_name: str) -> dict[str, Any]:
-    return {"EndpointName": _check_name(name, JOB_NAME_MAX, "endpoint name"),
-            "EndpointConfigName": config_name, "Tags": TAGS}
-
-
-def update_endpoint_request(*, name: str, config_name: str) -> dict[str, Any]:
-    """``UpdateEndpoint``: SageMaker brings up the new config's instances, shifts traffic, then
-    retires the old ones (no downtime)."""
-    return {"EndpointName": _check_name(name, JOB_NAME_MAX, "endpoint name"),
-            "EndpointConfigName": config_name}
-
-
-def scaling_resource_id(endpoint: str, variant: str = VARIANT_NAME) -> str:
-    return f"endpoint/{endpoint}/variant/{variant}"
-
-
-def parse_autoscale(text: str) -> tuple[int, int]:
-    """``MIN:MAX`` instances, 1 <= MIN <= MAX."""
-    low, sep, high = text.partition(":")
-    try:
-        bounds = int(low), int(high)
-    except ValueError:
-        bounds = (0, -1)
-    if not sep or not 1 <= bounds[0] <= bounds[1]:
-        raise SettingsError(f"--autoscale {text!r}: expected MIN:MAX instances, 1 <= MIN <= MAX")
-    return bounds
-
-
-def scalable_target_request(endpoint: str, min_capacity: int, max_capacity: int) -> dict[str, Any]:
-    """Application Auto Scaling ``RegisterScalableTarget`` for the endpoint's variant."""
-    return {"ServiceNamespace": SCALING_NAMESPACE, "ResourceId": scaling_resource_id(endpoint),
-            "ScalableDimension": SCALING_DIMENSION, "MinCapacity": min_capacity,
-            "MaxCapacity": max_capacity}
-
-
-def scaling_policy_name(endpoint: str) -> str:
-    return f"{endpoint}-invocations-per-instance"
-
-
-def scaling_policy_request(endpoint: str, target_invocations: float) -> dict[str, Any]:
-    """``PutScalingPolicy``: target tracking on invocations per instance (per minute)."""
-    return {"PolicyName": scaling_policy_name(endpoint), "ServiceNamespace": SCALING_NAMESPACE,
-            "ResourceId": scaling_resource_id(endpoint), "ScalableDimension": SCALING_DIMENSION,
-            "PolicyType": "TargetTrackingScaling",
-            "TargetTrackingScalingPolicyConfiguration": {
-                "TargetValue": float(target_invocations),
-                "PredefinedMetricSpecification": {"PredefinedMetricType": SCALING_METRIC},
-                "ScaleInCooldown": SCALE_IN_COOLDOWN_S, "ScaleOutCooldown": SCALE_OUT_COOLDOWN_S}}
-
-
-def split_s3_uri(uri: str) -> tuple[str, str]:
-    match = re.fullmatch(r"s3://([^/]+)/?(.*)", uri)
-    if not match:
-        raise SettingsError(f"not an S3 URI: {uri!r}")
-    return match.group(1), match.group(2)
-
-
-def target_model_key(settings: Settings, model_name: str) -> tuple[str, str, str]:
-    """(bucket, key, TargetModel) of a model in the endpoint's model prefix."""
-    check_model_name(model_name)
-    bucket, prefix = split_s3_uri(settings.models_uri)
-    target = f"{model_name}/model.tar.gz"
-    return bucket, prefix + target, target
-
-
-# --- the backend -------------------------------------------------------------------------------
 def _pascal(operation: str) -> str:
     return "".join(part.capitalize() for part in operation.split("_"))
 
@@ -377,20 +70,6 @@ class Recorded:
 
     def to_dict(self) -> dict[str, Any]:
         return {"service": self.service, "operation": self.operation, "request": self.request}
-
-
-@functools.cache
-def _service_model(service: str) -> Any:
-    import botocore.session
-
-    return botocore.session.get_session().get_service_model(service)
-
-
-def validate_request(service: str, operation: str, request: Mapping[str, Any]) -> None:
-    """Check ``request`` against botocore's service model (what a real client does first)."""
-    from botocore.validate import validate_parameters
-
-    validate_parameters(dict(request), _service_model(service).operation_model(operation).input_shape)
 
 
 class SageMakerBackend:

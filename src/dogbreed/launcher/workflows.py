@@ -121,7 +121,8 @@ def _class_names(path: Path) -> list[str]:
 
 def cmd_clarify(args: argparse.Namespace, settings: settings_mod.Settings, backend: str) -> Any:
     from dogbreed.launcher import batch, clarify
-    from dogbreed.launcher.sagemaker_backend import SageMakerBackend, job_name
+    from dogbreed.launcher.sagemaker_backend import SageMakerBackend
+    from dogbreed.launcher.sagemaker_requests import job_name
 
     if backend == "local":
         raise ValueError("Clarify runs on SageMaker; locally use `dogbreed explain` (Grad-CAM)")
@@ -139,7 +140,8 @@ def cmd_clarify(args: argparse.Namespace, settings: settings_mod.Settings, backe
 
 def cmd_batch(args: argparse.Namespace, settings: settings_mod.Settings, backend: str) -> Any:
     from dogbreed.launcher import batch
-    from dogbreed.launcher.sagemaker_backend import SageMakerBackend, job_name
+    from dogbreed.launcher.sagemaker_backend import SageMakerBackend
+    from dogbreed.launcher.sagemaker_requests import job_name
 
     if backend == "local":
         if args.output is None:
