@@ -116,7 +116,7 @@ def seeds_pipeline_images_per_sec(arch: str, data_dir: Path, batch_size: int, im
 
 
 _EPOCH_RATE = re.compile(r"^epoch=(\d+) .*images_per_sec=([0-9.]+)", re.M)
-_RANK_RATE = re.compile(r"event=rank_epoch rank=(\d+) images=\d+ images_per_sec=([0-9.]+)")
+_RANK_RATE = re.compile(r"event=rank_epoch rank=(\d+) images=\d+ per_sec=([0-9.]+)")
 
 
 def entry_point_run(nproc: int, hp: contract.Hyperparameters, data_dir: Path, work: Path) -> dict:

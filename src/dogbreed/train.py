@@ -71,19 +71,31 @@ EXPECTED_ERRORS = (ContractError, data.DataError, models.WeightsError, artifacts
 
 
 class Interrupted(Exception):
-    """SIGTERM arrived (at ``rank``; every rank stops at the same step); the last completed
-    epoch is checkpointed."""
+    """SIGTERM arrived (at ``rank``; every rank stops at the same step); epochs up to
+    ``checkpointed_epochs`` (0: none) are checkpointed."""
 
-    def __init__(self, rank: int = 0) -> None:
+    def __init__(self, rank: int = 0, checkpointed_epochs: int = 0) -> None:
         super().__init__(f"SIGTERM at rank {rank}")
         self.rank = rank
+        self.checkpointed_epochs = checkpointed_epochs
 
 
-def _check_stop(stop: StopFlag, world: World, device: torch.device) -> None:
+def _check_stop(stop: StopFlag, world: World, device: torch.device, checkpointed_epochs: int = 0) -> None:
     """Raise :class:`Interrupted` on every rank once any rank got SIGTERM (a collective)."""
     stopped_by = world.stop_requested_by(stop.requested, device)
     if stopped_by is not None:
-        raise Interrupted(stopped_by)
+        raise Interrupted(stopped_by, checkpointed_epochs)
+
+
+def interrupted_reason(exc: Interrupted, world: World, checkpoints_dir: Path) -> str:
+    """The failure-file line for a SIGTERM stop: what is checkpointed, whether a rerun resumes."""
+    by = (f" (received by rank {exc.rank} of {world.size}; every rank stopped at the same step)"
+          if world.distributed else "")
+    if not exc.checkpointed_epochs:
+        return (f"stopped by SIGTERM{by} before the first epoch completed: no epoch is "
+                f"checkpointed in {checkpoints_dir}, so a rerun has nothing to resume from")
+    return (f"stopped by SIGTERM{by}; last completed epoch ({exc.checkpointed_epochs}) is checkpointed "
+            f"in {checkpoints_dir}: run again with the same checkpoint dir to resume")
 
 
 @dataclasses.dataclass
@@ -256,7 +268,8 @@ def train_one_epoch(
     batches = _batches(len(split), hp.batch_size, order_generator or generator, world.size)
     for number, index in enumerate(batches, 1):
         if not world.distributed or (number - 1) % distributed.STOP_CHECK_EVERY_STEPS == 0:
-            _check_stop(stop, world, device)
+            # run() checkpoints every completed epoch (or resumed after it) before the next starts.
+            _check_stop(stop, world, device, checkpointed_epochs=max(epoch - 1, 0))
         steps.start()
         index = world.shard_batch(index).to(split.device)
         images = split.images[index].to(device, non_blocking=True)
@@ -286,7 +299,9 @@ def train_one_epoch(
     _sync(device)
     local_elapsed = max(time.perf_counter() - started, 1e-9)
     if world.distributed:
-        log.info("event=rank_epoch rank=%d images=%d images_per_sec=%.1f", world.rank, seen,
+        # per_sec, not images_per_sec: SageMaker applies MetricDefinitions to stderr too, and the
+        # images_per_sec regex would take this rank's rate for the job's.
+        log.info("event=rank_epoch rank=%d images=%d per_sec=%.1f", world.rank, seen,
                  seen / local_elapsed)
     elapsed = world.all_max(local_elapsed, device)
     # All ranks agree on the first bad batch (one rank raising alone would leave the others
@@ -362,18 +377,55 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     artifacts.atomic_write(path, buffer.getvalue())
 
 
-def load_checkpoint(path: Path, key: dict[str, Any]) -> dict[str, Any] | None:
+def _key_mismatch(state: dict[str, Any], key: dict[str, Any]) -> str | None:
+    """Why ``state`` cannot resume a run with ``key`` (``version=…`` or ``differs=<names>``), or None."""
+    if state.get("version") != CHECKPOINT_VERSION:
+        return f"version={state.get('version')}"
+    saved = json.loads(state.get("key", "{}"))
+    if saved == key:
+        return None
+    saved_hps, hps = saved.get("hyperparameters", {}), key["hyperparameters"]
+    differs = sorted(name for name in saved_hps.keys() | hps.keys() if saved_hps.get(name) != hps.get(name))
+    if saved.get("class_names") != key["class_names"]:
+        differs.append("class_names")
+    return "differs=" + ",".join(differs)
+
+
+def load_checkpoint(path: Path, key: dict[str, Any], action: str = "start_fresh",
+                    mmap: bool = False) -> dict[str, Any] | None:
+    """The state in ``path`` if it resumes a run with ``key``; else None, logged with ``action``.
+    ``mmap``: read tensors only when used (checking another job's key costs no model read)."""
     if not path.is_file():
         return None
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as exc:  # noqa: BLE001 - any unreadable checkpoint means "start fresh"
-        log.warning("event=checkpoint_unreadable path=%s error=%s action=start_fresh", path, exc)
+        log.warning("event=checkpoint_unreadable path=%s error=%s action=%s", path, exc, action)
         return None
-    if state.get("version") != CHECKPOINT_VERSION or json.loads(state.get("key", "{}")) != key:
-        log.warning("event=checkpoint_mismatch path=%s action=start_fresh", path)
+    if mismatch := _key_mismatch(state, key):
+        log.warning("event=checkpoint_mismatch path=%s %s action=%s", path, mismatch, action)
         return None
     return state
+
+
+def find_checkpoint(own: Path, key: dict[str, Any]) -> tuple[dict[str, Any] | None, Path | None]:
+    """The state to resume and its file: ``own`` (this job's file) when it exists, else the newest
+    other checkpoint in its dir saved with the same ``key``. AWS resumes a stopped job as a new
+    job (a new name, so a new file) on the same checkpoint prefix; a differing key never resumes."""
+    if own.is_file():
+        state = load_checkpoint(own, key)
+        return state, (own if state is not None else None)
+
+    def modified(path: Path) -> float:
+        with contextlib.suppress(OSError):  # a concurrent trial's file may go meanwhile
+            return path.stat().st_mtime
+        return -math.inf
+
+    for other in sorted(own.parent.glob("checkpoint*.pt"), key=modified, reverse=True):
+        state = load_checkpoint(other, key, action="skip", mmap=True)
+        if state is not None:
+            return state, other
+    return None, None
 
 
 # --- the run ------------------------------------------------------------------------------------
@@ -430,7 +482,7 @@ def run(hp: Hyperparameters, paths: Paths, stop: StopFlag | None = None,
     test_split = decode(test_index, eval_cache_size) if test_index else None
     skipped = train_split.skipped + valid_split.skipped + (test_split.skipped if test_split else 0)
     decode_seconds = time.perf_counter() - decode_started
-    log.info("event=decoded seconds=%.2f images_per_sec=%.1f skipped_images=%d",
+    log.info("event=decoded seconds=%.2f per_sec=%.1f skipped_images=%d",  # not a metric name
              decode_seconds, total_images / max(decode_seconds, 1e-9), skipped)
 
     model = models.build_model(hp.model, len(class_names), hp.weights, hp.freeze_backbone)
@@ -461,11 +513,18 @@ def run(hp: Hyperparameters, paths: Paths, stop: StopFlag | None = None,
     best_state: dict[str, torch.Tensor] | None = None
     start_epoch = 1
     # Rank 0 reads it and hands it to the others: resumable on any world size, any host.
-    resumed = world.broadcast_object(load_checkpoint(checkpoint_path, key) if world.is_main else None)
+    resumed, resumed_from = world.broadcast_object(
+        find_checkpoint(checkpoint_path, key) if world.is_main else (None, None))
     if resumed is not None:
         model.load_state_dict(resumed["model"])
         optimizer.load_state_dict(resumed["optimizer"])
-        scheduler.load_state_dict(resumed["scheduler"])
+        if resumed.get("epochs") == hp.epochs:
+            scheduler.load_state_dict(resumed["scheduler"])  # exact: as if never interrupted
+        else:
+            # Planned for another epoch count (epochs may grow): follow this count's schedule.
+            scheduler = recipe.scheduler_after(hp, optimizer, int(resumed["epoch"]))
+            log.info("event=schedule_rebuilt saved_epochs=%s epochs=%d completed_epochs=%d lr=%.6g",
+                     resumed.get("epochs"), hp.epochs, int(resumed["epoch"]), optimizer.param_groups[0]["lr"])
         generator.set_state(resumed["generator"])
         order_generator.set_state(resumed.get("order_generator", resumed["generator"]))
         batch_recipe.load_state_dict(resumed["recipe"])
@@ -473,7 +532,8 @@ def run(hp: Hyperparameters, paths: Paths, stop: StopFlag | None = None,
         best = resumed["best"]
         best_state = resumed["best_model"]
         start_epoch = int(resumed["epoch"]) + 1
-        log.info("event=resume checkpoint=%s completed_epochs=%d", checkpoint_path, start_epoch - 1)
+        log.info("event=resume checkpoint=%s completed_epochs=%d from=%s", checkpoint_path,
+                 start_epoch - 1, resumed_from)
     if world.distributed:
         generator.manual_seed(hp.seed + 7919 * (world.rank + 1) + start_epoch)
 
@@ -487,7 +547,7 @@ def run(hp: Hyperparameters, paths: Paths, stop: StopFlag | None = None,
     train_model = world.wrap(step_model, runtime.device)  # DDP with several ranks
 
     def checkpoint_state(epoch: int) -> dict[str, Any]:
-        return {"version": CHECKPOINT_VERSION, "key": json.dumps(key), "epoch": epoch,
+        return {"version": CHECKPOINT_VERSION, "key": json.dumps(key), "epoch": epoch, "epochs": hp.epochs,
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "generator": generator.get_state(),
                 "order_generator": order_generator.get_state(),
@@ -511,6 +571,12 @@ def run(hp: Hyperparameters, paths: Paths, stop: StopFlag | None = None,
         history.append(result)
         if world.is_main:
             print(result.log_line(), flush=True)
+        if not math.isfinite(valid.loss):
+            # The last steps can ruin the weights after the last finite training loss (lr=10:
+            # train_loss 16042, then valid_loss nan); nothing diverged may be checkpointed or saved.
+            raise NonFiniteLoss(
+                f"validation loss is not finite after epoch {epoch} (lr={hp.lr}, optimizer="
+                f"{hp.optimizer}, amp={hp.amp}): the weights diverged, so no model was saved; lower lr")
         improved = (valid.accuracy, -valid.loss) > (best["valid_accuracy"], -best["valid_loss"])
         if improved:
             best = {"epoch": epoch, "valid_accuracy": valid.accuracy, "valid_loss": valid.loss}
@@ -523,7 +589,7 @@ def run(hp: Hyperparameters, paths: Paths, stop: StopFlag | None = None,
             save_checkpoint(checkpoint_path, checkpoint_state(epoch))
         if on_epoch:
             on_epoch(result)
-        _check_stop(stop, world, runtime.device)
+        _check_stop(stop, world, runtime.device, checkpointed_epochs=epoch)
         if hp.early_stopping_patience and epochs_without_improvement >= hp.early_stopping_patience:
             log.info("event=early_stop epoch=%d best_epoch=%d patience=%d", epoch, best["epoch"],
                      hp.early_stopping_patience)
@@ -621,9 +687,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             log.info("event=hyperparameters %s", " ".join(f"{k}={v}" for k, v in hp.to_sagemaker().items()))
         run(hp, paths, stop, device=device, world=world)
     except Interrupted as exc:
-        by = f" (received by rank {exc.rank} of {world.size}; every rank stopped at the same step)" if world.distributed else ""
-        reason = (f"stopped by SIGTERM{by}; last completed epoch is checkpointed in {paths.checkpoints_dir}: "
-                  "run again with the same checkpoint dir to resume")
+        reason = interrupted_reason(exc, world, paths.checkpoints_dir)
         fail(reason)
         log.warning("event=interrupted %s", reason)
         return EXIT_SIGTERM

@@ -58,6 +58,12 @@ def test_string_hyperparameters_produce_a_servable_artifact(arch, make_job, run_
         values = re.findall(definition["Regex"], result.stdout)
         assert values, f"{definition['Name']} never matched"
         assert all(float(v) >= 0 for v in values)
+    # SageMaker applies the regexes to stderr as well: only the metric lines may match there
+    # (the decode rate once fed images_per_sec its first data point).
+    metric_lines = ("epoch=", "best_epoch=", "test_loss=")
+    for line in (result.stdout + result.stderr).splitlines():
+        if any(re.search(d["Regex"], line) for d in train.METRIC_DEFINITIONS):
+            assert line.startswith(metric_lines), line
     objective = [float(v) for v in re.findall(
         next(d["Regex"] for d in train.METRIC_DEFINITIONS if d["Name"] == "valid_accuracy"), result.stdout)]
     # The last objective value a tuner sees is the saved (best) model's.

@@ -77,3 +77,16 @@ def test_training_entry_point_writes_the_failure_for_lr_nan(make_job, run_entry_
     failure = paths.failure_file.read_text()
     assert "hyperparameter lr=nan" in failure and "finite" in failure, failure
     assert not (paths.model_dir / "model.pt").exists()
+
+
+def test_weights_that_diverge_in_the_last_steps_fail_the_job(make_job, run_entry_point):
+    """lr=10 is in range and every training loss stays finite (the last is ~16,000), but the last
+    steps leave weights whose validation loss is NaN: that must fail, not save a model and exit 0."""
+    paths = make_job({"lr": "10", "momentum": "0", "epochs": "1", "weights": "none",
+                      "image-size": "32", "batch-size": "16"})
+    result = run_entry_point(paths, timeout=120)
+    assert result.returncode == 1, result.stderr[-2000:]
+    failure = paths.failure_file.read_text()
+    assert "validation loss is not finite after epoch 1" in failure, failure
+    assert not (paths.model_dir / "model.pt").exists()
+    assert not any(paths.checkpoints_dir.glob("*.pt"))
