@@ -42,8 +42,9 @@ def _load_pth(model: nn.Module, path: Path, arch: str) -> None:
     """Load a backbone state_dict from a local file, ignoring a head of another size."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError) as exc:
-        raise WeightsError(f"cannot read weights file {path}: {exc}") from exc
+    except Exception as exc:  # noqa: BLE001 - an empty file is EOFError, a text file KeyError
+        raise WeightsError(f"cannot read weights file {path} (not a torch.save state_dict): "
+                           f"{type(exc).__name__}: {exc}") from exc
     if isinstance(state, dict) and "state_dict" in state:
         state = state["state_dict"]
     if not isinstance(state, dict):
@@ -52,7 +53,10 @@ def _load_pth(model: nn.Module, path: Path, arch: str) -> None:
     head_prefix = _head_name(arch) + "."
     usable = {k: v for k, v in state.items()
               if not (k.startswith(head_prefix) and k in own and own[k].shape != v.shape)}
-    missing, unexpected = model.load_state_dict(usable, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(usable, strict=False)
+    except RuntimeError as exc:  # a backbone tensor of another shape (another arch's file)
+        raise WeightsError(f"weights file {path} does not fit {arch}: {' '.join(str(exc).split())[:500]}") from None
     missing = [k for k in missing if not k.startswith(head_prefix)]
     if missing or unexpected:
         raise WeightsError(

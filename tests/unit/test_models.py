@@ -39,6 +39,24 @@ def test_pth_of_another_architecture_is_refused(tmp_path: Path):
         models.build_model("resnet18", 5, weights=str(path))
 
 
+@pytest.mark.parametrize("content", [b"", b"these are not weights\n", b"PK\x03\x04 not a zip"],
+                         ids=["empty", "text", "broken-zip"])
+def test_unreadable_pth_is_refused_naming_the_file(tmp_path: Path, content: bytes):
+    path = tmp_path / "weights.pth"
+    path.write_bytes(content)
+    with pytest.raises(models.WeightsError, match=f"cannot read weights file {path}"):
+        models.build_model("resnet18", 5, weights=str(path))
+
+
+def test_pth_with_a_backbone_tensor_of_another_shape_is_refused(tmp_path: Path):
+    state = torchvision.models.resnet18(weights=None).state_dict()
+    state["conv1.weight"] = torch.zeros(8, 3, 7, 7)
+    path = tmp_path / "resnet18-narrow.pth"
+    torch.save(state, path)
+    with pytest.raises(models.WeightsError, match="does not fit resnet18.*conv1.weight"):
+        models.build_model("resnet18", 5, weights=str(path))
+
+
 def test_unknown_weights_value_is_refused():
     with pytest.raises(models.WeightsError, match="not 'imagenet', 'none' or an existing"):
         models.build_model("resnet18", 5, weights="/no/such/file.pth")
