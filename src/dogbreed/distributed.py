@@ -24,16 +24,19 @@ random per rank; BatchNorm statistics are per rank (as torchvision's reference D
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import logging
 import os
 import re
+import select
 import signal
 import socket
 import subprocess
 import sys
-from collections.abc import Callable, Mapping, Sequence
+import threading
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -355,8 +358,49 @@ class World:
 ONE_PROCESS = World()
 
 
-def init_rank(env: Mapping[str, str] | None = None) -> tuple[World, torch.device | None]:
-    """Join the process group as the rank the environment names; returns the world and device."""
+@contextlib.contextmanager
+def sigterm_ends_the_wait(on_sigterm: Callable[[], None], exit_code: int) -> Iterator[None]:
+    """While the main thread waits inside C++, a SIGTERM still ends the process promptly.
+
+    ``init_process_group`` retries its rendezvous through EINTR, and a Python signal handler
+    runs only once the call returns: a host whose peer never came kept waiting 10 minutes
+    after a SIGTERM (SageMaker's StopTrainingJob then SIGKILLs it, without a failure file). The
+    C-level handler writes each signal number to ``set_wakeup_fd`` at once; a thread reading it
+    calls ``on_sigterm`` (the failure file) and exits. Needs a Python-level SIGTERM handler
+    (the trainer's StopFlag) so the signal is caught at all.
+    """
+    reader, writer = socket.socketpair()
+    writer.setblocking(False)
+    previous = signal.set_wakeup_fd(writer.fileno(), warn_on_full_buffer=False)
+    done = threading.Event()
+
+    def watch() -> None:
+        while not done.is_set():
+            if select.select([reader], [], [], 0.5)[0] and signal.SIGTERM in reader.recv(64):
+                if not done.is_set():
+                    log.warning("event=signal signal=SIGTERM action=exit during=rendezvous")
+                    on_sigterm()
+                    os._exit(exit_code)
+
+    watcher = threading.Thread(target=watch, name="dogbreed-rendezvous-sigterm", daemon=True)
+    watcher.start()
+    try:
+        yield
+    finally:
+        done.set()
+        signal.set_wakeup_fd(previous)
+        watcher.join(2.0)
+        reader.close()
+        writer.close()
+
+
+def init_rank(env: Mapping[str, str] | None = None,
+              on_sigterm: Callable[[], None] | None = None,
+              exit_code: int = 143) -> tuple[World, torch.device | None]:
+    """Join the process group as the rank the environment names; returns the world and device.
+
+    ``on_sigterm``: called if SIGTERM arrives while waiting for the other ranks, before the
+    process exits with ``exit_code`` (see :func:`sigterm_ends_the_wait`)."""
     env = os.environ if env is None else env
     rank, size = int(env[RANK_ENV]), int(env[WORLD_SIZE_ENV])
     local_rank = int(env.get(LOCAL_RANK_ENV, "0"))
@@ -369,8 +413,11 @@ def init_rank(env: Mapping[str, str] | None = None) -> tuple[World, torch.device
         local_size = int(env.get(LOCAL_WORLD_SIZE_ENV, "1"))
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(local_size, 1)))
     backend = "nccl" if device is not None else "gloo"
-    dist.init_process_group(backend=backend, rank=rank, world_size=size, timeout=COLLECTIVE_TIMEOUT,
-                            device_id=device)
+    log.info("event=rendezvous rank=%d world_size=%d master=%s:%s timeout_s=%d", rank, size,
+             env.get(MASTER_ADDR_ENV), env.get(MASTER_PORT_ENV), COLLECTIVE_TIMEOUT.total_seconds())
+    with sigterm_ends_the_wait(on_sigterm, exit_code) if on_sigterm else contextlib.nullcontext():
+        dist.init_process_group(backend=backend, rank=rank, world_size=size,
+                                timeout=COLLECTIVE_TIMEOUT, device_id=device)
     host = env.get(contract.SM_CURRENT_HOST) or socket.gethostname()
     log.info("event=rank_started rank=%d world_size=%d local_rank=%d host=%s pid=%d backend=%s",
              rank, size, local_rank, host, os.getpid(), backend)

@@ -681,7 +681,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 os.environ.update(plan.rank_env(0))
                 is_rank = True
         if is_rank:
-            world, device = distributed.init_rank()
+            world, device = distributed.init_rank(on_sigterm=lambda: contract.write_failure(
+                "SIGTERM while waiting for the other ranks to join: nothing was trained", paths,
+                first_wins=True), exit_code=EXIT_SIGTERM)
         hp = contract.load_hyperparameters(argv, paths)
         if world.is_main:
             log.info("event=hyperparameters %s", " ".join(f"{k}={v}" for k, v in hp.to_sagemaker().items()))

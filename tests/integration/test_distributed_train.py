@@ -7,6 +7,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -125,3 +126,35 @@ def test_gpu_requested_but_unusable_fails_fast_with_the_reason(make_job, tmp_pat
     assert "driver 470.57.02" in failure or (real_driver.exists() and "driver " in failure)
     assert f"CUDA {torch.version.cuda}" in failure and "Fix:" in failure
     assert not (paths.model_dir / "model.pt").exists()
+
+
+def test_sigterm_while_waiting_for_a_peer_that_never_comes_ends_the_job_at_once(make_job):
+    """A multi-host rank whose master never answers waits in init_process_group's C++ retry
+    loop, where a Python signal handler cannot run: SIGTERM used to be ignored for the whole
+    10-minute rendezvous timeout. Now it exits 143 at once with a failure file."""
+    paths = make_job(DDP_HPS, name="lonely")
+    with socket.socket() as probe:  # a port nobody listens on: the master never comes
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {**os.environ, contract.BASE_DIR_ENV: str(paths.base), "RANK": "1", "WORLD_SIZE": "2",
+           "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    env.pop(contract.SM_HPS, None)
+    process = subprocess.Popen([sys.executable, "-m", "dogbreed.train"], env=env, text=True,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        seen = []
+        for line in process.stderr:
+            seen.append(line)
+            if "event=rendezvous rank=1 world_size=2" in line:
+                break
+        else:
+            pytest.fail("".join(seen)[-3000:])
+        time.sleep(1.0)  # inside init_process_group by now
+        signalled = time.monotonic()
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=30) == train.EXIT_SIGTERM
+        assert time.monotonic() - signalled < 15
+    finally:
+        process.kill()
+        process.wait()
+    assert "SIGTERM while waiting for the other ranks to join" in paths.failure_file.read_text()
