@@ -81,8 +81,15 @@ FAILURE_FILE = "failure"
 TRAINING_CHANNEL = "training"
 SPLIT_CHANNELS = {"train": ("train",), "valid": ("valid", "validation"), "test": ("test",)}
 
-# SageMaker adds these to the hyperparameters of tuning and SDK jobs; they are not ours.
-IGNORED_HYPERPARAMETER_PREFIXES = ("sagemaker_", "_")
+# SageMaker adds these to the hyperparameters of tuning and SDK jobs; they are not ours. Only
+# the known ones: a bare "_" prefix also swallowed typos such as "_epochs". "sagemaker_*" is the
+# SDK's and sagemaker-training's prefix (params.SAGEMAKER_PREFIX: sagemaker_program,
+# sagemaker_region...); "_tuning_objective_metric" is the one underscore key, added by the tuning
+# service to every training job of a tuning job (sagemaker_training params.TUNING_METRIC_PARAM;
+# the SDK's tuner.py deletes it as "reserved by SageMaker for tuning jobs"). Kept as prefixes so
+# callers can go on filtering with ``key.startswith(IGNORED_HYPERPARAMETER_PREFIXES)``.
+TUNING_OBJECTIVE_METRIC_KEY = "_tuning_objective_metric"
+IGNORED_HYPERPARAMETER_PREFIXES = ("sagemaker_", TUNING_OBJECTIVE_METRIC_KEY)
 
 
 class ContractError(ValueError):
@@ -176,19 +183,59 @@ def _read_json(path: Path) -> Any:
         raise ContractError(f"{path} is not valid JSON: {exc}") from exc
 
 
+# Each config input is checked for its shape where it is read: a list where an object belongs
+# used to fail later as "'str' object has no attribute 'get'", naming neither file nor variable.
 def input_data_config(paths: Paths) -> dict[str, dict[str, Any]]:
-    return _read_json(paths.input_data_config_file) or {}
+    config = _read_json(paths.input_data_config_file) or {}
+    if not isinstance(config, dict):
+        raise ContractError(f"{paths.input_data_config_file} must hold a JSON object of channel name -> "
+                            f"channel settings, not a {_json_type(config)}")
+    for name, channel in config.items():
+        if not isinstance(channel, dict):
+            raise ContractError(f"{paths.input_data_config_file}: channel {name!r} must be a JSON object "
+                                f'(e.g. {{"TrainingInputMode": "File"}}), not a {_json_type(channel)}')
+    return config
 
 
 def resource_config(paths: Paths) -> dict[str, Any]:
-    return _read_json(paths.resource_config_file) or {}
+    config = _read_json(paths.resource_config_file) or {}
+    if not isinstance(config, dict):
+        raise ContractError(f"{paths.resource_config_file} must hold a JSON object, not a {_json_type(config)}")
+    if "hosts" in config:
+        _check_hosts(config["hosts"], f"{paths.resource_config_file}: \"hosts\"")
+    if not isinstance(config.get("current_host", ""), str):
+        raise ContractError(f'{paths.resource_config_file}: "current_host" must be a string (e.g. "algo-1"), '
+                            f"not a {_json_type(config['current_host'])}")
+    return config
+
+
+def _json_type(value: Any) -> str:
+    """The JSON name of a decoded value's type, for messages."""
+    names = {dict: "object", list: "list", str: "string", bool: "boolean", int: "number",
+             float: "number", type(None): "null"}
+    return names.get(type(value), type(value).__name__)
+
+
+def _check_hosts(hosts: Any, where: str) -> list[str]:
+    # A string would be read as a list of one-letter hosts ("algo-1" -> a, l, g, o...).
+    if not isinstance(hosts, list) or not all(isinstance(h, str) and h for h in hosts):
+        raise ContractError(f'{where} must be a JSON list of host names (e.g. ["algo-1", "algo-2"]), '
+                            f"got {hosts!r}")
+    return hosts
 
 
 def channel_names(paths: Paths, env: Mapping[str, str] | None = None) -> list[str]:
     """Channels from SM_CHANNELS, else inputdataconfig.json, else the folders under input/data."""
     env = os.environ if env is None else env
     if env.get(SM_CHANNELS):
-        return sorted(json.loads(env[SM_CHANNELS]))
+        expected = f'{SM_CHANNELS} must be a JSON list of channel names (e.g. ["training"])'
+        try:
+            names = json.loads(env[SM_CHANNELS])
+        except json.JSONDecodeError as exc:
+            raise ContractError(f"{expected}; {SM_CHANNELS}={env[SM_CHANNELS]!r} is not valid JSON: {exc}") from None
+        if not isinstance(names, list) or not all(isinstance(n, str) and n for n in names):
+            raise ContractError(f"{expected}, got {env[SM_CHANNELS]!r}")
+        return sorted(names)
     config = input_data_config(paths)
     if config:
         return sorted(config)
@@ -256,6 +303,8 @@ def cluster_hosts(paths: Paths, env: Mapping[str, str] | None = None) -> tuple[l
         hosts = json.loads(env[SM_HOSTS]) if env.get(SM_HOSTS) else config.get("hosts")
     except json.JSONDecodeError as exc:
         raise ContractError(f"{SM_HOSTS} is not valid JSON: {exc}") from exc
+    if env.get(SM_HOSTS):
+        _check_hosts(hosts, SM_HOSTS)
     current = env.get(SM_CURRENT_HOST) or config.get("current_host")
     if not hosts:
         return [current or "localhost"], current or "localhost"
@@ -278,10 +327,9 @@ def env_int(env: Mapping[str, str], name: str, minimum: int = 0, default: int | 
     raw = env.get(name, "").strip()
     if not raw:
         return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise ContractError(f"{name}={raw!r} is not a whole number") from None
+    if not _INT_TEXT.fullmatch(raw):  # int() alone takes "1_0" and non-ASCII digits
+        raise ContractError(f"{name}={raw!r} is not a whole number")
+    value = int(raw)
     if value < minimum:
         raise ContractError(f"{name}={raw!r} must be at least {minimum}")
     return value
@@ -357,7 +405,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
 # with no bound, lr=1e308 would "train" into NaN weights just as lr=nan did.
 _RANGES: dict[str, tuple[float, float | None]] = {
     "epochs": (1, 10_000),
-    "batch_size": (1, 65_536),
+    "batch_size": (2, 65_536),  # see _RANGE_REASONS
     "eval_batch_size": (1, 65_536),
     # Exclusive at 0 (see _EXCLUSIVE_MINIMUM); 10 is far above any rate SGD or AdamW trains with.
     "lr": (0.0, 10.0),
@@ -374,8 +422,19 @@ _RANGES: dict[str, tuple[float, float | None]] = {
     "ema_decay": (0.0, 0.99999),
     "warmup_epochs": (0, 100),
     "eval_image_size": (0, 1024),
+    "seed": (0, 2**31 - 1),  # see _RANGE_REASONS
 }
 _EXCLUSIVE_MINIMUM = frozenset({"lr"})
+# Why a bound is where it is, when the number alone does not say (added to the message).
+_RANGE_REASONS = {
+    # batch-size=1 passed and then crashed in BatchNorm ("Expected more than 1 value per channel
+    # when training") on the 1x1 feature map of a small image, with a traceback.
+    "batch_size": "BatchNorm needs at least 2 images per training batch",
+    # 2**63 and up used to end the job in torch.manual_seed ("Overflow when unpacking long long").
+    # 31 bits leave room for the per-rank offset train.py adds (seed + 7919 * (rank + 1) + epoch)
+    # under torch's 64-bit limit, and fit any 32-bit seed API (numpy, CUDA) a later change uses.
+    "seed": "the seed must fit the random generators it seeds (31 bits)",
+}
 # Defaults for a run from scratch (weights=none) where they differ from the fine-tuning ones;
 # keys given explicitly win. Empty on evidence: from scratch on small sets, at 5-10 epochs, the
 # torchvision-style recipe (RECIPE_CANDIDATE) scored below these defaults (README, "Training
@@ -410,6 +469,35 @@ def _unwrap(value: Any) -> Any:
     return value
 
 
+# Numbers as text: ASCII digits only (sign, decimal point, exponent; nan/inf so that the range
+# check can say "not a finite number"). int() and float() alone also take "1_0" (10) and other
+# scripts' digits ("٣" is 3): a typo must fail, not train. Every str() and JSON form the SDK
+# sends ("3", "0.001", "1e-05", "\"0.001\"") matches.
+_INT_TEXT = re.compile(r"[+-]?[0-9]+")
+_FLOAT_TEXT = re.compile(r"[+-]?(?:(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:e[+-]?[0-9]+)?|nan|inf|infinity)",
+                         re.IGNORECASE | re.ASCII)
+
+
+def _number(value: Any, whole: bool) -> int | float:
+    """``value`` (after :func:`_unwrap`) as an int (``whole``) or a float, else ``ValueError``."""
+    expected = "expected a whole number" if whole else "expected a number"
+    # "true" unwraps to True, and int(True) is 1: epochs=true used to train one epoch.
+    if isinstance(value, bool):
+        raise ValueError(f"{expected}, not a boolean")
+    if isinstance(value, str):
+        text = value.strip()
+        if not (_INT_TEXT if whole else _FLOAT_TEXT).fullmatch(text):
+            raise ValueError(f"{expected} in ASCII digits (e.g. {'10' if whole else '0.001 or 1e-3'})")
+        return int(text) if whole else float(text)
+    if not isinstance(value, (int, float)):
+        raise ValueError(f"{expected}, not {type(value).__name__}")
+    if whole:
+        if isinstance(value, float) and not value.is_integer():
+            raise ValueError(expected)
+        return int(value)
+    return float(value)
+
+
 def _convert(name: str, raw: Any) -> Any:
     field_type = _FIELDS[name].type
     value = _unwrap(raw)
@@ -423,14 +511,10 @@ def _convert(name: str, raw: Any) -> Any:
             if text in ("false", "0", "no", "off"):
                 return False
             raise ValueError("expected true or false")
-        if field_type == "int":
-            if isinstance(value, float) and not value.is_integer():
-                raise ValueError("expected a whole number")
-            return int(value)
-        if field_type == "float":
-            return float(value)
+        if field_type in ("int", "float"):
+            return _number(value, whole=field_type == "int")
         return str(value)
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError, OverflowError) as exc:
         raise ContractError(f"hyperparameter {_dashed(name)}={raw!r}: {exc}") from None
 
 
@@ -455,7 +539,8 @@ def _check_range(name: str, value: Any) -> None:
         return
     low, high = _RANGES[name]
     if value < low or (high is not None and value > high):
-        raise ContractError(f"hyperparameter {_dashed(name)}={value!r} is outside {_range_text(name)}")
+        reason = f": {_RANGE_REASONS[name]}" if name in _RANGE_REASONS else ""
+        raise ContractError(f"hyperparameter {_dashed(name)}={value!r} is outside {_range_text(name)}{reason}")
     if name in _EXCLUSIVE_MINIMUM and value == low:
         raise ContractError(f"hyperparameter {_dashed(name)}={value!r} is outside "
                             f"{_range_text(name)}: it must be greater than {low}")
@@ -542,9 +627,13 @@ def load_hyperparameters(
         sources.append(file_values)
     if env.get(SM_HPS):
         try:
-            sources.append(json.loads(env[SM_HPS]))
+            env_values = json.loads(env[SM_HPS])
         except json.JSONDecodeError as exc:
             raise ContractError(f"{SM_HPS} is not valid JSON: {exc}") from exc
+        if not isinstance(env_values, dict):
+            raise ContractError(f"{SM_HPS} must hold a JSON object of hyperparameters "
+                                f'(e.g. {{"epochs": "3"}}), not a {_json_type(env_values)}')
+        sources.append(env_values)
     sources.append(parse_cli_args(argv))
     return parse_hyperparameters(*sources)
 

@@ -142,9 +142,22 @@ def resize_and_crop(image: torch.Tensor, cache_size: int) -> torch.Tensor:
     return TF.center_crop(image, [cache_size, cache_size])
 
 
+def check_trainable(image: torch.Tensor) -> torch.Tensor:
+    """``image`` if it is what :func:`decode_image` promises (``uint8[3, S, S]``), else
+    ``ValueError`` saying why. :func:`decode_image` gives ``uint16`` for a 16-bit PNG and
+    ``[frames, 3, S, S]`` for an animated GIF (whatever its file name): one such file used to
+    reach ``torch.stack`` and end the job with a message naming no file. (Serving refuses both
+    itself, with 415: 16-bit after decoding, GIF from the header.)"""
+    if image.dtype != torch.uint8:
+        raise ValueError(f"16-bit images are not supported ({image.dtype}): the model trains on 8 bits per channel")
+    if image.dim() != 3:
+        raise ValueError(f"animated/multi-frame image ({image.shape[0]} frames) is not supported")
+    return image
+
+
 def _decode_file(path: Path, cache_size: int) -> torch.Tensor | None:
     try:
-        return decode_image(torchvision.io.read_file(str(path)), cache_size)
+        return check_trainable(decode_image(torchvision.io.read_file(str(path)), cache_size))
     except (RuntimeError, ValueError, OSError) as exc:
         log.warning("event=skip_image path=%s reason=%s", path, str(exc).splitlines()[0][:200])
         return None

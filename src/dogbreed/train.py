@@ -685,6 +685,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "SIGTERM while waiting for the other ranks to join: nothing was trained", paths,
                 first_wins=True), exit_code=EXIT_SIGTERM)
         hp = contract.load_hyperparameters(argv, paths)
+        if hp.batch_size < 2 * world.size:  # each rank trains on 1/N of a batch
+            raise ContractError(f"hyperparameter batch-size={hp.batch_size} gives a rank fewer than 2 "
+                                f"images per batch with {world.size} ranks: BatchNorm needs 2; use at "
+                                f"least {2 * world.size}")
         if world.is_main:
             log.info("event=hyperparameters %s", " ".join(f"{k}={v}" for k, v in hp.to_sagemaker().items()))
         run(hp, paths, stop, device=device, world=world)

@@ -127,3 +127,24 @@ def test_some_undecodable_images_in_a_class_are_skipped_not_fatal(sample_copy):
     split = data.decode_split(data.index_split(sample_copy / "train"), 37, torch.device("cpu"),
                               num_workers=1)
     assert split.skipped == 1 and len(split) == 79
+
+
+def test_16bit_png_and_animated_gif_in_train_are_skipped_not_fatal(sample_copy, make_job, run_entry_point):
+    """Each used to end the whole job at torch.stack with a message naming no file; README:
+    unreadable images are "skipped with a warning and counted"."""
+    import numpy as np
+    from PIL import Image
+
+    folder = sample_copy / "train" / "001.Beagle"
+    Image.fromarray((np.arange(37 * 50, dtype=np.uint16) * 31).reshape(37, 50)).save(folder / "deep.png")
+    frames = [Image.new("RGB", (50, 37), color) for color in ((200, 30, 60), (30, 200, 60))]
+    frames[0].save(folder / "moving.jpg", format="GIF", save_all=True, append_images=frames[1:])
+    paths = make_job(TINY | {"epochs": "1"}, channels={"training": sample_copy})
+    result = run_entry_point(paths, timeout=300)
+    assert result.returncode == 0, (paths.failure_file.read_text() if paths.failure_file.exists()
+                                    else result.stderr[-2000:])
+    logs = result.stdout + result.stderr
+    assert "deep.png" in logs and "16-bit images are not supported" in logs
+    assert "moving.jpg" in logs and "animated/multi-frame image" in logs
+    assert "skipped_images=2" in logs
+    assert (paths.model_dir / "model.pt").exists()

@@ -129,3 +129,138 @@ def test_env_int_is_the_one_whole_number_setting_parser():
         contract.env_int(env, "C")
     with pytest.raises(contract.ContractError, match="D='0' must be at least 1"):
         contract.env_int(env, "D", 1)
+
+
+# --- values int()/float() are too lenient about -------------------------------------------------
+@pytest.mark.parametrize("key", ["epochs", "lr", "seed", "momentum"])
+@pytest.mark.parametrize("value", ["true", "false", True, False])
+def test_booleans_are_not_numbers(key, value):
+    """"true" unwraps to True and int(True) is 1: epochs=true trained one epoch, lr=false was 0."""
+    with pytest.raises(ContractError, match=f"hyperparameter {key}=.*not a boolean"):
+        parse_hyperparameters({key: value})
+
+
+@pytest.mark.parametrize("key,value", [
+    ("epochs", "1_0"), ("epochs", "\u0663"), ("batch-size", "\uff11\uff16"), ("lr", "1_0"),
+    ("lr", "\u0660.\u0661"), ("lr", "0.0_1"), ("seed", "\u0967"), ("epochs", "0x10"),
+])
+def test_numbers_must_be_ascii_digits(key, value):
+    """int("1_0") is 10 and int("٣") is 3: a typo or a stray script must fail, not train."""
+    with pytest.raises(ContractError, match=f"hyperparameter {key}=.*ASCII digits"):
+        parse_hyperparameters({key: value})
+
+
+@pytest.mark.parametrize("key,value,expected", [
+    ("epochs", "3", 3), ("epochs", " 4 ", 4), ("epochs", "+5", 5), ("epochs", '"6"', 6),
+    ("epochs", "7.0", 7), ("epochs", "1e1", 10), ("epochs", 8, 8), ("epochs", 9.0, 9),
+    ("lr", "0.001", 0.001), ("lr", "1e-05", 1e-05), ("lr", "1E-3", 0.001), ("lr", '"0.25"', 0.25),
+    ("lr", ".5", 0.5), ("lr", "2.", 2.0), ("lr", "+0.1", 0.1), ("lr", 1, 1.0), ("seed", "-0", 0),
+])
+def test_every_form_the_sdk_and_callers_send_still_parses(key, value, expected):
+    value_out = getattr(parse_hyperparameters({key: value}), key.replace("-", "_"))
+    assert value_out == expected and type(value_out) is type(expected)
+
+
+def test_env_int_takes_ascii_digits_only():
+    with pytest.raises(ContractError, match="is not a whole number"):
+        contract.env_int({contract.SM_NUM_GPUS: "1_0"}, contract.SM_NUM_GPUS)
+    with pytest.raises(ContractError, match="is not a whole number"):
+        contract.env_int({contract.SM_NUM_GPUS: "\u0663"}, contract.SM_NUM_GPUS)
+
+
+# --- ranges whose bound has a reason -----------------------------------------------------------
+def test_batch_size_1_is_refused_naming_batchnorm():
+    """batch-size=1 passed and crashed in BatchNorm ("Expected more than 1 value per channel")."""
+    with pytest.raises(ContractError, match=r"batch-size=1 is outside \[2, 65536\]: BatchNorm needs at least 2"):
+        parse_hyperparameters({"batch-size": "1", "image-size": "32"})
+    assert parse_hyperparameters({"batch-size": "2"}).batch_size == 2
+    assert parse_hyperparameters({"eval-batch-size": "1"}).eval_batch_size == 1  # eval: running stats
+
+
+@pytest.mark.parametrize("value", ["99999999999999999999999", str(2**63), str(2**31), "-1", "1e30"])
+def test_out_of_range_seed_is_refused_naming_the_bound(value):
+    """A seed of 2**63 or more ended the job in torch.manual_seed ("Overflow when unpacking long long")."""
+    with pytest.raises(ContractError, match=r"hyperparameter seed=.* is outside \[0, 2147483647\]"):
+        parse_hyperparameters({"seed": value})
+
+
+def test_largest_seed_seeds_every_generator_train_uses():
+    """The bound is safe for random, torch and the per-rank offset train.py adds."""
+    import random
+
+    import torch
+
+    seed = parse_hyperparameters({"seed": str(2**31 - 1)}).seed
+    random.seed(seed)
+    torch.manual_seed(seed)
+    torch.Generator().manual_seed(seed + 7919 * (4096 + 1) + 10_000)
+
+
+def test_batch_size_1_fails_the_job_with_a_clear_reason(make_job, run_entry_point):
+    paths = make_job({"batch-size": "1", "image-size": "32", "epochs": "1", "weights": "none"})
+    result = run_entry_point(paths, timeout=120)
+    assert result.returncode == 1
+    failure = paths.failure_file.read_text()
+    assert failure.startswith("ContractError: hyperparameter batch-size=1") and "BatchNorm" in failure, failure
+    assert "Traceback" not in result.stderr
+
+
+# --- keys SageMaker adds -------------------------------------------------------------------------
+def test_only_the_known_underscore_key_is_ignored():
+    """A bare "_" prefix also swallowed typos: _epochs=3 trained the default 10 epochs."""
+    with pytest.raises(ContractError, match="unknown hyperparameter.*_epochs"):
+        parse_hyperparameters({"_epochs": "3"})
+    with pytest.raises(ContractError, match="unknown hyperparameter.*_lr"):
+        parse_hyperparameters({"_lr": "0.1", "_tuning_objective_metric": "valid_accuracy"})
+    assert "_tuning_objective_metric".startswith(contract.IGNORED_HYPERPARAMETER_PREFIXES)
+    assert not "_epochs".startswith(contract.IGNORED_HYPERPARAMETER_PREFIXES)
+
+
+# --- malformed config inputs -------------------------------------------------------------------
+def test_sm_channels_must_be_a_json_list(tmp_path: Path):
+    paths = Paths.from_env({contract.BASE_DIR_ENV: str(tmp_path)})
+    with pytest.raises(ContractError, match="SM_CHANNELS must be a JSON list.*'training' is not valid JSON"):
+        contract.channel_names(paths, {contract.SM_CHANNELS: "training"})
+    for value in ('"training"', '{"training": {}}', "[1]"):
+        with pytest.raises(ContractError, match="SM_CHANNELS must be a JSON list of channel names"):
+            contract.channel_names(paths, {contract.SM_CHANNELS: value})
+    assert contract.channel_names(paths, {contract.SM_CHANNELS: '["valid", "train"]'}) == ["train", "valid"]
+
+
+@pytest.mark.parametrize("config,fragment", [
+    (["training"], "inputdataconfig.json must hold a JSON object of channel name -> channel settings, not a list"),
+    ({"training": "File"}, "inputdataconfig.json: channel 'training' must be a JSON object"),
+])
+def test_input_data_config_shape_is_checked(tmp_path: Path, sample_data: Path, config, fragment):
+    paths = contract.prepare_local_job(tmp_path, {}, {"training": sample_data})
+    paths.input_data_config_file.write_text(json.dumps(config))
+    with pytest.raises(ContractError, match=fragment):
+        contract.resolve_splits(paths, env={})
+
+
+@pytest.mark.parametrize("config,fragment", [
+    (["algo-1"], "resourceconfig.json must hold a JSON object, not a list"),
+    ({"current_host": "algo-1", "hosts": "algo-1"}, 'resourceconfig.json: "hosts" must be a JSON list of host names'),
+    ({"current_host": "algo-1", "hosts": ["algo-1", 2]}, '"hosts" must be a JSON list of host names'),
+    ({"current_host": ["algo-1"], "hosts": ["algo-1"]}, '"current_host" must be a string'),
+])
+def test_resource_config_shape_is_checked(tmp_path: Path, config, fragment):
+    paths = contract.prepare_local_job(tmp_path, {}, {})
+    paths.resource_config_file.write_text(json.dumps(config))
+    with pytest.raises(ContractError, match=fragment):
+        contract.cluster_hosts(paths, env={})
+
+
+def test_sm_hosts_must_be_a_json_list(tmp_path: Path):
+    paths = contract.prepare_local_job(tmp_path, {}, {})
+    env = {contract.SM_HOSTS: '"algo-1"', contract.SM_CURRENT_HOST: "algo-1"}
+    with pytest.raises(ContractError, match="SM_HOSTS must be a JSON list of host names"):
+        contract.cluster_hosts(paths, env)
+
+
+@pytest.mark.parametrize("value", ['["x"]', '"epochs"', "3"])
+def test_sm_hps_must_be_a_json_object(tmp_path: Path, value):
+    paths = contract.prepare_local_job(tmp_path, {}, {})
+    env = {contract.BASE_DIR_ENV: str(tmp_path), contract.SM_HPS: value}
+    with pytest.raises(ContractError, match="SM_HPS must hold a JSON object of hyperparameters"):
+        contract.load_hyperparameters([], paths, env)

@@ -141,3 +141,58 @@ def test_decode_cache_decodes_once(sample_data: Path, monkeypatch):
     assert cache.get(index, 40, torch.device("cpu")) is first
     cache.get(index, 48, torch.device("cpu"))
     assert len(calls) == 2
+
+
+def _png_16bit(path: Path, size: tuple[int, int] = (50, 37)) -> Path:
+    """A grayscale 16-bit PNG (PIL mode ``I;16``): decode_image gives uint16 pixels for it."""
+    import numpy as np
+
+    pixels = (np.arange(size[0] * size[1], dtype=np.uint32).reshape(size[1], size[0]) * 37 % 65536)
+    Image.fromarray(pixels.astype(np.uint16)).save(path, format="PNG")
+    return path
+
+
+def _animated_gif(path: Path, size: tuple[int, int] = (50, 37)) -> Path:
+    """A 2-frame GIF (saved under any name, e.g. x.jpg): decode_image gives [2, 3, S, S]."""
+    first, second = Image.new("RGB", size, (200, 30, 60)), Image.new("RGB", size, (30, 200, 60))
+    first.save(path, format="GIF", save_all=True, append_images=[second], duration=100, loop=0)
+    return path
+
+
+def test_16bit_png_and_animated_gif_are_skipped_named_and_counted(sample_copy: Path, caplog):
+    """One such file in train/ used to end the job at torch.stack ("Promotion for uint16 ... not
+    supported", "stack expects each tensor to be equal size") without naming it."""
+    folder = sample_copy / "train" / "001.Beagle"
+    deep = _png_16bit(folder / "deep.png")
+    gif = _animated_gif(folder / "moving.jpg")
+    assert data.decode_image(deep.read_bytes(), 40).dtype == torch.uint16  # what the check is for
+    assert data.decode_image(gif.read_bytes(), 40).shape == (2, 3, 40, 40)
+    index = data.index_split(sample_copy / "train")
+    caplog.set_level("WARNING", logger=data.__name__)
+    split = data.decode_split(index, 40, torch.device("cpu"), num_workers=2)
+    assert split.skipped == 2 and len(split) == len(index) - 2
+    assert split.images.shape[1:] == (3, 40, 40) and split.images.dtype == torch.uint8
+    skips = [r.getMessage() for r in caplog.records if "event=skip_image" in r.getMessage()]
+    assert any(str(deep) in m and "16-bit images are not supported" in m for m in skips), skips
+    assert any(str(gif) in m and "animated/multi-frame image" in m for m in skips), skips
+
+
+def test_batched_jpeg_decode_skips_16bit_and_animated_files(sample_copy: Path):
+    """The nvJPEG path (run on the CPU): a GIF named .jpg fails the batch decoder, so its
+    fallback (decode_image one by one) must refuse it too, like a 16-bit PNG."""
+    folder = sample_copy / "train" / "001.Beagle"
+    files = sorted(folder.iterdir())[:3]
+    batch = [*files, _png_16bit(folder / "deep.png"), _animated_gif(folder / "moving.jpg")]
+    decoded = data.decode_jpeg_batches(batch, 40, torch.device("cpu"), batch=4)
+    assert decoded[-2:] == [None, None]
+    assert all(image is not None and image.shape == (3, 40, 40) for image in decoded[:-2])
+
+
+def test_class_of_only_16bit_images_fails_naming_it(sample_copy: Path):
+    folder = sample_copy / "train" / "004.Labrador_retriever"
+    images = sorted(folder.iterdir())
+    for image in images:
+        image.unlink()
+        _png_16bit(image.with_suffix(".png"))
+    with pytest.raises(data.DataError, match=f"no decodable image.*{folder.name} \\(0 of {len(images)}\\)"):
+        data.decode_split(data.index_split(sample_copy / "train"), 40, torch.device("cpu"), num_workers=1)

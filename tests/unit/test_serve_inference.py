@@ -130,6 +130,17 @@ def test_16_bit_png_is_refused(served: inference.ServedModel) -> None:
     assert status_of(excinfo) == 415
 
 
+def test_animated_gif_sent_as_jpeg_is_refused(served: inference.ServedModel) -> None:
+    """decode_image would give [frames, 3, S, S] for it (training skips such files): serving must
+    refuse it from the header, whatever the Content-Type says."""
+    frames = [Image.new("RGB", (80, 60), color) for color in ((200, 30, 60), (30, 200, 60))]
+    buffer = io.BytesIO()
+    frames[0].save(buffer, format="GIF", save_all=True, append_images=frames[1:])
+    with pytest.raises(RequestError) as excinfo:  # input_fn reads the header already
+        inference.predict_fn(inference.input_fn(buffer.getvalue(), "image/jpeg"), served)
+    assert status_of(excinfo) == 415 and "GIF" in excinfo.value.message
+
+
 # --- top-k ------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("value,expected", [("3", 3), (3, 3), (b"7", 7), (" 2 ", 2)])
 def test_parse_top_k(value, expected: int) -> None:
