@@ -9,6 +9,7 @@ runs can use a temp dir, and ``SM_*`` variables (set by the toolkit) win over de
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import math
@@ -611,6 +612,18 @@ def parse_cli_args(argv: Sequence[str]) -> dict[str, str]:
         result[key] = value
         i += 1
     return result
+
+
+def is_tuning_trial(paths: Paths | None = None, env: Mapping[str, str] | None = None) -> bool:
+    """Whether this training job is a trial of a SageMaker tuning job: the tuning service adds
+    ``_tuning_objective_metric`` to every trial's hyperparameters."""
+    paths = paths or Paths.from_env(env)
+    env = os.environ if env is None else env
+    with contextlib.suppress(ContractError, ValueError, TypeError):
+        if TUNING_OBJECTIVE_METRIC_KEY in (_read_json(paths.hyperparameters_file) or {}):
+            return True
+        return TUNING_OBJECTIVE_METRIC_KEY in json.loads(env.get(SM_HPS) or "{}")
+    return False
 
 
 def load_hyperparameters(

@@ -24,6 +24,7 @@ and a resumed run draws the same numbers as an uninterrupted one.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -287,3 +288,20 @@ def make_scheduler(hp: Hyperparameters, optimizer: torch.optim.Optimizer,
         return main
     ramp = lr_sched.LinearLR(optimizer, start_factor=WARMUP_START_FACTOR, total_iters=warmup)
     return lr_sched.SequentialLR(optimizer, [ramp, main], milestones=[warmup])
+
+
+def scheduler_after(hp: Hyperparameters, optimizer: torch.optim.Optimizer,
+                    completed_epochs: int) -> torch.optim.lr_scheduler.LRScheduler:
+    """The schedule for ``hp.epochs``, stepped past ``completed_epochs``: where an uninterrupted
+    run would be. For a resume whose epoch count changed: the saved scheduler state holds the
+    old count's cosine length and warmup milestone."""
+    # The schedulers chain from the group's current lr: start from the initial one, as a fresh run.
+    for group in optimizer.param_groups:
+        group["lr"] = group.get("initial_lr", hp.lr)
+    scheduler = make_scheduler(hp, optimizer)
+    with warnings.catch_warnings():
+        # "lr_scheduler.step() before optimizer.step()": deliberate here, these epochs are done.
+        warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step")
+        for _ in range(completed_epochs):
+            scheduler.step()
+    return scheduler

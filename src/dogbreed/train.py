@@ -408,11 +408,14 @@ def load_checkpoint(path: Path, key: dict[str, Any], action: str = "start_fresh"
     return state
 
 
-def find_checkpoint(own: Path, key: dict[str, Any]) -> tuple[dict[str, Any] | None, Path | None]:
-    """The state to resume and its file: ``own`` (this job's file) when it exists, else the newest
-    other checkpoint in its dir saved with the same ``key``. AWS resumes a stopped job as a new
-    job (a new name, so a new file) on the same checkpoint prefix; a differing key never resumes."""
-    if own.is_file():
+def find_checkpoint(own: Path, key: dict[str, Any],
+                    adopt_others: bool = True) -> tuple[dict[str, Any] | None, Path | None]:
+    """The state to resume and its file: ``own`` (this job's file) when it exists, else (with
+    ``adopt_others``) the newest other checkpoint in its dir saved with the same ``key``. AWS
+    resumes a stopped job as a new job (a new name, so a new file) on the same checkpoint
+    prefix; a differing key never resumes. A tuning trial never adopts another trial's file:
+    two trials that differ only in epochs would otherwise not be independent samples."""
+    if own.is_file() or not adopt_others:
         state = load_checkpoint(own, key)
         return state, (own if state is not None else None)
 
@@ -514,7 +517,8 @@ def run(hp: Hyperparameters, paths: Paths, stop: StopFlag | None = None,
     start_epoch = 1
     # Rank 0 reads it and hands it to the others: resumable on any world size, any host.
     resumed, resumed_from = world.broadcast_object(
-        find_checkpoint(checkpoint_path, key) if world.is_main else (None, None))
+        find_checkpoint(checkpoint_path, key, adopt_others=not contract.is_tuning_trial(paths))
+        if world.is_main else (None, None))
     if resumed is not None:
         model.load_state_dict(resumed["model"])
         optimizer.load_state_dict(resumed["optimizer"])

@@ -148,6 +148,26 @@ def test_sigterm_checkpoints_and_a_rerun_resumes(make_job):
     assert [h["epoch"] for h in history] == [1, 2, 3]
 
 
+def test_sigterm_before_the_first_epoch_says_there_is_nothing_to_resume(make_job):
+    paths = make_job({**QUICK_HPS, "epochs": "1"})
+    env = {**os.environ, contract.BASE_DIR_ENV: str(paths.base)}
+    process = subprocess.Popen([sys.executable, "-m", "dogbreed.train"], env=env, text=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        for line in process.stderr:
+            if "event=start " in line:  # the decode starts now; the epoch takes seconds after it
+                process.send_signal(signal.SIGTERM)
+                break
+        stdout, _ = process.communicate(timeout=120)
+    finally:
+        process.kill()
+    assert process.returncode == train.EXIT_SIGTERM
+    assert "epoch=" not in stdout and not any(paths.checkpoints_dir.glob("*.pt"))
+    failure = _failure(paths)
+    assert "before the first epoch completed" in failure and "nothing to resume" in failure
+    assert "last completed epoch" not in failure
+
+
 def test_smdebug_hook_saves_losses_and_gradients(make_job, run_entry_point):
     from smdebug import modes
     from smdebug.trials import create_trial
