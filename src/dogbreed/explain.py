@@ -123,10 +123,29 @@ def load(model_path: Path, device: torch.device | str = "cpu") -> tuple[nn.Modul
         return artifacts.load_model(artifacts.resolve_model_dir(Path(model_path), Path(tmp))[0], device)
 
 
+def overlay_names(images: Sequence[Path]) -> list[str]:
+    """``<stem>.gradcam.png`` for each image, unique and deterministic: a stem already taken
+    (two photos named ``x.jpg`` in different folders, or ``x.jpg`` and ``x.png``) gets the
+    first free ``<stem>-2``, ``<stem>-3``, …, so no overlay overwrites another."""
+    stems = [Path(p).stem for p in images]
+    taken: set[str] = set()
+    names = []
+    for stem in stems:
+        candidate, n = stem, 1
+        while candidate in taken:
+            n += 1
+            candidate = f"{stem}-{n}"
+        taken.add(candidate)
+        names.append(f"{candidate}.gradcam.png")
+    return names
+
+
 def explain_files(model_path: Path, images: Sequence[Path], out_dir: Path, top_k: int = 3,
                   device: torch.device | str = "cpu") -> list[dict[str, Any]]:
     """One ``<image stem>.gradcam.png`` per image: the photo, then a Grad-CAM overlay for each
-    of the top-k classes titled with its label and probability. Returns what was written."""
+    of the top-k classes titled with its label and probability. Images that share a stem
+    (``ca/x.jpg cb/x.jpg``) get ``x.gradcam.png``, ``x-2.gradcam.png``, … in the order given
+    (see :func:`overlay_names`). Returns what was written."""
     from dogbreed.reports import _pyplot
 
     model, metadata = load(model_path, device)
@@ -134,7 +153,7 @@ def explain_files(model_path: Path, images: Sequence[Path], out_dir: Path, top_k
     out_dir.mkdir(parents=True, exist_ok=True)
     plt = _pyplot()
     results = []
-    for path in images:
+    for path, name in zip(images, overlay_names(images)):
         try:
             pixels = data.decode_image(Path(path).read_bytes(), metadata.resize_size)
         except (OSError, ValueError, RuntimeError) as exc:
@@ -163,7 +182,7 @@ def explain_files(model_path: Path, images: Sequence[Path], out_dir: Path, top_k
         for ax in axes:
             ax.axis("off")
         fig.tight_layout()
-        target = out_dir / f"{Path(path).stem}.gradcam.png"
+        target = out_dir / name
         fig.savefig(target, dpi=100)
         plt.close(fig)
         results.append({"image": str(path), "overlay": str(target), "predictions": predictions})

@@ -5,11 +5,19 @@ missing."""
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
+import os
+import re
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
+import psutil
 import pytest
 from servelib import TrainedModel
 
@@ -74,3 +82,70 @@ def test_local_batch_through_the_server(serve_models: dict[str, TrainedModel], s
     assert again["execution_parameters"]["MaxConcurrentTransforms"] == 1
     assert again["accuracy"] == summary["accuracy"]
     assert outs[3].is_file()
+
+
+def _processes_mentioning(text: str) -> list[str]:
+    found = []
+    for proc in psutil.process_iter(["pid", "cmdline", "status"]):
+        if proc.info["status"] != psutil.STATUS_ZOMBIE and text in " ".join(proc.info["cmdline"] or []):
+            found.append(f"{proc.pid}: {' '.join(proc.info['cmdline'])[:200]}")
+    return found
+
+
+def test_ctrl_c_during_server_start_up_stops_the_server(serve_models: dict[str, TrainedModel],
+                                                        sample_data: Path, tmp_path: Path) -> None:
+    """`timeout --preserve-status -s INT 2 dogbreed batch --local …` exited 130 and left MMS
+    (java) running with parent 1: only a ServerError stopped the server. The signal lands
+    where that one did: MMS started, the model still loading (wait_ready)."""
+    command = [str(Path(sys.executable).with_name("dogbreed")), "batch", "--local",
+               str(serve_models["resnet18"].archive), str(sample_data / "test"), str(tmp_path / "out")]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert process.stderr is not None
+        lines = []
+        for line in process.stderr:  # the event lines, as they come
+            lines.append(line)
+            if "event=front_listening" in line:  # start() returned: MMS + zygote are up
+                break
+        run_dir = next(re.search(r"event=start_mms run_dir=(\S+)", line).group(1)
+                       for line in lines if "event=start_mms" in line)
+        time.sleep(0.5)
+        assert process.poll() is None, "the batch ended before it could be interrupted"
+        process.send_signal(signal.SIGINT)
+        _, rest = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert process.returncode == 130, rest[-3000:]
+    assert "event=batch_server_ready" not in rest  # it really was interrupted during start-up
+    temp_dir = str(Path(run_dir).parent)
+    assert Path(temp_dir).name.startswith("dogbreed-batch-")
+    deadline = time.monotonic() + 2  # stop() waited for MMS and the zygote; workers are SIGKILLed
+    while _processes_mentioning(temp_dir) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    left = _processes_mentioning(temp_dir)
+    for line in left:  # ours (named by our run's temp dir): do not leave them to the next test
+        with contextlib.suppress(OSError):
+            os.kill(int(line.split(":")[0]), signal.SIGKILL)
+    assert left == [], "MMS / zygote left running"
+    assert not Path(temp_dir).exists()
+
+
+def test_local_batch_by_training_job_name(serve_models: dict[str, TrainedModel], sample_data: Path,
+                                          tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`batch --local best-1 IN OUT`: the local job's output/model.tar.gz, as its help says
+    ("or a training job name"); it used to answer "no such model best-1"."""
+    workdir = tmp_path / "work"
+    packed = workdir / "jobs" / "best-1" / "output" / "model.tar.gz"
+    packed.parent.mkdir(parents=True)
+    shutil.copyfile(serve_models["resnet18"].archive, packed)
+    images = tmp_path / "in"
+    images.mkdir()
+    for photo in sorted((sample_data / "test").rglob("*.jpg"))[:3]:
+        shutil.copy(photo, images / photo.name)
+    assert cli.main(["batch", "--local", "--workdir", str(workdir), "best-1", str(images),
+                     str(tmp_path / "out"), "--workers", "1"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["model"] == str(packed)
+    assert (summary["files"], summary["predicted"], summary["errors"]) == (3, 3, 0)

@@ -5,10 +5,15 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import signal
+import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import boto3
@@ -127,3 +132,115 @@ def test_local_endpoint_routes_by_target_model_with_lru(demo: tuple[Path, str], 
     assert json.loads(cleanup.stdout)["stopped"]["pid"] == state["pid"]
     assert processes_mentioning(str(work)) == []
     assert json.loads(dogbreed("status", "--local", "--workdir", str(work)).stdout)["endpoint"] is None
+
+
+# --- start-up, ports and leftovers (no models needed: an empty store serves /ping) -------------
+@pytest.fixture
+def short_workdir() -> Iterator[Path]:
+    """A workdir with a short path (MMS's run dir must fit a unix socket path); at teardown every
+    process still naming it (all started by the test) is killed, and the test fails."""
+    work = Path(tempfile.mkdtemp(prefix="dbw-"))
+    yield work
+    left = processes_mentioning(str(work))
+    for line in left:
+        try:
+            os.killpg(int(line.split(":")[0]), signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+    shutil.rmtree(work, ignore_errors=True)
+    assert left == [], "left running"
+
+
+def wait_for(predicate, timeout: float = 120.0, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.1)
+    pytest.fail(f"no {what} within {timeout:g} s")
+
+
+def java_of(work: Path) -> list[str]:
+    return [p for p in processes_mentioning(str(work)) if "java" in p.split(":", 1)[1].split()[0]]
+
+
+def test_ctrl_c_during_deploy_start_up_cancels_the_daemon(short_workdir: Path) -> None:
+    """`timeout -s INT 2 dogbreed deploy --local` exited 130 while the daemon it had spawned
+    went on starting and then served, with nobody knowing."""
+    deploy = subprocess.Popen([DOGBREED, "deploy", "--local", "--port", "0", "--workdir",
+                               str(short_workdir)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True)
+    wait_for(lambda: java_of(short_workdir), what="MMS (java) of the daemon")  # mid start-up
+    deploy.send_signal(signal.SIGINT)
+    _, stderr = deploy.communicate(timeout=60)
+    assert deploy.returncode == 130, stderr
+    assert "event=endpoint_start_cancelled" in stderr
+    assert processes_mentioning(str(short_workdir)) == []  # daemon, MMS and zygote all gone
+    assert not (short_workdir / "endpoint" / "state.json").exists()
+    status = dogbreed("status", "--local", "--workdir", str(short_workdir))
+    assert json.loads(status.stdout)["endpoint"] is None
+
+
+@pytest.mark.parametrize("foreground", [False, True], ids=["detached", "foreground"])
+def test_a_busy_port_is_one_error_line_before_anything_starts(short_workdir: Path,
+                                                              foreground: bool) -> None:
+    """With the port taken, deploy printed an OSError traceback (twice) ~8 s later, after MMS
+    had started."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        started = time.monotonic()
+        result = dogbreed("deploy", "--local", "--port", str(port), "--workdir", str(short_workdir),
+                          *(["--foreground"] if foreground else []), timeout=60)
+        elapsed = time.monotonic() - started
+    assert result.returncode != 0
+    assert f"dogbreed deploy: cannot listen on 127.0.0.1:{port}: address already in use\n" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert result.stderr.count("dogbreed deploy: cannot listen") == 1
+    assert elapsed < 10  # not after an MMS start
+    assert not (short_workdir / "endpoint" / "mms").exists()  # MMS never started
+    assert processes_mentioning(str(short_workdir)) == []
+
+
+def test_a_killed_daemon_leaves_nothing_behind_the_next_deploy_or_cleanup(short_workdir: Path) -> None:
+    """SIGKILL the daemon: its MMS + zygote (own sessions) used to run on, invisible to status,
+    untouched by cleanup, their run dir deleted under them by the next deploy."""
+    work = str(short_workdir)
+    mms_dir = short_workdir / "endpoint" / "mms"
+
+    def deploy_then_kill() -> dict[str, int]:
+        deployed = dogbreed("deploy", "--local", "--port", "0", "--workdir", work, timeout=300)
+        assert deployed.returncode == 0, deployed.stderr
+        os.kill(json.loads(deployed.stdout)["pid"], signal.SIGKILL)
+        orphans = {name: int((mms_dir / f"{name}.pid").read_text()) for name in ("mms", "zygote")}
+        time.sleep(0.5)
+        assert all(Path(f"/proc/{pid}").exists() for pid in orphans.values())  # still running
+        return orphans
+
+    first = deploy_then_kill()
+    again = dogbreed("deploy", "--local", "--port", "0", "--workdir", work, timeout=300)
+    assert again.returncode == 0, again.stderr
+    for name, pid in first.items():
+        assert f"event=endpoint_leftover_stopped process={name} pid={pid} " in again.stderr
+        assert not _running(pid)
+    cleanup = dogbreed("cleanup", "--local", "--workdir", work)
+    assert cleanup.returncode == 0 and json.loads(cleanup.stdout)["stopped"]["pid"] == json.loads(again.stdout)["pid"]
+    assert processes_mentioning(work) == []
+
+    second = deploy_then_kill()
+    assert json.loads(dogbreed("status", "--local", "--workdir", work).stdout)["endpoint"] is None
+    cleanup = dogbreed("cleanup", "--local", "--workdir", work)
+    assert cleanup.returncode == 0, cleanup.stderr
+    stopped = json.loads(cleanup.stdout)["stopped"]
+    assert sorted((s["process"], s["pid"]) for s in stopped["leftovers"]) == sorted(second.items())
+    assert processes_mentioning(work) == []
+
+
+def _running(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"

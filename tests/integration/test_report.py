@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -123,10 +125,21 @@ def test_train_local_debugger_then_report(sample_data, tmp_path, capsys):
     assert json.loads((job / "input/config/debughookconfig.json").read_text())["LocalPath"] == str(
         job / "output" / "tensors")
     assert cli.main(["report", "--local", "--workdir", str(workdir), "dbg"]) == 0
-    out = capsys.readouterr().out
-    result = json.loads(out[out.index("\n{\n") if not out.startswith("{") else 0:])  # after smdebug's own lines
+    result = json.loads(capsys.readouterr().out)  # smdebug's own log lines go to stderr
     assert set(result["verdicts"]) == ALL_RULES
     assert all(v in (rules.ISSUES, rules.NO_ISSUES, rules.NOT_APPLICABLE)
                for v in result["verdicts"].values()), result["verdicts"]
     # The five smdebug rules really ran on the job's tensors (only the GPU rule has nothing to read).
     assert [r for r, v in result["verdicts"].items() if v == rules.NOT_APPLICABLE] == ["LowGPUUtilization"]
+
+
+def test_report_stdout_is_exactly_the_json(runs, tmp_path):
+    """A real `dogbreed report` process on a debugger run: smdebug's logger writes to a handler
+    bound to sys.stdout, and its ~22 INFO lines used to come before the JSON on stdout."""
+    out = tmp_path / "report.html"
+    result = subprocess.run([str(Path(sys.executable).with_name("dogbreed")), "report",
+                             str(runs["healthy"]), "--out", str(out)],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads(result.stdout)["report"] == str(out)
+    assert "RULE_JOB_STOP_SIGNAL_FILENAME" in result.stderr  # smdebug still speaks, on stderr

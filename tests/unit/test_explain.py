@@ -93,3 +93,31 @@ def test_unreadable_image_is_a_clear_error(tmp_path, capsys):
     assert cli.main(["explain", str(_model_dir(tmp_path, "resnet18")), str(bad),
                      "--out", str(tmp_path / "o")]) == cli.EXIT_USAGE
     assert "not a readable image" in capsys.readouterr().err
+
+
+def test_images_sharing_a_file_name_get_their_own_overlays(tmp_path, capsys):
+    """`explain M ca/x.jpg cb/x.jpg` wrote one x.gradcam.png and listed it for both images."""
+    model_dir = _model_dir(tmp_path, "resnet18")
+    (tmp_path / "ca").mkdir()
+    (tmp_path / "cb").mkdir()
+    first = _photo(tmp_path / "ca" / "x.jpg")
+    second = tmp_path / "cb" / "x.jpg"
+    Image.open(first).transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(second)  # another photo
+    third = _photo(tmp_path / "cb" / "x.png")  # same stem, other extension
+    out = tmp_path / "out"
+    assert cli.main(["explain", str(model_dir), str(first), str(second), str(third),
+                     "--top-k", "1", "--out", str(out)]) == 0
+    results = json.loads(capsys.readouterr().out)
+    assert [r["image"] for r in results] == [str(first), str(second), str(third)]
+    assert [Path(r["overlay"]).name for r in results] == [
+        "x.gradcam.png", "x-2.gradcam.png", "x-3.gradcam.png"]
+    assert sorted(p.name for p in out.glob("*.png")) == [
+        "x-2.gradcam.png", "x-3.gradcam.png", "x.gradcam.png"]
+    assert json.loads((out / "explanations.json").read_text()) == results
+    assert (out / "x.gradcam.png").read_bytes() != (out / "x-2.gradcam.png").read_bytes()
+
+
+def test_overlay_names_are_unique_and_deterministic():
+    names = explain.overlay_names([Path("a/x.jpg"), Path("b/x.jpg"), Path("x-2.jpg"), Path("y.jpg")])
+    assert names == ["x.gradcam.png", "x-2.gradcam.png", "x-2-2.gradcam.png", "y.gradcam.png"]
+    assert explain.overlay_names([Path("a/x.jpg"), Path("b/x.jpg")]) == names[:2]

@@ -232,3 +232,48 @@ def test_local_batch_redoes_transient_failures_only(tmp_path, model_tar):
     assert first["errors"] == 3
     again = batch.run_local(flaky, inputs, outputs, progress=False)
     assert again["predicted"] == 2  # the reset and the 503, not the 400
+
+
+def test_local_batch_output_inside_the_input_is_not_read_back(tmp_path, model_tar):
+    """`batch --local M mixed mixed/preds` twice read preds/*.out and summary.csv as inputs
+    (preds/preds/*.jpg.out.out, summary.csv.out, extra summary rows)."""
+    inputs = tmp_path / "mixed"
+    files = _write_images(inputs)
+    outputs = inputs / "preds"
+    predict = batch.in_process_predictor(model_tar)
+    first = batch.run_local(predict, inputs, outputs, progress=False)
+    again = batch.run_local(predict, inputs, tmp_path / "mixed" / "x" / ".." / "preds", progress=False)
+    assert first["files"] == again["files"] == len(files) == 6
+    assert (again["predicted"], again["skipped_finished"]) == (0, 6)
+    written = sorted(p.relative_to(outputs).as_posix() for p in outputs.rglob("*") if p.is_file())
+    assert written == sorted([*(f"{f.parent.name}/{f.name}.out" for f in files), "summary.csv"])
+    assert len(list(csv.DictReader((outputs / "summary.csv").open()))) == 6
+    # Only the output folder is left out, not a folder whose name merely starts the same.
+    sibling = inputs / "preds-more" / "img.jpg"
+    sibling.parent.mkdir()
+    sibling.write_bytes(files[0].read_bytes())
+    assert batch.input_files(inputs, outputs) == sorted([*files, sibling])
+    with pytest.raises(ValueError, match="is the input folder itself"):
+        batch.input_files(inputs, inputs / ".")
+
+
+def test_local_batch_model_may_be_a_local_training_job(tmp_path, model_tar, capsys):
+    """The help says "model.tar.gz (local or S3 URI) or a training job name": locally that is
+    <workdir>/jobs/<name>/output/model.tar.gz, else the job's model/ dir, as `report` finds jobs."""
+    workdir = tmp_path / "work"
+    packed = workdir / "jobs" / "best-1" / "output" / "model.tar.gz"
+    packed.parent.mkdir(parents=True)
+    packed.write_bytes(model_tar.read_bytes())
+    assert batch.local_model("best-1", workdir) == packed
+    model_dir = workdir / "jobs" / "unpacked" / "model"
+    model_dir.mkdir(parents=True)
+    (model_dir / artifacts.METADATA_FILE).write_text("{}")
+    assert batch.local_model("unpacked", workdir) == model_dir
+    assert batch.local_model(model_tar, workdir) == model_tar  # a path that exists comes first
+    with pytest.raises(ValueError, match="jobs/nope/output/model.tar.gz"):
+        batch.local_model("nope", workdir)
+    _write_images(tmp_path / "in")
+    assert cli.main(["batch", "--local", "--workdir", str(workdir), "nope", str(tmp_path / "in"),
+                     str(tmp_path / "out")]) == cli.EXIT_USAGE
+    error = capsys.readouterr().err
+    assert "no such model nope" in error and "local training job" in error

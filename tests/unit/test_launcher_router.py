@@ -5,6 +5,7 @@ from __future__ import annotations
 import concurrent.futures
 import http.client
 import json
+import socket
 from pathlib import Path
 
 import boto3
@@ -225,3 +226,50 @@ def test_unreachable_model_server_is_503(store: ModelStore, tmp_path: Path) -> N
         status, headers, _ = invoke(router.url, "resnet/model.tar.gz",
                                     path="/invocations")
     assert status == 503 and headers["x-amzn-errortype"] == "ServiceUnavailable"
+
+
+def test_a_loaded_model_whose_archive_is_replaced_keeps_serving_and_is_warned_about(
+        endpoint: Router, fake_server: FakeModelServer, store: ModelStore, tmp_path: Path,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """`add-model` over a loaded model: SageMaker keeps serving what it loaded (its MME guide:
+    "Use a new and unique name. Don't overwrite model artifacts"); so does the router, but it
+    says so, once per change."""
+    caplog.set_level("WARNING", logger="dogbreed.launcher")
+    assert invoke(endpoint.url, "resnet/model.tar.gz")[2]["artifact"] == "resnet"
+    assert "model_archive_changed" not in caplog.text
+    store.add("resnet", make_archive(tmp_path / "v2", "resnet-v2"))
+    for _ in range(2):
+        status, _, body = invoke(endpoint.url, "resnet/model.tar.gz")
+        assert status == 200 and body["artifact"] == "resnet"  # the loaded copy
+    warnings = [r.getMessage() for r in caplog.records if "model_archive_changed" in r.getMessage()]
+    assert len(warnings) == 1 and "target=resnet/model.tar.gz" in warnings[0], warnings
+    assert fake_server.count("load") == 1
+    store.add("resnet", make_archive(tmp_path / "v3", "resnet-v3-longer-name"))  # changed again
+    invoke(endpoint.url, "resnet/model.tar.gz")
+    assert caplog.text.count("event=model_archive_changed") == 2
+
+
+def test_router_port_errors_are_one_line(store: ModelStore, tmp_path: Path) -> None:
+    """A taken or invalid port: a ListenError naming the address, not an OSError traceback."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        router = Router(store.root, "http://127.0.0.1:9", tmp_path / "w", port=port)
+        with pytest.raises(router_mod.ListenError) as busy:
+            router.start()
+        assert str(busy.value) == f"cannot listen on 127.0.0.1:{port}: address already in use"
+    for bad in (70000, -1):
+        with pytest.raises(router_mod.ListenError, match=f"^cannot listen on 127.0.0.1:{bad}: "
+                                                         "the port must be 0-65535$"):
+            router_mod.listen("127.0.0.1", bad)
+    # A socket bound beforehand is the one the router serves on.
+    sock = router_mod.listen("127.0.0.1", 0)
+    with Router(store.root, "http://127.0.0.1:9", tmp_path / "w2", sock=sock) as router:
+        assert router.url == f"http://127.0.0.1:{sock.getsockname()[1]}"
+        host, port = router.url.removeprefix("http://").split(":")
+        connection = http.client.HTTPConnection(host, int(port), timeout=5)
+        connection.request("GET", "/ping")
+        assert connection.getresponse().status == 200
+        connection.close()
+    assert sock.fileno() == -1  # closed with the router

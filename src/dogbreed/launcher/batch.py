@@ -148,14 +148,25 @@ def sagemaker_batch(sm: Any, *, model: str, input_uri: str, output_uri: str | No
 
 
 # --- local ----------------------------------------------------------------------------------------
-def input_files(input_dir: Path) -> list[Path]:
-    """Every file under ``input_dir`` (as SageMaker takes every object), hidden ones aside."""
+def input_files(input_dir: Path, output_dir: Path | None = None) -> list[Path]:
+    """Every file under ``input_dir`` (as SageMaker takes every object), hidden ones aside,
+    and nothing under ``output_dir`` when that folder is inside ``input_dir`` (a rerun must
+    not read its own ``.out`` files and ``summary.csv`` as images)."""
     input_dir = Path(input_dir)
     if not input_dir.is_dir():
         raise ValueError(f"no such input folder {input_dir}")
+    skipped: tuple[str, ...] | None = None
+    if output_dir is not None:
+        inside = Path(output_dir).resolve()
+        if inside == input_dir.resolve():
+            raise ValueError(f"OUTPUT {output_dir} is the input folder itself: give another "
+                             "folder (a sub-folder of the input is fine)")
+        if inside.is_relative_to(input_dir.resolve()):
+            skipped = inside.relative_to(input_dir.resolve()).parts
     return sorted(p for p in input_dir.rglob("*")
-                  if p.is_file() and not any(part.startswith(".")
-                                             for part in p.relative_to(input_dir).parts))
+                  if p.is_file()
+                  and not any(part.startswith(".") for part in p.relative_to(input_dir).parts)
+                  and not (skipped and p.relative_to(input_dir).parts[:len(skipped)] == skipped))
 
 
 def output_for(input_dir: Path, output_dir: Path, file: Path) -> Path:
@@ -199,7 +210,7 @@ def run_local(predict: Predict, input_dir: Path, output_dir: Path, *, workers: i
               progress: bool | None = None) -> dict[str, Any]:
     """Predict every file of ``input_dir`` into ``output_dir``; returns the run's summary."""
     input_dir, output_dir = Path(input_dir), Path(output_dir)
-    files = input_files(input_dir)
+    files = input_files(input_dir, output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     records: dict[Path, dict[str, Any]] = {}
     todo = []
@@ -280,17 +291,37 @@ def http_predictor(url: str, timeout: float = 120.0) -> Predict:
     return predict
 
 
+def local_model(model: str | Path, workdir: Path | None = None) -> Path:
+    """MODEL of ``batch --local``: a model dir or model.tar.gz that exists, else the name of a
+    local training job, as ``report`` finds one: ``<workdir>/jobs/<name>/output/model.tar.gz``
+    (what ``train --local`` packs), else that job's ``model/`` dir."""
+    path = Path(model)
+    if path.exists():
+        return path
+    looked = []
+    name = str(model)
+    if workdir is not None and name and "/" not in name and name not in (".", ".."):
+        job = Path(workdir) / "jobs" / name
+        for candidate in (job / "output" / artifacts.ARCHIVE_NAME, job / "model"):
+            if candidate.is_file() or (candidate / artifacts.METADATA_FILE).is_file():
+                events.event("batch_model_from_job", job=name, model=candidate)
+                return candidate
+            looked.append(str(candidate))
+    where = f"; looked for {' and '.join(looked)}" if looked else ""
+    raise ValueError(f"no such model {model} (a model dir with model.json, a model.tar.gz or a "
+                     f"local training job name{where})")
+
+
 def served_batch(model: Path, input_dir: Path, output_dir: Path, *, workers: int | None = None,
-                 progress: bool | None = None) -> dict[str, Any]:
-    """``dogbreed batch --local``: MODEL (a model dir or model.tar.gz) served by the serve
-    image's server on 127.0.0.1 with ``workers`` model workers, then :func:`run_local` over
-    ``input_dir`` with as many concurrent requests as its ``/execution-parameters`` allow."""
+                 progress: bool | None = None, workdir: Path | None = None) -> dict[str, Any]:
+    """``dogbreed batch --local``: MODEL (a model dir, a model.tar.gz or a local training job
+    name, found under ``workdir``) served by the serve image's server on 127.0.0.1 with
+    ``workers`` model workers, then :func:`run_local` over ``input_dir`` with as many
+    concurrent requests as its ``/execution-parameters`` allow."""
     from dogbreed.serve.server import ModelServer, ServerError
 
-    model = Path(model)
-    if not model.exists():
-        raise ValueError(f"no such model {model} (a model dir with model.json, or a model.tar.gz)")
-    files = input_files(Path(input_dir))  # a missing folder fails before a server starts
+    model = local_model(model, workdir)
+    files = input_files(Path(input_dir), Path(output_dir))  # a bad folder fails before a server starts
     if all(_load_finished(output_for(Path(input_dir), Path(output_dir), f)) for f in files):
         def finished(body: bytes) -> dict[str, Any]:
             raise AssertionError("every output is finished")
@@ -299,14 +330,13 @@ def served_batch(model: Path, input_dir: Path, output_dir: Path, *, workers: int
     with tempfile.TemporaryDirectory(prefix="dogbreed-batch-") as tmp:
         server = ModelServer(port=0, host="127.0.0.1", multi_model=False, model_dir=model,
                              workers=workers, run_dir=Path(tmp) / "run", log_file=Path(tmp) / "serve.log")
-        events.event("batch_server_starting", model=model, workers=server.effective_workers)
+        # One try/finally from the first process started to the last request: Ctrl-C, SIGTERM
+        # (KeyboardInterrupt / SystemExit) or a failure at any point, start-up included, stops
+        # MMS and the zygote before the temp dir goes (stop() is idempotent).
         try:
+            events.event("batch_server_starting", model=model, workers=server.effective_workers)
             server.start()
             server.wait_ready(timeout=180)
-        except ServerError:
-            server.stop()
-            raise
-        try:
             reply = server.client.request("GET", "/execution-parameters")
             if reply.status != 200:
                 raise ServerError(f"GET /execution-parameters answered {reply.status}: {reply.message()}")

@@ -26,8 +26,10 @@ import collections
 import dataclasses
 import hashlib
 import json
+import os
 import re
 import shutil
+import socket
 import threading
 import urllib.parse
 from collections.abc import Callable, Mapping
@@ -140,6 +142,8 @@ class _Entry:
     ready: bool = False
     in_flight: int = 0
     unloaded: threading.Event = dataclasses.field(default_factory=threading.Event)
+    archive_stat: tuple[int, int] = (0, -1)  # the store archive's (mtime_ns, size) when loaded
+    warned_stat: tuple[int, int] | None = None  # the changed stat last warned about
 
 
 def _stat_key(path: Path) -> tuple[int, int]:
@@ -161,6 +165,12 @@ class ModelCache:
     request that waited on that load, gets the same answer at once instead of unpacking and
     loading it again one caller at a time (4 concurrent invokes of a broken model took 6.8,
     12.8, 18.9 and 25.6 s before, issue 11).
+
+    A loaded model whose archive is replaced in the store (``add-model`` under the same name)
+    keeps serving the copy it loaded, as on SageMaker, whose docs say to add a changed model
+    under a new name rather than overwrite its artifacts ("Add or Remove Models" in the
+    multi-model endpoint guide); the router logs ``event=model_archive_changed`` (a warning)
+    the first time a request to that target notices the change (mtime or size), once per change.
     """
 
     def __init__(self, store: ModelStore, server: ModelServerClient, work_dir: Path,
@@ -201,6 +211,7 @@ class ModelCache:
                 if entry is not None and entry.ready:
                     entry.in_flight += 1
                     self._entries.move_to_end(target)
+                    self._warn_if_changed(entry, archive)
                     return entry
                 if entry is None:
                     break
@@ -225,9 +236,23 @@ class ModelCache:
             shutil.rmtree(entry.directory, ignore_errors=True)
             raise
         with self._cond:
+            entry.archive_stat = stat
             entry.ready = True
             self._cond.notify_all()
         return entry
+
+    @staticmethod
+    def _warn_if_changed(entry: _Entry, archive: Path) -> None:
+        """Log once per change that the store's archive is no longer the one loaded. Locked."""
+        current = _stat_key(archive)
+        if current == entry.archive_stat or current == entry.warned_stat:
+            return
+        entry.warned_stat = current
+        events.warning("model_archive_changed", target=entry.target, model=entry.name,
+                       archive=archive, loaded_mtime_ns=entry.archive_stat[0],
+                       loaded_size=entry.archive_stat[1], mtime_ns=current[0], size=current[1],
+                       serving="the loaded copy",
+                       hint="add the new archive under a new name (TargetModel), as on SageMaker")
 
     def release(self, entry: _Entry) -> None:
         with self._cond:
@@ -305,17 +330,57 @@ class ModelCache:
             shutil.rmtree(entry.directory, ignore_errors=True)
 
 
+class ListenError(RuntimeError):
+    """The router cannot listen on the address asked for (taken, invalid, not allowed)."""
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """A TCP socket listening on ``host:port`` (SO_REUSEADDR, as http.server binds), or a
+    :class:`ListenError` with one readable line: bind early, before anything slow starts."""
+    where = f"{host}:{port}"
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(ThreadingHTTPServer.request_queue_size)
+    except OverflowError:  # bind(): port must be 0-65535
+        sock.close()
+        raise ListenError(f"cannot listen on {where}: the port must be 0-65535") from None
+    except OSError as exc:
+        sock.close()
+        reason = os.strerror(exc.errno) if exc.errno else str(exc)
+        raise ListenError(f"cannot listen on {where}: {reason[:1].lower()}{reason[1:]}") from None
+    return sock
+
+
+class _HTTPServer(ThreadingHTTPServer):
+    """A ThreadingHTTPServer on a socket that is already listening (see :func:`listen`)."""
+
+    daemon_threads = True
+
+    def __init__(self, sock: socket.socket, handler: Callable[..., BaseHTTPRequestHandler]) -> None:
+        super().__init__(sock.getsockname()[:2], handler, bind_and_activate=False)
+        self.socket.close()  # the unbound one the base class made
+        self.socket = sock
+        self.server_address = sock.getsockname()[:2]
+        self.server_name, self.server_port = self.server_address
+
+
 class Router:
-    """The HTTP front. ``Router(store_dir, model_server_url, work_dir).start()``; ``.url``."""
+    """The HTTP front. ``Router(store_dir, model_server_url, work_dir).start()``; ``.url``.
+
+    ``sock``: a socket already listening (:func:`listen`), which the router then owns;
+    without one, ``start`` binds ``host:port`` itself (a :class:`ListenError` if it cannot)."""
 
     def __init__(self, store_dir: Path, model_server_url: str, work_dir: Path, *,
                  endpoint_name: str | None = None, max_loaded: int = 4, host: str = "127.0.0.1",
-                 port: int = 0, timeout: float = 120.0) -> None:
+                 port: int = 0, timeout: float = 120.0, sock: socket.socket | None = None) -> None:
         self.store = ModelStore(store_dir)
         self.server = ModelServerClient(model_server_url, timeout)
         self.cache = ModelCache(self.store, self.server, work_dir, max_loaded)
         self.endpoint_name = endpoint_name
         self.host, self.port = host, port
+        self._socket = sock
         self._httpd: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
         self._request_ids = iter(range(1, 1 << 62))
@@ -330,9 +395,12 @@ class Router:
         return f"http://{host}:{port}"
 
     def start(self) -> Router:
-        handler = _make_handler(self)
-        self._httpd = ThreadingHTTPServer((self.host, self.port), handler)
-        self._httpd.daemon_threads = True
+        sock, self._socket = self._socket or listen(self.host, self.port), None
+        try:
+            self._httpd = _HTTPServer(sock, _make_handler(self))
+        except BaseException:
+            sock.close()
+            raise
         self._thread = threading.Thread(target=self._httpd.serve_forever, args=(0.05,),
                                         name="dogbreed-router",
                                         daemon=True)
@@ -342,6 +410,9 @@ class Router:
         return self
 
     def stop(self) -> None:
+        if self._socket is not None:  # given, never started
+            self._socket.close()
+            self._socket = None
         if self._httpd is not None:
             self._httpd.shutdown()
             self._httpd.server_close()

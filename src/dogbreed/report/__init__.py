@@ -15,9 +15,11 @@ leaderboard and every trial's curve instead.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
-from collections.abc import Mapping, Sequence
+import sys
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -93,16 +95,40 @@ def profiler_summary(profile: Mapping[str, Any]) -> dict[str, Any]:
     return summary
 
 
-def _loss_points(tensors: Path) -> dict[str, list[tuple[int, float]]]:
-    from smdebug.core.modes import ModeKeys
-    from smdebug.trials import create_trial
+@contextlib.contextmanager
+def smdebug_logs_to_stderr() -> Iterator[None]:
+    """While smdebug reads tensors, its log lines go to stderr, not stdout.
 
-    trial = create_trial(str(tensors), name="dogbreed-report-losses")
-    names = trial.tensor_names(collection="losses")
-    if not names:
-        return {}
-    return {mode.name: rules_mod._loss_series(trial, names[0], mode)
-            for mode in (ModeKeys.TRAIN, ModeKeys.EVAL)}
+    smdebug's logger (smdebug/core/logger.py) gets a ``StreamHandler(sys.stdout)`` when smdebug
+    is first imported; ``SMDEBUG_LOG_ALL_TO_STDOUT=false`` moves only ERROR and above to
+    stderr. Its INFO lines (``RULE_JOB_STOP_SIGNAL_FILENAME: None``, …, ~22 per report) used to
+    come before the JSON ``dogbreed report`` prints on stdout. ``SMDEBUG_LOG_LEVEL`` still sets
+    how much it says."""
+    from smdebug.core.logger import get_logger
+
+    moved = []
+    for handler in get_logger().handlers:
+        if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
+            moved.append((handler, handler.stream))
+            handler.setStream(sys.stderr)
+    try:
+        yield
+    finally:
+        for handler, stream in moved:
+            handler.setStream(stream)
+
+
+def _loss_points(tensors: Path) -> dict[str, list[tuple[int, float]]]:
+    with smdebug_logs_to_stderr():  # importing smdebug.trials logs a line already
+        from smdebug.core.modes import ModeKeys
+        from smdebug.trials import create_trial
+
+        trial = create_trial(str(tensors), name="dogbreed-report-losses")
+        names = trial.tensor_names(collection="losses")
+        if not names:
+            return {}
+        return {mode.name: rules_mod._loss_series(trial, names[0], mode)
+                for mode in (ModeKeys.TRAIN, ModeKeys.EVAL)}
 
 
 def write_local_hook_config(paths: Any, save_interval: int = 5,
@@ -147,7 +173,8 @@ def build_run_report(run_dir: Path, out: Path | None = None) -> dict[str, Any]:
 
     verdicts: list[rules_mod.Verdict]
     if tensors is not None:
-        verdicts = rules_mod.evaluate_debugger_rules(str(tensors))
+        with smdebug_logs_to_stderr():
+            verdicts = rules_mod.evaluate_debugger_rules(str(tensors))
     else:
         verdicts = [rules_mod.Verdict(name, rules_mod.ERROR, None,
                                       "no smdebug tensors: train with a debugger hook config "
