@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import signal
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -12,6 +17,7 @@ from dogbreed import train
 from dogbreed.launcher import cli, local_backend, local_runs, search_space
 from dogbreed.launcher import settings as settings_mod
 from dogbreed.launcher.sagemaker_requests import validate_request
+from dogbreed.launcher.testing import FAKE_EPOCH_SECONDS_ENV
 
 SUBCOMMANDS = ["upload-data", "tune", "train", "deploy", "add-model", "invoke", "status",
                "cleanup", "demo"]
@@ -304,3 +310,133 @@ def test_a_subcommand_is_one_registry_entry() -> None:
     parser = cli.build_parser()
     names = set(parser._subparsers._group_actions[0].choices)
     assert names == set(cli.COMMANDS) >= {"tune", "train", "deploy", "logs", "status", "cleanup"}
+
+
+@pytest.mark.parametrize(("argv", "says"), [
+    (["train", "--name", "../victim"], "training job name (--name) '../victim'"),
+    (["train", "--name", "."], "training job name (--name) '.'"),
+    (["train", "--name", "{victim}"], "training job name (--name)"),
+    (["tune", "--name", "../victim", "--trials", "1"], "study name (--name/--resume) '../victim'"),
+    (["tune", "--resume", "../victim", "--trials", "1"], "study name (--name/--resume) '../victim'"),
+    (["train", "--from-tuning-job", "../victim"], "study name (--from-tuning-job)"),
+    (["add-model", "m", "--job", "../victim"], "training job name (--job) '../victim'"),
+    (["report", "../victim"], "not a job or study name"),
+])
+def test_local_names_never_reach_outside_the_workdir(argv: list[str], says: str, run,
+                                                     sample_data: Path, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """The bug: `train --local --name ../victim` deleted <workdir>/victim (the job dir is
+    rmtree'd before a run), `--name .` every job, and tune wrote outside tuning/."""
+    monkeypatch.setattr(local_runs, "TRAIN_COMMAND", (sys.executable, "-m", "dogbreed.launcher.testing"))
+    work = tmp_path / "work"
+    for kept in (work / "victim" / "keep", work / "jobs" / "a" / "keep"):
+        kept.parent.mkdir(parents=True)
+        kept.write_text("keep")
+    argv = [a.replace("{victim}", str(work / "victim")) for a in argv]
+    extra = {"train": ["--data", str(sample_data), "--epochs", "1"],
+             "tune": ["--data", str(sample_data), "--epochs-max", "2"]}.get(argv[0], [])
+    for dry_run in ([], ["--dry-run"]):
+        code, _, err = run(*argv, *extra, *dry_run, "--local", "--workdir", str(work))
+        assert code == cli.EXIT_USAGE and says in err, err
+    assert sorted(p.relative_to(work).as_posix() for p in work.rglob("*")) == [
+        "jobs", "jobs/a", "jobs/a/keep", "victim", "victim/keep"]
+
+
+def test_sigterm_stops_a_local_training_job_like_ctrl_c(sample_data: Path, tmp_path: Path) -> None:
+    """The bug: SIGTERM ended the launcher (exit 143) and left the trainer, in its own session,
+    training; now it takes Ctrl-C's path: the trainer's process group is killed first."""
+    proc_dir = Path("/proc")
+    if not (proc_dir / "self" / "stat").is_file():
+        pytest.skip("finds the trainer through /proc")
+    launcher = ("import sys; from dogbreed.launcher import cli, local_runs; "
+                "local_runs.TRAIN_COMMAND = (sys.executable, '-m', 'dogbreed.launcher.testing'); "
+                "sys.exit(cli.main(sys.argv[1:]))")
+    env = {**os.environ, FAKE_EPOCH_SECONDS_ENV: "0.5"}  # 50 epochs: 25 s unless stopped
+    with open(tmp_path / "launcher.err", "w") as err:
+        proc = subprocess.Popen([sys.executable, "-c", launcher, "train", "--local", "--data",
+                                 str(sample_data), "--workdir", str(tmp_path / "work"), "--name",
+                                 "sig", "--epochs", "50", "--weights", "none"],
+                                stdout=subprocess.DEVNULL, stderr=err, env=env)
+    try:
+        trainer = None
+        deadline = time.monotonic() + 60
+        while trainer is None and time.monotonic() < deadline and proc.poll() is None:
+            for stat in proc_dir.glob("[0-9]*/stat"):
+                with contextlib.suppress(OSError):
+                    ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+                    if ppid == proc.pid and b"dogbreed.launcher.testing" in (
+                            stat.parent / "cmdline").read_bytes():
+                        trainer = int(stat.parent.name)
+            time.sleep(0.1)
+        assert trainer is not None, (tmp_path / "launcher.err").read_text()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 143
+    finally:
+        proc.kill()
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        try:  # gone, or a zombie (nothing runs) waiting for a reaper
+            if (proc_dir / str(trainer) / "stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
+                break
+        except OSError:
+            break
+        time.sleep(0.1)
+    else:
+        os.kill(trainer, signal.SIGKILL)
+        pytest.fail("the trainer outlived the launcher")
+    assert "event=interrupted command=train signal=SIGTERM" in (tmp_path / "launcher.err").read_text()
+
+
+@pytest.mark.parametrize(("argv", "flag"), [
+    (["tune", "--sagemaker", "--trials", "0"], "--trials/--max-jobs"),
+    (["tune", "--max-parallel", "0"], "--max-parallel"),
+    (["tune", "--seed", "-1"], "--seed"),
+    (["tune", "--local", "--prune-warmup-epochs", "-1"], "--prune-warmup-epochs"),
+    (["train", "--instance-count", "0"], "--instance-count"),
+    (["deploy", "--instance-count", "0"], "--instance-count"),
+    (["train", "--spot", "--max-wait", "0"], "--max-wait"),
+    (["train", "--max-runtime", "-5"], "--max-runtime"),
+    (["deploy", "--autoscale", "1:2", "--target-invocations", "-5"], "--target-invocations"),
+    (["train", "--local", "--nproc", "-2"], "--nproc"),
+    (["train", "--local", "--nproc", "0"], "--nproc"),
+    (["invoke", "x.jpg", "--target-model", "m/model.tar.gz", "--top-k", "0"], "--top-k"),
+    (["explain", "m.tar.gz", "x.jpg", "--top-k", "-1"], "--top-k"),
+    (["deploy", "--local", "--max-loaded-models", "0"], "--max-loaded-models"),
+    (["deploy", "--local", "--port", "70000"], "--port"),
+    (["batch", "--local", "m.tar.gz", "in", "out", "--workers", "-1"], "--workers"),
+    (["batch", "--local", "m.tar.gz", "in", "out", "--workers", "0"], "--workers"),
+    (["upload-data", "--data", ".", "--workers", "0"], "--workers"),
+    (["status", "--poll-seconds", "nan"], "--poll-seconds"),
+])
+def test_numeric_flags_are_refused_at_parse_time(argv: list[str], flag: str,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    """The bug: 0 became the default (`or`), a negative failed after a server started."""
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main([*argv, "--dry-run"])
+    assert exit_info.value.code == cli.EXIT_USAGE
+    assert f"argument {flag}: expected " in capsys.readouterr().err
+
+
+def test_spot_max_wait_is_checked_not_silently_changed(run) -> None:
+    code, _, err = run("train", "--dry-run", *AWS, "--spot", "--max-wait", "60", "--max-runtime", "3600")
+    assert code == cli.EXIT_USAGE and "--max-wait 60 is shorter than --max-runtime 3600" in err
+    code, _, err = run("tune", "--dry-run", *AWS, "--spot", "--max-wait", "60")
+    assert code == cli.EXIT_USAGE and "shorter than the default --max-runtime 14400" in err
+    code, _, err = run("train", "--dry-run", *AWS, "--max-wait", "7200")
+    assert code == cli.EXIT_USAGE and "add --spot" in err
+    code, _, err = run("train", "--local", "--dry-run", "--max-wait", "7200")
+    assert code == cli.EXIT_USAGE and "SageMaker only" in err
+    code, request, err = run("train", "--dry-run", *AWS, "--spot", "--max-wait", "3600",
+                             "--max-runtime", "3600")
+    assert code == 0, err
+    assert request["request"]["StoppingCondition"] == {"MaxRuntimeInSeconds": 3600,
+                                                       "MaxWaitTimeInSeconds": 3600}
+
+
+@pytest.mark.parametrize("command", ["tune", "train", "deploy", "invoke", "explain", "batch",
+                                     "clarify", "report", "logs"])
+def test_help_of_every_command_still_reads(command: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main([command, "--help"])
+    assert exit_info.value.code == 0
+    assert f"usage: dogbreed {command}" in capsys.readouterr().out

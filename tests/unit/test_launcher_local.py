@@ -227,3 +227,37 @@ def test_nproc_asks_the_entry_point_for_ranks(tmp_path: Path, sample_data: Path)
                          docker_image="dogbreed-train:latest")
     command, _ = docker.command(docker.prepare())
     assert f"{contract.NPROC_PER_HOST_ENV}=2" in command
+
+
+@pytest.mark.parametrize("escape", ["..", ".", "../victim", "link"])
+def test_a_run_never_deletes_a_folder_outside_its_parent(escape: str, tmp_path: Path,
+                                                         sample_data: Path) -> None:
+    """Defence in depth behind the name check: the run dir is rmtree'd and rebuilt, so one that
+    resolves outside <workdir>/jobs (or a study's folder) is refused before anything is deleted."""
+    jobs, victim = tmp_path / "jobs", tmp_path / "victim"
+    (jobs / "a").mkdir(parents=True)
+    (jobs / "a" / "keep").write_text("keep")
+    victim.mkdir()
+    (victim / "keep").write_text("keep")
+    (jobs / "link").symlink_to(victim, target_is_directory=True)
+    runs = [TrainingRun(jobs / escape, {"epochs": "1"}, sample_data, train_command=FAKE_TRAIN,
+                        inside=jobs),
+            local_runs.InProcessRun(jobs / escape, {"epochs": "1"}, sample_data, cache=None,
+                                    inside=jobs)]
+    for run in runs:
+        with pytest.raises(SettingsError, match="is not inside"):
+            run.run()
+    assert (jobs / "a" / "keep").is_file() and (victim / "keep").is_file()
+    assert sorted(p.name for p in victim.iterdir()) == ["keep"]
+
+
+def test_local_job_and_study_names_are_checked_before_the_disk(backend: LocalBackend,
+                                                                sample_data: Path) -> None:
+    for name in ("../x", ".", "/abs", "a_b", "x" * 64):
+        with pytest.raises(SettingsError, match="training job name"):
+            backend.train(name=name, hyperparameters={"epochs": "1"}, data=sample_data)
+        with pytest.raises(SettingsError, match="study name"):
+            backend.tuning(name=name, static_hyperparameters={}, trials=1)
+    with pytest.raises(SettingsError, match="at most 32"):  # a SageMaker tuning job's limit
+        backend.tuning(name="x" * 33, static_hyperparameters={}, trials=1)
+    assert not backend.workdir.exists()

@@ -385,3 +385,21 @@ def test_cli_instance_count_reaches_the_requests(capsys: pytest.CaptureFixture[s
     assert '"InstanceCount": 2' in out
     cli.main(["tune", "--sagemaker", "--dry-run", "--instance-count", "2", "--trials", "2"])
     assert '"InstanceCount": 2' in capsys.readouterr().out
+
+
+def test_stopping_condition_refuses_instead_of_changing_values(settings: Settings) -> None:
+    """The bug: MaxWait below MaxRuntime was silently raised to it, and --max-wait without --spot
+    or an instance count of 0 silently replaced (`or`)."""
+    assert smr.stopping_condition(settings, True, max_wait=7200, max_runtime=3600) == {
+        "MaxRuntimeInSeconds": 3600, "MaxWaitTimeInSeconds": 7200}
+    assert smr.stopping_condition(settings, True, max_runtime=3600)["MaxWaitTimeInSeconds"] == 7200
+    with pytest.raises(SettingsError, match="--max-wait 60 is shorter than --max-runtime 3600"):
+        smr.stopping_condition(settings, True, max_wait=60, max_runtime=3600)
+    with pytest.raises(SettingsError, match="add --spot"):
+        smr.stopping_condition(settings, False, max_wait=7200)
+    with pytest.raises(SettingsError, match="--max-runtime 0"):
+        smr.stopping_condition(settings, False, max_runtime=0)
+    with pytest.raises(SettingsError, match="instance count 0"):
+        smr.resource_config(settings, instance_count=0)
+    with pytest.raises(SettingsError, match="--instance-count 0"):
+        smr.endpoint_config_request(settings, name="c", model_name="m", instance_count=0)

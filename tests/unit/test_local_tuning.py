@@ -154,3 +154,18 @@ def test_a_study_refuses_to_join_one_with_another_definition(backend: LocalBacke
 def test_storage_passwords_stay_out_of_results() -> None:
     assert local_tuning._redact("postgresql://tuner:s3cret@db:5432/hpo") == "postgresql://tuner:***@db:5432/hpo"
     assert local_tuning._redact("sqlite:////tmp/x.db") == "sqlite:////tmp/x.db"
+
+
+def test_a_definition_mismatch_names_the_fields_that_differ(backend: LocalBackend) -> None:
+    """The bug: the refusal dumped the whole stored definition and left the diff to the reader."""
+    backend.tuning(name="defs", static_hyperparameters={}, trials=1, epochs_max=2, space="seeds",
+                   pruner="none").open_study()
+    other = backend.tuning(name="defs", static_hyperparameters={"image-size": "64"}, trials=1,
+                           epochs_max=3, space="seeds", pruner="median", resume=True)
+    with pytest.raises(local_tuning.SettingsError, match="different definition") as refused:
+        other.open_study()
+    message = str(refused.value)
+    assert 'static_hyperparameters.image-size: stored (unset), given "64"' in message
+    assert "space.epochs.high: stored 2, given 3" in message
+    assert 'pruner: stored "none", given "median"' in message
+    assert "space.lr" not in message and "--space/--pruner/--epochs-max" in message

@@ -21,15 +21,19 @@ one-line key=value events to stderr (and progress bars, on a terminal).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
+import signal
 import sys
-from collections.abc import Callable, Sequence
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 from dogbreed.launcher import events, workflows
 from dogbreed.launcher import settings as settings_mod
+from dogbreed.launcher.settings import non_negative_int, port_number, positive_float, positive_int
 
 EXIT_ERROR = 1
 EXIT_USAGE = 2
@@ -38,6 +42,33 @@ HP_FLAGS = ("model", "epochs", "batch_size", "lr", "image_size", "weights")
 
 class CliError(Exception):
     pass
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread: it takes Ctrl-C's cleanup path (a local job's process
+    group is killed, a server stopped) and :func:`main` exits 143."""
+
+    def __init__(self) -> None:
+        super().__init__("SIGTERM")
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM's default action ends the launcher at once and orphans what it started (the
+    trainer runs in its own session); raised as :class:`Terminated`, it cleans up as Ctrl-C does.
+    Commands that stop gracefully (tune, deploy --foreground) install their own handler inside."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signal handlers can only be set from the main thread
+        return
+
+    def handler(_signum: int, _frame: Any) -> None:
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 
 
 # --- shared flags ---------------------------------------------------------------------------------
@@ -71,7 +102,7 @@ def _settings_parent() -> argparse.ArgumentParser:
     aws.add_argument("--latest-images", action="store_true",
                      help="use <account>'s ECR dogbreed-train/-serve:latest instead of the pushed "
                           "record")
-    aws.add_argument("--poll-seconds", dest="poll_seconds", type=float,
+    aws.add_argument("--poll-seconds", dest="poll_seconds", type=positive_float,
                      help="how often to poll SageMaker while waiting (default 30)")
     return parent
 
@@ -167,7 +198,7 @@ def _sagemaker_only(args: argparse.Namespace, backend: str, *flags: str) -> None
 # --- commands (each: add_arguments(parser) + run(args, settings, backend)) -------------------------
 def upload_data_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", required=True, type=Path, help="folder with train/ valid/ test/")
-    p.add_argument("--workers", type=int, default=8)
+    p.add_argument("--workers", type=positive_int, default=8)
 
 
 def cmd_upload_data(args: argparse.Namespace, settings: settings_mod.Settings, backend: str) -> Any:
@@ -181,7 +212,7 @@ def cmd_upload_data(args: argparse.Namespace, settings: settings_mod.Settings, b
 def tune_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", type=Path, help="local: the train/valid/test folder")
     p.add_argument("--data-uri", help="SageMaker: S3 prefix of the data (default <prefix>/data)")
-    p.add_argument("--trials", "--max-jobs", dest="trials", type=int,
+    p.add_argument("--trials", "--max-jobs", dest="trials", type=positive_int,
                    help="number of trials / training jobs (default 6; local with --time-budget: "
                         "as many as fit)")
     p.add_argument("--time-budget", metavar="DURATION",
@@ -191,12 +222,13 @@ def tune_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--space", choices=("full", "seeds"), default="full",
                    help="full: lr, batch-size, epochs + the training-recipe knobs (default); "
                         "seeds: lr, batch-size, epochs only")
-    p.add_argument("--max-parallel", type=int, default=2, help="SageMaker: parallel jobs (default 2)")
+    p.add_argument("--max-parallel", type=positive_int, default=2,
+                   help="SageMaker: parallel jobs (default 2)")
     p.add_argument("--strategy", default="Bayesian", choices=("Bayesian", "Random", "Hyperband"))
-    p.add_argument("--epochs-max", type=int, help="cap the epochs range (e.g. 3 → 2..3)")
+    p.add_argument("--epochs-max", type=positive_int, help="cap the epochs range (e.g. 3 → 2..3)")
     p.add_argument("--no-early-stopping", dest="early_stopping", action="store_false",
                    help="SageMaker: TrainingJobEarlyStoppingType Off")
-    p.add_argument("--seed", type=int, default=0, help="sampler seed (default 0)")
+    p.add_argument("--seed", type=non_negative_int, default=0, help="sampler seed (default 0)")
     p.add_argument("--pruner", choices=("hyperband", "median", "none"), default="hyperband",
                    help="local: hyperband (default; epochs is the resource: every trial is set "
                         "up for --epochs-max epochs, the weaker ones stop at 1, 3, 9), median "
@@ -209,21 +241,23 @@ def tune_arguments(p: argparse.ArgumentParser) -> None:
                         "default recipe, the seeds' hyperparameters)")
     p.add_argument("--resume", metavar="NAME",
                    help="local: continue study NAME (its finished trials count; same settings)")
-    p.add_argument("--prune-startup-trials", type=int, default=2,
+    p.add_argument("--prune-startup-trials", type=non_negative_int, default=2,
                    help="local --pruner median: trials that complete before pruning starts (default 2)")
     p.add_argument("--in-process", action="store_true",
                    help="local: run trials back to back in this process, sharing one decoded "
                         "image cache (fast on a GPU); default: one process per trial")
-    p.add_argument("--prune-warmup-epochs", type=int, default=0,
+    p.add_argument("--prune-warmup-epochs", type=non_negative_int, default=0,
                    help="local --pruner median: epochs before a trial may be pruned (default 0)")
     p.add_argument("--name", help="tuning job / study name (default dogbreed-tune-<time>)")
     p.add_argument("--output", type=Path, help="where to save the result JSON")
     p.add_argument("--spot", action="store_true", help="SageMaker: managed spot training "
                    "(trials checkpoint to S3 and resume after an interruption)")
-    p.add_argument("--max-wait", type=int, help="SageMaker spot: MaxWaitTimeInSeconds per trial")
-    p.add_argument("--max-runtime", type=int, metavar="SECONDS",
+    p.add_argument("--max-wait", type=positive_int, metavar="SECONDS",
+                   help="SageMaker --spot: MaxWaitTimeInSeconds per trial, at least the max "
+                        "runtime (default twice it)")
+    p.add_argument("--max-runtime", type=positive_int, metavar="SECONDS",
                    help="SageMaker: MaxRuntimeInSeconds of each trial (default 4 h)")
-    p.add_argument("--max-tuning-runtime", type=int, metavar="SECONDS",
+    p.add_argument("--max-tuning-runtime", type=positive_int, metavar="SECONDS",
                    help="SageMaker: stop the whole tuning job after this long")
     p.add_argument("--no-checkpoints", dest="checkpoints", action="store_false",
                    help="SageMaker: no CheckpointConfig (spot trials always checkpoint)")
@@ -233,7 +267,7 @@ def tune_arguments(p: argparse.ArgumentParser) -> None:
                    choices=("IdenticalDataAndAlgorithm", "TransferLearning"),
                    help="TransferLearning when the data, image or static hyperparameters changed")
     p.add_argument("--instance-type", help="SageMaker: instance type for the trials")
-    p.add_argument("--instance-count", type=int,
+    p.add_argument("--instance-count", type=positive_int,
                    help="SageMaker: instances per trial, training data-parallel (default 1)")
     p.add_argument("--docker", metavar="IMAGE", nargs="?", const="dogbreed-train:latest",
                    help="local: run trials in the train image (default dogbreed-train:latest)")
@@ -255,7 +289,7 @@ def cmd_tune(args: argparse.Namespace, settings: settings_mod.Settings, backend:
         if budget is not None and args.max_tuning_runtime:
             raise CliError("--time-budget and --max-tuning-runtime both set the tuning job's "
                            "MaxRuntimeInSeconds: give one")
-        trials = args.trials or 6
+        trials = 6 if args.trials is None else args.trials
         sm = _sagemaker(settings, args)
         parents = [p.strip() for p in (args.warm_start_from or "").split(",") if p.strip()]
         result = sm.tune(name=name, static_hyperparameters=static, strategy=args.strategy,
@@ -278,7 +312,7 @@ def cmd_tune(args: argparse.Namespace, settings: settings_mod.Settings, backend:
             result["result_file"] = str(path)
         return result
     _sagemaker_only(args, backend, "--warm-start-from", "--max-runtime", "--max-tuning-runtime",
-                    "--spot", "--logs")
+                    "--spot", "--max-wait", "--instance-count", "--logs")
     from dogbreed.launcher.local_runs import default_weights
 
     local = _local(settings, args)
@@ -312,13 +346,15 @@ def train_arguments(p: argparse.ArgumentParser) -> None:
                    help="SageMaker: no profiler or profiler rules")
     p.add_argument("--no-checkpoints", dest="checkpoints", action="store_false")
     p.add_argument("--spot", action="store_true", help="SageMaker: managed spot training")
-    p.add_argument("--max-wait", type=int, help="SageMaker spot: MaxWaitTimeInSeconds")
-    p.add_argument("--max-runtime", type=int, metavar="SECONDS",
+    p.add_argument("--max-wait", type=positive_int, metavar="SECONDS",
+                   help="SageMaker --spot: MaxWaitTimeInSeconds, at least the max runtime "
+                        "(default twice it)")
+    p.add_argument("--max-runtime", type=positive_int, metavar="SECONDS",
                    help="SageMaker: MaxRuntimeInSeconds (default 4 h)")
     p.add_argument("--instance-type", help="SageMaker: training instance type")
-    p.add_argument("--instance-count", type=int, help="SageMaker: instances training one model "
-                   "data-parallel (DDP; default 1)")
-    p.add_argument("--nproc", type=int, default=1,
+    p.add_argument("--instance-count", type=positive_int,
+                   help="SageMaker: instances training one model data-parallel (DDP; default 1)")
+    p.add_argument("--nproc", type=positive_int, default=1,
                    help="local: training processes (DDP over gloo on the CPU; default 1)")
     p.add_argument("--docker", metavar="IMAGE", nargs="?", const="dogbreed-train:latest",
                    help="local: run the train image instead of the entry point")
@@ -341,7 +377,8 @@ def cmd_train(args: argparse.Namespace, settings: settings_mod.Settings, backend
                           data_uri=args.data_uri, instance_type=args.instance_type,
                           instance_count=args.instance_count, wait=args.wait, logs=args.logs)
         return sm.dry_run_output() if args.dry_run else result
-    _sagemaker_only(args, backend, "--spot", "--max-runtime", "--logs")
+    _sagemaker_only(args, backend, "--spot", "--max-wait", "--max-runtime", "--instance-count",
+                    "--logs")
     from dogbreed.launcher.local_runs import default_weights
 
     local = _local(settings, args)
@@ -355,18 +392,20 @@ def cmd_train(args: argparse.Namespace, settings: settings_mod.Settings, backend
 
 
 def deploy_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--instance-count", type=int, help="SageMaker: instances (default 1)")
+    p.add_argument("--instance-count", type=positive_int, help="SageMaker: instances (default 1)")
     p.add_argument("--autoscale", metavar="MIN:MAX",
                    help="SageMaker: Application Auto Scaling between MIN and MAX instances, "
                         "target tracking on invocations per instance")
-    p.add_argument("--target-invocations", type=float, default=70.0,
+    p.add_argument("--target-invocations", type=positive_float, default=70.0,
                    help="SageMaker --autoscale: invocations per instance per minute to hold "
                         "(default 70)")
     p.add_argument("--update", action="store_true",
                    help="SageMaker: expect an existing endpoint (a real run detects it; a dry "
                         "run shows UpdateEndpoint only with this)")
-    p.add_argument("--port", type=int, help="local: router port (default 8090; 0 = any free)")
-    p.add_argument("--max-loaded-models", type=int, help="local: models kept loaded (default 4)")
+    p.add_argument("--port", type=port_number,
+                   help="local: router port (default 8090; 0 = any free)")
+    p.add_argument("--max-loaded-models", type=positive_int,
+                   help="local: models kept loaded (default 4)")
     p.add_argument("--foreground", action="store_true", help="local: serve until Ctrl-C")
     _job_flags(p)
 
@@ -416,7 +455,7 @@ def cmd_add_model(args: argparse.Namespace, settings: settings_mod.Settings, bac
 def invoke_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("image", type=Path, help="a JPEG or PNG")
     p.add_argument("--target-model", required=True, help="e.g. dog-breed-classifier/model.tar.gz")
-    p.add_argument("--top-k", type=int, default=5)
+    p.add_argument("--top-k", type=positive_int, default=5)
     p.add_argument("--endpoint-url", help="local: the router URL (default: the running local endpoint)")
     p.add_argument("--json", action="store_true", help="print the raw JSON answer")
 
@@ -599,7 +638,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     command = COMMANDS[args.command]
     try:
-        with events.lines_above_bars():
+        with _sigterm_as_interrupt(), events.lines_above_bars():
             settings = _settings(args)
             backend = "local" if command.local_only else _backend_name(args, settings)
             result = command.run(args, settings, backend)

@@ -46,8 +46,20 @@ from dogbreed.launcher.local_runs import (  # noqa: F401 - re-exported
 )
 from dogbreed.launcher.local_tuning import LocalTuning
 from dogbreed.launcher.router import ModelStore
+from dogbreed.launcher.sagemaker_requests import JOB_NAME_MAX, TUNING_JOB_NAME_MAX, check_name
 from dogbreed.launcher.settings import Settings, SettingsError, check_model_name
 from dogbreed.metrics import OBJECTIVE_METRIC
+
+
+def check_job_name(name: str, flag: str = "--name") -> str:
+    """A local training job name: a folder under ``<workdir>/jobs`` that is deleted and rebuilt,
+    so it follows SageMaker's rule (no ``/``, ``.`` or ``..`` can reach another folder)."""
+    return check_name(name, JOB_NAME_MAX, f"training job name ({flag})")
+
+
+def check_study_name(name: str, flag: str = "--name/--resume") -> str:
+    """A local study name (``<workdir>/tuning/<name>``): SageMaker's tuning job name rule."""
+    return check_name(name, TUNING_JOB_NAME_MAX, f"study name ({flag})")
 
 
 class LocalBackend:
@@ -71,6 +83,7 @@ class LocalBackend:
     # -- training
     def plan_train(self, *, name: str, hyperparameters: Mapping[str, str],
                    data: Path | None, nproc: int = 1) -> dict[str, Any]:
+        check_job_name(name)
         contract.parse_hyperparameters(hyperparameters)
         return {"backend": "local", "training_job": name, "hyperparameters": dict(hyperparameters),
                 "data": str(data), "base_dir": str(self.workdir / "jobs" / name), "nproc": nproc,
@@ -79,6 +92,7 @@ class LocalBackend:
 
     def train(self, *, name: str, hyperparameters: Mapping[str, str], data: Path,
               echo: bool = True, nproc: int = 1, debugger: bool = False) -> dict[str, Any]:
+        check_job_name(name)  # before anything touches the disk
         epochs = contract.parse_hyperparameters(hyperparameters).epochs
         base = self.workdir / "jobs" / name
         events.event("training_started", job=name, base=base, docker=self.docker_image or "no",
@@ -98,7 +112,8 @@ class LocalBackend:
 
             run = TrainingRun(base, hyperparameters, data, docker_image=self.docker_image,
                               train_command=self.train_command, echo=on_line if echo else None,
-                              on_epoch=on_epoch, nproc=nproc, debugger=debugger)
+                              on_epoch=on_epoch, nproc=nproc, debugger=debugger,
+                              inside=self.workdir / "jobs")
             result = run.run()
         if result.returncode != 0:
             raise LocalError(f"training job {name} failed (exit {result.returncode}): "
@@ -115,6 +130,7 @@ class LocalBackend:
         return out
 
     def job_archive(self, job: str) -> Path:
+        check_job_name(job, "--job")
         archive = self.workdir / "jobs" / job / "output" / ARCHIVE_NAME
         if not archive.is_file():
             raise SettingsError(f"no local training job {job!r} with a model "
@@ -125,6 +141,7 @@ class LocalBackend:
     def tuning(self, *, name: str, static_hyperparameters: Mapping[str, str],
                in_process: bool = False, **options: Any) -> LocalTuning:
         """The study ``tune`` runs (and ``--dry-run`` renders)."""
+        check_study_name(name)  # before anything touches the disk
         return LocalTuning(name=name, root=self.workdir / "tuning" / name,
                            static_hyperparameters=static_hyperparameters, in_process=in_process,
                            docker_image=self.docker_image, train_command=self.train_command,
@@ -162,6 +179,10 @@ class LocalBackend:
     def best_hyperparameters(self, tuning_job: str) -> dict[str, str]:
         path = Path(tuning_job)
         if not path.is_file():
+            try:  # a study name, never a path out of <workdir>/tuning
+                check_study_name(tuning_job, "--from-tuning-job")
+            except SettingsError as exc:
+                raise SettingsError(f"no tuning result file {tuning_job!r}, and {exc}") from None
             path = self.workdir / "tuning" / f"{tuning_job}.json"
         if not path.is_file():
             raise SettingsError(f"no local tuning result {tuning_job!r} (looked for {path})")

@@ -65,6 +65,19 @@ def default_weights(hyperparameters: Mapping[str, str], explicit: bool) -> dict[
     return hps
 
 
+def clear_run_dir(base: Path, inside: Path | None) -> None:
+    """Delete a previous run's ``base`` before a rerun. With ``inside``, only a folder strictly
+    inside it: a job name that escapes it (``..``, ``.``, an absolute path, a link) must never
+    delete anything else, even if a caller forgot to check the name."""
+    if inside is not None:
+        root = Path(inside).resolve()
+        if root not in Path(base).resolve().parents:
+            raise SettingsError(f"refusing to use {base} as a run directory: it is not inside "
+                                f"{root}")
+    if Path(base).exists():
+        shutil.rmtree(base)
+
+
 @dataclasses.dataclass
 class RunResult:
     returncode: int
@@ -93,6 +106,7 @@ class TrainingRun:
 
     ``on_epoch(epoch, metrics)`` is called for each per-epoch line and may return ``True`` to
     stop the run (SIGTERM: the entry point stops after the current batch and checkpoints).
+    ``base`` is deleted and rebuilt; with ``inside``, only if it lies strictly inside that folder.
     """
 
     def __init__(self, base: Path, hyperparameters: Mapping[str, str], data: Path, *,
@@ -100,8 +114,9 @@ class TrainingRun:
                  echo: Callable[[str], None] | None = None,
                  on_epoch: Callable[[int, dict[str, float]], bool] | None = None,
                  keep_checkpoints: bool = True, train_command: Sequence[str] | None = None,
-                 nproc: int = 1, debugger: bool = False) -> None:
+                 nproc: int = 1, debugger: bool = False, inside: Path | None = None) -> None:
         self.base = Path(base).resolve()
+        self.inside = inside
         self.nproc = nproc
         self.train_command = list(train_command or TRAIN_COMMAND)
         self.hyperparameters = dict(hyperparameters)
@@ -124,8 +139,7 @@ class TrainingRun:
     def prepare(self) -> contract.Paths:
         if not (self.data / "train").is_dir():
             raise SettingsError(f"{self.data} has no train/ folder (expected train/ valid/ test/)")
-        if self.base.exists():
-            shutil.rmtree(self.base)
+        clear_run_dir(self.base, self.inside)
         paths = contract.prepare_local_job(self.base, self.hyperparameters,
                                            {contract.TRAINING_CHANNEL: self.data})
         if self.docker_image:
@@ -191,8 +205,10 @@ class TrainingRun:
                             pruned = True
                             self.terminate()
                 returncode = self.process.wait()
-            except BaseException:
+            except BaseException:  # Ctrl-C, SIGTERM (cli.Terminated), a failing callback
                 self.kill()
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    self.process.wait(timeout=5)  # reaped here: no zombie left behind
                 raise
             finally:
                 if self._kill_timer is not None:
@@ -249,8 +265,9 @@ class InProcessRun:
     def __init__(self, base: Path, hyperparameters: Mapping[str, str], data: Path, *,
                  cache: Any, device: Any = None,
                  on_epoch: Callable[[int, dict[str, float]], bool] | None = None,
-                 keep_checkpoints: bool = True) -> None:
+                 keep_checkpoints: bool = True, inside: Path | None = None) -> None:
         self.base = Path(base).resolve()
+        self.inside = inside
         self.hyperparameters = dict(hyperparameters)
         self.data = Path(data).resolve()
         self.cache = cache
@@ -266,8 +283,7 @@ class InProcessRun:
     def run(self) -> RunResult:
         from dogbreed import train  # in-process trials train here: torch is needed anyway
 
-        if self.base.exists():
-            shutil.rmtree(self.base)
+        clear_run_dir(self.base, self.inside)
         paths = contract.prepare_local_job(self.base, self.hyperparameters,
                                            {contract.TRAINING_CHANNEL: self.data})
         started = time.monotonic()

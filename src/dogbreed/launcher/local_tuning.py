@@ -256,10 +256,11 @@ class LocalTuning:
                 if point:
                     study.enqueue_trial(point, user_attrs={"origin": origin}, skip_if_exists=True)
         elif stored != mine:
+            differences = "; ".join(definition_differences(stored, mine)) or \
+                f"stored {_compact(stored)}"  # same fields, another order
             raise SettingsError(
-                f"study {self.name!r} was created with a different definition; resume it with the "
-                f"same --space/--pruner/--epochs-max and hyperparameters (stored: "
-                f"{json.dumps(stored, separators=(',', ':'))})")
+                f"study {self.name!r} was created with a different definition ({differences}); "
+                "resume it with the same --space/--pruner/--epochs-max and hyperparameters")
         return study
 
     def run(self, data: Path, *, progress: events.Progress, device: Any = None) -> dict[str, Any]:
@@ -367,11 +368,11 @@ class LocalTuning:
             run: TrainingRun | InProcessRun
             if self.in_process:
                 run = InProcessRun(trial_dir, hps, data, cache=cache, device=device,
-                                   on_epoch=on_epoch, keep_checkpoints=False)
+                                   on_epoch=on_epoch, keep_checkpoints=False, inside=self.root)
             else:
                 run = TrainingRun(trial_dir, hps, data, docker_image=self.docker_image,
                                   on_epoch=on_epoch, keep_checkpoints=False,
-                                  train_command=self.train_command)
+                                  train_command=self.train_command, inside=self.root)
             timer = None
             if self._deadline is not None:
                 # The budget's end stops a running trial after its current batch.
@@ -487,6 +488,34 @@ class LocalTuning:
                     and trial.state.name != "RUNNING":
                 shutil.rmtree(trial_dir / "model", ignore_errors=True)
                 Path(trial.user_attrs["model_data"]).unlink(missing_ok=True)
+
+
+def definition_differences(stored: Any, given: Any, field: str = "") -> list[str]:
+    """Each field where two study definitions differ, as ``field: stored X, given Y`` (the
+    space compared parameter by parameter, e.g. ``space.lr.high``)."""
+    def by_name(value: Any) -> Any:
+        if isinstance(value, list) and all(isinstance(p, dict) and "name" in p for p in value):
+            return {p["name"]: p for p in value}
+        return value
+
+    stored, given = by_name(stored), by_name(given)
+    if not (isinstance(stored, dict) and isinstance(given, dict)):
+        return [] if stored == given else [
+            f"{field}: stored {_compact(stored)}, given {_compact(given)}"]
+    out: list[str] = []
+    for key in [*stored, *(k for k in given if k not in stored)]:
+        inner = f"{field}.{key}" if field else str(key)
+        if key not in given:
+            out.append(f"{inner}: stored {_compact(stored[key])}, given (unset)")
+        elif key not in stored:
+            out.append(f"{inner}: stored (unset), given {_compact(given[key])}")
+        else:
+            out += definition_differences(stored[key], given[key], inner)
+    return out
+
+
+def _compact(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"))
 
 
 def _best(study: Any) -> Any:

@@ -74,9 +74,10 @@ def resource_config(settings: Settings, instance_type: str | None = None,
                     instance_count: int | None = None) -> dict[str, Any]:
     """Instances for a training job or every tuning trial. More than one instance trains one
     model data-parallel (the entry point reads the hosts from resourceconfig.json)."""
-    count = instance_count or settings.train_instance_count
+    # `is None`, not `or`: an explicit 0 is refused, not turned into the default.
+    count = settings.train_instance_count if instance_count is None else instance_count
     if count < 1:
-        raise SettingsError(f"instance count {count}: need at least 1")
+        raise SettingsError(f"instance count {count} (--instance-count): need at least 1")
     return {"InstanceType": instance_type or settings.train_instance_type,
             "InstanceCount": count,
             "VolumeSizeInGB": settings.train_volume_gb}
@@ -84,12 +85,21 @@ def resource_config(settings: Settings, instance_type: str | None = None,
 
 def stopping_condition(settings: Settings, spot: bool, max_wait: int | None = None,
                        max_runtime: int | None = None) -> dict[str, Any]:
-    runtime = max_runtime or settings.max_run_seconds
+    runtime = settings.max_run_seconds if max_runtime is None else max_runtime
     if runtime < 1:
         raise SettingsError(f"--max-runtime {runtime}: at least 1 second")
     condition = {"MaxRuntimeInSeconds": runtime}
-    if spot:
-        condition["MaxWaitTimeInSeconds"] = max(max_wait or 2 * runtime, runtime)
+    if not spot:
+        if max_wait is not None:  # it would be dropped: only spot jobs wait for capacity
+            raise SettingsError("--max-wait is for managed spot training: add --spot, or drop it")
+        return condition
+    wait = 2 * runtime if max_wait is None else max_wait
+    if wait < runtime:  # SageMaker refuses it; lengthening it quietly would hide the mistake
+        of = f"--max-runtime {runtime}" if max_runtime is not None else \
+            f"the default --max-runtime {runtime}"
+        raise SettingsError(f"--max-wait {wait} is shorter than {of}: spot jobs need "
+                            "MaxWaitTimeInSeconds >= MaxRuntimeInSeconds")
+    condition["MaxWaitTimeInSeconds"] = wait
     return condition
 
 
@@ -265,7 +275,7 @@ def model_request(settings: Settings, *, name: str, serve_image: str) -> dict[st
 
 def endpoint_config_request(settings: Settings, *, name: str, model_name: str,
                             instance_count: int | None = None) -> dict[str, Any]:
-    count = instance_count or settings.serve_instance_count
+    count = settings.serve_instance_count if instance_count is None else instance_count
     if count < 1:
         raise SettingsError(f"--instance-count {count}: at least 1")
     return {

@@ -7,10 +7,12 @@ also falls back to boto3's own ``AWS_REGION`` / ``AWS_DEFAULT_REGION``.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
+import math
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +35,29 @@ def check_model_name(name: str) -> str:
         return validate_model_name(name)
     except ContractError as exc:
         raise SettingsError(str(exc)) from None
+
+
+def _number(convert: Callable[[str], Any], expected: str,
+            valid: Callable[[Any], bool]) -> Callable[[str], Any]:
+    """An argparse ``type`` for a numeric flag: a value out of range is refused at parse time
+    (exit 2, argparse names the flag) instead of being replaced by a default or failing later."""
+
+    def parse(text: str) -> Any:
+        try:
+            value = convert(text)
+        except ValueError:
+            value = None
+        if value is None or not valid(value):
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
+        return value
+
+    return parse
+
+
+positive_int = _number(int, "an integer >= 1", lambda v: v >= 1)
+non_negative_int = _number(int, "an integer >= 0", lambda v: v >= 0)
+positive_float = _number(float, "a number > 0", lambda v: 0 < v < math.inf)
+port_number = _number(int, "a port number, 0 to 65535", lambda v: 0 <= v <= 65535)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -12,6 +12,7 @@ from typing import Any
 
 from dogbreed.launcher import events
 from dogbreed.launcher import settings as settings_mod
+from dogbreed.launcher.settings import positive_int
 
 
 def report_arguments(p: argparse.ArgumentParser) -> None:
@@ -22,7 +23,7 @@ def report_arguments(p: argparse.ArgumentParser) -> None:
 def explain_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", type=Path, help="model dir (model.json + model.pt) or model.tar.gz")
     p.add_argument("images", nargs="+", type=Path, help="JPEG/PNG files")
-    p.add_argument("--top-k", type=int, default=3)
+    p.add_argument("--top-k", type=positive_int, default=3)
     p.add_argument("--out", type=Path, default=Path("explanations"),
                    help="folder for the PNGs (default ./explanations)")
 
@@ -34,7 +35,7 @@ def clarify_arguments(p: argparse.ArgumentParser) -> None:
                    help="model.json or model.tar.gz with the class names (default: MODEL if local)")
     p.add_argument("--name", help="job name (default dogbreed-clarify-<time>)")
     p.add_argument("--instance-type", help="processing instance (default ml.m5.xlarge)")
-    p.add_argument("--num-samples", type=int, default=500, help="SHAP samples per image")
+    p.add_argument("--num-samples", type=positive_int, default=500, help="SHAP samples per image")
     p.add_argument("--no-wait", dest="wait", action="store_false")
 
 
@@ -44,7 +45,7 @@ def batch_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("output", nargs="?", help="S3 prefix or folder (default <prefix>/batch/<job>/output)")
     p.add_argument("--name", help="transform job name (default dogbreed-batch-<time>)")
     p.add_argument("--instance-type", help="SageMaker: transform instance (default: serve type)")
-    p.add_argument("--workers", type=int, default=2,
+    p.add_argument("--workers", type=positive_int, default=2,
                    help="SageMaker: MaxConcurrentTransforms; --local: model workers of the local "
                    "server, and as many concurrent requests (its /execution-parameters)")
     p.add_argument("--logs", action="store_true",
@@ -56,11 +57,26 @@ def _local_candidates(name: str, workdir: Path) -> list[Path]:
     return [workdir / "jobs" / name, workdir / "tuning" / f"{name}.json"]
 
 
+def _is_job_name(run: str) -> bool:
+    """Whether RUN may name a job or study: only then is it looked up under the workdir (or
+    downloaded there), so ``../x`` or an absolute path never reaches a folder outside it."""
+    from dogbreed.launcher.sagemaker_requests import JOB_NAME_MAX, check_name
+
+    try:
+        check_name(run, JOB_NAME_MAX, "job name")
+    except settings_mod.SettingsError:
+        return False
+    return True
+
+
 def cmd_report(args: argparse.Namespace, settings: settings_mod.Settings, backend: str) -> Any:
     from dogbreed import report
 
     path = Path(args.run)
     if not path.exists():
+        if not _is_job_name(args.run):
+            raise report.ReportError(f"{args.run}: no such run directory, and not a job or study "
+                                     "name (letters, digits and single dashes)")
         local = [c for c in _local_candidates(args.run, settings.workdir_path) if c.exists()]
         if local:
             path = local[0]
@@ -150,7 +166,7 @@ def cmd_batch(args: argparse.Namespace, settings: settings_mod.Settings, backend
             return {"backend": "local", "model": args.model, "input": args.input,
                     "output": args.output, "workers": args.workers}
         return batch.served_batch(Path(args.model), Path(args.input), Path(args.output),
-                                  workers=args.workers)
+                                  workers=args.workers, workdir=settings.workdir_path)
     name = args.name or job_name("batch")
     sm = SageMakerBackend(settings, dry_run=args.dry_run)
     result = batch.sagemaker_batch(sm, model=args.model, input_uri=args.input,
