@@ -142,7 +142,7 @@ def resize_and_crop(image: torch.Tensor, cache_size: int) -> torch.Tensor:
     return TF.center_crop(image, [cache_size, cache_size])
 
 
-def check_trainable(image: torch.Tensor) -> torch.Tensor:
+def check_decoded(image: torch.Tensor) -> torch.Tensor:
     """``image`` if it is what :func:`decode_image` promises (``uint8[3, S, S]``), else
     ``ValueError`` saying why. :func:`decode_image` gives ``uint16`` for a 16-bit PNG and
     ``[frames, 3, S, S]`` for an animated GIF (whatever its file name): one such file used to
@@ -157,7 +157,7 @@ def check_trainable(image: torch.Tensor) -> torch.Tensor:
 
 def _decode_file(path: Path, cache_size: int) -> torch.Tensor | None:
     try:
-        return check_trainable(decode_image(torchvision.io.read_file(str(path)), cache_size))
+        return check_decoded(decode_image(torchvision.io.read_file(str(path)), cache_size))
     except (RuntimeError, ValueError, OSError) as exc:
         log.warning("event=skip_image path=%s reason=%s", path, str(exc).splitlines()[0][:200])
         return None

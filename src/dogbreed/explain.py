@@ -155,7 +155,7 @@ def explain_files(model_path: Path, images: Sequence[Path], out_dir: Path, top_k
     results = []
     for path, name in zip(images, overlay_names(images)):
         try:
-            pixels = data.decode_image(Path(path).read_bytes(), metadata.resize_size)
+            pixels = data.check_decoded(data.decode_image(Path(path).read_bytes(), metadata.resize_size))
         except (OSError, ValueError, RuntimeError) as exc:
             raise ValueError(f"{path}: not a readable image: {exc}") from None
         # The pixels the model sees, before normalisation: eval_transform's centre crop.

@@ -126,6 +126,15 @@ def test_local_endpoint_routes_by_target_model_with_lru(demo: tuple[Path, str], 
 
         status = dogbreed("status", "--local", "--workdir", str(work))
         assert json.loads(status.stdout)["endpoint"]["loaded"] == [TARGETS[0]]
+
+        # Replacing a loaded model's archive: warned, and the loaded copy keeps serving, as on
+        # SageMaker MME (AWS: add a changed model under a new name).
+        mobilenet = demo_work / "demo" / "jobs" / "demo-mobilenetv2" / "output" / "model.tar.gz"
+        replaced = dogbreed("add-model", "dog-breed-classifier", "--file", str(mobilenet), "--local",
+                            "--workdir", str(work))
+        assert replaced.returncode == 0, replaced.stderr
+        assert f"event=model_still_loaded target_model={TARGETS[0]}" in replaced.stderr
+        assert invoke(TARGETS[0], jpeg)["arch"] == "resnet18"
     finally:
         cleanup = dogbreed("cleanup", "--local", "--workdir", str(work))
     assert cleanup.returncode == 0, cleanup.stderr

@@ -95,6 +95,16 @@ def test_unreadable_image_is_a_clear_error(tmp_path, capsys):
     assert "not a readable image" in capsys.readouterr().err
 
 
+def test_a_16_bit_png_is_refused_not_explained_at_257_times_the_scale(tmp_path, capsys):
+    from PIL import Image
+
+    deep = tmp_path / "deep.png"
+    Image.new("I;16", (40, 30), 40_000).save(deep)
+    assert cli.main(["explain", str(_model_dir(tmp_path, "resnet18")), str(deep),
+                     "--out", str(tmp_path / "o")]) == cli.EXIT_USAGE
+    assert "16-bit images are not supported" in capsys.readouterr().err
+
+
 def test_images_sharing_a_file_name_get_their_own_overlays(tmp_path, capsys):
     """`explain M ca/x.jpg cb/x.jpg` wrote one x.gradcam.png and listed it for both images."""
     model_dir = _model_dir(tmp_path, "resnet18")

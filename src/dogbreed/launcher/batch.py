@@ -360,7 +360,7 @@ def in_process_predictor(model_path: Path, top_k: int = 5, device: str = "cpu") 
     name = Path(model_path).name
 
     def predict(body: bytes) -> dict[str, Any]:
-        pixels = data.decode_image(body, metadata.resize_size)
+        pixels = data.check_decoded(data.decode_image(body, metadata.resize_size))
         inputs = data.eval_transform(pixels.to(device), metadata.image_size, metadata.mean,
                                      metadata.std)
         with torch.no_grad():

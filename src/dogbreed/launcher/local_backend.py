@@ -213,7 +213,25 @@ class LocalBackend:
             raise SettingsError(str(exc)) from None
         target_model = target.relative_to(self.store.root).as_posix()
         events.event("model_added", name=name, path=target, target_model=target_model)
+        if target_model in self.loaded_models():
+            # As on SageMaker MME: a loaded model is not reloaded when its archive is replaced.
+            events.warning("model_still_loaded", target_model=target_model,
+                           note="the running endpoint keeps serving the copy it loaded; add the "
+                                "new archive under a new name, or redeploy")
         return {"model": name, "uri": str(target), "target_model": target_model}
+
+    def loaded_models(self) -> list[str]:
+        """TargetModels the running local endpoint holds loaded (none when it is not running)."""
+        state = self.state()
+        if not state:
+            return []
+        import urllib.request
+
+        try:
+            with urllib.request.urlopen(state["url"] + "/models", timeout=5) as reply:
+                return list(json.loads(reply.read())["loaded"])
+        except (OSError, ValueError, KeyError):
+            return []
 
     # -- endpoint
     def daemon(self, port: int | None = None, max_loaded: int | None = None) -> EndpointDaemon:
