@@ -38,6 +38,7 @@ from dogbreed.launcher.sagemaker_requests import (
     JOB_NAME_MAX,
     TAGS,
     check_name,
+    is_name,
     role_arn,
     split_s3_uri,
 )
@@ -300,7 +301,7 @@ def local_model(model: str | Path, workdir: Path | None = None) -> Path:
         return path
     looked = []
     name = str(model)
-    if workdir is not None and name and "/" not in name and name not in (".", ".."):
+    if workdir is not None and is_name(name):  # the local job name rule: never a folder outside
         job = Path(workdir) / "jobs" / name
         for candidate in (job / "output" / artifacts.ARCHIVE_NAME, job / "model"):
             if candidate.is_file() or (candidate / artifacts.METADATA_FILE).is_file():

@@ -223,13 +223,8 @@ class LocalBackend:
     def loaded_models(self) -> list[str]:
         """TargetModels the running local endpoint holds loaded (none when it is not running)."""
         state = self.state()
-        if not state:
-            return []
-        import urllib.request
-
         try:
-            with urllib.request.urlopen(state["url"] + "/models", timeout=5) as reply:
-                return list(json.loads(reply.read())["loaded"])
+            return _loaded_models(state["url"]) if state else []
         except (OSError, ValueError, KeyError):
             return []
 
@@ -278,16 +273,21 @@ class LocalBackend:
         if state:
             endpoint = {"url": state["url"], "pid": state["pid"], "name": state["endpoint_name"]}
             try:
-                import urllib.request
-
-                with urllib.request.urlopen(state["url"] + "/models", timeout=5) as reply:
-                    endpoint["loaded"] = json.loads(reply.read())["loaded"]
+                endpoint["loaded"] = _loaded_models(state["url"])
             except OSError as exc:
                 endpoint["error"] = str(exc)
         jobs = sorted(p.name for p in (self.workdir / "jobs").glob("*") if p.is_dir())
         tunings = sorted(p.stem for p in (self.workdir / "tuning").glob("*.json"))
         return {"workdir": str(self.workdir), "endpoint": endpoint, "models": self.store.targets(),
                 "training_jobs": jobs, "tuning_jobs": tunings}
+
+
+def _loaded_models(url: str) -> list[str]:
+    """``GET <router>/models``'s ``loaded`` list: TargetModels the local endpoint holds loaded."""
+    import urllib.request
+
+    with urllib.request.urlopen(url + "/models", timeout=5) as reply:
+        return list(json.loads(reply.read())["loaded"])
 
 
 def tune_in_process(data: Path, workdir: Path, *, trials: int | None = None, device: Any = None,

@@ -58,6 +58,16 @@ def check_name(name: str, limit: int, what: str) -> str:
 
 
 # --- request builders ------------------------------------------------------------------
+def is_name(name: str, limit: int = JOB_NAME_MAX) -> bool:
+    """Whether ``name`` passes :func:`check_name`: only such a name is looked up as a local job or
+    study folder, so ``..``, ``.``, ``/`` or an absolute path never reaches one outside it."""
+    try:
+        check_name(name, limit, "name")
+    except SettingsError:
+        return False
+    return True
+
+
 def role_arn(settings: Settings) -> str:
     """The execution role; a dry run without one shows where to set it."""
     return settings.role_arn or "<role-arn: set --role-arn or DOGBREED_ROLE_ARN>"

@@ -57,24 +57,14 @@ def _local_candidates(name: str, workdir: Path) -> list[Path]:
     return [workdir / "jobs" / name, workdir / "tuning" / f"{name}.json"]
 
 
-def _is_job_name(run: str) -> bool:
-    """Whether RUN may name a job or study: only then is it looked up under the workdir (or
-    downloaded there), so ``../x`` or an absolute path never reaches a folder outside it."""
-    from dogbreed.launcher.sagemaker_requests import JOB_NAME_MAX, check_name
-
-    try:
-        check_name(run, JOB_NAME_MAX, "job name")
-    except settings_mod.SettingsError:
-        return False
-    return True
-
-
 def cmd_report(args: argparse.Namespace, settings: settings_mod.Settings, backend: str) -> Any:
     from dogbreed import report
 
     path = Path(args.run)
     if not path.exists():
-        if not _is_job_name(args.run):
+        from dogbreed.launcher.sagemaker_requests import is_name
+
+        if not is_name(args.run):  # only a name is looked up under (or downloaded into) the workdir
             raise report.ReportError(f"{args.run}: no such run directory, and not a job or study "
                                      "name (letters, digits and single dashes)")
         local = [c for c in _local_candidates(args.run, settings.workdir_path) if c.exists()]
