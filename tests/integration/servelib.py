@@ -58,6 +58,40 @@ def server_processes(run_dir: Path) -> list[Any]:
     return found
 
 
+STARTED_FILE = "java.started"
+
+
+def stalled_java(home: Path) -> dict[str, str]:
+    """An environment whose ``$JAVA_HOME/bin/java`` never answers: it writes ``STARTED_FILE``
+    under ``home`` (the event a test waits on), then waits for a signal, keeping MMS's arguments
+    (the run dir) in its command line so a leftover is found like a real MMS. A start-up held
+    there cannot finish before a test's signal lands, however loaded the machine is."""
+    java = home / "bin" / "java"
+    java.parent.mkdir(parents=True, exist_ok=True)
+    java.write_text(f"""#!/bin/sh
+echo $$ > '{home}/{STARTED_FILE}.tmp' && mv '{home}/{STARTED_FILE}.tmp' '{home}/{STARTED_FILE}'
+exec '{sys.executable}' -c 'import signal; signal.pause()' "$@"
+""")
+    java.chmod(0o755)
+    return {**os.environ, "JAVA_HOME": str(home)}
+
+
+def wait_for_start(home: Path, process: subprocess.Popen[Any], timeout: float = 120.0) -> int:
+    """The pid of the stalled java once it has started (its file appears); fails the test if
+    ``process`` ends first or nothing starts within ``timeout`` seconds."""
+    import time
+
+    started = home / STARTED_FILE
+    deadline = time.monotonic() + timeout
+    while not started.is_file():
+        if process.poll() is not None:
+            pytest.fail(f"the process ended ({process.returncode}) before starting java")
+        if time.monotonic() > deadline:
+            pytest.fail(f"java did not start within {timeout:g} s")
+        time.sleep(0.05)
+    return int(started.read_text())
+
+
 class ServeEndpoint(ServeClient):
     """A :class:`ServeClient` that also hands the server model files by path (see conftest)."""
 

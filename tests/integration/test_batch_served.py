@@ -19,7 +19,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from servelib import TrainedModel
+from servelib import TrainedModel, stalled_java, wait_for_start
 
 from dogbreed.launcher import batch, cli
 
@@ -96,21 +96,15 @@ def test_ctrl_c_during_server_start_up_stops_the_server(serve_models: dict[str, 
                                                         sample_data: Path, tmp_path: Path) -> None:
     """`timeout --preserve-status -s INT 2 dogbreed batch --local …` exited 130 and left MMS
     (java) running with parent 1: only a ServerError stopped the server. The signal lands
-    where that one did: MMS started, the model still loading (wait_ready)."""
+    where that one did: MMS (a java that never answers) and the zygote started, the server
+    still waiting to be ready (wait_ready)."""
     command = [str(Path(sys.executable).with_name("dogbreed")), "batch", "--local",
                str(serve_models["resnet18"].archive), str(sample_data / "test"), str(tmp_path / "out")]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    java_home = tmp_path / "java"
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env=stalled_java(java_home))
     try:
-        assert process.stderr is not None
-        lines = []
-        for line in process.stderr:  # the event lines, as they come
-            lines.append(line)
-            if "event=front_listening" in line:  # start() returned: MMS + zygote are up
-                break
-        run_dir = next(re.search(r"event=start_mms run_dir=(\S+)", line).group(1)
-                       for line in lines if "event=start_mms" in line)
-        time.sleep(0.5)
-        assert process.poll() is None, "the batch ended before it could be interrupted"
+        wait_for_start(java_home, process)  # start-up is held there until the signal
         process.send_signal(signal.SIGINT)
         _, rest = process.communicate(timeout=60)
     finally:
@@ -119,6 +113,7 @@ def test_ctrl_c_during_server_start_up_stops_the_server(serve_models: dict[str, 
             process.wait()
     assert process.returncode == 130, rest[-3000:]
     assert "event=batch_server_ready" not in rest  # it really was interrupted during start-up
+    run_dir = re.search(r"event=start_mms run_dir=(\S+)", rest).group(1)
     temp_dir = str(Path(run_dir).parent)
     assert Path(temp_dir).name.startswith("dogbreed-batch-")
     deadline = time.monotonic() + 2  # stop() waited for MMS and the zygote; workers are SIGKILLed

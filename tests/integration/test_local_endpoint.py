@@ -19,6 +19,7 @@ from pathlib import Path
 import boto3
 import pytest
 from botocore.config import Config
+from servelib import stalled_java, wait_for_start
 
 pytestmark = pytest.mark.slow
 
@@ -160,27 +161,16 @@ def short_workdir() -> Iterator[Path]:
     assert left == [], "left running"
 
 
-def wait_for(predicate, timeout: float = 120.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.1)
-    pytest.fail(f"no {what} within {timeout:g} s")
-
-
-def java_of(work: Path) -> list[str]:
-    return [p for p in processes_mentioning(str(work)) if "java" in p.split(":", 1)[1].split()[0]]
-
-
 def test_ctrl_c_during_deploy_start_up_cancels_the_daemon(short_workdir: Path) -> None:
     """`timeout -s INT 2 dogbreed deploy --local` exited 130 while the daemon it had spawned
-    went on starting and then served, with nobody knowing."""
+    went on starting and then served, with nobody knowing. The daemon's MMS is a java that
+    never answers, so the signal lands mid start-up however fast the machine is."""
+    java_home = short_workdir / "java"
     deploy = subprocess.Popen([DOGBREED, "deploy", "--local", "--port", "0", "--workdir",
                                str(short_workdir)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True)
-    wait_for(lambda: java_of(short_workdir), what="MMS (java) of the daemon")  # mid start-up
+                              text=True, env=stalled_java(java_home))
+    java = wait_for_start(java_home, deploy)  # the daemon's MMS has started; start-up is held
+    assert any(line.startswith(f"{java}: ") for line in processes_mentioning(str(short_workdir)))
     deploy.send_signal(signal.SIGINT)
     _, stderr = deploy.communicate(timeout=60)
     assert deploy.returncode == 130, stderr
