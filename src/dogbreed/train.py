@@ -65,9 +65,24 @@ class NonFiniteLoss(RuntimeError):
     """A training batch's loss was NaN or infinite: the weights are ruined, nothing is saved."""
 
 
+class Diverged(RuntimeError):
+    """Finite but absurd: a validation loss no trained model has, or weights holding inf/NaN."""
+
+
+# A validation loss over this many times a uniform guess's (ln of the class count) means the
+# model gives the true class a probability under C**-100 on average: no model that learned
+# anything does; diverged weights do (lr=1 without momentum: valid_loss 1.2e7, every loss finite).
+DIVERGED_LOSS_FACTOR = 100
+
+
+def divergence_limit(num_classes: int) -> float:
+    """The validation loss above which a run counts as diverged (see DIVERGED_LOSS_FACTOR)."""
+    return DIVERGED_LOSS_FACTOR * math.log(max(num_classes, 2))
+
+
 # Errors whose message is the whole story: no traceback in the failure file.
 EXPECTED_ERRORS = (ContractError, data.DataError, models.WeightsError, artifacts.ArtifactError,
-                   NonFiniteLoss)
+                   NonFiniteLoss, Diverged)
 
 
 class Interrupted(Exception):
@@ -581,6 +596,12 @@ def run(hp: Hyperparameters, paths: Paths, stop: StopFlag | None = None,
             raise NonFiniteLoss(
                 f"validation loss is not finite after epoch {epoch} (lr={hp.lr}, optimizer="
                 f"{hp.optimizer}, amp={hp.amp}): the weights diverged, so no model was saved; lower lr")
+        if valid.loss > divergence_limit(len(class_names)):
+            raise Diverged(
+                f"validation loss {valid.loss:.4g} after epoch {epoch} is over {DIVERGED_LOSS_FACTOR}x "
+                f"a uniform guess's ({math.log(max(len(class_names), 2)):.3g} for {len(class_names)} "
+                f"classes; lr={hp.lr}, optimizer={hp.optimizer}, amp={hp.amp}): the weights diverged, "
+                "so no model was saved; lower lr")
         improved = (valid.accuracy, -valid.loss) > (best["valid_accuracy"], -best["valid_loss"])
         if improved:
             best = {"epoch": epoch, "valid_accuracy": valid.accuracy, "valid_loss": valid.loss}
@@ -608,6 +629,11 @@ def run(hp: Hyperparameters, paths: Paths, stop: StopFlag | None = None,
     # The artifact is the best epoch's weights, not the last one's.
     if best_state:
         model.load_state_dict(best_state)
+    if broken := [name for name, tensor in model.state_dict().items()
+                  if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())]:
+        raise Diverged(f"the weights hold inf or NaN ({', '.join(broken[:3])}"
+                       f"{', ...' if len(broken) > 3 else ''}; lr={hp.lr}, optimizer={hp.optimizer}, "
+                       f"amp={hp.amp}): no model was saved; lower lr")
     final_valid = evaluate(model, valid_split, hp, runtime, loss_fn)
     # Printed last so a tuner reading the final objective value sees the saved model's score.
     print(f"best_epoch={best['epoch']} valid_loss={final_valid.loss:.4f} "

@@ -90,3 +90,19 @@ def test_weights_that_diverge_in_the_last_steps_fail_the_job(make_job, run_entry
     assert "validation loss is not finite after epoch 1" in failure, failure
     assert not (paths.model_dir / "model.pt").exists()
     assert not any(paths.checkpoints_dir.glob("*.pt"))
+
+
+def test_a_finite_but_absurd_validation_loss_fails_the_job(make_job, run_entry_point):
+    """lr=1 without momentum keeps every loss finite, but one epoch ends at valid_loss ~1e7
+    (a uniform guess over the sample's 5 classes scores ln 5 = 1.6): a diverged run must fail,
+    not package its weights and exit 0."""
+    paths = make_job({"lr": "1", "momentum": "0", "epochs": "1", "weights": "none",
+                      "image-size": "32", "batch-size": "16"})
+    result = run_entry_point(paths, timeout=120)
+    assert result.returncode == 1, result.stderr[-2000:]
+    failure = paths.failure_file.read_text()
+    assert failure.startswith("Diverged: validation loss ") and "after epoch 1" in failure, failure
+    assert "no model was saved" in failure and "lr=1" in failure, failure
+    assert "Traceback" not in result.stderr
+    assert not (paths.model_dir / "model.pt").exists()
+    assert not any(paths.checkpoints_dir.glob("*.pt"))

@@ -59,6 +59,28 @@ def test_non_finite_loss_fails_the_job_with_epoch_and_batch(make_job, monkeypatc
     assert not (paths.model_dir / "model.pt").exists(), "a NaN model must never be saved"
 
 
+class InfiniteUnusedBuffer(nn.Module):
+    """Wraps a model and carries an inf buffer its forward never reads: every loss stays finite."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+        self.register_buffer("scale", torch.tensor(float("inf")))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner(x)
+
+
+def test_weights_holding_inf_are_never_saved(make_job, monkeypatch):
+    build = models.build_model
+    monkeypatch.setattr(models, "build_model", lambda *a, **k: InfiniteUnusedBuffer(build(*a, **k)))
+    paths = make_job(TINY | {"epochs": "1"})
+    assert run_main(paths, monkeypatch) == train.EXIT_FAILURE
+    failure = paths.failure_file.read_text()
+    assert failure.startswith("Diverged: the weights hold inf or NaN (scale"), failure
+    assert not (paths.model_dir / "model.pt").exists()
+
+
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
