@@ -13,8 +13,12 @@ DOCKER ?= $(if $(wildcard /usr/bin/docker),/usr/bin/docker,docker)
 BASE_IMAGE ?= python:3.11-slim-bookworm
 LOCAL_BASE_IMAGE ?= local/debian:bookworm
 DEPS_IMAGE ?= dogbreed-deps
+# The images' torch: PyPI's newest build on CUDA 12 wheels (torch 2.10 -> CUDA 12.8, runs on
+# driver >= 525.60.13; torch >= 2.11 on PyPI is CUDA 13, driver >= 580, which SageMaker's
+# documented GPU hosts lack). Must lie inside pyproject.toml's torch range.
+IMAGE_TORCH ?= torch==2.10.0 torchvision==0.25.0
 # Each image's torch flavour: the pip index of its torch wheels (docker/Dockerfile.deps).
-# Train: empty = PyPI's CUDA 13.0 build (driver >= 580); e.g. .../whl/cu126 for 525+ drivers.
+# Train: empty = PyPI's build (CUDA 12.8 for IMAGE_TORCH); e.g. .../whl/cu126 for CUDA 12.6.
 # Serve: CPU (SageMaker multi-model endpoints with a custom container run on CPU instances);
 # where that index is unreachable the build falls back to PyPI's build and says so.
 TRAIN_TORCH_INDEX_URL ?=
@@ -45,6 +49,12 @@ DOCKER_BUILD = DOCKER_BUILDKIT=1 $(DOCKER) build --network host \
 	$(if $(CA_BUNDLE),--secret id=cacert$(comma)src=$(CA_BUNDLE)) \
 	--build-arg VERSION=$(IMAGE_VERSION) --build-arg GIT_SHA=$(GIT_SHA) --build-arg SOURCE_URL=$(SOURCE_URL)
 
+# The CUDA labels (dogbreed.cuda.version, .min-driver, .compat; dogbreed/gpu.py), read from a
+# dependency image: its torch flavour file and /usr/local/cuda/compat (present when BASE_IMAGE
+# is an nvidia/cuda image). The package source is mounted; the deps image does not have it.
+CUDA_LABELS = $(DOCKER) run --rm --network host -v $(CURDIR)/src:/opt/dogbreed-src:ro \
+	-e PYTHONPATH=/opt/dogbreed-src --entrypoint python
+
 # Local runs use the last build (`latest`).
 RUN_TAG ?= latest
 LOCAL_TRAIN_DIR ?= build/local-train
@@ -60,19 +70,22 @@ DOCKER_RUN = $(DOCKER) run --rm --network host $$(sh docker/gpu-flags.sh $(DOCKE
 build: ## build the train and serve images (tags: git short sha and latest; BASE_IMAGE=...)
 	@start=$$(date +%s); \
 	$(DOCKER_BUILD) -f docker/Dockerfile.deps --build-arg BASE_IMAGE=$(BASE_IMAGE) \
-	  --build-arg TORCH_INDEX_URL=$(TRAIN_TORCH_INDEX_URL) \
+	  --build-arg TORCH_PINS="$(IMAGE_TORCH)" --build-arg TORCH_INDEX_URL=$(TRAIN_TORCH_INDEX_URL) \
 	  -t $(DEPS_IMAGE):$(TAG) -t $(DEPS_IMAGE):latest . && \
 	$(DOCKER_BUILD) -f docker/Dockerfile.deps --build-arg BASE_IMAGE=$(BASE_IMAGE) \
-	  --build-arg TORCH_INDEX_URL=$(SERVE_TORCH_INDEX_URL) \
+	  --build-arg TORCH_PINS="$(IMAGE_TORCH)" --build-arg TORCH_INDEX_URL=$(SERVE_TORCH_INDEX_URL) \
 	  -t $(SERVE_DEPS_IMAGE):$(TAG) -t $(SERVE_DEPS_IMAGE):latest . && \
+	train_labels=$$($(CUDA_LABELS) $(DEPS_IMAGE):$(TAG) -m dogbreed.gpu labels) && \
+	serve_labels=$$($(CUDA_LABELS) $(SERVE_DEPS_IMAGE):$(TAG) -m dogbreed.gpu labels) && \
 	$(DOCKER_BUILD) -f Dockerfile.train --build-arg DEPS_IMAGE=$(DEPS_IMAGE):$(TAG) \
-	  --build-arg BAKE_IMAGENET_WEIGHTS=$(BAKE_IMAGENET_WEIGHTS) \
+	  --build-arg BAKE_IMAGENET_WEIGHTS=$(BAKE_IMAGENET_WEIGHTS) $$train_labels \
 	  -t $(TRAIN_IMAGE):$(TAG) -t $(TRAIN_IMAGE):latest . && \
-	$(DOCKER_BUILD) -f Dockerfile.serve --build-arg DEPS_IMAGE=$(SERVE_DEPS_IMAGE):$(TAG) \
+	$(DOCKER_BUILD) -f Dockerfile.serve --build-arg DEPS_IMAGE=$(SERVE_DEPS_IMAGE):$(TAG) $$serve_labels \
 	  -t $(SERVE_IMAGE):$(TAG) -t $(SERVE_IMAGE):latest . && \
 	echo "built $(TRAIN_IMAGE):$(TAG) $(SERVE_IMAGE):$(TAG) in $$(( $$(date +%s) - start )) s" && \
 	for image in $(TRAIN_IMAGE) $(SERVE_IMAGE); do \
-	  echo "$$image torch flavour: $$($(DOCKER) run --rm --network host --entrypoint cat $$image:$(TAG) /opt/venv/torch-flavour)"; \
+	  echo "$$image torch flavour: $$($(DOCKER) run --rm --network host --entrypoint cat $$image:$(TAG) /opt/venv/torch-flavour)," \
+	    "$$($(DOCKER) image inspect --format 'CUDA {{index .Config.Labels "dogbreed.cuda.version"}}, driver >= {{index .Config.Labels "dogbreed.cuda.min-driver"}}, compat libraries: {{index .Config.Labels "dogbreed.cuda.compat"}}' $$image:$(TAG))"; \
 	done && \
 	$(DOCKER) image ls --filter reference='$(TRAIN_IMAGE):$(TAG)' --filter reference='$(SERVE_IMAGE):$(TAG)'
 

@@ -2,7 +2,8 @@
 # Entry script of the train image, run under `tini -g` (PID 1, see Dockerfile.train).
 #
 # `train` (what SageMaker runs: `docker run <image> train`) goes to sagemaker-training's `train`,
-# which runs $SAGEMAKER_PROGRAM. Any other command runs as given (`docker run <image> bash`).
+# which runs $SAGEMAKER_PROGRAM. `serve` is refused with one line naming the serve image. Any
+# other command runs as given (`docker run <image> bash`).
 #
 # For `train`:
 # - Config files SageMaker always writes but a bare `docker run` may lack are filled in, so a
@@ -38,8 +39,23 @@ fill_training_config() {
     fi
 }
 
-if [ "${1:-}" = train ]; then
-    fill_training_config
-    trap '' TERM
+# NVIDIA's CUDA forward-compatibility libraries (images built FROM an nvidia/cuda base carry
+# them in /usr/local/cuda/compat): on LD_LIBRARY_PATH only when the host driver is older than
+# theirs, as AWS's start_cuda_compat.sh does (dogbreed/gpu.py). Before anything loads libcuda.
+if compat_env=$(python -m dogbreed.gpu compat-env); then
+    eval "$compat_env"
 fi
+
+case "${1:-}" in
+    train)
+        fill_training_config
+        trap '' TERM
+        ;;
+    serve)
+        # SageMaker runs `serve` when this image is given to a Model/endpoint (estimator.deploy()
+        # without image_uri does that): one line naming the right image, not a confusing exec error.
+        echo "dogbreed: this is the train image; endpoints need the serve image (dogbreed-serve, 'make push' records it): 'dogbreed deploy', or with the SageMaker Python SDK a Model/MultiDataModel with image_uri=<dogbreed-serve image> (README 'With the SageMaker Python SDK'), not estimator.deploy()" >&2
+        exit 64
+        ;;
+esac
 exec "$@"

@@ -130,12 +130,23 @@ def pushed_digest(docker: Docker, remote: str) -> str | None:
     return None
 
 
-def record_entry(docker: Docker, image: str, tag: str, registry: str) -> dict[str, str | None]:
+def cuda_labels(docker: Docker, local: str) -> dict[str, str]:
+    """The image's ``dogbreed.cuda.*`` labels (CUDA version, minimum driver, compat libraries;
+    docker/images.mk): the launcher checks them against the instance's documented driver."""
+    labels = json.loads(docker.output("image", "inspect", "--format", "{{json .Config.Labels}}",
+                                      local) or "null")
+    if not isinstance(labels, dict):
+        return {}
+    return {k: v for k, v in labels.items() if k.startswith("dogbreed.cuda.")}
+
+
+def record_entry(docker: Docker, image: str, tag: str, registry: str) -> dict:
     repository = repository_name(image)
     reference = f"{registry.rstrip('/')}/{repository}:{tag}"
     digest = pushed_digest(docker, reference)
     return {"repository": repository, "reference": reference, "digest": digest,
-            "pinned": f"{reference.rsplit(':', 1)[0]}@{digest}" if digest else None}
+            "pinned": f"{reference.rsplit(':', 1)[0]}@{digest}" if digest else None,
+            "labels": cuda_labels(docker, f"{image}:{tag}")}
 
 
 def write_record(path: str, registry: str, tag: str, entries: dict[str, dict]) -> None:

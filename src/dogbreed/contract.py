@@ -44,6 +44,11 @@ CHECKPOINT_DIR_ENV = "DOGBREED_CHECKPOINT_DIR"
 # smdebug's own override for the hook config file, and our switch to turn the hook off.
 SMDEBUG_CONFIG_FILE_ENV = "SMDEBUG_CONFIG_FILE_PATH"
 USE_SMDEBUG_ENV = "USE_SMDEBUG"
+# Set by SageMaker in every training job's container (sagemaker-training reads it the same way).
+TRAINING_JOB_NAME_ENV = "TRAINING_JOB_NAME"
+# Where a SageMaker job's own smdebug hook writes when the job has no DebugHookConfig: under
+# output/data, which SageMaker uploads as output.tar.gz (page your-algorithms-training-algo-output).
+SMDEBUG_TENSORS_DIR = "tensors"
 
 # Serving (sagemaker-inference / MME contract).
 SAGEMAKER_BIND_TO_PORT = "SAGEMAKER_BIND_TO_PORT"

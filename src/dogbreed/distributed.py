@@ -29,11 +29,9 @@ import dataclasses
 import datetime
 import logging
 import os
-import re
 import select
 import signal
 import socket
-import subprocess
 import sys
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -44,7 +42,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from dogbreed import contract
+from dogbreed import contract, gpu
 from dogbreed.contract import ContractError, Paths
 
 log = logging.getLogger(__name__)
@@ -143,27 +141,9 @@ def is_rank_process(env: Mapping[str, str] | None = None) -> bool:
 
 
 # --- GPU truth ----------------------------------------------------------------------------------
-def nvidia_driver_version() -> str | None:
-    """The NVIDIA kernel driver's version (``/proc/driver/nvidia/version``, else nvidia-smi)."""
-    try:
-        version = parse_driver_version(Path("/proc/driver/nvidia/version").read_text(errors="replace"))
-        if version:
-            return version
-    except OSError:
-        pass
-    try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                             capture_output=True, text=True, timeout=20, check=False)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    line = out.stdout.strip().splitlines()[0].strip() if out.returncode == 0 and out.stdout.strip() else ""
-    return line or None
-
-
-def parse_driver_version(text: str) -> str | None:
-    """``NVRM version: NVIDIA UNIX [Open ]Kernel Module[ for x86_64]  535.183.01  ...`` → 535.183.01."""
-    match = re.search(r"Kernel Module(?: for \S+)?\s+([0-9]+(?:\.[0-9]+)+)", text)
-    return match.group(1) if match else None
+# Kept under these names for check_gpu's callers; the parsing lives in dogbreed.gpu.
+nvidia_driver_version = gpu.host_driver_version
+parse_driver_version = gpu.parse_driver_version
 
 
 def nvidia_device_files(dev: Path = Path("/dev")) -> list[str]:
@@ -219,9 +199,9 @@ def check_gpu(env: Mapping[str, str] | None = None, dev: Path = Path("/dev"),
         f"GPU requested ({request}) but torch cannot use it ({_cuda_init_error()}): NVIDIA "
         f"driver {driver}, torch {torch.__version__} built for CUDA {wheel_cuda}. Fix: run on "
         f"an instance whose driver supports CUDA {wheel_cuda} (see README 'GPU drivers'), or "
-        f"rebuild the train image for the host's driver with --build-arg "
-        f"TORCH_INDEX_URL=https://download.pytorch.org/whl/cu126 (CUDA 12.6, driver >= 525), "
-        f"or run on a CPU instance"
+        f"rebuild the train image FROM an nvidia/cuda:{wheel_cuda}-base image (NVIDIA's CUDA "
+        f"forward-compatibility libraries, switched on at start for older drivers: make build "
+        f"BASE_IMAGE=...), or run on a CPU instance"
     )
 
 

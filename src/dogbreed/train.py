@@ -39,6 +39,7 @@ from dogbreed import (
     data,
     debugger,
     distributed,
+    gpu,
     models,
     profiling,
     recipe,
@@ -485,6 +486,10 @@ def run(hp: Hyperparameters, paths: Paths, stop: StopFlag | None = None,
     total_images = len(train_index) + len(valid_index) + (len(test_index) if test_index else 0)
     on_device = data.fits_on_device(total_images, max(cache_size, eval_cache_size), runtime.device)
     gpus = torch.cuda.device_count() if runtime.device.type == "cuda" else 0
+    # Which driver, CUDA runtime and compat libraries this job runs on (the entry script switched
+    # the compat libraries on or off before torch loaded libcuda).
+    log.info(gpu.event_line(runtime.device.type == "cuda", torch.version.cuda,
+                            gpu.host_driver_version() if runtime.device.type == "cuda" else None))
     log.info("event=start model=%s device=%s gpus=%d world_size=%d rank=%d amp=%s classes=%d "
              "train_images=%d valid_images=%d test_images=%d cache_size=%d cache_on_device=%s",
              hp.model, runtime.device, gpus, world.size, world.rank,

@@ -1,7 +1,9 @@
-"""What SageMaker and the NVIDIA runtime read from the images: labels, user, env, commands, size."""
+"""What SageMaker and the NVIDIA runtime read from the images: labels (CUDA too), user, env,
+commands, size."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -9,6 +11,8 @@ from pathlib import Path
 
 import pytest
 from dockerlib import REPO_ROOT, docker, image_exists, inspect, split_image
+
+from dogbreed import gpu
 
 pytestmark = pytest.mark.docker
 
@@ -67,13 +71,32 @@ def test_sagemaker_commands(train_image: str, serve_image: str) -> None:
     assert where.split()[:2] == ["/usr/local/bin/serve", "/opt/venv/bin/dogbreed-serve"]
 
 
-def test_serve_image_runs_as_non_root(serve_image: str) -> None:
-    assert inspect(serve_image)["Config"]["User"] == "model-server"
+def test_serve_image_runs_as_root_and_as_model_server_when_asked(serve_image: str) -> None:
+    """SageMaker expects root (page your-algorithms-inference-code); `--user model-server` stays
+    available for local runs and can write where MMS writes (its cwd: logs/, and /tmp)."""
+    assert inspect(serve_image)["Config"]["User"] in ("", "root", "0")
     uid = docker("run", "--rm", "--network", "host", "--entrypoint", "id", serve_image, "-u").stdout.strip()
-    assert uid != "0"
-    # and can write where MMS writes (its cwd: logs/, and /tmp)
-    docker("run", "--rm", "--network", "host", "--entrypoint", "sh", serve_image, "-c",
-           "touch ./probe /tmp/probe && java -version")
+    assert uid == "0"
+    probe = docker("run", "--rm", "--network", "host", "--user", "model-server", "--entrypoint", "sh",
+                   serve_image, "-c", "id -u && touch ./probe /tmp/probe && java -version 2>&1 | head -n 1")
+    assert probe.stdout.split()[0] == "1000", probe.stdout
+
+
+def test_cuda_labels_match_the_torch_inside(image: tuple[str, str]) -> None:
+    """The labels say which CUDA the image's torch needs and the oldest driver that runs it; the
+    train image's torch is a CUDA 12 build (SageMaker's documented GPU drivers run 12.x, not 13)."""
+    kind, name = image
+    labels = inspect(name)["Config"]["Labels"]
+    probe = json.loads(docker("run", "--rm", "--network", "host", "--entrypoint", "python", name, "-c",
+                              "import json, os, torch; print(json.dumps([torch.version.cuda, "
+                              "os.path.exists('/usr/local/cuda/compat/libcuda.so.1')]))").stdout)
+    cuda, has_compat = probe
+    assert labels["dogbreed.cuda.version"] == (cuda or "none")
+    if kind == "train":
+        assert cuda and cuda.startswith("12."), f"train image torch is built for CUDA {cuda}"
+    if cuda:
+        assert labels["dogbreed.cuda.min-driver"] == gpu.MINOR_VERSION_COMPAT_MIN_DRIVER[int(cuda.split(".")[0])]
+    assert (labels["dogbreed.cuda.compat"] != "absent") == has_compat, labels
 
 
 def test_sizes_and_shared_dependency_layers(train_image: str, serve_image: str) -> None:

@@ -1,7 +1,7 @@
 """The serve image as a SageMaker multi-model endpoint runs it, with models the train image made.
 
 `docker run <image> serve` with SAGEMAKER_MULTI_MODEL=true, SAGEMAKER_BIND_TO_PORT and (here)
-DOGBREED_BIND_HOST=127.0.0.1, as the non-root image user, models mounted read-only under
+DOGBREED_BIND_HOST=127.0.0.1, as root (as SageMaker runs it), models mounted read-only under
 /opt/ml/models (where SageMaker puts the models it loads):
 
 - /opt/ml/models/trained   the two models `make local-train` made with the train image
@@ -144,10 +144,14 @@ def test_the_serving_contract_suite_passes_against_the_container(
     assert result.returncode == 0, tail + "\n--- container log ---\n" + logs(endpoint.container)[-3000:]
 
 
-def test_every_process_runs_as_non_root(endpoint: Endpoint) -> None:
-    uids = docker("exec", endpoint.container, "sh", "-c",
+def _process_uids(container: str) -> list[str]:
+    return docker("exec", container, "sh", "-c",
                   "cat /proc/[0-9]*/status 2>/dev/null | awk '/^Uid:/ {print $2}' | sort -u").stdout.split()
-    assert uids and "0" not in uids, uids
+
+
+def test_runs_as_root_as_sagemaker_expects(endpoint: Endpoint) -> None:
+    """"SageMaker AI expects all containers to run with root users" (your-algorithms-inference-code)."""
+    assert _process_uids(endpoint.container) == ["0"]
 
 
 def _tiny_model(root: Path) -> Path:
@@ -205,13 +209,15 @@ def test_sigterm_stops_everything_within_10_s(serve_image: str, tmp_path: Path, 
 def test_single_model_answers_execution_parameters_and_explain(serve_image: str, tmp_path: Path) -> None:
     """What SageMaker batch transform asks the serve image before it sends records, from the
     container's own settings (2 workers here); and explain=gradcam works in the image (Captum is
-    installed there): the prediction plus a PNG heat map of the model's input size."""
+    installed there): the prediction plus a PNG heat map of the model's input size. Run as the
+    unprivileged model-server user (`docker run --user`, for local use): every process is."""
     import base64
 
     model = _tiny_model(tmp_path / "opt-ml" / "model")
     port = free_port()
     name = unique("dogbreed-test-serve-batch")
-    docker("run", "-d", "--name", name, "--network", "host", "-e", f"SAGEMAKER_BIND_TO_PORT={port}",
+    docker("run", "-d", "--name", name, "--network", "host", "--user", "model-server",
+           "-e", f"SAGEMAKER_BIND_TO_PORT={port}",
            "-e", "DOGBREED_BIND_HOST=127.0.0.1", "-e", "SAGEMAKER_MODEL_SERVER_WORKERS=2",
            "-v", f"{model}:/opt/ml/model:ro", serve_image, "serve")
     endpoint = _endpoint(name, port, tmp_path)
@@ -230,5 +236,7 @@ def test_single_model_answers_execution_parameters_and_explain(serve_image: str,
         heat = reply.json()["explanations"][0]
         with Image.open(io.BytesIO(base64.b64decode(heat["png_base64"]))) as image:
             assert (image.format, image.size) == ("PNG", (32, 32))
+        uids = _process_uids(name)
+        assert uids and "0" not in uids, uids
     finally:
         docker("rm", "-f", name, check=False)

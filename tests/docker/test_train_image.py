@@ -24,6 +24,7 @@ def test_make_local_train_writes_model_metrics_and_plots(trained_models: dict[st
         assert not (run.output_dir / "failure").exists()
         assert (run.output_dir / "success").exists()  # written by sagemaker-training
         assert "Invoking script" in run.result.stdout + run.result.stderr  # went through the toolkit
+        assert "event=gpu device=cpu" in run.result.stdout + run.result.stderr
         # The entry script filled in what SageMaker would have written and the run lacked.
         config = run.base / "input" / "config"
         assert json.loads((config / "inputdataconfig.json").read_text()) == {
@@ -92,3 +93,49 @@ def test_sigterm_checkpoints_and_reports_the_stop(
     assert state["ExitCode"] != 0 and not state["OOMKilled"]
     assert "SIGTERM" in (base / "output" / "failure").read_text()
     assert list((base / "checkpoints").iterdir()), "no checkpoint written on SIGTERM"
+
+
+def test_serve_in_the_train_image_is_refused_naming_the_serve_image(train_image: str) -> None:
+    """What `estimator.deploy()` makes SageMaker run: one line that says which image serves."""
+    result = docker("run", "--rm", "--network", "host", train_image, "serve", check=False)
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "dogbreed-serve" in lines[0] and "SDK" in lines[0], result.stderr
+    assert result.stdout == ""
+
+
+def _fake_gpu_host(root: Path, driver: str) -> list[str]:
+    """Mounts that make a container see NVIDIA's compat package (libcuda.so.1 -> the 570 driver's)
+    and a host driver (an `nvidia-smi` answering ``driver``; no /proc/driver/nvidia here)."""
+    compat = root / "compat"
+    compat.mkdir(parents=True)
+    (compat / "libcuda.so.570.124.06").write_bytes(b"")
+    (compat / "libcuda.so.1").symlink_to("libcuda.so.570.124.06")
+    smi = root / "nvidia-smi"
+    smi.write_text(f"#!/bin/sh\necho {driver}\n")
+    smi.chmod(0o755)
+    return ["-v", f"{compat}:/usr/local/cuda/compat:ro", "-v", f"{smi}:/usr/local/bin/nvidia-smi:ro"]
+
+
+@pytest.mark.parametrize(("driver", "on"), [("470.256.02", True), ("580.65.06", False)])
+@pytest.mark.parametrize("kind", ["train", "serve"])
+def test_compat_libraries_switched_on_only_for_an_older_driver(
+        kind: str, driver: str, on: bool, train_image: str, serve_image: str, tmp_path: Path) -> None:
+    """The entry scripts put /usr/local/cuda/compat first on LD_LIBRARY_PATH only when the host
+    driver is older than the compat libraries' (as AWS's start_cuda_compat.sh does)."""
+    mounts = _fake_gpu_host(tmp_path, driver)
+    if kind == "train":
+        result = docker("run", "--rm", "--network", "host", *mounts, train_image,
+                        "sh", "-c", 'echo "LD_LIBRARY_PATH=$LD_LIBRARY_PATH"')
+    else:  # `serve` execs dogbreed-serve: a stand-in first on PATH reports what it was given
+        stand_in = tmp_path / "bin" / "dogbreed-serve"
+        stand_in.parent.mkdir()
+        stand_in.write_text('#!/bin/sh\necho "LD_LIBRARY_PATH=$LD_LIBRARY_PATH"\n')
+        stand_in.chmod(0o755)
+        path = docker("run", "--rm", "--network", "host", "--entrypoint", "sh", serve_image, "-c",
+                      'echo "$PATH"').stdout.strip()
+        result = docker("run", "--rm", "--network", "host", *mounts, "-v", f"{stand_in.parent}:/opt/stand-in:ro",
+                        "-e", f"PATH=/opt/stand-in:{path}", serve_image, "serve")
+    paths = result.stdout.strip().removeprefix("LD_LIBRARY_PATH=").split(":")
+    assert (paths[0] == "/usr/local/cuda/compat") == on, result.stdout + result.stderr
+    assert f"event=cuda_compat compat={'on' if on else 'off'} driver={driver}" in result.stderr

@@ -182,8 +182,7 @@ def test_every_command_dry_runs(argv: list[str], operations: list[str],
         request = items[0]["request"]
         assert request["HyperParameters"] == {"epochs": "5", "lr": "0.02"}
         assert request["EnableManagedSpotTraining"] is True
-        assert {r["RuleConfigurationName"] for r in request["DebugRuleConfigurations"]} >= {
-            "VanishingGradient", "Overfit", "Overtraining", "PoorWeightInitialization", "LossNotDecreasing"}
+        assert "DebugRuleConfigurations" not in request  # only with --debugger-rules
 
 
 def test_invoke_and_upload_dry_run(run, tmp_path: Path,
@@ -440,3 +439,24 @@ def test_help_of_every_command_still_reads(command: str, capsys: pytest.CaptureF
         cli.main([command, "--help"])
     assert exit_info.value.code == 0
     assert f"usage: dogbreed {command}" in capsys.readouterr().out
+
+
+def test_train_dry_run_sends_no_debugger_features_unless_asked(run) -> None:
+    """Debugger is closed to new customers: the default request has no hook config, no rules and
+    profiling off; --debugger-rules brings them back with HookParameters."""
+    code, payload, err = run("train", "--dry-run", *AWS)
+    assert code == 0, err
+    request = payload["request"]
+    for key in ("DebugHookConfig", "DebugRuleConfigurations", "ProfilerRuleConfigurations"):
+        assert key not in request
+    assert request["ProfilerConfig"] == {"DisableProfiler": True}
+    code, payload, err = run("train", "--dry-run", "--debugger-rules", *AWS)
+    assert code == 0, err
+    request = payload["request"]
+    assert len(request["DebugRuleConfigurations"]) == 5
+    assert {r["RuleConfigurationName"] for r in request["ProfilerRuleConfigurations"]} == {
+        "LowGPUUtilization", "ProfilerReport"}
+    assert request["DebugHookConfig"]["HookParameters"]["train.save_interval"] == "100"
+    assert request["ProfilerConfig"]["DisableProfiler"] is False
+    code, _, err = run("train", "--local", "--dry-run", "--debugger-rules")
+    assert code == 2 and "SageMaker only" in err

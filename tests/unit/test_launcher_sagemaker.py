@@ -178,21 +178,16 @@ def test_best_hyperparameters_from_a_tuning_job(settings: Settings) -> None:
 
 
 # --- the training job --------------------------------------------------------------------------------
-def test_training_request_has_rules_profiler_checkpoints_and_spot(settings: Settings) -> None:
+def test_training_request_by_default_uses_no_debugger_service_feature(settings: Settings) -> None:
+    """Debugger is closed to new customers: by default no hook config, no rules, and profiling
+    off the way the API defines it (ProfilerConfig.DisableProfiler); checkpoints and spot as asked."""
     request = smr.training_request(settings, name="dogbreed-train-1", train_image=TRAIN_IMAGE, region=REGION,
                                    hyperparameters={"lr": "0.01", "epochs": "5"}, spot=True)
     assert request["HyperParameters"] == {"lr": "0.01", "epochs": "5"}
     assert request["AlgorithmSpecification"]["MetricDefinitions"] == train.METRIC_DEFINITIONS
-    debug = {r["RuleConfigurationName"] for r in request["DebugRuleConfigurations"]}
-    profiler = {r["RuleConfigurationName"] for r in request["ProfilerRuleConfigurations"]}
-    assert debug == SEED_RULES and profiler == SEED_PROFILER_RULES
-    image = f"{rules.RULE_EVALUATOR_ACCOUNTS[REGION]}.dkr.ecr.{REGION}.amazonaws.com/sagemaker-debugger-rules:latest"
-    for rule in request["DebugRuleConfigurations"] + request["ProfilerRuleConfigurations"]:
-        assert rule["RuleEvaluatorImage"] == image
-        assert rule["RuleParameters"]["rule_to_invoke"] == rule["RuleConfigurationName"]
-    collections = {c["CollectionName"] for c in request["DebugHookConfig"]["CollectionConfigurations"]}
-    assert {"weights", "gradients", "losses"} <= collections
-    assert request["ProfilerConfig"]["S3OutputPath"] == f"s3://{BUCKET}/dogbreed/profiler"
+    for key in ("DebugHookConfig", "DebugRuleConfigurations", "ProfilerRuleConfigurations", "Environment"):
+        assert key not in request, key
+    assert request["ProfilerConfig"] == {"DisableProfiler": True}
     assert request["EnableManagedSpotTraining"] is True
     assert request["StoppingCondition"]["MaxWaitTimeInSeconds"] >= request["StoppingCondition"]["MaxRuntimeInSeconds"]
     # A trailing "/": SageMaker syncs every key under the prefix, and without it the checkpoints
@@ -200,14 +195,47 @@ def test_training_request_has_rules_profiler_checkpoints_and_spot(settings: Sett
     assert request["CheckpointConfig"] == {"S3Uri": f"s3://{BUCKET}/dogbreed/checkpoints/dogbreed-train-1/",
                                            "LocalPath": "/opt/ml/checkpoints"}
     smr.validate_request("sagemaker", "CreateTrainingJob", request)
+    # The field this relies on is in the service model as a boolean.
+    import botocore.session
+
+    shape = botocore.session.get_session().get_service_model("sagemaker").operation_model(
+        "CreateTrainingJob").input_shape.members["ProfilerConfig"]
+    assert shape.members["DisableProfiler"].type_name == "boolean"
 
 
-def test_training_request_without_debugger(settings: Settings) -> None:
+def test_debugger_rules_opt_in_brings_rules_profiler_and_hook_parameters(settings: Settings) -> None:
+    request = smr.training_request(settings, name="dogbreed-train-1", train_image=TRAIN_IMAGE, region=REGION,
+                                   hyperparameters={}, debugger_rules=True)
+    debug = {r["RuleConfigurationName"] for r in request["DebugRuleConfigurations"]}
+    profiler = {r["RuleConfigurationName"] for r in request["ProfilerRuleConfigurations"]}
+    assert debug == SEED_RULES and profiler == SEED_PROFILER_RULES
+    image = f"{rules.RULE_EVALUATOR_ACCOUNTS[REGION]}.dkr.ecr.{REGION}.amazonaws.com/sagemaker-debugger-rules:latest"
+    for rule in request["DebugRuleConfigurations"] + request["ProfilerRuleConfigurations"]:
+        assert rule["RuleEvaluatorImage"] == image
+        assert rule["RuleParameters"]["rule_to_invoke"] == rule["RuleConfigurationName"]
+    hook = request["DebugHookConfig"]
+    # At least the seeds' density: train every 100 steps (dogImages: ~105 an epoch at batch 64),
+    # every validation step (4 an epoch at eval batch 256; the seeds' 10 would give <1 an epoch).
+    assert hook["HookParameters"] == {"train.save_interval": "100", "eval.save_interval": "1"}
+    collections = {c["CollectionName"]: c["CollectionParameters"] for c in hook["CollectionConfigurations"]}
+    assert {"gradients", "losses", "relu_input"} <= set(collections)
+    assert int(collections["losses"]["train.save_interval"]) <= 10
+    assert hook["S3OutputPath"] == f"s3://{BUCKET}/dogbreed/debug"
+    assert request["ProfilerConfig"]["S3OutputPath"] == f"s3://{BUCKET}/dogbreed/profiler"
+    assert request["ProfilerConfig"]["DisableProfiler"] is False
+    smr.validate_request("sagemaker", "CreateTrainingJob", request)
+
+
+def test_training_request_without_the_in_job_hook(settings: Settings) -> None:
     request = smr.training_request(settings, name="j", train_image="i", region=REGION, hyperparameters={},
-                                   debugger=False, profiler=False, checkpoints=False)
-    for key in ("DebugHookConfig", "DebugRuleConfigurations", "ProfilerConfig",
-                "ProfilerRuleConfigurations", "CheckpointConfig"):
+                                   smdebug_hook=False, checkpoints=False)
+    assert request["Environment"] == {contract.USE_SMDEBUG_ENV: "0"}
+    for key in ("DebugHookConfig", "DebugRuleConfigurations", "ProfilerRuleConfigurations",
+                "CheckpointConfig"):
         assert key not in request
+    with pytest.raises(SettingsError, match="--debugger-rules"):
+        smr.training_request(settings, name="j", train_image="i", region=REGION, hyperparameters={},
+                             smdebug_hook=False, debugger_rules=True)
 
 
 def test_training_request_refuses_a_bad_hyperparameter(settings: Settings) -> None:

@@ -63,7 +63,7 @@ def test_rule_images_are_the_sessions_region(region: str) -> None:
     account, domain = REGION_GROUPS[region]
     sm = SageMakerBackend(_settings(), dry_run=True,
                           session=boto3.session.Session(region_name=region))
-    sm.train(name="dogbreed-train-r", hyperparameters={})
+    sm.train(name="dogbreed-train-r", hyperparameters={}, debugger_rules=True)
     request = sm.recorded[0].request
     smr.validate_request("sagemaker", "CreateTrainingJob", request)
     images = {r["RuleEvaluatorImage"] for r in request["DebugRuleConfigurations"]
@@ -79,8 +79,8 @@ def test_the_profiles_region_reaches_the_rule_images(tmp_path: Path, monkeypatch
     for name in ("AWS_REGION", "AWS_DEFAULT_REGION", "AWS_PROFILE"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("AWS_CONFIG_FILE", str(config))
-    code = cli.main(["train", "--sagemaker", "--dry-run", "--role-arn", ROLE, "--bucket", BUCKET,
-                     "--train-image", "i", "--workdir", str(tmp_path)])
+    code = cli.main(["train", "--sagemaker", "--dry-run", "--debugger-rules", "--role-arn", ROLE,
+                     "--bucket", BUCKET, "--train-image", "i", "--workdir", str(tmp_path)])
     assert code == 0
     request = json.loads(capsys.readouterr().out)["request"]
     assert request["DebugRuleConfigurations"][0]["RuleEvaluatorImage"] == \

@@ -28,7 +28,10 @@ argv = sys.argv[1:]
 stdin = sys.stdin.read() if "--password-stdin" in argv else None
 with open(os.environ["FAKE_DOCKER_LOG"], "a") as f:
     f.write(json.dumps({{"argv": argv, "stdin": stdin}}) + "\\n")
-if argv[:2] == ["image", "inspect"]:  # RepoDigests of a pushed reference, as the engine reports
+if argv[:2] == ["image", "inspect"] and "Labels" in argv[3]:  # the build's CUDA labels
+    print(json.dumps({{"dogbreed.cuda.version": "12.8", "dogbreed.cuda.min-driver": "525.60.13",
+                      "dogbreed.cuda.compat": "absent", "org.opencontainers.image.title": "x"}}))
+elif argv[:2] == ["image", "inspect"]:  # RepoDigests of a pushed reference, as the engine reports
     name = argv[-1].rsplit(":", 1)[0]
     print(json.dumps([name + "@sha256:" + hashlib.sha256(name.encode()).hexdigest()]))
 sys.exit(3 if argv and argv[0] == os.environ.get("FAKE_DOCKER_FAIL_ON") else 0)
@@ -181,7 +184,12 @@ def test_record_names_the_sha_tag_and_digest_the_launcher_uses(
     digest = "sha256:" + hashlib.sha256(f"{ECR_HOST}/dogbreed-train-x".encode()).hexdigest()
     assert train == {"repository": "dogbreed-train-x",
                      "reference": f"{ECR_HOST}/dogbreed-train-x:abc1234", "digest": digest,
-                     "pinned": f"{ECR_HOST}/dogbreed-train-x@{digest}"}
+                     "pinned": f"{ECR_HOST}/dogbreed-train-x@{digest}",
+                     # The build's CUDA labels, for the launcher's driver check; no others.
+                     "labels": {"dogbreed.cuda.version": "12.8", "dogbreed.cuda.min-driver": "525.60.13",
+                                "dogbreed.cuda.compat": "absent"}}
+    assert ["image", "inspect", "--format", "{{json .Config.Labels}}",
+            "dogbreed-train-x:abc1234"] in [c["argv"] for c in calls(docker_log)]
     assert ["image", "inspect", "--format", "{{json .RepoDigests}}",
             f"{ECR_HOST}/dogbreed-serve-x:abc1234"] in [c["argv"] for c in calls(docker_log)]
 

@@ -172,3 +172,72 @@ def test_step_recorder_and_profiler_summary(tmp_path):
     profiling.NO_STEPS.data_ready()
     profiling.NO_STEPS.end(8)
     assert profiling.NO_STEPS.steps() == []
+
+
+def test_report_of_a_sagemaker_job_without_debugger_evaluates_its_in_job_tensors(tmp_path, monkeypatch, capsys):
+    """The default job (no DebugHookConfig: Debugger is closed to new customers) saves its
+    tensors under output/data; SageMaker uploads them in output.tar.gz, and `dogbreed report JOB`
+    fetches that (moto) and runs the same five rules offline."""
+    import torch
+    from torch import nn
+
+    from dogbreed import contract, debugger
+    from dogbreed.launcher import sagemaker_requests as smr
+    from dogbreed.launcher.settings import Settings
+
+    job = "dogbreed-train-260101-000000"
+    # 1. What the container does: the trainer's own hook, in a SageMaker job, no hook config.
+    paths = contract.prepare_local_job(tmp_path / "container", {}, {})
+    monkeypatch.delenv(contract.SMDEBUG_CONFIG_FILE_ENV, raising=False)
+    monkeypatch.delenv(contract.USE_SMDEBUG_ENV, raising=False)
+    monkeypatch.setenv(contract.TRAINING_JOB_NAME_ENV, job)
+    model = nn.Sequential()
+    model.add_module("fc1", nn.Linear(3, 8))
+    model.add_module("relu", nn.ReLU())
+    model.add_module("fc2", nn.Linear(8, 2))
+    loss_fn = nn.CrossEntropyLoss()
+    hook = debugger.create_hook(paths, model, loss_fn)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = torch.randn(16, 3), (torch.arange(16) % 2)
+    for _ in range(3):  # epochs: training steps, then validation steps
+        debugger.set_mode(hook, train=True)
+        for _ in range(40):
+            optimizer.zero_grad()
+            loss_fn(model(x), y).backward()
+            optimizer.step()
+        debugger.set_mode(hook, train=False)
+        with torch.no_grad():
+            for _ in range(4):
+                loss_fn(model(x), y)
+    debugger.close(hook)
+    monkeypatch.delenv(contract.TRAINING_JOB_NAME_ENV)
+    capsys.readouterr()  # smdebug's own log lines while the hook ran
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:  # SageMaker's output.tar.gz
+        tar.add(paths.output_data_dir, arcname=".")
+
+    for name, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                        "AWS_DEFAULT_REGION": REGION}.items():
+        monkeypatch.setenv(name, value)
+    settings = Settings(role_arn="arn:aws:iam::123456789012:role/dogbreed", bucket=BUCKET, region=REGION)
+    with mock_aws():
+        s3 = boto3.client("s3", region_name=REGION)
+        s3.create_bucket(Bucket=BUCKET, CreateBucketConfiguration={"LocationConstraint": REGION})
+        request = smr.training_request(settings, name=job, train_image="img", region=REGION,
+                                       hyperparameters={"epochs": "3"})
+        assert "DebugHookConfig" not in request
+        boto3.client("sagemaker", region_name=REGION).create_training_job(**request)
+        s3.put_object(Bucket=BUCKET, Key=f"dogbreed/output/training/{job}/output/output.tar.gz",
+                      Body=buffer.getvalue())
+        code = cli.main(["report", job, "--sagemaker", "--workdir", str(tmp_path / "work"),
+                         "--bucket", BUCKET, "--region", REGION,
+                         "--role-arn", "arn:aws:iam::123456789012:role/dogbreed"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    result = json.loads(out)
+    run = tmp_path / "work" / "reports" / job
+    assert report.tensors_dir(run) == run / "output" / "data" / "tensors"
+    verdicts = result["verdicts"]
+    for rule in ("VanishingGradient", "Overfit", "Overtraining", "PoorWeightInitialization",
+                 "LossNotDecreasing"):
+        assert verdicts[rule] in (rules.ISSUES, rules.NO_ISSUES), (rule, verdicts)

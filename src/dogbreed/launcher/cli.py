@@ -93,7 +93,7 @@ def _settings_parent() -> argparse.ArgumentParser:
         ("train_image", "training image URI (default: what `make push` recorded)"),
         ("serve_image", "serving image URI (default: what `make push` recorded)"),
         ("pushed_images", "the `make push` record (default <workdir>/pushed-images.json)"),
-        ("train_instance_type", "default ml.g4dn.xlarge"),
+        ("train_instance_type", "default ml.g6.xlarge"),
         ("serve_instance_type", "default ml.m5.xlarge"),
         ("endpoint_name", "default dogbreed-mme"),
         ("workdir", "local work dir (default .dogbreed)"),
@@ -339,11 +339,14 @@ def train_arguments(p: argparse.ArgumentParser) -> None:
                    "hyperparameters (local: a study name or result JSON)")
     p.add_argument("--name", help="job name (default dogbreed-train-<time>)")
     p.add_argument("--debugger", dest="debugger", action="store_true", default=None,
-                   help="local: smdebug hook on (for `dogbreed report`); SageMaker: the default")
+                   help="local: smdebug hook on (for `dogbreed report`); SageMaker: the default "
+                        "(the job saves its tensors with its output)")
     p.add_argument("--no-debugger", dest="debugger", action="store_false",
-                   help="SageMaker: no debug hook or rules")
-    p.add_argument("--no-profiler", dest="profiler", action="store_false",
-                   help="SageMaker: no profiler or profiler rules")
+                   help="SageMaker: no smdebug hook in the job (USE_SMDEBUG=0)")
+    p.add_argument("--debugger-rules", action="store_true",
+                   help="SageMaker, for accounts that still have Debugger (closed to new "
+                        "customers): DebugHookConfig, the seeds' five rules, profiling and its "
+                        "rules (default: none of them, profiling off)")
     p.add_argument("--no-checkpoints", dest="checkpoints", action="store_false")
     p.add_argument("--spot", action="store_true", help="SageMaker: managed spot training")
     p.add_argument("--max-wait", type=positive_int, metavar="SECONDS",
@@ -371,14 +374,14 @@ def cmd_train(args: argparse.Namespace, settings: settings_mod.Settings, backend
         sm = _sagemaker(settings, args)
         base = sm.best_hyperparameters(args.from_tuning_job) if args.from_tuning_job else {}
         hps = {**base, **flags}
-        result = sm.train(name=name, hyperparameters=hps, debugger=args.debugger is not False,
-                          profiler=args.profiler, spot=args.spot, max_wait=args.max_wait,
+        result = sm.train(name=name, hyperparameters=hps, smdebug_hook=args.debugger is not False,
+                          debugger_rules=args.debugger_rules, spot=args.spot, max_wait=args.max_wait,
                           max_runtime=args.max_runtime, checkpoints=args.checkpoints,
                           data_uri=args.data_uri, instance_type=args.instance_type,
                           instance_count=args.instance_count, wait=args.wait, logs=args.logs)
         return sm.dry_run_output() if args.dry_run else result
     _sagemaker_only(args, backend, "--spot", "--max-wait", "--max-runtime", "--instance-count",
-                    "--logs")
+                    "--logs", "--debugger-rules")
     from dogbreed.launcher.local_runs import default_weights
 
     local = _local(settings, args)
@@ -569,10 +572,11 @@ SUBCOMMANDS: list[Subcommand] = [
                "with Hyperband pruning on the per-epoch metric lines, within --trials or a "
                "--time-budget; the study lives in --storage (SQLite under the workdir by default; "
                "PostgreSQL for several workers) and --resume NAME continues it."),
-    Subcommand("train", "one training job with the debugger", cmd_train, train_arguments,
+    Subcommand("train", "one training job", cmd_train, train_arguments,
                "Train once: hyperparameters from flags or a tuning job's best trial. SageMaker "
-               "jobs get the seeds' debugger rules, profiler, checkpoints and optional managed "
-               "spot."),
+               "jobs get checkpoints, optional managed spot, and the smdebug hook saving its "
+               "tensors with the job's output (`dogbreed report JOB`); Debugger's rules and "
+               "profiling only with --debugger-rules."),
     Subcommand("deploy", "create or update the multi-model endpoint", cmd_deploy, deploy_arguments,
                "SageMaker: model (Mode=MultiModel, the models prefix) and endpoint config, then "
                "CreateEndpoint, or UpdateEndpoint when the endpoint exists (no downtime); "

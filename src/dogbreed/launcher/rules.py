@@ -1,4 +1,12 @@
-"""SageMaker Debugger: the seeds' built-in rules, hook collections and the rule-evaluator images.
+"""SageMaker Debugger: the seeds' built-in rules, the hook's collections and the rule-evaluator images.
+
+Debugger is closed to new customers ("close new customer access to Amazon SageMaker Debugger,
+effective 7/30/26", atop every Debugger page of the developer guide, e.g.
+``debugger-createtrainingjob-api``), so a request uses none of its service features unless asked
+(``--debugger-rules``): :func:`profiler_off` is how the API turns profiling off. The smdebug hook
+itself is open source and runs inside every SageMaker job regardless (:func:`hook_config`, the
+same collections and intervals either way), so ``dogbreed report JOB`` evaluates these rules
+offline on any account.
 
 Without the SageMaker SDK a training job must name the rule-evaluator image itself, in the
 region the job runs in (the region of the boto3 session that sends ``CreateTrainingJob``).
@@ -44,8 +52,8 @@ RULE_EVALUATOR_ACCOUNTS: dict[str, str] = {
     "us-west-1": "685455198987",
     "us-west-2": "895741380848",
 }
-# The flags that turn rules off (training without rules works in every SageMaker region).
-NO_RULES_FLAGS = "--no-debugger --no-profiler"
+# The flag that asks for rules (training without them, the default, works in every region).
+RULES_FLAG = "--debugger-rules"
 
 # Debugger (tensor) rules of the seeds and the hook collections each one reads.
 DEBUG_RULES: dict[str, dict[str, str]] = {
@@ -63,13 +71,28 @@ PROFILER_RULES: dict[str, dict[str, str]] = {
 # Short names the seeds' notebooks used.
 ALIASES = {"PoorWeightInit": "PoorWeightInitialization"}
 
-# What the rules above need saved (smdebug_rulesconfig's collection configs).
+# What the rules above need saved, and how often (smdebug's json_config keys; a collection's
+# parameters override HOOK_PARAMETERS). The counts are dogImages' at the defaults: 6,680
+# training images at batch-size 64 make ~105 training steps an epoch, and 835 validation images
+# at eval-batch-size 256 make 4 evaluation steps an epoch (smdebug numbers steps per mode across
+# the whole run). The seeds saved train every 100 and eval every 10 steps; at 500 (the previous
+# setting) the loss rules saw 1-3 points in a 10-epoch job.
+# - losses (scalars, free): train every 10 steps -> ~10 points an epoch, so LossNotDecreasing
+#   (num_steps 10) checks within the first epoch; eval every step -> 4 points an epoch, 40 in 10
+#   epochs, so Overtraining (patience_validation 10) and Overfit can decide at all.
+# - gradients (one model's size per save: 45 MB for ResNet18): train every 100 steps, the seeds'
+#   interval, ~1 point an epoch for VanishingGradient; no gradients exist in eval.
+# - relu_input (activations: ~0.6 GB per save for ResNet18 at 224 px, batch 64): only the
+#   first training step, which is what PoorWeightInitialization judges (the weights as
+#   initialised); never in eval, where a step is 4x the batch.
+# weights are not saved: no rule reads them, and they are as large as the gradients.
+HOOK_PARAMETERS: dict[str, str] = {"train.save_interval": "100", "eval.save_interval": "1"}
 COLLECTIONS: list[dict[str, Any]] = [
-    {"CollectionName": "weights", "CollectionParameters": {"save_interval": "500"}},
-    {"CollectionName": "gradients", "CollectionParameters": {"save_interval": "500"}},
-    {"CollectionName": "losses", "CollectionParameters": {"save_interval": "500"}},
+    {"CollectionName": "losses", "CollectionParameters": {"train.save_interval": "10"}},
+    {"CollectionName": "gradients", "CollectionParameters": {}},
     {"CollectionName": "relu_input",
-     "CollectionParameters": {"include_regex": ".*relu_input", "save_interval": "500"}},
+     "CollectionParameters": {"include_regex": ".*relu_input", "train.end_step": "1",
+                              "eval.end_step": "0"}},
 ]
 
 RULE_INSTANCE_TYPE = "ml.t3.medium"
@@ -86,8 +109,8 @@ def rule_evaluator_image(region: str) -> str:
     except KeyError:
         raise UnknownRegionError(
             f"no SageMaker Debugger rule-evaluator image known for region {region!r}; known: "
-            f"{', '.join(sorted(RULE_EVALUATOR_ACCOUNTS))}; train without rules there with "
-            f"{NO_RULES_FLAGS}"
+            f"{', '.join(sorted(RULE_EVALUATOR_ACCOUNTS))}; train without rules there: drop "
+            f"{RULES_FLAG}"
         ) from None
     return f"{account}.dkr.ecr.{region}.{ecr_domain(region)}/{RULES_REPOSITORY}:{RULES_TAG}"
 
@@ -114,10 +137,30 @@ def profiler_rule_configurations(region: str, instance_type: str = RULE_INSTANCE
 
 
 def debug_hook_config(s3_output_path: str) -> dict[str, Any]:
-    return {"S3OutputPath": s3_output_path, "CollectionConfigurations": COLLECTIONS}
+    """``DebugHookConfig`` (``--debugger-rules``): the hook's tensors go to ``s3_output_path``
+    for the rule containers, with the same parameters as the in-job hook."""
+    return {"S3OutputPath": s3_output_path, "HookParameters": dict(HOOK_PARAMETERS),
+            "CollectionConfigurations": [dict(c) for c in COLLECTIONS]}
+
+
+def hook_config(local_path: str) -> dict[str, Any]:
+    """The ``debughookconfig.json`` the trainer writes itself when SageMaker wrote none (no
+    ``DebugHookConfig``): the file SageMaker would write, with ``LocalPath`` under
+    ``/opt/ml/output/data`` so the tensors are uploaded with the job's output."""
+    return {"LocalPath": local_path, "HookParameters": dict(HOOK_PARAMETERS),
+            "CollectionConfigurations": [dict(c) for c in COLLECTIONS]}
 
 
 def profiler_config(s3_output_path: str) -> dict[str, Any]:
     return {"S3OutputPath": s3_output_path,
             "ProfilingIntervalInMilliseconds": PROFILER_INTERVAL_MS,
             "DisableProfiler": False}
+
+
+def profiler_off() -> dict[str, Any]:
+    """``ProfilerConfig`` that turns Debugger's system monitoring off. Without a ProfilerConfig
+    SageMaker monitors every job by default; ``DisableProfiler: True`` is what the API defines
+    to switch it off (CreateTrainingJob's ProfilerConfig.DisableProfiler, page
+    ``debugger-turn-off-profiling``), and what the SageMaker Python SDK v2 sends for
+    ``disable_profiler=True`` (``estimator.py``: ``ProfilerConfig(disable_profiler=True)``)."""
+    return {"DisableProfiler": True}

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from dogbreed import contract
-from dogbreed.launcher import cloudwatch, events, images, rules
+from dogbreed.launcher import cloudwatch, events, images, instances, rules
 from dogbreed.launcher.invoke import content_type_for, invoke_request, top_k_attributes  # noqa: F401
 from dogbreed.launcher.sagemaker_requests import (
     JOB_NAME_MAX,
@@ -303,7 +303,8 @@ class SageMakerBackend:
     # -- tuning
     def tune(self, *, wait: bool = True, logs: bool = False, **kwargs: Any) -> dict[str, Any] | None:
         self.require("role_arn", "bucket")
-        request = tuning_request(self.settings, train_image=self.image_uri("train"), **kwargs)
+        request = tuning_request(self.settings, **kwargs,
+                                 train_image=instances.checked_train_image(self, kwargs.get("instance_type")))
         name = request["HyperParameterTuningJobName"]
         self.send("sagemaker", "create_hyper_parameter_tuning_job", request)
         if self.dry_run:
@@ -370,8 +371,8 @@ class SageMakerBackend:
     # -- training
     def train(self, *, wait: bool = True, logs: bool = False, **kwargs: Any) -> dict[str, Any] | None:
         self.require("role_arn", "bucket")
-        request = training_request(self.settings, train_image=self.image_uri("train"),
-                                   region=self.region, **kwargs)
+        request = training_request(self.settings, region=self.region, **kwargs,
+                                   train_image=instances.checked_train_image(self, kwargs.get("instance_type")))
         name = request["TrainingJobName"]
         self.send("sagemaker", "create_training_job", request)
         if self.dry_run:

@@ -233,8 +233,8 @@ def training_request(
     train_image: str,
     region: str,
     hyperparameters: Mapping[str, str],
-    debugger: bool = True,
-    profiler: bool = True,
+    debugger_rules: bool = False,
+    smdebug_hook: bool = True,
     spot: bool = False,
     max_wait: int | None = None,
     checkpoints: bool = True,
@@ -243,8 +243,12 @@ def training_request(
     max_runtime: int | None = None,
     instance_count: int | None = None,
 ) -> dict[str, Any]:
-    """``CreateTrainingJob`` with the seeds' debugger rules, profiler and checkpoints; the rule
-    evaluators are ``region``'s (the region the request is sent to)."""
+    """``CreateTrainingJob`` with checkpoints and none of Debugger's service features (closed to
+    new customers): profiling off as the API defines it, no hook config, no rules. The job's own
+    smdebug hook still saves its tensors with its output (``smdebug_hook=False``: USE_SMDEBUG=0).
+    ``debugger_rules`` (accounts that still have Debugger): DebugHookConfig with the same hook
+    parameters, the seeds' five rules, profiling and its rules, the rule evaluators ``region``'s
+    (the region the request is sent to)."""
     check_name(name, JOB_NAME_MAX, "training job name")
     request: dict[str, Any] = {
         "TrainingJobName": name,
@@ -262,12 +266,17 @@ def training_request(
     }
     if checkpoints or spot:
         request["CheckpointConfig"] = checkpoint_config(settings, name)
-    if debugger:
+    if not smdebug_hook:
+        if debugger_rules:
+            raise SettingsError("--debugger-rules reads the smdebug hook's tensors: drop --no-debugger")
+        request["Environment"] = {contract.USE_SMDEBUG_ENV: "0"}
+    if debugger_rules:
         request["DebugHookConfig"] = rules.debug_hook_config(settings.s3_uri("debug"))
         request["DebugRuleConfigurations"] = rules.debug_rule_configurations(region)
-    if profiler:
         request["ProfilerConfig"] = rules.profiler_config(settings.s3_uri("profiler"))
         request["ProfilerRuleConfigurations"] = rules.profiler_rule_configurations(region)
+    else:
+        request["ProfilerConfig"] = rules.profiler_off()
     return request
 
 

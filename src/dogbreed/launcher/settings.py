@@ -72,7 +72,9 @@ class Settings:
     serve_image: str | None = None
     # What `make push` recorded (default <workdir>/pushed-images.json): the default images.
     pushed_images: str | None = None
-    train_instance_type: str = "ml.g4dn.xlarge"
+    # L4, NVIDIA driver 535 as AWS documents it: runs the default image's CUDA 12.x without the
+    # compat libraries (ml.g4dn's documented 470 does not; launcher/instances.py).
+    train_instance_type: str = "ml.g6.xlarge"
     train_instance_count: int = 1
     train_volume_gb: int = 30
     max_run_seconds: int = 4 * 3600

@@ -5,7 +5,9 @@ A run directory is the ``/opt/ml`` layout a job leaves behind (a local job under
 
     output/data/metrics.json    per-epoch history, final metrics, test confusion matrix
     output/data/profile.json    per-step data/compute timings, NVML/psutil samples (profiling.py)
-    output/tensors/             smdebug tensors (local LocalPath; SageMaker's debug-output/)
+    output/tensors/             smdebug tensors (local LocalPath; a SageMaker job's come from
+                                its output.tar.gz, output/data/tensors/, or with
+                                --debugger-rules from DebugHookConfig's debug-output/)
 
 The seeds' debugger rules run on the tensors (:mod:`dogbreed.report.rules`), LowGPUUtilization
 on the samples; everything lands in one HTML page with embedded PNG plots, by default
@@ -33,7 +35,9 @@ log = logging.getLogger(__name__)
 
 REPORT_FILE = "report.html"
 VERDICTS_FILE = "rule_verdicts.json"
-TENSORS_DIRS = ("output/tensors", "debug-output")
+# Local jobs' LocalPath; the in-job hook of a SageMaker job without DebugHookConfig (uploaded in
+# output.tar.gz, unpacked into output/data); DebugHookConfig's S3 prefix, as downloaded.
+TENSORS_DIRS = ("output/tensors", "output/data/tensors", "debug-output")
 
 
 class ReportError(ValueError):
@@ -145,7 +149,9 @@ def write_local_hook_config(paths: Any, save_interval: int = 5,
     for collection in COLLECTIONS:
         if collection["CollectionName"] == "weights":
             continue
-        params = dict(collection["CollectionParameters"])
+        # Plain intervals only: the per-mode ones (train.save_interval...) are sized for
+        # SageMaker jobs of thousands of steps and would win over these.
+        params = {k: v for k, v in collection["CollectionParameters"].items() if k == "include_regex"}
         params["save_interval"] = str(losses_interval if collection["CollectionName"] == "losses"
                                       else save_interval)
         collections.append({"CollectionName": collection["CollectionName"],
