@@ -14,11 +14,36 @@ import re
 _NUMBER = r"([-+]?[0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)"
 METRIC_NAMES = ("train_loss", "train_accuracy", "valid_loss", "valid_accuracy", "test_loss",
                 "test_accuracy", "images_per_sec", "epoch_seconds")
+# "\b": a name only where it starts a word, so the closing ``best_valid_accuracy=`` line is not
+# one more objective value. Hyperband counts every value of the objective as one epoch of its
+# resource (MaxResource = epochs): exactly one per epoch, or it stops trials early.
 METRIC_DEFINITIONS: list[dict[str, str]] = [
-    {"Name": name, "Regex": f"{name}={_NUMBER}"} for name in METRIC_NAMES
+    {"Name": name, "Regex": f"\\b{name}={_NUMBER}"} for name in METRIC_NAMES
 ]
 OBJECTIVE_METRIC = "valid_accuracy"
 EPOCH_LINE = re.compile(r"^epoch=(\d+)\s")
+# The closing line: the saved (best) epoch's score, under names no MetricDefinitions regex reads.
+BEST_LINE = re.compile(rf"^best_epoch=(\d+) best_valid_loss={_NUMBER} best_valid_accuracy={_NUMBER}")
+# The seeds' tuning jobs read their objective ("average test loss", Minimize) with this regex
+# (PyTorch's MNIST example's line, which their training scripts printed once per epoch); the
+# trainer prints that line after each epoch line, with the validation loss, so a seed-style
+# tuner definition runs unchanged, one value per epoch.
+SEED_OBJECTIVE_METRIC = "average test loss"
+SEED_OBJECTIVE_REGEX = r"Test set: Average loss: ([0-9\.]+)"
+
+
+def seed_objective_line(valid_loss: float, valid_accuracy: float) -> str:
+    return f"Test set: Average loss: {valid_loss:.4f}, Accuracy: {100 * valid_accuracy:.2f}%"
+
+
+def best_line(epoch: int, valid_loss: float, valid_accuracy: float) -> str:
+    return f"best_epoch={epoch} best_valid_loss={valid_loss:.4f} best_valid_accuracy={valid_accuracy:.4f}"
+
+
+def parse_best(line: str) -> dict[str, float]:
+    """The closing line's score as ``valid_loss``/``valid_accuracy`` (the saved model's)."""
+    match = BEST_LINE.match(line)
+    return {"valid_loss": float(match.group(2)), "valid_accuracy": float(match.group(3))} if match else {}
 _PATTERNS = [(d["Name"], re.compile(d["Regex"])) for d in METRIC_DEFINITIONS]
 
 

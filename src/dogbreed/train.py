@@ -58,6 +58,8 @@ CHECKPOINT_FILE = "checkpoint.pt"
 # Set by SageMaker in every training container; a spot-restarted job keeps its name.
 TRAINING_JOB_NAME_ENV = "TRAINING_JOB_NAME"
 CHECKPOINT_VERSION = 2  # 2: recipe (EMA) state
+from dogbreed.metrics import best_line, seed_objective_line  # noqa: E402
+from dogbreed.stopping import StopFlag
 EXIT_FAILURE = 1
 EXIT_SIGTERM = 143  # 128 + SIGTERM, as a shell reports a process killed by it
 
@@ -627,6 +629,7 @@ def run(hp: Hyperparameters, paths: Paths, stop: StopFlag | None = None,
     debugger.close(hook)
     if not world.is_main:
         # Every rank holds the same weights; rank 0 alone evaluates them and writes the files.
+            print(seed_objective_line(valid.loss, valid.accuracy), flush=True)
         log.info("event=done rank=%d note=rank 0 writes the model", world.rank)
         return TrainResult(history=history, best_epoch=best["epoch"], metrics={}, model_dir=paths.model_dir)
     steps.write(paths.output_data_dir)
@@ -640,9 +643,9 @@ def run(hp: Hyperparameters, paths: Paths, stop: StopFlag | None = None,
                        f"{', ...' if len(broken) > 3 else ''}; lr={hp.lr}, optimizer={hp.optimizer}, "
                        f"amp={hp.amp}): no model was saved; lower lr")
     final_valid = evaluate(model, valid_split, hp, runtime, loss_fn)
-    # Printed last so a tuner reading the final objective value sees the saved model's score.
-    print(f"best_epoch={best['epoch']} valid_loss={final_valid.loss:.4f} "
-          f"valid_accuracy={final_valid.accuracy:.4f}", flush=True)
+    # The saved model's score, under names no MetricDefinitions regex reads: a tuner's objective
+    # gets exactly one value per epoch (Hyperband counts them as epochs).
+    print(best_line(best["epoch"], final_valid.loss, final_valid.accuracy), flush=True)
     metrics: dict[str, Any] = {
         "best_epoch": best["epoch"], "valid_loss": final_valid.loss,
         "valid_accuracy": final_valid.accuracy, "epochs_completed": len(history),

@@ -15,7 +15,7 @@ from dogbreed.launcher import local_backend, local_runs, local_tuning, search_sp
 from dogbreed.launcher.local_backend import LocalBackend, LocalError, TrainingRun
 from dogbreed.launcher.settings import Settings, SettingsError
 from dogbreed.launcher.testing import FAKE_FAIL_ENV, METADATA_FILE, WEIGHTS_FILE, fake_accuracy
-from dogbreed.metrics import parse_metrics
+from dogbreed.metrics import parse_best, parse_metrics
 
 FAKE_TRAIN = [sys.executable, "-m", "dogbreed.launcher.testing"]
 
@@ -39,7 +39,10 @@ def test_metric_lines_parse_with_the_sagemaker_metric_definitions() -> None:
     metrics = parse_metrics(line)
     assert metrics["valid_accuracy"] == 0.71 and metrics["train_loss"] == 0.81
     assert set(metrics) == {d["Name"] for d in train.METRIC_DEFINITIONS} - {"test_loss", "test_accuracy"}
-    assert parse_metrics("best_epoch=2 valid_loss=1.5 valid_accuracy=0.35") == {
+    # The closing line is no objective value (Hyperband would count it as one more epoch); the
+    # local runner reads it on its own.
+    assert parse_metrics("best_epoch=2 best_valid_loss=1.5 best_valid_accuracy=0.35") == {}
+    assert parse_best("best_epoch=2 best_valid_loss=1.5 best_valid_accuracy=0.35") == {
         "valid_loss": 1.5, "valid_accuracy": 0.35}
     assert parse_metrics("2026-01-01 INFO event=start model=resnet18") == {}
 

@@ -24,7 +24,7 @@ from typing import Any
 from dogbreed import contract
 from dogbreed.launcher import events
 from dogbreed.launcher.settings import SettingsError
-from dogbreed.metrics import EPOCH_LINE, METRIC_NAMES, OBJECTIVE_METRIC, parse_metrics
+from dogbreed.metrics import EPOCH_LINE, METRIC_NAMES, OBJECTIVE_METRIC, parse_best, parse_metrics
 
 TRAIN_LOG = "train.log"
 PRUNE_GRACE_SECONDS = 30.0
@@ -194,7 +194,7 @@ class TrainingRun:
                     log_file.flush()
                     if self.echo:
                         self.echo(line.rstrip("\n"))
-                    metrics = parse_metrics(line)
+                    metrics = parse_metrics(line) or parse_best(line)
                     if not metrics:
                         continue
                     final.update(metrics)

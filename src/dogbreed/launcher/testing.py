@@ -14,6 +14,7 @@ from typing import Any
 
 from dogbreed import artifacts
 from dogbreed.artifacts import METADATA_FILE, WEIGHTS_FILE  # noqa: F401 - re-exported for tests
+from dogbreed.metrics import best_line
 
 
 def make_archive(tmp: Path, name: str, classes: list[str] | None = None) -> Path:
@@ -168,7 +169,7 @@ def fake_train_main() -> int:
         print(f"epoch={epoch} train_loss={1 - acc:.4f} train_accuracy={acc:.4f} "
               f"valid_loss={1 - acc:.4f} valid_accuracy={acc:.4f} images_per_sec=100.0 "
               f"epoch_seconds={delay:.2f} lr={hp.lr:.6g}", flush=True)
-    print(f"best_epoch={hp.epochs} valid_loss={1 - acc:.4f} valid_accuracy={acc:.4f}", flush=True)
+    print(best_line(hp.epochs, 1 - acc, acc), flush=True)
     (paths.model_dir / WEIGHTS_FILE).write_bytes(b"fake weights")
     (paths.model_dir / METADATA_FILE).write_text(json.dumps(
         {"name": hp.model, "hyperparameters": hp.to_dict()}))
