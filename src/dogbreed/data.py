@@ -112,6 +112,67 @@ def decode_image(data: bytes | torch.Tensor, cache_size: int) -> torch.Tensor:
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
+# --- limits read from an image's header, before anything is decoded ------------------------------
+# One check for every path that decodes an image it was given (serving answers 413/415/400,
+# `dogbreed explain` refuses the file): a 274-byte 200000x1 PNG passes a pixel count alone, and its
+# short-side resize (to 1 x 292 -> 58 M x 292 pixels) allocates gigabytes for seconds.
+DEFAULT_MAX_IMAGE_PIXELS = 40_000_000  # e.g. 8000 x 5000; a 224 px model needs far less
+MAX_IMAGE_SIDE = 16_384  # each side
+MAX_ASPECT_RATIO = 100  # the long side over the short one
+IMAGE_FORMATS = frozenset({"JPEG", "PNG"})
+
+
+class ImageRejected(ValueError):
+    """An image refused before decoding; ``status`` is serving's HTTP answer (400, 413, 415)."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def resized_pixels(size: tuple[int, int], resize_size: int) -> int:
+    """Pixels the short-side resize to ``resize_size`` allocates (what the aspect ratio bounds)."""
+    short, long = sorted(size)
+    return resize_size * -(-long * resize_size // short)
+
+
+def check_image_header(image: bytes, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+                       resize_size: int | None = None) -> tuple[str, tuple[int, int]]:
+    """``(format, (width, height))`` from the header alone (PIL opens lazily), or
+    :class:`ImageRejected`: not JPEG/PNG, more than ``max_pixels`` or :data:`MAX_IMAGE_SIDE` per
+    side, an aspect ratio over :data:`MAX_ASPECT_RATIO`, or (given ``resize_size``) a short-side
+    resize to it over ``max_pixels``."""
+    import warnings
+
+    from PIL import Image, UnidentifiedImageError
+
+    if not image:
+        raise ImageRejected(400, "empty image: send a JPEG or PNG image")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(image)) as opened:  # lazy: parses the header only
+                fmt, size = opened.format, opened.size
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageRejected(413, f"image too large: {exc}") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError):
+        raise ImageRejected(400, "not a readable image (JPEG or PNG expected)") from None
+    if fmt not in IMAGE_FORMATS:
+        raise ImageRejected(415, f"image format {fmt} is not supported; send JPEG or PNG")
+    width, height = size
+    if width < 1 or height < 1:
+        raise ImageRejected(400, f"image has no pixels ({width}x{height})")
+    if width * height > max_pixels or max(width, height) > MAX_IMAGE_SIDE:
+        raise ImageRejected(413, f"image is {width}x{height} pixels, more than the {max_pixels} pixels "
+                                 f"or {MAX_IMAGE_SIDE} per side allowed")
+    if max(width, height) > MAX_ASPECT_RATIO * min(width, height):
+        raise ImageRejected(413, f"image is {width}x{height} pixels: an aspect ratio over "
+                                 f"{MAX_ASPECT_RATIO}:1 is not supported")
+    if resize_size is not None and resized_pixels(size, resize_size) > max_pixels:
+        raise ImageRejected(413, f"image is {width}x{height} pixels: resized to {resize_size} on its "
+                                 f"short side it would be over the {max_pixels} pixels allowed")
+    return fmt, size
+
 
 def check_png(data: bytes) -> None:
     """Read a PNG fully with PIL first: ``ValueError`` if it is corrupt.

@@ -19,8 +19,9 @@ from __future__ import annotations
 import base64
 import io
 import json
+import os
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +29,8 @@ import torch
 import torchvision.transforms.functional as TF
 from torch import nn
 
-from dogbreed import artifacts, data
+from dogbreed import artifacts, contract, data
+from dogbreed.serve import MAX_IMAGE_PIXELS_ENV
 
 ALPHA = 0.45  # heat map opacity over the photo
 
@@ -140,17 +142,40 @@ def overlay_names(images: Sequence[Path]) -> list[str]:
     return names
 
 
+def max_image_pixels(env: Mapping[str, str] | None = None) -> int:
+    """The largest image explain decodes: serving's ``DOGBREED_MAX_IMAGE_PIXELS`` (and default)."""
+    return contract.env_int(os.environ if env is None else env, MAX_IMAGE_PIXELS_ENV, 1,
+                            data.DEFAULT_MAX_IMAGE_PIXELS)
+
+
+def check_images(images: Sequence[Path], resize_size: int, max_pixels: int) -> None:
+    """Every image's header against serving's limits (:func:`dogbreed.data.check_image_header`),
+    before any is decoded: ``ValueError`` naming the first one refused."""
+    for path in images:
+        try:
+            data.check_image_header(Path(path).read_bytes(), max_pixels, resize_size)
+        except data.ImageRejected as exc:
+            raise ValueError(f"{path}: {exc}") from None
+        except OSError as exc:
+            raise ValueError(f"{path}: cannot read it: {exc.strerror or exc}") from None
+
+
 def explain_files(model_path: Path, images: Sequence[Path], out_dir: Path, top_k: int = 3,
                   device: torch.device | str = "cpu") -> list[dict[str, Any]]:
     """One ``<image stem>.gradcam.png`` per image: the photo, then a Grad-CAM overlay for each
     of the top-k classes titled with its label and probability. Images that share a stem
     (``ca/x.jpg cb/x.jpg``) get ``x.gradcam.png``, ``x-2.gradcam.png``, … in the order given
-    (see :func:`overlay_names`). Returns what was written."""
+    (see :func:`overlay_names`). Returns what was written. ``ValueError`` (one line) for an image
+    serving would refuse, one that does not decode, or an ``out_dir`` that cannot be written."""
     from dogbreed.reports import _pyplot
 
-    model, metadata = load(model_path, device)
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ValueError(f"cannot create the output folder {out_dir}: {exc.strerror or exc}") from None
+    model, metadata = load(model_path, device)
+    check_images(images, metadata.resize_size, max_image_pixels())
     plt = _pyplot()
     results = []
     for path, name in zip(images, overlay_names(images)):
@@ -183,8 +208,15 @@ def explain_files(model_path: Path, images: Sequence[Path], out_dir: Path, top_k
             ax.axis("off")
         fig.tight_layout()
         target = out_dir / name
-        fig.savefig(target, dpi=100)
-        plt.close(fig)
+        try:
+            fig.savefig(target, dpi=100)
+        except OSError as exc:
+            raise ValueError(f"cannot write {target}: {exc.strerror or exc}") from None
+        finally:
+            plt.close(fig)
         results.append({"image": str(path), "overlay": str(target), "predictions": predictions})
-    (out_dir / "explanations.json").write_text(json.dumps(results, indent=2) + "\n")
+    try:
+        (out_dir / "explanations.json").write_text(json.dumps(results, indent=2) + "\n")
+    except OSError as exc:
+        raise ValueError(f"cannot write {out_dir / 'explanations.json'}: {exc.strerror or exc}") from None
     return results

@@ -20,14 +20,12 @@ import binascii
 import dataclasses
 import functools
 import http.client
-import io
 import json
 import logging
 import os
 import ssl
 import sys
 import time
-import warnings
 from collections.abc import Callable, Mapping
 from http import HTTPStatus
 from pathlib import Path
@@ -35,7 +33,6 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import torch
-from PIL import Image, UnidentifiedImageError
 from sagemaker_inference import content_types, utils
 from sagemaker_inference.default_inference_handler import DefaultInferenceHandler
 from sagemaker_inference.errors import BaseInferenceToolkitError
@@ -58,15 +55,13 @@ log = logging.getLogger("dogbreed.serve")
 JSON = content_types.JSON
 IMAGE_CONTENT_TYPES = frozenset({"application/x-image", "image/jpeg", "image/jpg", "image/png"})
 ACCEPTED_CONTENT_TYPES = ", ".join(sorted(IMAGE_CONTENT_TYPES | {JSON}))
-IMAGE_FORMATS = frozenset({"JPEG", "PNG"})
 TOP_K_FIELD = "top_k"
 DEFAULT_TOP_K = 5
-DEFAULT_MAX_IMAGE_PIXELS = 40_000_000  # e.g. 8000 x 5000; a 224 px model needs far less
-# Each side, and the long side over the short one. Only the pixel count was capped before: a
-# 668-byte 200000x1 PNG passed, and its short-side resize (to 1 x 292 -> 58 M x 292 pixels) made
-# a worker allocate 4 GB for 15 s (issue 11). Both are read from the header, before any decode.
-MAX_IMAGE_SIDE = 16_384
-MAX_ASPECT_RATIO = 100
+# The header limits (pixels, each side, aspect ratio) are data's, shared with `dogbreed explain`.
+IMAGE_FORMATS = data.IMAGE_FORMATS
+DEFAULT_MAX_IMAGE_PIXELS = data.DEFAULT_MAX_IMAGE_PIXELS
+MAX_IMAGE_SIDE = data.MAX_IMAGE_SIDE
+MAX_ASPECT_RATIO = data.MAX_ASPECT_RATIO
 DEFAULT_URL_MAX_BYTES = 10 * 1024**2
 DEFAULT_URL_TIMEOUT = 5.0
 EXPLAIN_ATTRIBUTE = "explain"  # CustomAttributes: explain=gradcam
@@ -271,37 +266,14 @@ def decode_base64(value: Any) -> bytes:
         raise RequestError(400, f'"image" is not valid base64: {exc}') from None
 
 
-def check_image(body: bytes, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> tuple[str, tuple[int, int]]:
-    """Read only the image header: JPEG or PNG, and no more than ``max_pixels`` once decoded."""
-    if not body:
-        raise RequestError(400, "empty request body: send a JPEG or PNG image")
+def check_image(body: bytes, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+                resize_size: int | None = None) -> tuple[str, tuple[int, int]]:
+    """Read only the image header (:func:`dogbreed.data.check_image_header`): a refusal is a
+    :class:`RequestError` with its status (400, 413, 415)."""
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(body)) as image:  # lazy: parses the header only
-                fmt, size = image.format, image.size
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise RequestError(413, f"image too large: {exc}") from None
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError):
-        raise RequestError(400, "request body is not a readable JPEG or PNG image") from None
-    if fmt not in IMAGE_FORMATS:
-        raise RequestError(415, f"image format {fmt} is not supported; send JPEG or PNG")
-    width, height = size
-    if width < 1 or height < 1:
-        raise RequestError(400, f"image has no pixels ({width}x{height})")
-    if width * height > max_pixels or max(width, height) > MAX_IMAGE_SIDE:
-        raise RequestError(413, f"image is {width}x{height} pixels, more than the {max_pixels} pixels "
-                                f"or {MAX_IMAGE_SIDE} per side allowed")
-    if max(width, height) > MAX_ASPECT_RATIO * min(width, height):
-        raise RequestError(413, f"image is {width}x{height} pixels: an aspect ratio over "
-                                f"{MAX_ASPECT_RATIO}:1 is not served")
-    return fmt, size
-
-
-def resized_pixels(size: tuple[int, int], resize_size: int) -> int:
-    """Pixels the short-side resize to ``resize_size`` allocates (what the aspect ratio bounds)."""
-    short, long = sorted(size)
-    return resize_size * -(-long * resize_size // short)
+        return data.check_image_header(body, max_pixels, resize_size)
+    except data.ImageRejected as exc:
+        raise RequestError(exc.status, str(exc)) from None
 
 
 def fetch_image(url: Any, policy: UrlPolicy,
@@ -403,11 +375,7 @@ def preprocess(image: bytes, metadata: artifacts.ModelMetadata, device: torch.de
     The header is checked again here (input_fn may be the user's own): the decoded image and
     its short-side resize must both fit ``max_image_pixels`` before anything is allocated.
     """
-    limit = settings().max_image_pixels
-    _, size = check_image(image, limit)
-    if resized_pixels(size, metadata.resize_size) > limit:
-        raise RequestError(413, f"image is {size[0]}x{size[1]} pixels: resized to {metadata.resize_size} "
-                                f"on its short side it would be over the {limit} pixels allowed")
+    check_image(image, settings().max_image_pixels, metadata.resize_size)
     try:
         pixels = data.decode_image(image, metadata.resize_size)
     except (RuntimeError, ValueError) as exc:
