@@ -143,6 +143,19 @@ def test_failed_load_is_a_model_error_remembered_until_the_archive_changes(
     assert invoke(endpoint.url, "resnet/model.tar.gz")[0] == 200
 
 
+def test_a_server_side_load_failure_is_not_remembered(
+        endpoint: Router, fake_server: FakeModelServer) -> None:
+    """MMS's 500 "Failed to start workers" (a worker died during a reload) said nothing about
+    the archive: the next invoke loads it again instead of a 424 until the endpoint restarts."""
+    fake_server.fail_load_with = 500
+    status, _, body = invoke(endpoint.url, "resnet/model.tar.gz")
+    assert status == 424 and body["OriginalStatusCode"] == 500
+    assert "resnet/model.tar.gz" not in endpoint.describe()["failed"]
+    fake_server.fail_load_with = None
+    assert invoke(endpoint.url, "resnet/model.tar.gz")[0] == 200
+    assert fake_server.count("load") == 2
+
+
 def test_model_lost_by_the_server_is_loaded_again(endpoint: Router,
                                                   fake_server: FakeModelServer) -> None:
     assert invoke(endpoint.url, "resnet/model.tar.gz")[0] == 200

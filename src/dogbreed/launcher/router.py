@@ -154,17 +154,27 @@ def _stat_key(path: Path) -> tuple[int, int]:
     return (stat.st_mtime_ns, stat.st_size)
 
 
+def _refused_by_the_model(error: RouterError) -> bool:
+    """A load failure the archive itself caused (the model server's 4xx: a broken archive, a
+    model the handler cannot load), which loading again cannot fix. A server-side failure (5xx,
+    e.g. a worker that died while the model loaded) says nothing about the model: the next
+    request tries again."""
+    original = error.fields.get("OriginalStatusCode")
+    return error.status == 424 and isinstance(original, int) and 400 <= original < 500
+
+
 class ModelCache:
     """Which targets are loaded in the model server; loads on first use, unloads the LRU.
 
     Thread-safe: concurrent first requests for one target load it once; a model is never
     unloaded while a request is using it (the cache may run over ``max_loaded`` for as long as
     every loaded model is busy, and trims back as they finish). A load the model refused (a
-    424: a broken archive, a model the handler cannot load) is remembered with its reason until
-    the archive in the store changes (mtime or size): every request in the meantime, and every
-    request that waited on that load, gets the same answer at once instead of unpacking and
-    loading it again one caller at a time (4 concurrent invokes of a broken model took 6.8,
-    12.8, 18.9 and 25.6 s before, issue 11).
+    424 for the model server's 4xx: a broken archive, a model the handler cannot load) is
+    remembered with its reason until the archive in the store changes (mtime or size): every
+    request in the meantime, and every request that waited on that load, gets the same answer
+    at once instead of unpacking and loading it again one caller at a time. A load that failed
+    on the server's side (its 5xx) is not remembered: one worker dying during a reload must not
+    take the model out of service until a restart.
 
     A loaded model whose archive is replaced in the store (``add-model`` under the same name)
     keeps serving the copy it loaded, as on SageMaker, whose docs say to add a changed model
@@ -230,7 +240,7 @@ class ModelCache:
         except BaseException as exc:
             with self._cond:
                 self._entries.pop(target, None)
-                if isinstance(exc, RouterError) and exc.status == 424:
+                if isinstance(exc, RouterError) and _refused_by_the_model(exc):
                     self._failed[target] = (stat, exc)
                 self._cond.notify_all()
             shutil.rmtree(entry.directory, ignore_errors=True)
@@ -457,6 +467,11 @@ class Router:
                 self.cache.forget(entry)
                 continue
             break
+        if reply.status == 507:
+            # The container ran out of memory and unloaded the model ("mms-container-apis":
+            # SageMaker unloads models on a 507): the next request loads it again.
+            events.warning("model_out_of_memory", target=target, model=entry.name)
+            self.cache.forget(entry)
         if reply.status >= 300:
             raise model_error(reply.status, reply.message(), f"model {target}")
         out_headers = {"Content-Type": reply.headers.get("Content-Type")

@@ -26,6 +26,10 @@ TORCH_THREADS_ENV = "DOGBREED_TORCH_THREADS"
 ZYGOTE_ENV = "DOGBREED_SERVE_ZYGOTE"
 # JVM options for MMS, replacing the base file's ``vmargs``.
 JVM_OPTS_ENV = "DOGBREED_MMS_JVM_OPTS"
+# Megabytes of address space a backend worker may add to what it had when forked (the kernel
+# enforces it: RLIMIT_AS); unset = no limit. A model that needs more answers 507 and is
+# unloaded, as SageMaker's multi-model contract wants, instead of taking the instance's memory.
+WORKER_MEMORY_ENV = "DOGBREED_SERVE_WORKER_MEMORY_MB"
 
 
 # Asked once of a freshly registered model: did it load? (handler.HandlerService.handle)

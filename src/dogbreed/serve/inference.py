@@ -97,13 +97,20 @@ class NonFiniteOutputError(BaseInferenceToolkitError):
                               "its weights are likely broken; retrain it", phrase(500))
 
 
+def out_of_memory(exc: BaseException) -> bool:
+    """Python's MemoryError, or torch's allocator failing (a RuntimeError, "can't allocate
+    memory", e.g. under the worker's RLIMIT_AS): the container's 507, which has SageMaker unload
+    models ("mms-container-apis")."""
+    return isinstance(exc, MemoryError) or (isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc))
+
+
 def load_failure(exc: BaseException) -> tuple[int, str, str]:
     """``(status, type, message)`` for a model that failed to load."""
     if isinstance(exc, artifacts.ArtifactError):
         return 400, "ArtifactError", str(exc)
     if isinstance(exc, (SyntaxError, ImportError)) or (isinstance(exc, ValueError) and "transform_fn" in str(exc)):
         return 400, "UserCodeError", f"the model's code/inference.py: {type(exc).__name__}: {exc}"
-    if isinstance(exc, MemoryError):
+    if out_of_memory(exc):
         return 507, "InsufficientStorage", "out of memory while loading the model"
     return 500, type(exc).__name__, f"cannot load the model: {type(exc).__name__}: {exc}"
 
@@ -492,7 +499,7 @@ class DogbreedTransformer(Transformer):
             error_type = getattr(cause, "error_type", phrase(status).replace(" ", ""))
         elif isinstance(cause, UnicodeDecodeError):
             status, error_type, message = 400, "BadRequest", f"request body is not UTF-8: {cause}"
-        elif isinstance(cause, MemoryError):
+        elif cause is not None and out_of_memory(cause):
             status, error_type, message = 507, "InsufficientStorage", "out of memory"
         else:
             log.error("event=predict_failed trace=%r", trace)

@@ -11,7 +11,15 @@
    are answered 503 at once (MMS left them hanging 65-90 s, then 504).
 4. **A dead worker is noticed.** The zygote reports each worker that dies while its model is
    loaded; MMS would retry the dead worker's socket forever while ``/ping`` says healthy. The
-   model is re-registered (503 meanwhile; ``GET /models/{name}`` says ``RECOVERING``).
+   model is re-registered (503 meanwhile; ``GET /models/{name}`` says ``RECOVERING``); a request
+   the dying worker held gets that 503 too, not MMS's 500 "Worker died.". A load that a worker
+   death or MMS's 500 failed is cleaned up in MMS (which keeps the model with no worker) and
+   tried once more.
+5. **Out of memory is a 507 and an unload** (multi-model; SageMaker's container contract, page
+   "mms-container-apis": 507 when a model cannot be loaded for memory, and SageMaker unloads
+   models). A worker the kernel killed for memory (the zygote's ``"oom"``) or that answered 507
+   (its allocation failed, e.g. under ``DOGBREED_SERVE_WORKER_MEMORY_MB``) has its model unloaded
+   rather than reloaded into the same death; the caller gets 507; other models keep serving.
 """
 
 from __future__ import annotations
@@ -43,12 +51,15 @@ JSON_HEADERS = {"content-type": "application/json"}
 DRAIN_SECONDS = 5.0
 RETRY_AFTER_SECONDS = "2"
 MAX_IDLE_CONNECTIONS = 16
+MMS_WORKER_DIED = "Worker died."  # MMS 1.1's 500 to the requests a dying worker held
+DEATH_REPORT_SECONDS = 2.0  # how long an invoke MMS answered "Worker died." waits for the zygote's report
+OUT_OF_MEMORY = "OUT_OF_MEMORY"
 
 
 class ModelLifecycle:
     def __init__(self, mms: ServeClient, resolve: Callable[[str, str], tuple[Path, Path | None]],
-                 response_timeout: float, load_timeout: float) -> None:
-        self.mms, self.resolve = mms, resolve
+                 response_timeout: float, load_timeout: float, multi_model: bool = True) -> None:
+        self.mms, self.resolve, self.multi_model = mms, resolve, multi_model
         self.response_timeout, self.load_timeout = response_timeout, load_timeout
         self.unpacked: dict[str, Path] = {}  # name -> the archive unpacked for it
         self.registered: dict[str, str] = {}  # name -> the model dir MMS loaded it from
@@ -57,22 +68,64 @@ class ModelLifecycle:
         self.in_flight: dict[str, set[http.client.HTTPConnection]] = {}  # name -> its calls into MMS
         self.paused: dict[str, str] = {}  # name -> "UNLOADING" / "RECOVERING"
         self.idle: list[http.client.HTTPConnection] = []  # connections to MMS, kept for the next invoke
+        self.loading: dict[str, http.client.HTTPConnection] = {}  # name -> its registration call into MMS
+        self.deaths: dict[str, tuple[float, bool]] = {}  # name -> (when its last worker death was reported, for memory?)
         self.recoveries = 0
 
     def load(self, name: str, model_dir: str) -> Response:
         """Register a checked model dir with MMS; a model the handler refused is unregistered and
-        its reason answered."""
+        its reason answered. A load that fails on the server's side (a worker that died while it
+        started: MMS's 500 "Failed to start workers", or a cut-off registration) leaves nothing
+        registered and is tried once more: it says nothing about the model."""
+        reply = self._load_once(name, model_dir)
+        if reply.status >= 500 and reply.status != 507:
+            log.warning("event=model_load_retried model=%s status=%d reason=%s", name, reply.status,
+                        reply.message())
+            reply = self._load_once(name, model_dir)
+        return reply
+
+    def _load_once(self, name: str, model_dir: str) -> Response:
         self.registered.pop(name, None)
         self.registered_at[name] = time.time()
         body = json.dumps({"model_name": name, "url": model_dir}).encode()
-        reply = self.mms.request("POST", "/models", body, JSON_HEADERS, self.load_timeout)
+        reply = self._register_in_mms(name, body)
         if 200 <= reply.status < 300:
             probe = self.mms.invoke(name, b"", "application/json", {LOAD_STATUS_HEADER: "1"})
             if probe.status != 200:  # refused by the handler: its reason, and no model left behind
                 self.mms.unload_model(name)
                 return Response(probe.status, dict(JSON_HEADERS), probe.body)
             self.registered[name] = model_dir
+        elif reply.status != 409:
+            # MMS keeps a model whose worker failed to start, with no worker: every later load
+            # would be a 409 and every invoke wait for a worker that never comes.
+            with contextlib.suppress(OSError, http.client.HTTPException):
+                self.mms.unload_model(name)
         return reply
+
+    def _register_in_mms(self, name: str, body: bytes) -> Response:
+        """``POST /models`` to MMS, cut off by :meth:`watch` if the new worker dies meanwhile
+        (MMS would wait out its whole registration timeout for a worker killed before it said
+        hello, then answer 500)."""
+        conn = UnixHTTPConnection(self.mms.unix_path or "", self.load_timeout)
+        conn.connect()
+        with self.state:
+            self.loading[name] = conn
+        try:
+            conn.request("POST", "/models", body=body, headers=JSON_HEADERS)
+            resp = conn.getresponse()
+            return Response(resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read())
+        except (OSError, http.client.HTTPException):
+            cut_by = getattr(conn, "cut_by", None)
+            if cut_by is None:
+                raise
+            if cut_by == OUT_OF_MEMORY:
+                return Response.error(507, "InsufficientStorage", f"the worker of model {name} ran out of memory while it loaded")
+            return Response.error(503, "ServiceUnavailable", f"the worker of model {name} died while it loaded")
+        finally:
+            with self.state:
+                if self.loading.get(name) is conn:
+                    del self.loading[name]
+            conn.close()
 
     def register(self, body: bytes, query: str) -> Response:
         params: dict[str, Any] = dict(parse_qsl(query))
@@ -107,14 +160,23 @@ class ModelLifecycle:
                 shutil.rmtree(unpacked, ignore_errors=True)
         return reply
 
-    def invoke(self, name: str, method: str, path: str, body: bytes, headers: dict[str, str],
-               reuse: bool = True) -> Response:
+    def invoke(self, name: str, method: str, path: str, body: bytes, headers: dict[str, str]) -> Response:
+        """Forward one invoke of ``name`` (:meth:`_forward`); a 507 (the worker ran out of memory)
+        also unloads the model, so that memory comes back and the other models keep serving."""
+        reply = self._forward(name, method, path, body, headers)
+        if reply.status == 507 and self.multi_model and name in self.registered:
+            self._unload_in_background(name, "its worker ran out of memory")
+        return reply
+
+    def _forward(self, name: str, method: str, path: str, body: bytes, headers: dict[str, str],
+                 reuse: bool = True) -> Response:
         """Forward one invoke of ``name``, tracked so an unload or a recovery can answer it.
 
         Connections to MMS are kept for the next invoke (a new one per invoke was 0.5 ms of the
         1.1 ms the front adds; 64 px model, this machine); one that MMS closed meanwhile is
         retried once on a new connection.
         """
+        started = time.monotonic()
         with self.state:
             if name in self.paused:
                 return self._unavailable(name)
@@ -129,6 +191,10 @@ class ModelLifecycle:
             resp = conn.getresponse()
             reply = Response(resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read())
             keep = not resp.will_close
+            if reply.status == 500 and reply.message() == MMS_WORKER_DIED:
+                # The worker died under this request: the zygote's report says whether the
+                # kernel killed it for memory (507, the model is unloaded) or it is reloaded.
+                return self._unavailable(name, OUT_OF_MEMORY if self._died_of_memory(name, started) else "RECOVERING")
             return reply
         except (OSError, http.client.HTTPException) as exc:
             cut_by = getattr(conn, "cut_by", None)  # the pause may be over by now: say why it was cut
@@ -147,17 +213,44 @@ class ModelLifecycle:
                     self.idle.append(conn)
                 else:
                     conn.close()
-        return self.invoke(name, method, path, body, headers, reuse=False)  # the kept one was stale
+        return self._forward(name, method, path, body, headers, reuse=False)  # the kept one was stale
+
+    def _unload_in_background(self, name: str, why: str) -> None:
+        """Unload ``name`` and free its worker's memory, after the caller has its answer (SageMaker
+        unloads models on a 507; a local caller gets the same effect). Other models keep serving."""
+        log.warning("event=model_unloaded_for_memory model=%s reason=%s", name, why)
+
+        def unload() -> None:
+            try:
+                self.unload(name, f"/models/{name}")
+            except Exception:  # the thread outlives a failed unload; the log says why
+                log.exception("event=model_unload_failed model=%s", name)
+
+        threading.Thread(target=unload, name=f"dogbreed-unload-{name}", daemon=True).start()
+
+    def _died_of_memory(self, name: str, since: float) -> bool:
+        """Whether the zygote reports (within :data:`DEATH_REPORT_SECONDS`) that a worker of
+        ``name`` died after ``since`` because the kernel killed it for memory."""
+        deadline = time.monotonic() + DEATH_REPORT_SECONDS
+        with self.state:
+            while True:
+                when, oom = self.deaths.get(name, (0.0, False))
+                if when >= since or time.monotonic() >= deadline:
+                    return when >= since and oom
+                self.state.wait(max(0.01, deadline - time.monotonic()))
 
     def invoke_single(self, method: str, query: str, body: bytes, headers: dict[str, str]) -> Response:
         """Single-model ``/invocations``, by name: MMS's own finds only a model loaded at start,
         not one recovered after its worker died."""
         name = contract.SINGLE_MODEL_NAME
         target = f"/models/{name}/invoke" + (f"?{query}" if query else "")
-        return self.invoke(name, method, target, body, headers)
+        return self._forward(name, method, target, body, headers)  # never unloaded: it is the endpoint
 
     def _unavailable(self, name: str, why: str | None = None) -> Response:
         why = why or self.paused.get(name, "UNLOADING")
+        if why == OUT_OF_MEMORY:  # the multi-model contract's answer: SageMaker unloads models
+            return Response.error(507, "InsufficientStorage",
+                                  f"model {name} ran out of memory and was unloaded")
         reply = Response.error(503, "ServiceUnavailable", f"model {name} is {why.lower()}; retry in {RETRY_AFTER_SECONDS} s")
         reply.headers["retry-after"] = RETRY_AFTER_SECONDS
         return reply
@@ -183,10 +276,10 @@ class ModelLifecycle:
                 self.paused.pop(name, None)
                 self.state.notify_all()
 
-    def unload(self, name: str, path: str) -> Response:
+    def unload(self, name: str, path: str, why: str = "UNLOADING", drain: float | None = None) -> Response:
         if self.paused.get(name) == "RECOVERING":
             return self._unavailable(name)
-        with self._paused(name, "UNLOADING", DRAIN_SECONDS):
+        with self._paused(name, why, DRAIN_SECONDS if drain is None else drain):
             reply = self.mms.request("DELETE", path, b"", {}, self.load_timeout)
             if reply.status == 200:
                 self.registered.pop(name, None)
@@ -216,8 +309,25 @@ class ModelLifecycle:
             except (ValueError, AttributeError, TypeError):
                 continue  # "ready", or anything else the zygote's imports printed
             # A worker forked before the model's last registration is one an unload stopped.
-            if (isinstance(name, str) and name in self.registered and name not in self.paused
-                    and forked >= self.registered_at.get(name, 0)):
+            if not isinstance(name, str) or forked < self.registered_at.get(name, 0):
+                continue
+            oom = report.get("oom") is True
+            with self.state:
+                loading = self.loading.get(name)
+                self.deaths[name] = (time.monotonic(), oom)
+                self.state.notify_all()
+            if loading is not None:  # died while it loaded: the load answers (and retries) now
+                loading.cut_by = OUT_OF_MEMORY if oom else "worker died"  # type: ignore[attr-defined]
+                with contextlib.suppress(OSError, AttributeError):
+                    loading.sock.shutdown(socket.SHUT_RDWR)
+            elif name in self.registered and name not in self.paused and oom and self.multi_model:
+                # Reloading it would be killed again: unload it, as SageMaker does on a 507.
+                log.error("event=worker_out_of_memory model=%s pid=%s action=unload", name, report.get("pid"))
+                try:
+                    self.unload(name, f"/models/{name}", why=OUT_OF_MEMORY, drain=0.0)
+                except Exception:  # the watcher outlives any one unload
+                    log.exception("event=model_unload_failed model=%s", name)
+            elif name in self.registered and name not in self.paused:
                 try:
                     self.recover(name)
                 except Exception:  # the watcher outlives any one recovery

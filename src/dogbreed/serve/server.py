@@ -205,7 +205,8 @@ class ModelServer:
         staging = self.run_dir / "models"
         models = ModelLifecycle(ServeClient(f"unix://{self.mms_socket}"),
                                 lambda url, name: resolve_url(url, self.model_store, staging, name),
-                                response_timeout=(self.timeout or 60) + 30, load_timeout=LOAD_TIMEOUT)
+                                response_timeout=(self.timeout or 60) + 30, load_timeout=LOAD_TIMEOUT,
+                                multi_model=self.multi_model)
         try:  # listen first: a taken port fails the start before anything else runs
             self.front = front.Front((self.host, self.port), models, self.effective_workers)
         except OSError as exc:

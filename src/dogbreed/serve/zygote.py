@@ -10,8 +10,10 @@ the shim, the zygote kills the worker's process group. Workers die with the zygo
 (``PR_SET_PDEATHSIG``), so the zygote owns their whole lifetime.
 
 The zygote reports on its stdout, one JSON line each: ``{"ready": pid}`` once warm, then
-``{"died": model, "pid", "exit", "forked"}`` for each worker that dies while it runs (MMS 1.1
-never restarts a worker it did not start; the server reloads that model). It is single-threaded
+``{"died": model, "pid", "exit", "forked", "oom"}`` for each worker that dies while it runs (MMS
+1.1 never restarts a worker it did not start; the server reloads that model, or unloads it if the
+kernel killed it for memory). ``DOGBREED_SERVE_WORKER_MEMORY_MB`` caps each worker's address
+space (RLIMIT_AS, set in the child right after the fork). It is single-threaded
 (fork and threads do not mix) and never runs a torch op after warming up.
 ``DOGBREED_SERVE_ZYGOTE=0`` has MMS start plain Python workers instead.
 """
@@ -32,6 +34,39 @@ SOCKET_NAME = "zygote.sock"
 SHIM_NAME = "python-worker"
 PRELOAD = ("torch", "torchvision", "PIL.Image", "multiprocessing", "mms.model_service_worker",
            "mms.model_loader", "mms.service", "dogbreed.serve.handler", "dogbreed.models")
+# The kernel's count of OOM kills in this process's memory cgroup (v2, then v1's "oom_kill"
+# line, kernel >= 4.13): a worker that died of SIGKILL while it rose was killed for memory.
+OOM_COUNTERS = ("/sys/fs/cgroup/memory.events", "/sys/fs/cgroup/memory/memory.oom_control")
+
+
+def oom_kills(paths: tuple[str, ...] = OOM_COUNTERS) -> int | None:
+    """OOM kills so far in this cgroup, or None where the kernel does not say."""
+    for path in paths:
+        try:
+            with open(path, encoding="ascii") as handle:
+                for line in handle:
+                    key, _, value = line.partition(" ")
+                    if key == "oom_kill":
+                        return int(value)
+        except (OSError, ValueError):
+            continue
+    return None
+
+
+def limit_address_space(megabytes: str | None) -> None:
+    """In a new worker: at most ``megabytes`` more address space than it has now (RLIMIT_AS)."""
+    if not megabytes or not megabytes.strip():
+        return
+    import resource
+
+    extra = int(megabytes) * 2**20
+    if extra <= 0:
+        raise ValueError(f"worker memory limit must be a positive number of MB, got {megabytes!r}")
+    with open("/proc/self/status", encoding="ascii") as status:
+        size = next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmSize:"))
+    resource.setrlimit(resource.RLIMIT_AS, (size + extra, size + extra))
+
+
 # Taken once through a model load and a 224 px forward (weights_only unpickler, meta-device
 # build, oneDNN kernels), so every worker forked later finds them warm.
 WARM_ARCHITECTURES = ("resnet18", "mobilenet_v2")
@@ -97,6 +132,7 @@ class Zygote:
                  warm: tuple[str, ...] = WARM_ARCHITECTURES) -> None:
         self.socket_path, self.preload, self.warm = socket_path, preload, warm
         self.workers: dict[int, tuple[socket.socket, str, float]] = {}  # pid -> (shim, model, fork time)
+        self.oom_kills_at_fork: dict[int, int | None] = {}  # pid -> the cgroup's OOM kills then
         self.selector = selectors.DefaultSelector()
         self.wakeup_r, self.wakeup_w = socket.socketpair()
         self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -178,6 +214,7 @@ class Zygote:
         argv = request["argv"]
         model = next((argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--model-name"), "")
         self.workers[pid] = (conn, model, time.time())
+        self.oom_kills_at_fork[pid] = oom_kills()
         try:
             conn.sendall(f"{pid}\n".encode())
         except OSError:
@@ -197,8 +234,13 @@ class Zygote:
                 continue
             conn, model, forked = self.workers.pop(pid)
             code = os.waitstatus_to_exitcode(status)
+            before, now = self.oom_kills_at_fork.pop(pid, None), None
+            if code == -signal.SIGKILL and before is not None:
+                now = oom_kills()
             if model and not self.stopping:
-                self.report(died=model, pid=pid, exit=code, forked=forked)
+                # "oom": the kernel's OOM killer took it (the cgroup's count rose since its fork).
+                self.report(died=model, pid=pid, exit=code, forked=forked,
+                            oom=now is not None and before is not None and now > before)
             self.selector.unregister(conn)
             try:
                 conn.setblocking(True)
@@ -219,6 +261,9 @@ class Zygote:
         code = 1
         try:
             os.setpgid(0, 0)  # its own group, so it can be killed with whatever it forks
+            from dogbreed.serve import WORKER_MEMORY_ENV
+
+            limit_address_space(request["env"].get(WORKER_MEMORY_ENV))
             import ctypes
 
             ctypes.CDLL(None).prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG: dies with the zygote
