@@ -254,6 +254,22 @@ def _make_readable(root: Path) -> None:
         os.chmod(path, DIR_MODE if path.is_dir() else FILE_MODE)
 
 
+def _read_to_the_end(tar: tarfile.TarFile, archive: Path, allowance: int) -> None:
+    """Read the compressed stream past the tar end marker to its end, so that gzip (bz2, xz)
+    checks its CRC and length: tarfile stops at the end marker, and an archive with a flipped
+    byte would otherwise unpack into changed weights. At most ``allowance`` more bytes (plus
+    tar's padding) are read: a stream that goes on beyond is refused like a bomb."""
+    stream = tar.fileobj
+    limit = allowance + tarfile.RECORDSIZE
+    try:
+        while limit > 0 and (chunk := stream.read(min(1 << 20, limit))):
+            limit -= len(chunk)
+        if limit <= 0 and stream.read(1):
+            raise ArtifactError(f"{archive}: unpacks to more than the limit (data after the tar end)")
+    except (OSError, EOFError, zlib.error) as exc:  # gzip.BadGzipFile is an OSError
+        raise ArtifactError(f"{archive}: corrupt archive (its checksum does not match: {exc})") from None
+
+
 def safe_extract(archive: Path, destination: Path, max_bytes: int = MAX_UNPACKED_BYTES,
                  max_members: int = MAX_MEMBERS) -> Path:
     """Unpack ``archive`` into ``destination``, refusing tar-slip, links, devices and bombs
@@ -262,7 +278,8 @@ def safe_extract(archive: Path, destination: Path, max_bytes: int = MAX_UNPACKED
     One pass over the (compressed) stream: each member is checked before it is written, into a
     temp dir beside ``destination`` that is renamed into place only when every member passed,
     so a refused archive leaves nothing behind. (Listing first and extracting after would
-    decompress a gzip twice: half of a cold model load.)
+    decompress a gzip twice: half of a cold model load.) The stream is read to its end, so a
+    corrupted archive fails gzip's CRC check instead of serving changed weights.
     """
     destination = Path(destination)
     try:
@@ -295,6 +312,7 @@ def safe_extract(archive: Path, destination: Path, max_bytes: int = MAX_UNPACKED
                     tar.extract(member, staging, **extract_kwargs)
                 except (tarfile.TarError, EOFError, OSError, zlib.error) as exc:
                     raise ArtifactError(f"{archive}: cannot unpack {member.name[:200]!r}: {exc}") from None
+            _read_to_the_end(tar, archive, max_bytes - total)
         _make_readable(staging)
         if destination.exists():
             shutil.rmtree(destination)

@@ -242,7 +242,41 @@ def bad_archives(root: Path, valid_archive: Path) -> dict[str, tuple[Path, str]]
         "NaN weights": (artifacts.pack(save_tiny_model(root / "nan", poison=True),
                                        root / "nan.tar.gz"), "NaN or infinite"),
         "tar-slip": (raw_archive(root / "slip.tar.gz", HOSTILE["tar-slip parent"]), "unsafe path"),
+        "one byte flipped": (flipped(valid_archive, root / "flipped.tar.gz"), "checksum does not match"),
     }
+
+
+def flipped(archive: Path, out: Path) -> Path:
+    """``archive`` with one bit of one byte flipped mid-stream: it still inflates, into other
+    weights; only gzip's CRC at the end of the stream tells (``gzip -t`` fails)."""
+    raw = bytearray(archive.read_bytes())
+    raw[len(raw) // 2] ^= 0x01
+    out.write_bytes(bytes(raw))
+    with pytest.raises(gzip.BadGzipFile, match="CRC check failed"):
+        gzip.decompress(bytes(raw))
+    return out
+
+
+def test_a_flipped_byte_is_refused_not_unpacked(tmp_path: Path, valid_archive: Path) -> None:
+    """tarfile stops at the tar end marker and never reached gzip's CRC: the archive unpacked
+    (and served) with changed weights."""
+    with pytest.raises(artifacts.ArtifactError, match="checksum does not match"):
+        artifacts.safe_extract(flipped(valid_archive, tmp_path / "bad.tar.gz"), tmp_path / "out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.tar.gz"]
+
+
+def test_data_after_the_tar_end_is_bounded(tmp_path: Path) -> None:
+    """Reading to the end of the stream must not become a way round the unpacked-size limit."""
+    archive = tmp_path / "padded.tar.gz"
+    tar_bytes = io.BytesIO()
+    with tarfile.open(fileobj=tar_bytes, mode="w") as tar:
+        info = tarfile.TarInfo("model.json")
+        info.size = 2
+        tar.addfile(info, io.BytesIO(b"{}"))
+    archive.write_bytes(gzip.compress(tar_bytes.getvalue() + b"\0" * 200_000))
+    with pytest.raises(artifacts.ArtifactError, match="more than the limit"):
+        artifacts.safe_extract(archive, tmp_path / "out", max_bytes=50_000)
+    assert artifacts.safe_extract(archive, tmp_path / "ok", max_bytes=1_000_000).is_dir()
 
 
 def test_add_model_local_stores_only_loadable_archives(tmp_path: Path, valid_archive: Path,

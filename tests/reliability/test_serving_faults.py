@@ -275,6 +275,19 @@ def test_a_failed_load_is_shared_by_concurrent_callers_and_remembered(tmp_path: 
         assert "broken/model.tar.gz" in router.describe()["failed"]
 
 
+def test_a_corrupted_archive_is_a_400_json_not_a_loaded_model(setup: dict, good_model: Path) -> None:
+    """One byte flipped in a model.tar.gz: POST /models served it with changed weights."""
+    from dogbreed import artifacts
+
+    archive = artifacts.pack(good_model, setup["store"] / "m" / artifacts.ARCHIVE_NAME)
+    raw = bytearray(archive.read_bytes())
+    raw[len(raw) // 2] ^= 0x01
+    archive.write_bytes(bytes(raw))
+    status, body = register(setup, "corrupt", "m/model.tar.gz")
+    assert status == 400 and "checksum does not match" in body["message"], body
+    assert "corrupt" not in setup["mms"].models
+
+
 def test_the_socket_is_reachable_only_where_bound(setup: dict) -> None:
     """The front listens where it is told (127.0.0.1 here); MMS only on a unix socket."""
     assert setup["front"].server_address[0] == "127.0.0.1"
