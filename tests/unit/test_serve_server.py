@@ -150,3 +150,37 @@ def test_the_one_model_name_rule(name: object, ok: bool) -> None:
     else:
         with pytest.raises(contract.ContractError):
             contract.validate_model_name(name)
+
+
+def test_a_ctrl_c_before_the_front_serves_stops_the_server(run_dir: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """A Ctrl-C landing after the front was bound but before its serving loop was started
+    (here: while MMS's process is being started) left stop() waiting forever in the front's
+    shutdown(), which waits for a loop that never ran: `dogbreed batch --local` hung after Ctrl-C."""
+    import subprocess
+    import threading
+
+    real_popen = subprocess.Popen
+
+    def interrupted_at_java(cmd, *args, **kwargs):
+        if "com.amazonaws.ml.mms.ModelServer" in cmd:
+            raise KeyboardInterrupt
+        return real_popen(cmd, *args, **kwargs)
+
+    monkeypatch.setattr(server.subprocess, "Popen", interrupted_at_java)
+    s = ModelServer(port=0, host="127.0.0.1", run_dir=run_dir, multi_model=True,
+                    env={"DOGBREED_SERVE_ZYGOTE": "0"})
+    raised: list[BaseException] = []
+
+    def start() -> None:
+        try:
+            s.start()
+        except BaseException as exc:  # the KeyboardInterrupt, after stop()
+            raised.append(exc)
+
+    starting = threading.Thread(target=start, daemon=True)
+    starting.start()
+    starting.join(60)  # a deadlock detector, not a timing: stop() takes milliseconds here
+    assert not starting.is_alive(), "stop() hung in the front's shutdown()"
+    assert [type(e) for e in raised] == [KeyboardInterrupt]
+    assert s.front is not None and s.front.socket.fileno() == -1  # the port is released

@@ -100,6 +100,7 @@ class ModelServer:
         self.java: subprocess.Popen | None = None
         self.zygote: subprocess.Popen | None = None
         self.front: front.Front | None = None
+        self._front_thread: threading.Thread | None = None
         self._log: IO[bytes] | None = None
         self._stopped = False
         self._zygote_ready = threading.Event()
@@ -237,8 +238,10 @@ class ModelServer:
         log.info("event=start_mms run_dir=%s cmd=%s", self.run_dir, " ".join(cmd))
         self.java = subprocess.Popen(cmd, cwd=self.run_dir, env=env, start_new_session=True, **out)
         (self.run_dir / "mms.pid").write_text(f"{self.java.pid}\n")
-        threading.Thread(target=self.front.serve_forever, kwargs={"poll_interval": 0.2},
-                         name="dogbreed-front", daemon=True).start()
+        serving = threading.Thread(target=self.front.serve_forever, kwargs={"poll_interval": 0.2},
+                                   name="dogbreed-front", daemon=True)
+        serving.start()
+        self._front_thread = serving
         log.info("event=front_listening url=%s multi_model=%s", self.url, self.multi_model)
 
     def _follow_zygote(self) -> None:
@@ -292,7 +295,10 @@ class ModelServer:
             return
         self._stopped = True
         if self.front is not None:
-            self.front.shutdown()
+            # shutdown() waits for the serving loop to acknowledge: a Ctrl-C before that loop was
+            # started would wait forever.
+            if self._front_thread is not None:
+                self.front.shutdown()
             self.front.server_close()
         procs = [p for p in (self.zygote, self.java) if p is not None]
         for proc in procs:
