@@ -9,6 +9,8 @@ while the validation loss climbs).
 from __future__ import annotations
 
 import json
+import os
+import re
 import shutil
 import subprocess
 import sys
@@ -71,6 +73,17 @@ def test_a_run_made_to_overfit_trips_overfit_or_overtraining(runs):
     assert rules.ISSUES in (verdicts["Overfit"], verdicts["Overtraining"]), verdicts
     history = json.loads((runs["overfit"] / "output/data/metrics.json").read_text())["history"]
     assert history[-1]["valid_loss"] > 1.1 * history[-1]["train_loss"]  # it did overfit
+
+
+def test_a_run_shorter_than_a_rules_window_is_not_enough_data_not_an_error(runs):
+    """The overfit run trains 8 steps (5 images, batch 5, 8 epochs); LossNotDecreasing compares
+    means of 10 steps. It used to say Error: "the tensors this rule reads were not saved"."""
+    result = report.build_run_report(runs["overfit"])
+    assert result["verdicts"]["LossNotDecreasing"] == rules.NOT_ENOUGH_DATA
+    saved = json.loads((runs["overfit"] / "output/data" / report.VERDICTS_FILE).read_text())
+    loss_rule = next(v for v in saved if v["rule"] == "LossNotDecreasing")
+    assert loss_rule["message"] == "not enough data (8 steps, rule needs 10)"
+    assert rules.ERROR not in result["verdicts"].values(), result["verdicts"]
 
 
 def test_profiler_summary_splits_step_time_into_data_and_compute(runs):
@@ -142,4 +155,15 @@ def test_report_stdout_is_exactly_the_json(runs, tmp_path):
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert json.loads(result.stdout)["report"] == str(out)
-    assert "RULE_JOB_STOP_SIGNAL_FILENAME" in result.stderr  # smdebug still speaks, on stderr
+    # smdebug's INFO chatter (~23 lines of set-up) is silenced; SMDEBUG_LOG_LEVEL brings it
+    # back, on stderr.
+    assert "RULE_JOB_STOP_SIGNAL_FILENAME" not in result.stderr
+    smdebug_info = re.compile(r"^\[.* INFO \S+\.py:\d+\]", re.M)  # smdebug's log format
+    assert not smdebug_info.search(result.stderr), result.stderr[-2000:]
+    verbose = subprocess.run([str(Path(sys.executable).with_name("dogbreed")), "report",
+                              str(runs["healthy"]), "--out", str(out)],
+                             capture_output=True, text=True, timeout=600,
+                             env={**os.environ, "SMDEBUG_LOG_LEVEL": "info"})
+    assert verbose.returncode == 0 and json.loads(verbose.stdout)["report"] == str(out)
+    assert "RULE_JOB_STOP_SIGNAL_FILENAME" in verbose.stderr
+    assert smdebug_info.search(verbose.stderr)

@@ -55,6 +55,20 @@ def test_study_report_leaderboard_and_every_trial_curve(tmp_path, capsys):
     assert 'id="trial-curves"' in html and "data:image/png;base64," in html
 
 
+def test_a_run_trained_without_the_hook_says_so_for_every_debugger_rule(tmp_path, capsys):
+    """The demo's runs train without smdebug: every rule used to say Error."""
+    data_dir = tmp_path / "job" / "output" / "data"
+    data_dir.mkdir(parents=True)
+    (data_dir / "metrics.json").write_text(json.dumps({"metrics": {"valid_accuracy": 0.2}}))
+    assert cli.main(["report", str(tmp_path / "job")]) == 0
+    verdicts = json.loads(capsys.readouterr().out)["verdicts"]
+    assert verdicts.pop("LowGPUUtilization") == rules.NOT_APPLICABLE
+    assert set(verdicts.values()) == {rules.NO_TENSORS}
+    saved = json.loads((data_dir / report.VERDICTS_FILE).read_text())
+    assert all("trained without the smdebug hook" in v["message"] and "--debugger" in v["message"]
+               for v in saved if v["rule"] != "LowGPUUtilization")
+
+
 def test_not_a_run_is_a_clear_error(tmp_path, capsys):
     assert cli.main(["report", "--local", "--workdir", str(tmp_path), str(tmp_path)]) == cli.EXIT_USAGE
     assert "not a training run" in capsys.readouterr().err

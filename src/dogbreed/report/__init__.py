@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import sys
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -34,6 +35,7 @@ from dogbreed.report import rules as rules_mod
 log = logging.getLogger(__name__)
 
 REPORT_FILE = "report.html"
+SMDEBUG_LOG_LEVEL_ENV = "SMDEBUG_LOG_LEVEL"  # smdebug's own (smdebug/core/logger.py)
 VERDICTS_FILE = "rule_verdicts.json"
 # Local jobs' LocalPath; the in-job hook of a SageMaker job without DebugHookConfig (uploaded in
 # output.tar.gz, unpacked into output/data); DebugHookConfig's S3 prefix, as downloaded.
@@ -107,17 +109,23 @@ def smdebug_logs_to_stderr() -> Iterator[None]:
     is first imported; ``SMDEBUG_LOG_ALL_TO_STDOUT=false`` moves only ERROR and above to
     stderr. Its INFO lines (``RULE_JOB_STOP_SIGNAL_FILENAME: None``, …, ~22 per report) used to
     come before the JSON ``dogbreed report`` prints on stdout. ``SMDEBUG_LOG_LEVEL`` still sets
-    how much it says."""
+    how much it says; unset, only its warnings show (its INFO lines are set-up chatter such as
+    ``RULE_JOB_STOP_SIGNAL_FILENAME: None``, ~23 per report)."""
     from smdebug.core.logger import get_logger
 
+    logger = get_logger()
+    level = logger.level
+    if not os.environ.get(SMDEBUG_LOG_LEVEL_ENV):
+        logger.setLevel(max(level, logging.WARNING))
     moved = []
-    for handler in get_logger().handlers:
+    for handler in logger.handlers:
         if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
             moved.append((handler, handler.stream))
             handler.setStream(sys.stderr)
     try:
         yield
     finally:
+        logger.setLevel(level)
         for handler, stream in moved:
             handler.setStream(stream)
 
@@ -182,11 +190,7 @@ def build_run_report(run_dir: Path, out: Path | None = None) -> dict[str, Any]:
         with smdebug_logs_to_stderr():
             verdicts = rules_mod.evaluate_debugger_rules(str(tensors))
     else:
-        verdicts = [rules_mod.Verdict(name, rules_mod.ERROR, None,
-                                      "no smdebug tensors: train with a debugger hook config "
-                                      "(SageMaker: DebugHookConfig; locally: see README)",
-                                      rules_mod.rule_parameters(name))
-                    for name in rules_mod.AWS_DEFAULTS if name != "LowGPUUtilization"]
+        verdicts = rules_mod.no_tensor_verdicts()
     verdicts.append(rules_mod.low_gpu_utilization((profile or {}).get("samples") or []))
     verdict_dicts = [v.to_dict() for v in verdicts]
     summary = profiler_summary(profile) if profile else None

@@ -17,7 +17,7 @@ import numpy as np
 from dogbreed.reports import _pyplot
 
 STATUS_COLOURS = {"IssuesFound": "#c62828", "NoIssuesFound": "#2e7d32", "Error": "#6d4c41",
-                  "NotApplicable": "#757575"}
+                  "NotApplicable": "#757575", "NotEnoughData": "#9e9d24", "NoTensors": "#757575"}
 
 
 def png(fig: Any) -> bytes:

@@ -13,7 +13,9 @@ built-in rules", SageMaker Developer Guide), overridden by the project's own rul
 
 Verdicts use SageMaker's ``RuleEvaluationStatus`` words: ``IssuesFound``, ``NoIssuesFound``,
 ``Error``; plus ``NotApplicable`` where the run has nothing the rule can look at (e.g.
-LowGPUUtilization on a CPU run).
+LowGPUUtilization on a CPU run), ``NotEnoughData`` where the tensors are there but the run was
+shorter than the rule's window (LossNotDecreasing compares means of ``num_steps`` steps), and
+``NoTensors`` for a run trained without the smdebug hook.
 """
 
 from __future__ import annotations
@@ -32,6 +34,8 @@ ISSUES = "IssuesFound"
 NO_ISSUES = "NoIssuesFound"
 ERROR = "Error"
 NOT_APPLICABLE = "NotApplicable"
+NOT_ENOUGH_DATA = "NotEnoughData"
+NO_TENSORS = "NoTensors"
 
 # AWS's documented defaults (SageMaker Developer Guide, "List of Debugger built-in rules",
 # debugger-built-in-rules.md; LossNotDecreasing's diff_percent/increase_threshold_percent as the
@@ -139,10 +143,13 @@ def _eval_passes(trial: Any, name: str) -> list[dict[str, Any]]:
 
 
 class _DogbreedRule:
-    """Mixin: a ``detail`` the report shows and a count of the steps that had data."""
+    """Mixin: a ``detail`` the report shows and a count of the steps that had data; a rule that
+    needs a run of some length sets ``steps_needed`` and ``steps_available``."""
 
     detail = ""
     evaluated = 0
+    steps_needed: int | None = None
+    steps_available: int | None = None
 
 
 def make_rules(trial: Any, overrides: Mapping[str, Mapping[str, Any]] | None = None) -> dict[str, Any]:
@@ -321,11 +328,15 @@ def make_rules(trial: Any, overrides: Mapping[str, Mapping[str, Any]] | None = N
             names = _loss_names(base_trial, tensor_regex)
             candidates = [_mode(mode)] if mode else [ModeKeys.EVAL, ModeKeys.TRAIN, ModeKeys.GLOBAL]
             self.mode, self.series = None, []
+            longest = 0
             for candidate in candidates:
                 series = _loss_series(base_trial, names[0], candidate) if names else []
+                longest = max(longest, len(series))
                 if len(series) > 1:
                     self.mode, self.series = candidate, series
                     break
+            if names:  # a loss was saved: a run too short for one window is not an error
+                self.steps_needed, self.steps_available = self.num_steps, len(self.series) or longest
             self.by_step = {g: i for i, (g, _) in enumerate(self.series)}
             self.previous: float | None = None
             self.lowest = float("inf")
@@ -387,7 +398,12 @@ def evaluate_debugger_rules(tensors_dir: str, overrides: Mapping[str, Mapping[st
             log.warning("event=rule_error rule=%s error=%s", name, exc)
             verdicts.append(Verdict(name, ERROR, None, f"{type(exc).__name__}: {exc}", shown))
             continue
-        if rule.evaluated == 0:
+        if rule.evaluated == 0 and rule.steps_needed is not None \
+                and (rule.steps_available or 0) < rule.steps_needed:
+            verdicts.append(Verdict(name, NOT_ENOUGH_DATA, None,
+                                    f"not enough data ({rule.steps_available} steps, rule needs "
+                                    f"{rule.steps_needed})", shown))
+        elif rule.evaluated == 0:
             needed = ", ".join(required_collections(name)) or "losses"
             verdicts.append(Verdict(name, ERROR, None, "the tensors this rule reads were not "
                                     f"saved: the hook needs the collections {needed}", shown))
@@ -395,6 +411,16 @@ def evaluate_debugger_rules(tensors_dir: str, overrides: Mapping[str, Mapping[st
             verdicts.append(Verdict(name, NO_ISSUES, None,
                                     f"checked {rule.evaluated} data points", shown))
     return verdicts
+
+
+def no_tensor_verdicts() -> list[Verdict]:
+    """Every debugger rule's verdict for a run trained without the smdebug hook."""
+    return [Verdict(name, NO_TENSORS, None,
+                    "the run was trained without the smdebug hook, so there are no tensors to "
+                    "check; train with `dogbreed train --local --debugger` (SageMaker: "
+                    "DebugHookConfig, the default) to have this rule evaluated",
+                    rule_parameters(name))
+            for name in AWS_DEFAULTS if name != "LowGPUUtilization"]
 
 
 def low_gpu_utilization(samples: Sequence[Mapping[str, float]],
