@@ -706,6 +706,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         contract.write_failure(where + reason, paths, first_wins=world.distributed)
 
     try:
+    if contract.is_tuning_trial(paths):
+        # The trials of a tuning job share one checkpoint prefix, and SageMaker copies all of it
+        # into every trial at start (model-checkpoints). Nothing resumes a finished trial, and a
+        # file deleted here is deleted from the prefix too, so later trials do not download it.
+        with contextlib.suppress(FileNotFoundError):
+            checkpoint_path.unlink()
+            log.info("event=checkpoint_removed path=%s reason=tuning_trial_finished", checkpoint_path)
         device = None
         if not is_rank:
             distributed.check_gpu()

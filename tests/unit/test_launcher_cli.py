@@ -135,15 +135,16 @@ def test_tune_dry_run_local_shows_the_optuna_plan(run) -> None:
     (["train", "--from-tuning-job", "dogbreed-tune-x"], ["DescribeHyperParameterTuningJob", "CreateTrainingJob"]),
     (["deploy"], ["CreateModel", "CreateEndpointConfig", "CreateEndpoint"]),
     (["deploy", "--update", "--instance-count", "2", "--autoscale", "2:6"],
-     ["CreateModel", "CreateEndpointConfig", "UpdateEndpoint", "RegisterScalableTarget",
-      "PutScalingPolicy"]),
+     ["DescribeEndpoint", "CreateModel", "CreateEndpointConfig", "DescribeScalableTargets",
+      "DeleteScalingPolicy", "DeregisterScalableTarget", "UpdateEndpoint",
+      "RegisterScalableTarget", "PutScalingPolicy"]),
     (["tune", "--spot", "--warm-start-from", "dogbreed-tune-a,dogbreed-tune-b", "--max-runtime",
       "3600"], ["CreateHyperParameterTuningJob"]),
     (["logs", "dogbreed-train-x"], ["DescribeLogStreams", "GetLogEvents"]),
     (["add-model", "dogs", "--job", "dogbreed-train-x"], ["DescribeTrainingJob", "CopyObject"]),
     (["add-model", "dogs", "--model-data", "s3://b/k/model.tar.gz"], ["CopyObject"]),
     # Cleanup removes the variant's autoscaling first (a deleted endpoint keeps its target).
-    (["cleanup", "--delete-models"], ["DescribeEndpoint", "DeleteScalingPolicy",
+    (["cleanup", "--delete-models"], ["DescribeEndpoint", "DescribeScalableTargets", "DeleteScalingPolicy",
                                       "DeregisterScalableTarget", "DeleteEndpoint",
                                       "DeleteEndpointConfig", "DeleteModel", "ListObjectsV2",
                                       "DeleteObjects"]),
@@ -158,14 +159,15 @@ def test_every_command_dry_runs(argv: list[str], operations: list[str],
         if not item["request"].get("Key", "").startswith("<"):
             validate_request(item["service"], item["operation"], item["request"])
     if argv[0] == "deploy":
-        assert items[0]["request"]["PrimaryContainer"]["Mode"] == "MultiModel"
-        assert items[0]["request"]["PrimaryContainer"]["ModelDataUrl"] == "s3://my-bucket/dogbreed/models/"
+        model = next(i["request"] for i in items if i["operation"] == "CreateModel")
+        assert model["PrimaryContainer"]["Mode"] == "MultiModel"
+        assert model["PrimaryContainer"]["ModelDataUrl"] == "s3://my-bucket/dogbreed/models/"
     if argv[:2] == ["deploy", "--update"]:
-        assert items[1]["request"]["ProductionVariants"][0]["InitialInstanceCount"] == 2
-        assert items[2]["request"] == {"EndpointName": "dogbreed-mme",
-                                       "EndpointConfigName": items[1]["request"]["EndpointConfigName"]}
-        assert (items[3]["request"]["MinCapacity"], items[3]["request"]["MaxCapacity"]) == (2, 6)
-        assert items[4]["request"]["TargetTrackingScalingPolicyConfiguration"][
+        assert items[2]["request"]["ProductionVariants"][0]["InitialInstanceCount"] == 2
+        assert items[6]["request"] == {"EndpointName": "dogbreed-mme",
+                                       "EndpointConfigName": items[2]["request"]["EndpointConfigName"]}
+        assert (items[7]["request"]["MinCapacity"], items[7]["request"]["MaxCapacity"]) == (2, 6)
+        assert items[8]["request"]["TargetTrackingScalingPolicyConfiguration"][
             "PredefinedMetricSpecification"] == {"PredefinedMetricType": "SageMakerVariantInvocationsPerInstance"}
     if argv[:2] == ["tune", "--spot"]:
         request = items[0]["request"]

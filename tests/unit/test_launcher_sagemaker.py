@@ -379,7 +379,8 @@ def test_dry_run_sends_nothing_and_validates(settings: Settings) -> None:
     ops = [r.operation for r in sm.recorded]
     assert ops == ["CreateHyperParameterTuningJob", "CreateTrainingJob", "CreateModel",
                    "CreateEndpointConfig", "CreateEndpoint", "DescribeTrainingJob", "CopyObject",
-                   "DescribeEndpoint", "DeleteScalingPolicy", "DeregisterScalableTarget",
+                   "DescribeEndpoint", "DescribeScalableTargets", "DeleteScalingPolicy",
+                   "DeregisterScalableTarget",
                    "DeleteEndpoint", "DeleteEndpointConfig", "DeleteModel"]
     tuning = sm.recorded[0].request
     assert tuning["TrainingJobDefinition"]["RoleArn"].startswith("<role-arn")
@@ -431,3 +432,18 @@ def test_stopping_condition_refuses_instead_of_changing_values(settings: Setting
         smr.resource_config(settings, instance_count=0)
     with pytest.raises(SettingsError, match="--instance-count 0"):
         smr.endpoint_config_request(settings, name="c", model_name="m", instance_count=0)
+
+
+def test_tuning_trials_share_no_checkpoint_prefix_unless_spot(settings: Settings) -> None:
+    """One CheckpointConfig serves every trial, and SageMaker copies its whole prefix into each
+    trial at start: without spot (nothing to resume) a tuning job has none; with spot the trials
+    need it to resume after an interruption."""
+    plain = smr.tuning_request(settings, name="dogbreed-tune-1", train_image=TRAIN_IMAGE,
+                               static_hyperparameters={})
+    assert "CheckpointConfig" not in plain["TrainingJobDefinition"]
+    smr.validate_request("sagemaker", "CreateHyperParameterTuningJob", plain)
+    spot = smr.tuning_request(settings, name="dogbreed-tune-1", train_image=TRAIN_IMAGE,
+                              static_hyperparameters={}, spot=True)
+    assert spot["TrainingJobDefinition"]["CheckpointConfig"] == {
+        "S3Uri": f"s3://{BUCKET}/dogbreed/checkpoints/dogbreed-tune-1/", "LocalPath": "/opt/ml/checkpoints"}
+    smr.validate_request("sagemaker", "CreateHyperParameterTuningJob", spot)

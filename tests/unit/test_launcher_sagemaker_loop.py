@@ -176,7 +176,9 @@ def test_a_rolled_back_update_is_an_error() -> None:
     sm._clients.update({"sagemaker": sagemaker, "application-autoscaling": scaling})
     created = dict(EndpointArn="arn:aws:sagemaker:eu-west-1:1:endpoint/dogbreed-mme",
                    CreationTime=NOW, LastModifiedTime=NOW, EndpointName="dogbreed-mme",
-                   EndpointConfigName="old-config", EndpointStatus="InService")
+                   EndpointConfigName="old-config", EndpointStatus="InService",
+                   ProductionVariants=[{"VariantName": "AllTraffic", "CurrentInstanceCount": 1,
+                                        "DesiredInstanceCount": 1}])
     with Stubber(sagemaker) as sm_stub, Stubber(scaling) as as_stub:
         sm_stub.add_response("describe_endpoint", created)
         sm_stub.add_response("create_model", {"ModelArn": "arn:aws:sagemaker:eu-west-1:1:model/m"})
@@ -345,3 +347,50 @@ def test_tuning_trials_share_a_prefix_but_not_a_checkpoint_file(tmp_path: Path) 
     assert checkpoint_file(paths, {}).name == "checkpoint.pt"  # local runs, as before
     trial = {"TRAINING_JOB_NAME": "dogbreed-tune-ck-003-1a2b3c4d"}
     assert checkpoint_file(paths, trial) == paths.checkpoints_dir / "checkpoint-dogbreed-tune-ck-003-1a2b3c4d.pt"
+
+
+def test_an_update_keeps_the_endpoints_desired_instance_count() -> None:
+    """Autoscaling took the endpoint to 4 instances: an update without --instance-count starts
+    the new config at 4 (it started at 1, shrinking the endpoint at peak load)."""
+    sm = SageMakerBackend(_settings(region="eu-west-1"))
+    sagemaker, scaling = _client("sagemaker"), _client("application-autoscaling")
+    sm._clients.update({"sagemaker": sagemaker, "application-autoscaling": scaling})
+    endpoint = dict(EndpointArn="arn:aws:sagemaker:eu-west-1:1:endpoint/dogbreed-mme",
+                    CreationTime=NOW, LastModifiedTime=NOW, EndpointName="dogbreed-mme",
+                    EndpointConfigName="old-config", EndpointStatus="InService",
+                    ProductionVariants=[{"VariantName": "AllTraffic", "CurrentInstanceCount": 3,
+                                         "DesiredInstanceCount": 4}])
+    with Stubber(sagemaker) as sm_stub, Stubber(scaling) as as_stub:
+        sm_stub.add_response("describe_endpoint", endpoint, {"EndpointName": "dogbreed-mme"})
+        sm_stub.add_response("create_model", {"ModelArn": "arn:aws:sagemaker:eu-west-1:1:model/m"})
+        sm_stub.add_response("create_endpoint_config",
+                             {"EndpointConfigArn": "arn:aws:sagemaker:eu-west-1:1:endpoint-config/c"},
+                             {"EndpointConfigName": NEW, "ProductionVariants": [
+                                 {"VariantName": "AllTraffic", "ModelName": NEW,
+                                  "InitialInstanceCount": 4, "InstanceType": "ml.m5.xlarge",
+                                  "InitialVariantWeight": 1.0}], "Tags": ANY})
+        as_stub.add_response("describe_scalable_targets", {"ScalableTargets": []})
+        sm_stub.add_response("update_endpoint", {"EndpointArn": endpoint["EndpointArn"]},
+                             {"EndpointName": "dogbreed-mme", "EndpointConfigName": NEW})
+        result = sm.deploy(now=NOW, wait=False)
+        sm_stub.assert_no_pending_responses()
+    assert result["updated"] is True
+
+
+def test_update_dry_run_shows_the_count_it_keeps_and_the_autoscaling_calls(capsys) -> None:
+    """The dry run of an update prints what the real run does: the endpoint read, the config at
+    the endpoint's desired count, the scaling target taken off, the update, the target put back."""
+    code = cli.main(["deploy", "--update", "--dry-run", "--sagemaker", "--region", "eu-west-1",
+                     "--role-arn", ROLE, "--bucket", BUCKET, "--serve-image", IMAGE])
+    assert code == 0
+    items = json.loads(capsys.readouterr().out)
+    assert [i["operation"] for i in items] == [
+        "DescribeEndpoint", "CreateModel", "CreateEndpointConfig", "DescribeScalableTargets",
+        "DeleteScalingPolicy", "DeregisterScalableTarget", "UpdateEndpoint",
+        "RegisterScalableTarget", "PutScalingPolicy"]
+    variant = items[2]["request"]["ProductionVariants"][0]
+    assert variant["InitialInstanceCount"] == "<DesiredInstanceCount of dogbreed-mme>"
+    register = items[7]["request"]
+    assert register["ResourceId"] == RESOURCE and register["ScalableDimension"] == DIMENSION
+    assert register["MinCapacity"].startswith("<MinCapacity of ")
+    assert items[8]["request"]["PolicyType"] == "TargetTrackingScaling"

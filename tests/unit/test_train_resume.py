@@ -128,6 +128,12 @@ def test_a_new_job_resumes_a_stopped_jobs_checkpoint_with_the_same_hyperparamete
     caplog.clear()
     assert [h.epoch for h in _run(trial, paths).history] == [1, 2]
     assert "event=resume" not in caplog.text
+    # Finished, it removes its own file (so the shared prefix does not carry it into the next
+    # trials) and no other job's.
+    assert not (paths.checkpoints_dir / "checkpoint-tuning-trial-1.pt").exists()
+    assert "event=checkpoint_removed" in caplog.text
+    assert sorted(p.name for p in paths.checkpoints_dir.glob("*.pt")) == [
+        "checkpoint-job-a.pt", "checkpoint-job-b.pt", "checkpoint-job-c.pt"]
 
 
 def test_sigterm_before_the_first_epoch_says_there_is_nothing_to_resume(

@@ -251,7 +251,8 @@ def tune_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--name", help="tuning job / study name (default dogbreed-tune-<time>)")
     p.add_argument("--output", type=Path, help="where to save the result JSON")
     p.add_argument("--spot", action="store_true", help="SageMaker: managed spot training "
-                   "(trials checkpoint to S3 and resume after an interruption)")
+                   "(only then do trials checkpoint to S3, to resume after an interruption; "
+                   "the trials share one checkpoint prefix)")
     p.add_argument("--max-wait", type=positive_int, metavar="SECONDS",
                    help="SageMaker --spot: MaxWaitTimeInSeconds per trial, at least the max "
                         "runtime (default twice it)")
@@ -259,8 +260,6 @@ def tune_arguments(p: argparse.ArgumentParser) -> None:
                    help="SageMaker: MaxRuntimeInSeconds of each trial (default 4 h)")
     p.add_argument("--max-tuning-runtime", type=positive_int, metavar="SECONDS",
                    help="SageMaker: stop the whole tuning job after this long")
-    p.add_argument("--no-checkpoints", dest="checkpoints", action="store_false",
-                   help="SageMaker: no CheckpointConfig (spot trials always checkpoint)")
     p.add_argument("--warm-start-from", metavar="JOB[,JOB]",
                    help="SageMaker: start from these tuning jobs' results (up to 5)")
     p.add_argument("--warm-start-type", default="IdenticalDataAndAlgorithm",
@@ -298,7 +297,7 @@ def cmd_tune(args: argparse.Namespace, settings: settings_mod.Settings, backend:
                          spot=args.spot, max_wait=args.max_wait, max_runtime=args.max_runtime,
                          max_tuning_runtime=args.max_tuning_runtime or (
                              int(budget) if budget is not None else None),
-                         space=args.space, checkpoints=args.checkpoints,
+                         space=args.space,
                          warm_start_from=parents, warm_start_type=args.warm_start_type,
                          data_uri=args.data_uri, instance_type=args.instance_type,
                          instance_count=args.instance_count, random_seed=args.seed, wait=args.wait,
@@ -568,7 +567,7 @@ SUBCOMMANDS: list[Subcommand] = [
     Subcommand("tune", "hyperparameter tuning (SageMaker HPO or Optuna)", cmd_tune, tune_arguments,
                "Tune lr, batch-size, epochs and (--space full) the training-recipe knobs for "
                "valid_accuracy: one search space for both backends. SageMaker: a tuning job "
-               "(trials checkpoint; --warm-start-from earlier jobs). --local: Optuna TPE trials "
+               "(trials checkpoint only with --spot; --warm-start-from earlier jobs). --local: Optuna TPE trials "
                "with Hyperband pruning on the per-epoch metric lines, within --trials or a "
                "--time-budget; the study lives in --storage (SQLite under the workdir by default; "
                "PostgreSQL for several workers) and --resume NAME continues it."),

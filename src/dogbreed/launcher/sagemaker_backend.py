@@ -128,9 +128,13 @@ class SageMakerBackend:
             return DRY_RUN_REGION
         return self.client("sagemaker").meta.region_name
 
-    def send(self, service: str, operation: str, request: dict[str, Any]) -> Any:
-        """Send (or, in a dry run, validate and record) one request; returns the response."""
-        record = Recorded(service, _pascal(operation), request)
+    def send(self, service: str, operation: str, request: dict[str, Any],
+             shown: dict[str, Any] | None = None) -> Any:
+        """Send (or, in a dry run, validate and record) one request; returns the response.
+        ``shown``: what a dry run prints instead, where a value is only known when the real run
+        reads it (e.g. ``"<DesiredInstanceCount of ...>"``); ``request`` is what is validated."""
+        record = Recorded(service, _pascal(operation),
+                          shown if shown is not None and self.dry_run else request)
         self.recorded.append(record)
         if self.dry_run:
             validate_request(service, record.operation, request)
@@ -426,7 +430,12 @@ class SageMakerBackend:
         endpoint = self.settings.endpoint_name
         if autoscale is not None and not wait:
             raise SettingsError("--autoscale needs the endpoint InService: drop --no-wait")
-        previous = None if self.dry_run else self._endpoint_description(endpoint)
+        if self.dry_run:
+            previous = None
+            if update:  # the read the real run makes first
+                self.send("sagemaker", "describe_endpoint", {"EndpointName": endpoint})
+        else:
+            previous = self._endpoint_description(endpoint)
         if update is None:
             update = previous is not None
         elif update and previous is None and not self.dry_run:
@@ -435,16 +444,35 @@ class SageMakerBackend:
         model_name = f"{endpoint}-{stamp}"[:JOB_NAME_MAX].rstrip("-")
         self.send("sagemaker", "create_model",
                   model_request(self.settings, name=model_name, serve_image=self.image_uri("serve")))
-        self.send("sagemaker", "create_endpoint_config",
-                  endpoint_config_request(self.settings, name=model_name, model_name=model_name,
-                                          instance_count=instance_count))
+        shown_count = None
+        if update and instance_count is None:
+            # An update keeps the instances the endpoint runs now (autoscaling may have added
+            # some): the new config starting at 1, or the flag's default, would shrink it at peak.
+            if self.dry_run:
+                shown_count = f"<DesiredInstanceCount of {endpoint}>"
+                instance_count = 1  # validated in its place
+            else:
+                instance_count = _desired_instance_count(previous)
+                events.event("endpoint_instance_count", endpoint=endpoint, kept=instance_count)
+        config = endpoint_config_request(self.settings, name=model_name, model_name=model_name,
+                                         instance_count=instance_count)
+        shown_config = None
+        if shown_count is not None:
+            shown_config = json.loads(json.dumps(config))
+            shown_config["ProductionVariants"][0]["InitialInstanceCount"] = shown_count
+        self.send("sagemaker", "create_endpoint_config", config, shown=shown_config)
         scaling = self._scaling_of(endpoint) if update else None
+        shown_bounds = None
         if scaling is not None:
             # A variant under autoscaling may not change underneath it: deregister, update,
-            # then register again (with --autoscale's bounds, else the previous ones).
+            # then register again (with --autoscale's bounds, else the previous ones). A dry
+            # run shows these calls as made for an endpoint under autoscaling.
             self._remove_scaling(endpoint, scaling)
             if autoscale is None:
                 autoscale = (scaling["MinCapacity"], scaling["MaxCapacity"])
+                if self.dry_run:
+                    shown_bounds = (f"<MinCapacity of {scaling_resource_id(endpoint)}>",
+                                    f"<MaxCapacity of {scaling_resource_id(endpoint)}>")
         if update:
             self.send("sagemaker", "update_endpoint",
                       update_endpoint_request(name=endpoint, config_name=model_name))
@@ -453,7 +481,7 @@ class SageMakerBackend:
                       endpoint_request(self.settings, name=endpoint, config_name=model_name))
         if self.dry_run:
             if autoscale is not None:
-                self._apply_scaling(endpoint, autoscale, target_invocations)
+                self._apply_scaling(endpoint, autoscale, target_invocations, shown_bounds)
             return None
         events.event("endpoint_updating" if update else "endpoint_created", endpoint=endpoint,
                      model=model_name, models_uri=self.settings.models_uri)
@@ -500,19 +528,27 @@ class SageMakerBackend:
 
     # -- autoscaling (Application Auto Scaling)
     def _scaling_of(self, endpoint: str) -> dict[str, Any] | None:
-        """The variant's scalable target, if registered (a dry run shows none)."""
+        """The variant's scalable target, if registered. A dry run records the read and answers
+        as for an endpoint under autoscaling (1..1 stand for the bounds the real run reads)."""
         if self.dry_run:
-            return None
+            self.send("application-autoscaling", "describe_scalable_targets",
+                      {"ServiceNamespace": SCALING_NAMESPACE,
+                       "ResourceIds": [scaling_resource_id(endpoint)],
+                       "ScalableDimension": SCALING_DIMENSION})
+            return {"MinCapacity": 1, "MaxCapacity": 1}
         targets = self.client("application-autoscaling").describe_scalable_targets(
             ServiceNamespace=SCALING_NAMESPACE, ResourceIds=[scaling_resource_id(endpoint)],
             ScalableDimension=SCALING_DIMENSION)["ScalableTargets"]
         return targets[0] if targets else None
 
-    def _apply_scaling(self, endpoint: str, bounds: tuple[int, int],
-                       target_invocations: float) -> dict[str, Any]:
+    def _apply_scaling(self, endpoint: str, bounds: tuple[int, int], target_invocations: float,
+                       shown_bounds: tuple[str, str] | None = None) -> dict[str, Any]:
         low, high = bounds
-        self.send("application-autoscaling", "register_scalable_target",
-                  scalable_target_request(endpoint, low, high))
+        request = scalable_target_request(endpoint, low, high)
+        shown = None
+        if shown_bounds is not None:
+            shown = {**request, "MinCapacity": shown_bounds[0], "MaxCapacity": shown_bounds[1]}
+        self.send("application-autoscaling", "register_scalable_target", request, shown=shown)
         self.send("application-autoscaling", "put_scaling_policy",
                   scaling_policy_request(endpoint, target_invocations))
         if not self.dry_run:
@@ -675,6 +711,19 @@ class SageMakerBackend:
                 self.send("s3", "delete_objects", {"Bucket": bucket, "Delete": {"Objects": keys}})
                 count += len(keys)
         return count
+
+
+def _desired_instance_count(description: dict[str, Any]) -> int:
+    """The instance count ``DescribeEndpoint`` reports for the variant: desired (what
+    autoscaling or the last update asked for), else current."""
+    variants = description.get("ProductionVariants") or []
+    variant = next((v for v in variants if v.get("VariantName") == VARIANT_NAME),
+                   variants[0] if variants else {})
+    count = variant.get("DesiredInstanceCount") or variant.get("CurrentInstanceCount")
+    if not count:
+        raise BackendError(f"endpoint {description.get('EndpointName')} reports no instance count "
+                           "for its variant; pass --instance-count")
+    return int(count)
 
 
 def _unquote(value: str) -> str:

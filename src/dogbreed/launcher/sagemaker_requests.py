@@ -116,7 +116,7 @@ def stopping_condition(settings: Settings, spot: bool, max_wait: int | None = No
 def checkpoint_config(settings: Settings, *parts: str) -> dict[str, Any]:
     """Where SageMaker syncs ``/opt/ml/checkpoints``: the trainer resumes from it after a spot
     interruption. A tuning job's trials share its prefix (each writes its own file, named after
-    its training job: :func:`dogbreed.train.checkpoint_file`)."""
+    its training job: :func:`dogbreed.train.checkpoint_file`; see :func:`tuning_request`)."""
     # The trailing "/" matters: SageMaker syncs every key under the prefix, and ".../job-1"
     # would also match ".../job-10/".
     return {"S3Uri": settings.s3_uri("checkpoints", *parts) + "/",
@@ -156,7 +156,6 @@ def tuning_request(
     data_uri: str | None = None,
     instance_type: str | None = None,
     random_seed: int | None = None,
-    checkpoints: bool = True,
     max_wait: int | None = None,
     max_runtime: int | None = None,
     max_tuning_runtime: int | None = None,
@@ -168,9 +167,19 @@ def tuning_request(
     """``CreateHyperParameterTuningJob`` over the search space ``space`` (``seeds`` or ``full``:
     :func:`search_space.named`, the ranges the local tuner searches).
 
-    Each trial checkpoints (always with ``spot``: an interrupted trial resumes instead of
-    starting over), stops after ``max_runtime`` seconds (the tuning job after
-    ``max_tuning_runtime``) and may warm-start from earlier tuning jobs."""
+    Trials checkpoint only with ``spot`` (an interrupted trial resumes instead of starting over),
+    stop after ``max_runtime`` seconds (the tuning job after ``max_tuning_runtime``) and may
+    warm-start from earlier tuning jobs.
+
+    Why only with spot: the tuning job's one ``TrainingJobDefinition.CheckpointConfig`` is every
+    trial's (the API has no per-trial path), and SageMaker copies everything under its S3 URI
+    into each job's checkpoint dir at start (page ``model-checkpoints``: "Existing checkpoints in
+    S3 are written to the SageMaker container at the start of the job"), so trial n would
+    download every earlier trial's checkpoint (134 MB each for ResNet18). Without spot nothing
+    resumes a trial, so there is no CheckpointConfig. With spot the trainer keeps the damage
+    small: a trial never adopts another's file, and a finished trial deletes its own (deleted in
+    the container is deleted in S3, same page), so a trial downloads only the files of trials
+    still running or stopped."""
     if strategy not in STRATEGIES:
         raise SettingsError(f"strategy {strategy!r}: choose one of {', '.join(STRATEGIES)}")
     if not 1 <= max_parallel <= max_jobs:
@@ -217,7 +226,7 @@ def tuning_request(
         "StoppingCondition": stopping_condition(settings, spot, max_wait, max_runtime),
         "EnableManagedSpotTraining": spot,
     }
-    if checkpoints or spot:
+    if spot:
         definition["CheckpointConfig"] = checkpoint_config(settings, name)
     request = {"HyperParameterTuningJobName": name, "HyperParameterTuningJobConfig": config,
                "TrainingJobDefinition": definition, "Tags": TAGS}
