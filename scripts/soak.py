@@ -18,9 +18,13 @@ on weight values) into a local model store, starts :class:`~dogbreed.launcher.lo
    (JPEG bodies, TargetModel alternating) while a scheduler unloads a model every
    ``--unload-every`` s (``DELETE /models/{name}`` on the model server, as the platform does; the
    router loads it again on the next request) and SIGKILLs one process of a model's worker every
-   ``--kill-every`` s (alternately MMS's shim for it and the zygote-forked worker). Reports
-   requests, answers by status, p50/p99, requests over 10 s, the recovery time after each fault
-   (until every model answers 200 again) and RSS growth per server process.
+   ``--kill-every`` s, in turn: a worker that is loading its model during a reload (the model unloaded, then its new worker killed once it has
+   connected to MMS: the fault that once made the router refuse a model until a restart), MMS's
+   shim for a model, and a zygote-forked worker.
+   Reports requests, answers by status, p50/p99, requests over 10 s, the recovery time after
+   each fault (until every model answers 200 again), per model its requests, errors, longest
+   outage (first failed answer to the next 200) and whether it serves at the end, and RSS
+   growth per server process.
 
 Exit 0 when the acceptance figures of issue 11 hold (``"ok": true`` in the JSON), else 1.
 """
@@ -262,6 +266,9 @@ class Soak:
         self.samples: list[dict[str, Any]] = []  # unexpected answers
         self.faults: list[dict[str, Any]] = []
         self.stop = threading.Event()
+        # Per target: requests, errors, when its current outage began, its longest outage.
+        self.per_model = {t: {"requests": 0, "errors": 0, "down_since": None, "longest_outage_s": 0.0}
+                          for t in targets}
 
     def client(self, index: int) -> None:
         router_port = int(self.endpoint.url.rsplit(":", 1)[1])
@@ -275,6 +282,7 @@ class Soak:
             status, _, data, seconds = request(router_port, "POST", "/endpoints/soak/invocations", headers, body,
                                                timeout=60)
             with self.lock:
+                self.record(target, status == 200, time.monotonic())
                 self.latencies.append(seconds)
                 self.statuses[str(status)] = self.statuses.get(str(status), 0) + 1
                 self.slow += seconds > SLOW_SECONDS
@@ -283,6 +291,43 @@ class Soak:
                         "utf-8", "replace")})
             if status != 200:
                 time.sleep(0.05)  # a client backs off a little on an error, as SDKs do
+
+    def record(self, target: str, ok: bool, now: float) -> None:
+        """One answer for ``target``: an outage runs from its first failed answer to the next 200.
+        Locked."""
+        model = self.per_model[target]
+        model["requests"] += 1
+        if ok and model["down_since"] is not None:
+            model["longest_outage_s"] = max(model["longest_outage_s"], now - model["down_since"])
+            model["down_since"] = None
+        elif not ok:
+            model["errors"] += 1
+            if model["down_since"] is None:
+                model["down_since"] = now
+
+    def model_report(self, serving_at_end: set[str], ended: float) -> dict[str, dict[str, Any]]:
+        out = {}
+        for target, model in self.per_model.items():
+            longest = model["longest_outage_s"]
+            if model["down_since"] is not None:  # still down when the clients stopped
+                longest = max(longest, ended - model["down_since"])
+            out[target] = {"requests": model["requests"], "errors": model["errors"],
+                           "longest_outage_s": round(longest, 3), "serves_at_end": target in serving_at_end}
+        return out
+
+    def serving(self, limit: float = 30.0) -> set[str]:
+        """The targets that answer 200 through the router within ``limit`` seconds."""
+        router_port = int(self.endpoint.url.rsplit(":", 1)[1])
+        body, deadline, ok = jpeg(seed=98), time.monotonic() + limit, set()
+        while len(ok) < len(self.targets) and time.monotonic() < deadline:
+            for target in set(self.targets) - ok:
+                status, *_ = request(router_port, "POST", "/invocations", {
+                    "Content-Type": "image/jpeg", "X-Amzn-SageMaker-Target-Model": target}, body, timeout=15)
+                if status == 200:
+                    ok.add(target)
+            if len(ok) < len(self.targets):
+                time.sleep(0.1)
+        return ok
 
     def recovered_after(self, started: float, limit: float = 60.0) -> float | None:
         """Seconds from ``started`` until every model answers 200 through the router."""
@@ -300,10 +345,38 @@ class Soak:
                 time.sleep(0.1)
         return None if pending else round(time.monotonic() - started, 3)
 
+    def kill_during_reload(self, n: int) -> dict[str, Any]:
+        """Unload a model (as the platform does), let the next request reload it, and SIGKILL
+        the reload's new worker once it has connected to MMS (it is loading the model then)."""
+        server = self.endpoint.server
+        target, name = list(self.targets.items())[n % len(self.targets)]
+        log = self.endpoint.run_dir / "model-server.log"
+        connected = log.read_text(errors="replace").count("Connection accepted")
+        before = {p.pid for p in psutil.Process(server.zygote.pid).children()}
+        status, *_ = request(server.port, "DELETE", f"/models/{name}", {}, b"", timeout=60)
+        router_port = int(self.endpoint.url.rsplit(":", 1)[1])
+        threading.Thread(target=request, daemon=True, args=(router_port, "POST", "/invocations", {
+            "Content-Type": "image/jpeg", "X-Amzn-SageMaker-Target-Model": target}, jpeg(seed=97))).start()
+        deadline, victim = time.monotonic() + 30, None
+        while victim is None and time.monotonic() < deadline:
+            new = [p for p in psutil.Process(server.zygote.pid).children() if p.pid not in before]
+            if new and log.read_text(errors="replace").count("Connection accepted") > connected:
+                victim = new[0]
+            else:
+                time.sleep(0.01)
+        if victim is None:
+            return {"fault": "kill_during_reload", "model": name, "skipped": "no reload seen", "unload_status": status}
+        started = time.monotonic()
+        os.kill(victim.pid, signal.SIGKILL)
+        return {"fault": "kill_during_reload", "pid": victim.pid, "model": name, "unload_status": status,
+                "recovery_s": self.recovered_after(started)}
+
     def kill_worker(self, n: int) -> dict[str, Any]:
+        if n % 3 == 0:
+            return self.kill_during_reload(n // 3)
         procs = server_processes(self.endpoint.server)
-        role = "shim" if n % 2 == 0 else "worker"
-        name = list(self.targets.values())[n // 2 % len(self.targets)]
+        role = "shim" if n % 3 == 1 else "worker"
+        name = list(self.targets.values())[n // 3 % len(self.targets)]
         candidates = [p for p in procs["shims"] if name in " ".join(p.cmdline())] if role == "shim" else []
         if role == "worker":  # the zygote's direct children: one per model (MMS's per-model worker)
             candidates = psutil.Process(self.endpoint.server.zygote.pid).children()
@@ -347,6 +420,7 @@ class Soak:
         for thread in threads:
             thread.join(70)
         elapsed = time.monotonic() - started
+        models = self.model_report(self.serving(), started + elapsed)
         rss_after = rss_mb(server_processes(server))
         recoveries = [f.get("recovery_s") for f in self.faults if f["fault"].startswith("kill") and "pid" in f]
         result = {
@@ -356,12 +430,13 @@ class Soak:
             "max_s": round(max(self.latencies), 3) if self.latencies else None,
             "over_10s": self.slow, "unexpected": self.samples, "faults": self.faults,
             "unloads": unloads, "kills": kills, "front_recoveries": server.front.models.recoveries,
+            "models": models, "every_model_serves_at_end": all(m["serves_at_end"] for m in models.values()),
             "rss_mb_before": rss_before, "rss_mb_after": rss_after,
             "rss_growth": {k: round((rss_after[k] - v) / v, 4) if v else None for k, v in rss_before.items()},
         }
         result["ok"] = bool(
             self.slow == 0 and set(self.statuses) <= {str(s) for s in ALLOWED_SOAK_STATUSES}
-            and self.statuses.get("200", 0) > 0
+            and self.statuses.get("200", 0) > 0 and result["every_model_serves_at_end"]
             and all(r is not None and r <= RECOVERY_LIMIT_SECONDS for r in recoveries)
             and all(f.get("recovery_s") is not None for f in self.faults if "skipped" not in f))
         return result

@@ -215,7 +215,7 @@ def _rank_main(local_rank: int, plan: WorldPlan, entry: Callable[[Sequence[str]]
 def launch(plan: WorldPlan, entry: Callable[[Sequence[str]], int], argv: Sequence[str]) -> int:
     """Run ``entry(argv)`` in ``plan.procs_per_host`` local ranks; return the job's exit code.
 
-    SIGTERM to this agent is forwarded to every rank (they agree to stop at the same step and
+    SIGTERM (or SIGINT) to this agent is forwarded to every rank (they agree to stop at the same step and
     exit 143). When a rank exits non-zero the others get :data:`SHUTDOWN_GRACE_SECONDS` to
     notice (a broken collective, or the stop agreement) before they are terminated.
     """
@@ -234,7 +234,8 @@ def launch(plan: WorldPlan, entry: Callable[[Sequence[str]], int], argv: Sequenc
             except ProcessLookupError:
                 pass
 
-    previous = signal.signal(signal.SIGTERM, forward)
+    # SIGINT too: the agent's own start-up handler would otherwise exit and orphan the ranks.
+    previous = {signum: signal.signal(signum, forward) for signum in (signal.SIGTERM, signal.SIGINT)}
     try:
         while not context.join(timeout=1.0, grace_period=SHUTDOWN_GRACE_SECONDS):
             pass
@@ -246,7 +247,8 @@ def launch(plan: WorldPlan, entry: Callable[[Sequence[str]], int], argv: Sequenc
         log.error("event=rank_failed local_rank=%d error=%s", exc.error_index, exc)
         return 1
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
     return 0
 
 

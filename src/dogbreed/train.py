@@ -30,7 +30,12 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
+if __name__ == "__main__":  # python -m dogbreed.train: catch SIGTERM/SIGINT before torch loads
+    from dogbreed import stopping as _stopping
+
+    _stopping.install_early()
+
+import torch  # noqa: E402 - after the signal handler, on purpose
 from torch import nn
 
 from dogbreed import (
@@ -44,6 +49,7 @@ from dogbreed import (
     profiling,
     recipe,
     reports,
+    stopping,
 )
 from dogbreed.contract import ContractError, Hyperparameters, Paths
 from dogbreed.distributed import World
@@ -51,6 +57,8 @@ from dogbreed.distributed import World
 # The metric lines and their SageMaker MetricDefinitions live in the torch-free dogbreed.metrics
 # (the launcher reads them without importing torch); re-exported here, where DESIGN names them.
 from dogbreed.metrics import METRIC_DEFINITIONS, METRIC_NAMES, OBJECTIVE_METRIC  # noqa: F401, E402
+from dogbreed.metrics import best_line, seed_objective_line  # noqa: E402
+from dogbreed.stopping import StopFlag
 
 log = logging.getLogger("dogbreed.train")
 
@@ -58,10 +66,9 @@ CHECKPOINT_FILE = "checkpoint.pt"
 # Set by SageMaker in every training container; a spot-restarted job keeps its name.
 TRAINING_JOB_NAME_ENV = "TRAINING_JOB_NAME"
 CHECKPOINT_VERSION = 2  # 2: recipe (EMA) state
-from dogbreed.metrics import best_line, seed_objective_line  # noqa: E402
-from dogbreed.stopping import StopFlag
 EXIT_FAILURE = 1
-EXIT_SIGTERM = 143  # 128 + SIGTERM, as a shell reports a process killed by it
+EXIT_SIGTERM = stopping.exit_code(signal.SIGTERM)  # 143, as a shell reports a process killed by it
+EXIT_SIGINT = stopping.exit_code(signal.SIGINT)  # 130
 
 
 class NonFiniteLoss(RuntimeError):
@@ -89,30 +96,35 @@ EXPECTED_ERRORS = (ContractError, data.DataError, models.WeightsError, artifacts
 
 
 class Interrupted(Exception):
-    """SIGTERM arrived (at ``rank``; every rank stops at the same step); epochs up to
-    ``checkpointed_epochs`` (0: none) are checkpointed."""
+    """SIGTERM or SIGINT (``signal_name``) arrived (at ``rank``; every rank stops at the same
+    step); epochs up to ``checkpointed_epochs`` (0: none) are checkpointed."""
 
-    def __init__(self, rank: int = 0, checkpointed_epochs: int = 0) -> None:
-        super().__init__(f"SIGTERM at rank {rank}")
+    def __init__(self, rank: int = 0, checkpointed_epochs: int = 0, signal_name: str = "SIGTERM") -> None:
+        super().__init__(f"{signal_name} at rank {rank}")
         self.rank = rank
         self.checkpointed_epochs = checkpointed_epochs
+        self.signal_name = signal_name
+
+    @property
+    def exit_code(self) -> int:
+        return stopping.exit_code(signal.Signals[self.signal_name])
 
 
 def _check_stop(stop: StopFlag, world: World, device: torch.device, checkpointed_epochs: int = 0) -> None:
-    """Raise :class:`Interrupted` on every rank once any rank got SIGTERM (a collective)."""
+    """Raise :class:`Interrupted` on every rank once any rank got SIGTERM/SIGINT (a collective)."""
     stopped_by = world.stop_requested_by(stop.requested, device)
     if stopped_by is not None:
-        raise Interrupted(stopped_by, checkpointed_epochs)
+        raise Interrupted(stopped_by, checkpointed_epochs, stop.signal_name)
 
 
 def interrupted_reason(exc: Interrupted, world: World, checkpoints_dir: Path) -> str:
-    """The failure-file line for a SIGTERM stop: what is checkpointed, whether a rerun resumes."""
+    """The failure-file line for a stop by a signal: what is checkpointed, whether a rerun resumes."""
     by = (f" (received by rank {exc.rank} of {world.size}; every rank stopped at the same step)"
           if world.distributed else "")
     if not exc.checkpointed_epochs:
-        return (f"stopped by SIGTERM{by} before the first epoch completed: no epoch is "
+        return (f"stopped by {exc.signal_name}{by} before the first epoch completed: no epoch is "
                 f"checkpointed in {checkpoints_dir}, so a rerun has nothing to resume from")
-    return (f"stopped by SIGTERM{by}; last completed epoch ({exc.checkpointed_epochs}) is checkpointed "
+    return (f"stopped by {exc.signal_name}{by}; last completed epoch ({exc.checkpointed_epochs}) is checkpointed "
             f"in {checkpoints_dir}: run again with the same checkpoint dir to resume")
 
 
@@ -142,20 +154,6 @@ class EvalResult:
     accuracy: float
     predictions: torch.Tensor
     labels: torch.Tensor
-
-
-class StopFlag:
-    """Set by SIGTERM; checked between batches so a stop never leaves a half-written file."""
-
-    def __init__(self) -> None:
-        self.requested = False
-
-    def install(self) -> None:
-        def handler(signum: int, _frame: Any) -> None:
-            log.warning("event=signal signal=%s action=stop_after_batch", signal.Signals(signum).name)
-            self.requested = True
-
-        signal.signal(signal.SIGTERM, handler)
 
 
 # --- runtime set-up ---------------------------------------------------------------------------
@@ -391,8 +389,28 @@ def checkpoint_file(paths: Paths, env: Mapping[str, str] | None = None) -> Path:
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     buffer = io.BytesIO()
     torch.save(state, buffer)
-    # Atomic: a SIGKILL mid-write never corrupts the previous checkpoint.
+    # Atomic: a SIGKILL mid-write never corrupts the previous checkpoint; it leaves the temp file
+    # (".<name>.<random>", see artifacts.atomic_write), which the next start removes.
     artifacts.atomic_write(path, buffer.getvalue())
+
+
+def remove_partial_checkpoints(own: Path, every_job: bool = True) -> list[Path]:
+    """Delete checkpoint temp files a killed write left in ``own``'s dir; returns them.
+
+    SageMaker uploads everything in the checkpoint dir to the CheckpointConfig S3 URI while the
+    job runs, copies it back into the next job, and deletes from S3 what is deleted here (AWS,
+    "Checkpoints in Amazon SageMaker AI", model-checkpoints): removing them here removes the
+    uploaded copies too. A tuning trial (``every_job=False``) shares the dir with trials
+    running now, whose writes may be in flight: it removes only its own file's."""
+    pattern = ".checkpoint*.pt.*" if every_job else f".{own.name}.*"
+    removed = []
+    for stale in sorted(own.parent.glob(pattern)):
+        with contextlib.suppress(FileNotFoundError):
+            size = stale.stat().st_size
+            stale.unlink()
+            removed.append(stale)
+            log.info("event=partial_checkpoint_removed path=%s bytes=%d", stale, size)
+    return removed
 
 
 def _key_mismatch(state: dict[str, Any], key: dict[str, Any]) -> str | None:
@@ -532,6 +550,8 @@ def run(hp: Hyperparameters, paths: Paths, stop: StopFlag | None = None,
     batch_recipe = recipe.Recipe(hp, model, len(class_names))
 
     checkpoint_path = checkpoint_file(paths)
+    if world.is_main:
+        remove_partial_checkpoints(checkpoint_path, every_job=not contract.is_tuning_trial(paths))
     key = _resume_key(hp, class_names)
     history: list[EpochResult] = []
     best = {"epoch": 0, "valid_accuracy": -1.0, "valid_loss": math.inf}
@@ -597,6 +617,7 @@ def run(hp: Hyperparameters, paths: Paths, stop: StopFlag | None = None,
         history.append(result)
         if world.is_main:
             print(result.log_line(), flush=True)
+            print(seed_objective_line(valid.loss, valid.accuracy), flush=True)
         if not math.isfinite(valid.loss):
             # The last steps can ruin the weights after the last finite training loss (lr=10:
             # train_loss 16042, then valid_loss nan); nothing diverged may be checkpointed or saved.
@@ -629,7 +650,6 @@ def run(hp: Hyperparameters, paths: Paths, stop: StopFlag | None = None,
     debugger.close(hook)
     if not world.is_main:
         # Every rank holds the same weights; rank 0 alone evaluates them and writes the files.
-            print(seed_objective_line(valid.loss, valid.accuracy), flush=True)
         log.info("event=done rank=%d note=rank 0 writes the model", world.rank)
         return TrainResult(history=history, best_epoch=best["epoch"], metrics={}, model_dir=paths.model_dir)
     steps.write(paths.output_data_dir)
@@ -671,13 +691,18 @@ def run(hp: Hyperparameters, paths: Paths, stop: StopFlag | None = None,
                           test_report, class_names)
     log.info("event=done model_dir=%s output_data_dir=%s wall_seconds=%.1f", paths.model_dir,
              paths.output_data_dir, metrics["wall_seconds"])
+    if contract.is_tuning_trial(paths):
+        # The trials of a tuning job share one checkpoint prefix, and SageMaker copies all of it
+        # into every trial at start (model-checkpoints). Nothing resumes a finished trial, and a
+        # file deleted here is deleted from the prefix too, so later trials do not download it.
+        with contextlib.suppress(FileNotFoundError):
+            checkpoint_path.unlink()
+            log.info("event=checkpoint_removed path=%s reason=tuning_trial_finished", checkpoint_path)
     return TrainResult(history=history, best_epoch=best["epoch"], metrics=metrics,
                        model_dir=paths.model_dir)
 
 
-def configure_logging() -> None:
-    logging.basicConfig(level=os.environ.get("DOGBREED_LOG_LEVEL", "INFO"),
-                        format="%(asctime)s %(levelname)s %(name)s %(message)s", stream=sys.stderr)
+configure_logging = stopping.configure_logging
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -690,15 +715,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     if any(a in ("-h", "--help") for a in argv):
         contract.build_arg_parser_help().print_help()
         return 0
+    is_rank = distributed.is_rank_process()
+    # First of all: from here until the loop starts, SIGTERM/SIGINT writes the failure and exits.
+    stop = StopFlag().install(
+        during_startup=lambda name: stopping.write_startup_failure(name, first_wins=is_rank))
     configure_logging()
     paths = Paths.from_env()
-    is_rank = distributed.is_rank_process()
     if not is_rank:
         # A failure file left by an earlier (e.g. interrupted) run in this dir is not this run's.
         paths.failure_file.unlink(missing_ok=True)
     world = World()
-    stop = StopFlag()
-    stop.install()
 
     def fail(reason: str) -> None:
         # Ranks of one host share the failure file: the first to fail names the cause.
@@ -706,13 +732,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         contract.write_failure(where + reason, paths, first_wins=world.distributed)
 
     try:
-    if contract.is_tuning_trial(paths):
-        # The trials of a tuning job share one checkpoint prefix, and SageMaker copies all of it
-        # into every trial at start (model-checkpoints). Nothing resumes a finished trial, and a
-        # file deleted here is deleted from the prefix too, so later trials do not download it.
-        with contextlib.suppress(FileNotFoundError):
-            checkpoint_path.unlink()
-            log.info("event=checkpoint_removed path=%s reason=tuning_trial_finished", checkpoint_path)
         device = None
         if not is_rank:
             distributed.check_gpu()
@@ -736,12 +755,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                                 f"least {2 * world.size}")
         if world.is_main:
             log.info("event=hyperparameters %s", " ".join(f"{k}={v}" for k, v in hp.to_sagemaker().items()))
+        stop.started()  # the loop stops after a batch from here, keeping the last epoch checkpointed
         run(hp, paths, stop, device=device, world=world)
     except Interrupted as exc:
         reason = interrupted_reason(exc, world, paths.checkpoints_dir)
         fail(reason)
         log.warning("event=interrupted %s", reason)
-        return EXIT_SIGTERM
+        return exc.exit_code
     except EXPECTED_ERRORS as exc:
         fail(f"{type(exc).__name__}: {exc}")
         log.error("event=failed reason=%s", exc)
@@ -752,6 +772,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_FAILURE
     finally:
         distributed.shutdown()
+        stop.restore()
     return 0
 
 

@@ -6,7 +6,10 @@
 
 from __future__ import annotations
 
+import os
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -170,3 +173,70 @@ def test_16bit_png_and_animated_gif_in_train_are_skipped_not_fatal(sample_copy, 
     assert "moving.jpg" in logs and "animated/multi-frame image" in logs
     assert "skipped_images=2" in logs
     assert (paths.model_dir / "model.pt").exists()
+
+
+# --- SIGTERM / SIGINT: a failure file naming the signal, whenever it lands --------------------
+REPO = Path(__file__).resolve().parents[2]
+ENTRY_POINTS = {
+    "python -m dogbreed.train": [sys.executable, "-m", "dogbreed.train"],
+    "dogbreed-train": [str(Path(sys.executable).with_name("dogbreed-train"))],
+    "image program": [sys.executable, str(REPO / "docker" / "dogbreed_train.py")],
+}
+
+
+def start_training(paths: contract.Paths, command: list[str]) -> subprocess.Popen[str]:
+    env = {**os.environ, contract.BASE_DIR_ENV: str(paths.base)}
+    env.pop(contract.SM_HPS, None)
+    return subprocess.Popen(command, env=env, text=True, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+
+
+def signal_on_line(process: subprocess.Popen[str], stream: str, marker: str,
+                   signum: int) -> tuple[str, str]:
+    """Send ``signum`` as soon as ``marker`` appears on ``stream``; (stdout, stderr) after."""
+    seen = []
+    try:
+        for line in getattr(process, stream):
+            seen.append(line)
+            if marker in line:
+                process.send_signal(signum)
+                break
+        else:
+            pytest.fail(f"{marker!r} never appeared: {''.join(seen)[-2000:]}")
+        stdout, stderr = process.communicate(timeout=120)
+    finally:
+        process.kill()
+    before = "".join(seen)
+    return (before + stdout, stderr) if stream == "stdout" else (stdout, before + stderr)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=lambda s: s.name)
+@pytest.mark.parametrize("entry", ENTRY_POINTS)
+def test_a_signal_during_start_up_writes_the_failure_naming_it(make_job, entry, signum):
+    """The handler is installed before torch is imported (seconds): the process signals it as
+    its first log line, and the test sends the signal right then, while torch loads."""
+    paths = make_job(TINY | {"epochs": "1"})
+    process = start_training(paths, ENTRY_POINTS[entry])
+    _, stderr = signal_on_line(process, "stderr", "event=starting ", signum)
+    assert process.returncode == 128 + signum, stderr[-2000:]
+    failure = paths.failure_file.read_text()
+    assert failure.startswith(f"stopped by {signum.name} during start-up"), failure
+    assert "Traceback" not in stderr, stderr[-2000:]
+    assert not (paths.model_dir / "model.pt").exists()
+
+
+def test_sigint_mid_run_stops_like_sigterm_with_exit_130(make_job):
+    """Ctrl-C: the epoch in progress stops after its batch, the last completed one stays
+    checkpointed, the failure names SIGINT (a KeyboardInterrupt traceback and no failure file
+    before)."""
+    paths = make_job(TINY | {"epochs": "3"})
+    process = start_training(paths, ENTRY_POINTS["python -m dogbreed.train"])
+    stdout, stderr = signal_on_line(process, "stdout", "epoch=1 ", signal.SIGINT)
+    assert process.returncode == train.EXIT_SIGINT == 130, stderr[-2000:]
+    failure = paths.failure_file.read_text()
+    completed = len([line for line in stdout.splitlines() if line.startswith("epoch=")])
+    assert failure.startswith(f"stopped by SIGINT; last completed epoch ({completed}) is checkpointed"), failure
+    assert "event=signal signal=SIGINT action=stop_after_batch" in stderr
+    assert "Traceback" not in stderr, stderr[-2000:]
+    assert (paths.checkpoints_dir / train.CHECKPOINT_FILE).exists()
+    assert not (paths.model_dir / "model.pt").exists()

@@ -153,3 +153,37 @@ def test_sigterm_before_the_first_epoch_says_there_is_nothing_to_resume(
         _run(hp, paths, stop_after_epoch=1)
     reason = train.interrupted_reason(stopped.value, distributed.ONE_PROCESS, paths.checkpoints_dir)
     assert f"last completed epoch (1) is checkpointed in {paths.checkpoints_dir}" in reason
+
+
+def test_a_checkpoint_write_cut_short_leaves_nothing_behind_at_the_next_start(
+        tmp_path: Path, sample_data: Path, caplog: pytest.LogCaptureFixture):
+    """A SIGKILL during save_checkpoint leaves atomic_write's temp file (6-59 MB), which
+    SageMaker's checkpoint sync would upload and copy into every later job: the next start
+    removes it, saying so, and resumes the complete checkpoint beside it."""
+    hp, paths = _job(tmp_path, sample_data, epochs="1")
+    _run(hp, paths)
+    complete = paths.checkpoints_dir / train.CHECKPOINT_FILE
+    partials = [paths.checkpoints_dir / ".checkpoint.pt.k1ll3d",  # this job's
+                paths.checkpoints_dir / ".checkpoint-earlier-job.pt.x9y8z7"]  # a stopped job's
+    for partial in partials:
+        partial.write_bytes(complete.read_bytes()[:1000])
+    caplog.set_level(logging.INFO, logger="dogbreed.train")
+    more, _ = _job(tmp_path, sample_data, epochs="2")
+    assert [h.epoch for h in _run(more, paths).history] == [1, 2]
+    assert not any(p.exists() for p in partials)
+    for partial in partials:
+        assert f"event=partial_checkpoint_removed path={partial} bytes=1000" in caplog.text
+    assert "event=resume" in caplog.text
+
+
+def test_a_tuning_trial_removes_only_its_own_partial_checkpoints(tmp_path: Path):
+    """Trials share one checkpoint prefix and run at the same time: another trial's temp file
+    may be a write in progress."""
+    own = tmp_path / "checkpoint-trial-1.pt"
+    mine, theirs = tmp_path / ".checkpoint-trial-1.pt.abc", tmp_path / ".checkpoint-trial-2.pt.def"
+    for path in (mine, theirs, own):
+        path.write_bytes(b"x")
+    assert train.remove_partial_checkpoints(own, every_job=False) == [mine]
+    assert theirs.exists() and own.exists()
+    assert train.remove_partial_checkpoints(own) == [theirs]
+    assert own.exists()
