@@ -144,3 +144,32 @@ def test_local_batch_by_training_job_name(serve_models: dict[str, TrainedModel],
     summary = json.loads(capsys.readouterr().out)
     assert summary["model"] == str(packed)
     assert (summary["files"], summary["predicted"], summary["errors"]) == (3, 3, 0)
+
+
+def test_local_batch_rerun_with_another_model_predicts_every_file_again(
+        serve_models: dict[str, TrainedModel], sample_data: Path, tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """The README's two `batch --local` lines write to one folder: the second model used to
+    report `"predicted": 0` and the first model's accuracy. A new SageMaker transform job into
+    the same output prefix overwrites every `<name>.out`; so does a rerun with another model."""
+    images = tmp_path / "in"
+    for photo in sorted((sample_data / "test").rglob("*.jpg"))[:4]:
+        (images / photo.parent.name).mkdir(parents=True, exist_ok=True)
+        shutil.copy(photo, images / photo.parent.name / photo.name)
+    output = tmp_path / "predictions"
+
+    def batch_run(model: Path) -> dict:
+        assert cli.main(["batch", "--local", str(model), str(images), str(output), "--workers", "1"]) == 0
+        return json.loads(capsys.readouterr().out)
+
+    first = batch_run(serve_models["resnet18"].archive)
+    assert first["predicted"] == 4
+    second = batch_run(serve_models["mobilenet_v2"].model_dir)
+    assert (second["predicted"], second["skipped_finished"]) == (4, 0)
+    assert second["replaced_outputs_of"] == str(serve_models["resnet18"].archive.resolve())
+    outs = sorted(output.rglob("*.out"))
+    assert len(outs) == 4 and {json.loads(p.read_text())["arch"] for p in outs} == {"mobilenet_v2"}
+    # The same model again (packed this time): nothing to predict, no server started.
+    third = batch_run(serve_models["mobilenet_v2"].archive)
+    assert (third["predicted"], third["skipped_finished"]) == (0, 4)
+    assert third["accuracy"] == second["accuracy"]

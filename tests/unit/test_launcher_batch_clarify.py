@@ -201,6 +201,54 @@ def test_local_batch_out_per_file_summary_accuracy_errors_and_resume(tmp_path, m
     assert len(calls) == 1 and third["predicted"] == 1
 
 
+def test_local_batch_rerun_with_another_model_predicts_every_file_again(tmp_path, model_tar):
+    """Finished outputs count as finished only for the model that wrote them."""
+    inputs, outputs = tmp_path / "in", tmp_path / "out"
+    _write_images(inputs)
+    first_id = batch.model_identity(model_tar)
+    first = batch.run_local(batch.in_process_predictor(model_tar), inputs, outputs,
+                            progress=False, model_id=first_id)
+    assert first["predicted"] == 6
+    other_dir = tmp_path / "other"
+    torch.manual_seed(1)
+    artifacts.save_model_dir(other_dir, models.build_model("mobilenet_v2", len(CLASSES)),
+                             artifacts.ModelMetadata(arch="mobilenet_v2", class_names=CLASSES,
+                                                     image_size=32, resize_size=37,
+                                                     mean=list(data.IMAGENET_MEAN),
+                                                     std=list(data.IMAGENET_STD)))
+    calls = []
+    predict = batch.in_process_predictor(other_dir)
+    second = batch.run_local(lambda body: calls.append(body) or predict(body), inputs, outputs,
+                             progress=False, model_id=batch.model_identity(other_dir))
+    assert len(calls) == 6 and (second["predicted"], second["skipped_finished"]) == (6, 0)
+    assert second["replaced_outputs_of"] == str(model_tar.resolve())
+    assert {json.loads(p.read_text())["arch"] for p in outputs.rglob("*.out")} == {"mobilenet_v2"}
+    # The same model again, packed: it is the same model, nothing is predicted.
+    packed = artifacts.pack(other_dir, tmp_path / "other.tar.gz")
+    assert batch.model_identity(packed) | {"model": ""} == batch.model_identity(other_dir) | {"model": ""}
+    third = batch.run_local(lambda body: calls.append(body) or predict(body), inputs, outputs,
+                            progress=False, model_id=batch.model_identity(packed))
+    assert len(calls) == 6 and third["skipped_finished"] == 6
+    # Outputs from before the folder recorded its model: unknown, so predicted again.
+    (outputs / batch.MODEL_MARK).unlink()
+    fourth = batch.run_local(lambda body: calls.append(body) or predict(body), inputs, outputs,
+                             progress=False, model_id=batch.model_identity(packed))
+    assert fourth["predicted"] == 6
+
+
+def test_model_identity_never_opens_model_pt(tmp_path, model_tar):
+    """The server reads model.pt (a test holds its load with a FIFO there): the batch process
+    only stat()s it."""
+    import os
+
+    model_dir = tmp_path / "fifo-model"
+    model_dir.mkdir()
+    (model_dir / artifacts.METADATA_FILE).write_text("{}")
+    os.mkfifo(model_dir / artifacts.WEIGHTS_FILE)
+    identity = batch.model_identity(model_dir)  # would block on open()
+    assert identity["weights_size"] == 0 and "model_json_sha256" in identity
+
+
 def test_local_batch_cli_checks_before_starting_a_server(tmp_path, model_tar, capsys):
     """The served run itself: tests/integration/test_batch_served.py (real MMS)."""
     _write_images(tmp_path / "in")

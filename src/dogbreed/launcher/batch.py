@@ -11,8 +11,10 @@ unpacked once), asked ``GET /execution-parameters`` as SageMaker's transform age
 fed one ``POST /invocations`` per file, ``MaxConcurrentTransforms`` at a time.
 :func:`run_local` walks the folder and calls a ``predict(bytes) -> dict`` for each file,
 writing the same ``<name>.out`` JSON (sub-folders mirrored), ``summary.csv`` and, when the
-folder has the dogImages class layout (``NNN.Breed/*.jpg``), the accuracy. Finished outputs
-are skipped on a rerun; an unreadable image gets an error record and the run goes on.
+folder has the dogImages class layout (``NNN.Breed/*.jpg``), the accuracy. A rerun with the
+same model skips the finished outputs; with another model (``MODEL_MARK`` records which one
+wrote the folder) it predicts every file again, as a new transform job overwrites its output
+prefix. An unreadable image gets an error record and the run goes on.
 :func:`in_process_predictor` is the same answer without a server: the throughput ceiling
 (``scripts/bench_serve.py`` measures both).
 """
@@ -20,11 +22,14 @@ are skipped on a rerun; an unreadable image gets an error record and the run goe
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import csv
+import hashlib
 import http.client
 import io
 import json
 import re
+import tarfile
 import tempfile
 import threading
 import time
@@ -48,6 +53,10 @@ Predict = Callable[[bytes], Mapping[str, Any]]
 OUT_SUFFIX = ".out"  # what SageMaker batch transform appends to each input's name
 SUMMARY_FILE = "summary.csv"
 SUMMARY_COLUMNS = ("file", "top1", "probability", "error", "true_class", "correct")
+# Which model wrote the outputs of a local batch folder. Hidden (input_files skips dot files), so
+# an output folder inside the input is never read back as an image.
+MODEL_MARK = ".dogbreed-batch-model.json"
+MAX_METADATA_BYTES = 16 * 1024**2  # model.json is kilobytes; never read a huge member
 CLASS_DIR = re.compile(r"^\d{3}\.")  # dogImages: 001.Affenpinscher/
 CONTENT_TYPE = "application/x-image"  # one type for every record; the server sniffs JPEG/PNG
 MAX_PAYLOAD_MB = contract.MAX_PAYLOAD_BYTES // 1024**2  # what the server accepts per request
@@ -207,12 +216,96 @@ def _load_finished(path: Path) -> dict[str, Any] | None:
     return record
 
 
+def model_identity(model: Path) -> dict[str, Any]:
+    """What tells two models apart without loading either: the SHA-256 of its model.json (which
+    records the training's metrics and timings, so two trainings never share one) and the size
+    of model.pt — read from a model dir (model.pt is only stat()ed: the server reads it) or
+    from a model.tar.gz's members, so a model and its packed archive are the same model."""
+    model = Path(model)
+    identity: dict[str, Any] = {"model": str(model.resolve())}
+    if model.is_file():
+        identity.update(_archive_identity(model))
+        return identity
+    with contextlib.suppress(OSError):
+        identity["model_json_sha256"] = hashlib.sha256(
+            (model / artifacts.METADATA_FILE).read_bytes()).hexdigest()
+    with contextlib.suppress(OSError):
+        identity["weights_size"] = (model / artifacts.WEIGHTS_FILE).stat().st_size
+    return identity
+
+
+def _archive_identity(archive: Path) -> dict[str, Any]:
+    found: dict[str, Any] = {}
+    try:
+        with tarfile.open(archive, "r:*") as tar:
+            for member in tar:
+                name = member.name.removeprefix("./")
+                if name == artifacts.WEIGHTS_FILE and member.isfile():
+                    found["weights_size"] = member.size
+                elif name == artifacts.METADATA_FILE and member.isfile() \
+                        and member.size <= MAX_METADATA_BYTES:
+                    handle = tar.extractfile(member)
+                    if handle is not None:
+                        found["model_json_sha256"] = hashlib.sha256(handle.read()).hexdigest()
+    except (OSError, tarfile.TarError):
+        pass
+    if "model_json_sha256" not in found:  # not a model archive the server reads: its bytes
+        digest = hashlib.sha256()
+        with open(archive, "rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(chunk)
+        found = {"sha256": digest.hexdigest()}
+    return found
+
+
+def _same_model(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
+    keys = ("model_json_sha256", "weights_size", "sha256")
+    return any(k in a for k in keys) and all(a.get(k) == b.get(k) for k in keys)
+
+
+def _previous_model(output_dir: Path) -> dict[str, Any] | None:
+    try:
+        mark = json.loads((Path(output_dir) / MODEL_MARK).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return mark if isinstance(mark, dict) else None
+
+
+def _outputs_of_another_model(input_dir: Path, output_dir: Path, files: Sequence[Path],
+                              model_id: Mapping[str, Any]) -> tuple[list[Path], dict[str, Any] | None]:
+    """The existing outputs for ``files`` when the model that wrote them is not ``model_id``
+    (or is unknown), with what the folder says about that model."""
+    previous = _previous_model(output_dir)
+    if previous is not None and _same_model(previous, model_id):
+        return [], previous
+    return [out for out in (output_for(input_dir, output_dir, f) for f in files) if out.is_file()], previous
+
+
 def run_local(predict: Predict, input_dir: Path, output_dir: Path, *, workers: int = 1,
-              progress: bool | None = None) -> dict[str, Any]:
-    """Predict every file of ``input_dir`` into ``output_dir``; returns the run's summary."""
+              progress: bool | None = None,
+              model_id: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Predict every file of ``input_dir`` into ``output_dir``; returns the run's summary.
+
+    A rerun skips the outputs already finished — when ``model_id`` (:func:`model_identity`)
+    says the same model wrote them. Outputs of another model, or of an unknown one, are
+    predicted again, as a new SageMaker transform job into the same S3OutputPath overwrites
+    every ``<name>.out``: the accuracy is always the asked model's."""
     input_dir, output_dir = Path(input_dir), Path(output_dir)
     files = input_files(input_dir, output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
+    replaced: dict[str, Any] | None = None
+    if model_id is not None:
+        stale, previous = _outputs_of_another_model(input_dir, output_dir, files, model_id)
+        if stale:
+            replaced = previous or {"model": "unknown (no record of the model)"}
+            events.warning("batch_model_changed", output=output_dir, outputs=len(stale),
+                           previous_model=replaced.get("model"), model=model_id.get("model"),
+                           action="predicting every file again")
+            # Gone before the mark names the new model: an interrupted run never leaves an old
+            # model's output looking like the new one's.
+            for out in stale:
+                out.unlink()
+        artifacts.atomic_write(output_dir / MODEL_MARK, (json.dumps(dict(model_id)) + "\n").encode())
     records: dict[Path, dict[str, Any]] = {}
     todo = []
     for file in files:
@@ -266,6 +359,8 @@ def run_local(predict: Predict, input_dir: Path, output_dir: Path, *, workers: i
                "seconds": round(seconds, 3),
                "images_per_sec": round(len(todo) / seconds, 2) if todo and seconds > 0 else None,
                "summary_csv": str(output_dir / SUMMARY_FILE)}
+    if replaced is not None:
+        summary["replaced_outputs_of"] = replaced.get("model")
     if judged:
         summary["accuracy"] = correct / judged
         summary["judged"] = judged
@@ -323,11 +418,14 @@ def served_batch(model: Path, input_dir: Path, output_dir: Path, *, workers: int
 
     model = local_model(model, workdir)
     files = input_files(Path(input_dir), Path(output_dir))  # a bad folder fails before a server starts
-    if all(_load_finished(output_for(Path(input_dir), Path(output_dir), f)) for f in files):
+    model_id = model_identity(model)
+    stale, _ = _outputs_of_another_model(Path(input_dir), Path(output_dir), files, model_id)
+    if not stale and all(_load_finished(output_for(Path(input_dir), Path(output_dir), f)) for f in files):
         def finished(body: bytes) -> dict[str, Any]:
             raise AssertionError("every output is finished")
         events.event("batch_all_finished", files=len(files))  # no server to start
-        return run_local(finished, input_dir, output_dir, progress=progress)
+        return {**run_local(finished, input_dir, output_dir, progress=progress, model_id=model_id),
+                "model": str(model)}
     with tempfile.TemporaryDirectory(prefix="dogbreed-batch-") as tmp:
         server = ModelServer(port=0, host="127.0.0.1", multi_model=False, model_dir=model,
                              workers=workers, run_dir=Path(tmp) / "run", log_file=Path(tmp) / "serve.log")
@@ -344,7 +442,8 @@ def served_batch(model: Path, input_dir: Path, output_dir: Path, *, workers: int
             parameters = reply.json()
             events.event("batch_server_ready", url=server.url, **parameters)
             summary = run_local(http_predictor(server.url), input_dir, output_dir,
-                                workers=int(parameters["MaxConcurrentTransforms"]), progress=progress)
+                                workers=int(parameters["MaxConcurrentTransforms"]), progress=progress,
+                                model_id=model_id)
         finally:
             server.stop()
     return {**summary, "model": str(model), "execution_parameters": parameters}
