@@ -85,10 +85,10 @@ def _failure(paths: contract.Paths) -> str:
 
 
 def test_unknown_hyperparameter_fails_with_the_valid_list(make_job, run_entry_point):
-    paths = make_job({"epochs": "1", "learning_rate": "0.1"})
+    paths = make_job({"epochs": "1", "learning_rat": "0.1"})
     result = run_entry_point(paths)
     assert result.returncode != 0
-    assert "learning_rate" in _failure(paths) and "batch-size" in _failure(paths)
+    assert "learning_rat" in _failure(paths) and "batch-size" in _failure(paths)
 
 
 def test_missing_channel_fails(make_job, run_entry_point, tmp_path):

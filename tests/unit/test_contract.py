@@ -264,3 +264,33 @@ def test_sm_hps_must_be_a_json_object(tmp_path: Path, value):
     env = {contract.BASE_DIR_ENV: str(tmp_path), contract.SM_HPS: value}
     with pytest.raises(ContractError, match="SM_HPS must hold a JSON object of hyperparameters"):
         contract.load_hyperparameters([], paths, env)
+
+
+def test_the_seeds_hyperparameter_names_are_aliases_warned_once(caplog):
+    """The seeds' notebooks and scripts passed learning_rate, batch_size and test-batch-size:
+    each trial of their tuner definitions failed as unknown."""
+    caplog.set_level("WARNING")
+    contract._warned_aliases.clear()
+    hp = contract.parse_hyperparameters({"learning_rate": "0.05", "batch_size": "32",
+                                         "test-batch-size": "64"})
+    assert (hp.lr, hp.batch_size, hp.eval_batch_size) == (0.05, 32, 64)
+    contract.parse_hyperparameters({"learning_rate": "0.01"})
+    warned = [r.getMessage() for r in caplog.records if "hyperparameter_alias" in r.getMessage()]
+    assert len(warned) == 2  # learning_rate and test-batch-size, once each
+    assert any("name=learning_rate use=lr" in m for m in warned)
+    # The SDK's JSON-quoted values and --name forms work as for the names themselves.
+    assert contract.parse_hyperparameters({"--test_batch_size": '"16"'}).eval_batch_size == 16
+    with pytest.raises(contract.ContractError, match="learning_rate and lr name the same setting"):
+        contract.parse_hyperparameters({"learning_rate": "0.05", "lr": "0.1"})
+    assert contract.parse_hyperparameters({"learning_rate": "0.05", "lr": "0.05"}).lr == 0.05
+
+
+def test_the_seeds_objective_regex_reads_the_trainers_epoch_line():
+    import re
+
+    from dogbreed.metrics import SEED_OBJECTIVE_REGEX, seed_objective_line
+
+    line = seed_objective_line(0.61234, 0.7)
+    assert re.search(SEED_OBJECTIVE_REGEX, line).group(1) == "0.6123"
+    # The regex as the seeds' notebooks spelled it in metric_definitions.
+    assert re.search(r"Test set: Average loss: ([0-9\.]+)", line)

@@ -31,6 +31,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from dogbreed import contract
 from dogbreed.launcher import events, workflows
 from dogbreed.launcher import settings as settings_mod
 from dogbreed.launcher.settings import non_negative_int, port_number, positive_float, positive_int
@@ -156,7 +157,10 @@ def _hyperparameters(args: argparse.Namespace) -> dict[str, str]:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
             raise CliError(f"--hp {item!r}: expected NAME=VALUE")
-        hps[key.strip().replace("_", "-")] = value.strip()
+        # A seeds' name (learning_rate, test-batch-size) becomes the field it names here, so a
+        # tuned range and a static value cannot both set it under two names.
+        name = contract.canonical_name(key) or key.strip()
+        hps[name.replace("_", "-")] = value.strip()
     return hps
 
 

@@ -158,9 +158,9 @@ def profiler_config(s3_output_path: str) -> dict[str, Any]:
 
 
 def profiler_off() -> dict[str, Any]:
-    """``ProfilerConfig`` that turns Debugger's system monitoring off. Without a ProfilerConfig
-    SageMaker monitors every job by default; ``DisableProfiler: True`` is what the API defines
-    to switch it off (CreateTrainingJob's ProfilerConfig.DisableProfiler, page
+    """``ProfilerConfig`` that turns Debugger's monitoring and profiling off, explicitly rather
+    than leaving it to a default: ``DisableProfiler: True`` is the API's switch
+    (CreateTrainingJob's ProfilerConfig.DisableProfiler: "To turn it off, set to True"; page
     ``debugger-turn-off-profiling``), and what the SageMaker Python SDK v2 sends for
     ``disable_profiler=True`` (``estimator.py``: ``ProfilerConfig(disable_profiler=True)``)."""
     return {"DisableProfiler": True}
