@@ -29,9 +29,9 @@ def test_sagemaker_added_keys_are_ignored():
 
 def test_unknown_hyperparameter_lists_the_valid_ones():
     with pytest.raises(ContractError) as excinfo:
-        parse_hyperparameters({"learning-rate": "0.1"})
+        parse_hyperparameters({"learning-rte": "0.1"})
     message = str(excinfo.value)
-    assert "learning-rate" in message
+    assert "learning-rte" in message
     for name in ("batch-size", "lr", "model", "weights", "freeze-backbone", "amp"):
         assert name in message
 
