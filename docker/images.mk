@@ -102,7 +102,8 @@ local-train: ## train in the train image on SAMPLE_DATA, output to build/local-t
 	  $(TRAIN_IMAGE):$(RUN_TAG) train
 	@ls -l $(LOCAL_TRAIN_DIR)/model $(LOCAL_TRAIN_DIR)/output/data
 
-local-serve: ## serve LOCAL_MODELS (default build/local-train) multi-model on 127.0.0.1:SERVE_PORT
+local-serve: ## serve LOCAL_MODELS (default build/local-train) multi-model on 127.0.0.1:SERVE_PORT, in the foreground (Ctrl-C stops it)
+	@echo "serving in the foreground: Ctrl-C stops it (from another shell: docker stop dogbreed-local-serve)"
 	@echo "models under $(LOCAL_MODELS) are at /opt/ml/models/<folder>; e.g.:"
 	@echo "  curl -X POST localhost:$(SERVE_PORT)/models -H 'Content-Type: application/json' -d '{\"model_name\": \"dogs\", \"url\": \"/opt/ml/models/model\"}'"
 	@echo "  curl -X POST localhost:$(SERVE_PORT)/models/dogs/invoke -H 'Content-Type: image/jpeg' --data-binary @dog.jpg"

@@ -358,6 +358,10 @@ OPTIMIZERS = ("sgd", "adamw")
 AMP_MODES = ("auto", "bf16", "fp16", "off")
 LR_SCHEDULES = ("cosine", "none")
 AUGMENTS = ("none", "flip", "trivialaugment")
+# channels-last: "auto" is on for a GPU and, on a CPU, whichever layout a few timed probe steps
+# find faster. The layouts round differently, so a run that must reproduce another (a retrain of
+# a tuning trial) pins the layout that run used: "true" or "false".
+CHANNELS_LAST_MODES = ("auto", "true", "false")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -378,7 +382,7 @@ class Hyperparameters:
     freeze_backbone: bool = False
     seed: int = 0
     amp: str = "auto"
-    channels_last: bool = True
+    channels_last: str = "auto"
     compile: bool = False
     early_stopping_patience: int = 0
     num_workers: int = 0
@@ -401,12 +405,45 @@ class Hyperparameters:
         return {k.replace("_", "-"): _to_string(v) for k, v in self.to_dict().items()}
 
 
+# What each hyperparameter means: `dogbreed-train --help` shows it beside the default (a test
+# checks every field has one). The README's table says the same at more length.
+HYPERPARAMETER_HELP: dict[str, str] = {
+    "model": "torchvision architecture; a new head is made for the classes",
+    "epochs": "epochs to train (a resumed run finishes the planned count)",
+    "batch_size": "training batch size, global over all ranks (at least 2 per rank: BatchNorm)",
+    "lr": "learning rate (cosine-annealed over the epochs unless lr-schedule=none)",
+    "optimizer": "sgd (with momentum) or adamw",
+    "momentum": "SGD momentum",
+    "weight_decay": "L2 (sgd) or decoupled (adamw) weight decay",
+    "label_smoothing": "cross-entropy label smoothing",
+    "lr_schedule": "cosine annealing over the epochs, or a constant lr",
+    "image_size": "training crop in pixels; images are cached at ceil(size x 256/224)",
+    "weights": "starting weights: imagenet (torchvision), none (from scratch) or a .pth state_dict path",
+    "freeze_backbone": "train only the new head (transfer learning)",
+    "seed": "seeds weight init, shuffling and augmentation (0 to 2**31-1)",
+    "amp": "mixed precision: auto (bf16 on a GPU that has it, else off), bf16, fp16 (GPU only), off",
+    "channels_last": "memory layout: auto (GPU: channels_last; CPU: whichever a few timed steps "
+                     "find faster, so it may differ run to run), true or false to pin it",
+    "compile": "torch.compile the model",
+    "early_stopping_patience": "stop after this many epochs without a better valid_accuracy (0 = off)",
+    "num_workers": "CPU threads decoding images (0 = all cores)",
+    "eval_batch_size": "evaluation batch size",
+    "augment": "none (centre crop), flip (random resized crop + flip), trivialaugment (flip + TrivialAugmentWide)",
+    "random_erasing": "probability of erasing one random box per sample",
+    "mixup_alpha": "MixUp Beta(alpha, alpha) (0 = off)",
+    "cutmix_alpha": "CutMix Beta(alpha, alpha) (0 = off)",
+    "ema_decay": "EMA of weights and BatchNorm buffers, evaluated and saved (0 = off)",
+    "warmup_epochs": "linear warmup from 1% of lr over this many epochs, then the schedule",
+    "eval_image_size": "evaluation and serving crop (FixRes; 0 = image-size), recorded in model.json",
+}
+
 _CHOICES: dict[str, tuple[str, ...]] = {
     "model": ARCHITECTURES,
     "optimizer": OPTIMIZERS,
     "amp": AMP_MODES,
     "lr_schedule": LR_SCHEDULES,
     "augment": AUGMENTS,
+    "channels_last": CHANNELS_LAST_MODES,
 }
 # (minimum, maximum), inclusive. Every float hyperparameter needs an entry (a test checks):
 # with no bound, lr=1e308 would "train" into NaN weights just as lr=nan did.
@@ -455,6 +492,10 @@ RECIPE_CANDIDATE: dict[str, Any] = {
     "warmup_epochs": 1,
 }
 WEIGHTS_NONE = "none"
+# Choice fields that also take a boolean's spellings (channels-last was a boolean).
+_BOOLEAN_SPELLINGS = {"true": "true", "1": "true", "yes": "true", "on": "true",
+                      "false": "false", "0": "false", "no": "false", "off": "false"}
+_SWITCHES: dict[str, dict[str, str]] = {"channels_last": _BOOLEAN_SPELLINGS}
 _FIELDS = {f.name: f for f in dataclasses.fields(Hyperparameters)}
 
 
@@ -543,6 +584,9 @@ def _convert(name: str, raw: Any) -> Any:
             raise ValueError("expected true or false")
         if field_type in ("int", "float"):
             return _number(value, whole=field_type == "int")
+        if name in _SWITCHES:  # true/false spelled any way a boolean is, or another choice
+            text = str(value).strip().lower()
+            return _SWITCHES[name].get(text, text)
         return str(value)
     except (TypeError, ValueError, OverflowError) as exc:
         raise ContractError(f"hyperparameter {_dashed(name)}={raw!r}: {exc}") from None
@@ -704,7 +748,7 @@ def build_arg_parser_help() -> argparse.ArgumentParser:
         parser.add_argument(
             f"--{_dashed(name)}",
             metavar="VALUE" if not choices else "{" + ",".join(choices) + "}",
-            help=default,
+            help=f"{HYPERPARAMETER_HELP[name]} ({default})".replace("%", "%%"),  # argparse formats it
         )
     return parser
 

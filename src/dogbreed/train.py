@@ -182,7 +182,9 @@ def select_runtime(hp: Hyperparameters, device: torch.device | None = None) -> R
     if dtype is torch.float16 and device.type != "cuda":
         raise ContractError("amp=fp16 needs a GPU; use amp=bf16 or amp=off on CPU")
     return Runtime(device=device, amp_dtype=dtype,
-                   channels_last=hp.channels_last and device.type == "cuda")
+                   # "auto" on a CPU is decided by faster_layout_on_cpu once the model exists.
+                   channels_last=hp.channels_last == "true"
+                   or (hp.channels_last == "auto" and device.type == "cuda"))
 
 
 def faster_layout_on_cpu(model: nn.Module, hp: Hyperparameters, num_classes: int,
@@ -197,22 +199,31 @@ def faster_layout_on_cpu(model: nn.Module, hp: Hyperparameters, num_classes: int
     import copy
 
     probe = copy.deepcopy(model).train()
-    x = torch.randn(batch, 3, hp.image_size, hp.image_size)
-    y = torch.randint(0, num_classes, (batch,))
+    # Its own generator, and the global RNG restored after (dropout draws from it): probing
+    # must not change what the run draws, or a run pinned to the chosen layout would differ.
+    probe_generator = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, 3, hp.image_size, hp.image_size, generator=probe_generator)
+    y = torch.randint(0, num_classes, (batch,), generator=probe_generator)
     loss_fn = nn.CrossEntropyLoss()
     timings: dict[str, float] = {}
-    for name, layout in (("nchw", torch.contiguous_format), ("channels_last", torch.channels_last)):
-        probe = probe.to(memory_format=layout)
-        inputs = x.contiguous(memory_format=layout)
-        best = math.inf
-        for step in range(steps + 1):  # the first step warms up (oneDNN picks its kernels)
-            started = time.perf_counter()
-            loss_fn(probe(inputs), y).backward()
-            probe.zero_grad(set_to_none=True)
-            if step:
-                best = min(best, time.perf_counter() - started)
-        timings[name] = round(best * 1000, 2)
+    with torch.random.fork_rng(devices=[]):
+        for name, layout in (("nchw", torch.contiguous_format), ("channels_last", torch.channels_last)):
+            timings[name] = _time_steps(probe.to(memory_format=layout),
+                                        x.contiguous(memory_format=layout), y, loss_fn, steps)
     return timings["channels_last"] < timings["nchw"], timings
+
+
+def _time_steps(probe: nn.Module, inputs: torch.Tensor, y: torch.Tensor, loss_fn: nn.Module,
+                steps: int) -> float:
+    """The fastest of ``steps`` forward+backward steps, in ms, after one warm-up step."""
+    best = math.inf
+    for step in range(steps + 1):  # the first step warms up (oneDNN picks its kernels)
+        started = time.perf_counter()
+        loss_fn(probe(inputs), y).backward()
+        probe.zero_grad(set_to_none=True)
+        if step:
+            best = min(best, time.perf_counter() - started)
+    return round(best * 1000, 2)
 
 
 def seed_everything(seed: int) -> None:
@@ -530,7 +541,7 @@ def run(hp: Hyperparameters, paths: Paths, stop: StopFlag | None = None,
 
     model = models.build_model(hp.model, len(class_names), hp.weights, hp.freeze_backbone)
     model = model.to(runtime.device)
-    if hp.channels_last and runtime.device.type == "cpu":
+    if hp.channels_last == "auto" and runtime.device.type == "cpu":
         # Rank 0 measures, every rank uses its answer (DDP needs one layout everywhere).
         faster, timings = (faster_layout_on_cpu(model, hp, len(class_names)) if world.is_main
                            else (False, {}))

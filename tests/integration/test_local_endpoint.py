@@ -88,7 +88,9 @@ def test_local_endpoint_routes_by_target_model_with_lru(demo: tuple[Path, str], 
         cli = dogbreed("invoke", str(image), "--target-model", TARGETS[0], "--local", "--top-k", "2",
                        "--endpoint-name", "dogs-local", "--workdir", str(work))
         assert cli.returncode == 0, cli.stderr
-        assert "arch=resnet18" in cli.stdout and "  2. " in cli.stdout and "  3. " not in cli.stdout
+        printed = json.loads(cli.stdout)  # JSON on stdout, named by the TargetModel asked for
+        assert printed["model"] == printed["target_model"] == TARGETS[0]
+        assert printed["arch"] == "resnet18" and len(printed["predictions"]) == 2
 
         client = boto3.client("sagemaker-runtime", region_name="us-east-1", endpoint_url=url,
                               aws_access_key_id="local", aws_secret_access_key="local",

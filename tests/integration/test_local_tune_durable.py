@@ -82,7 +82,8 @@ def test_a_killed_study_keeps_its_finished_trials_and_resumes(sample_data: Path,
     resumed = _tune([*common, "--resume", "s", "--trials", "2"], epoch_seconds=0.02)
     out, err = resumed.communicate(timeout=120)
     assert resumed.returncode == 0, err[-3000:]
-    result = json.loads(out)
+    answer = json.loads(out)  # the answer; the whole study is in its result file
+    result = {**json.loads(Path(answer["result_file"]).read_text()), **answer}
     numbers = [t["number"] for t in result["trials"]]
     assert numbers == list(range(len(killed) + 2))
     assert result["this_process"]["trials"] == [len(killed), len(killed) + 1]
@@ -100,6 +101,7 @@ def test_a_killed_study_keeps_its_finished_trials_and_resumes(sample_data: Path,
         out, err = third.communicate(timeout=60)
     assert third.returncode == 143, err[-3000:]
     stopped = json.loads(out)
+    stopped = {**json.loads(Path(stopped["result_file"]).read_text()), **stopped}
     assert stopped["interrupted"] == "SIGTERM" and stopped["best_trial"] is not None
     # The running trial failed — or, when the signal came after its last epoch, completed.
     assert stopped["this_process"]["counts"]["RUNNING"] == 0

@@ -17,7 +17,33 @@ def test_string_values_as_sagemaker_passes_them():
 def test_json_encoded_values_from_the_sagemaker_sdk():
     hp = parse_hyperparameters({"model": '"resnet50"', "epochs": "\"4\"", "lr": "1e-3",
                                 "compile": '"false"', "channels_last": "false"})
-    assert (hp.model, hp.epochs, hp.lr, hp.compile, hp.channels_last) == ("resnet50", 4, 0.001, False, False)
+    assert (hp.model, hp.epochs, hp.lr, hp.compile, hp.channels_last) == ("resnet50", 4, 0.001, False, "false")
+
+
+@pytest.mark.parametrize("value, expected", [("auto", "auto"), ("true", "true"), ("false", "false"),
+                                             ('"true"', "true"), ("1", "true"), ("off", "false"),
+                                             (True, "true"), ("TRUE", "true")])
+def test_channels_last_is_auto_or_pinned(value, expected):
+    """auto (the default) times both layouts on a CPU; true/false pin one, so a retrain can
+    reproduce a run whose layout a timing picked (the boolean's spellings still parse)."""
+    assert contract.Hyperparameters().channels_last == "auto"
+    assert parse_hyperparameters({"channels-last": value}).channels_last == expected
+
+
+def test_channels_last_refuses_other_values():
+    with pytest.raises(ContractError, match="choose one of auto, true, false"):
+        parse_hyperparameters({"channels-last": "sometimes"})
+
+
+def test_every_hyperparameter_has_a_meaning_in_help(capsys):
+    """`dogbreed-train --help` listed defaults without meanings."""
+    import dataclasses
+
+    fields = {f.name for f in dataclasses.fields(contract.Hyperparameters)}
+    assert set(contract.HYPERPARAMETER_HELP) == fields
+    text = " ".join(contract.build_arg_parser_help().format_help().split())
+    for name, meaning in contract.HYPERPARAMETER_HELP.items():
+        assert " ".join(meaning.split()) in text, name
 
 
 def test_sagemaker_added_keys_are_ignored():

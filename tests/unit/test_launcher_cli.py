@@ -201,6 +201,51 @@ def test_invoke_and_upload_dry_run(run, tmp_path: Path,
     assert payload[0]["operation"] == "PutObject" and "120 files" in payload[-1]["request"]["summary"]
 
 
+def test_invoke_prints_json_named_by_the_target_model(run, sample_data: Path) -> None:
+    """The README promises JSON on stdout; `invoke` printed text lines naming the model by the
+    endpoint's internal hashed name (`dogs_model-1a2b3c4d`) instead of the TargetModel asked for."""
+    import http.server
+    import threading
+
+    seen = {}
+
+    class Endpoint(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:  # what the local router answers for /endpoints/<name>/invocations
+            seen["path"] = self.path
+            seen["target"] = self.headers.get("X-Amzn-SageMaker-Target-Model")
+            self.rfile.read(int(self.headers["Content-Length"]))
+            body = json.dumps({"model": "dogs_model-1a2b3c4d", "arch": "resnet18", "predictions": [
+                {"label": "Beagle", "class_name": "001.Beagle", "index": 0, "probability": 0.9}]}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Endpoint)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        image = str(next((sample_data / "test").rglob("*.jpg")))
+        url = f"http://127.0.0.1:{server.server_port}"
+        code, payload, err = run("invoke", image, "--target-model", "dogs/model.tar.gz", "--local",
+                                 "--endpoint-url", url)
+        assert code == 0, err
+        assert seen["target"] == "dogs/model.tar.gz"
+        assert payload == {"target_model": "dogs/model.tar.gz", "model": "dogs/model.tar.gz",
+                           "arch": "resnet18", "server_model_name": "dogs_model-1a2b3c4d",
+                           "predictions": [{"label": "Beagle", "class_name": "001.Beagle",
+                                            "index": 0, "probability": 0.9}]}
+        code, text, err = run("invoke", image, "--target-model", "dogs/model.tar.gz", "--local",
+                              "--endpoint-url", url, "--text")
+        assert code == 0 and text.startswith("model=dogs/model.tar.gz arch=resnet18"), (text, err)
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 def test_errors_are_one_line_and_exit_non_zero(run) -> None:
     code, _, err = run("tune", "--dry-run", *AWS, "--hp", "lr=0.1")
     assert code == cli.EXIT_USAGE and "tuned" in err

@@ -80,7 +80,13 @@ def test_local_train_packs_model_and_add_model_fills_the_store(backend: LocalBac
                         data=sample_data, echo=False)
     archive = Path(job["model_data"])
     assert archive.name == "model.tar.gz" and archive.parent.name == "output"
-    assert job["final_metrics"]["valid_accuracy"] == fake_accuracy(0.01, 2, 2)
+    # The saved (best) epoch's figures and the last epoch's, each named by its epoch: the last
+    # epoch's training loss used to sit beside the best epoch's validation figures.
+    assert job["final_metrics"]["best_epoch"]["valid_accuracy"] == fake_accuracy(0.01, 2, 2)
+    assert job["final_metrics"]["best_epoch"]["epoch"] == 2
+    assert set(job["final_metrics"]["last_epoch"]) == {"epoch", "train_loss", "train_accuracy",
+                                                       "valid_loss", "valid_accuracy"}
+
     added = backend.add_model("dogs", training_job="job-1")
     assert added["target_model"] == "dogs/model.tar.gz"
     assert backend.store.targets() == ["dogs/model.tar.gz"]
@@ -88,6 +94,19 @@ def test_local_train_packs_model_and_add_model_fills_the_store(backend: LocalBac
         backend.add_model("dogs", training_job="no-such-job")
     with pytest.raises(SettingsError):
         backend.add_model("../escape", training_job="job-1")
+
+
+def test_final_metrics_name_the_epoch_each_figure_is_from() -> None:
+    epochs = [{"epoch": 1, "train_loss": 2.0, "train_accuracy": 0.1, "valid_loss": 1.5, "valid_accuracy": 0.2},
+              {"epoch": 2, "train_loss": 1.0, "train_accuracy": 0.5, "valid_loss": 1.2, "valid_accuracy": 0.4},
+              {"epoch": 3, "train_loss": 0.5, "train_accuracy": 0.8, "valid_loss": 1.4, "valid_accuracy": 0.4}]
+    final = {"train_loss": 0.5, "train_accuracy": 0.8, "valid_loss": 1.2, "valid_accuracy": 0.4,
+             "test_loss": 1.3, "test_accuracy": 0.35}
+    assert local_backend.final_metrics(epochs, final) == {
+        "best_epoch": {"epoch": 2, "valid_loss": 1.2, "valid_accuracy": 0.4, "test_loss": 1.3,
+                       "test_accuracy": 0.35},
+        "last_epoch": {"epoch": 3, "train_loss": 0.5, "train_accuracy": 0.8, "valid_loss": 1.4,
+                       "valid_accuracy": 0.4}}
 
 
 def test_failed_training_reports_the_failure_file(backend: LocalBackend, sample_data: Path) -> None:

@@ -169,3 +169,32 @@ def test_a_definition_mismatch_names_the_fields_that_differ(backend: LocalBacken
     assert "space.epochs.high: stored 2, given 3" in message
     assert 'pruner: stored "none", given "median"' in message
     assert "space.lr" not in message and "--space/--pruner/--epochs-max" in message
+
+
+def test_the_tune_answer_comes_first_with_exact_next_commands(backend: LocalBackend, sample_data: Path,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    """`tune --local` printed 880 lines of JSON, search space first, and a `next` hint with a
+    literal NAME and no --workdir (so it missed a non-default workdir's study)."""
+    import shlex
+
+    from dogbreed.launcher import cli
+    from dogbreed.launcher.local_backend import tune_answer
+
+    result = backend.tune(name="answer", data=sample_data, static_hyperparameters={}, trials=2,
+                          epochs_max=2, space="seeds", pruner="none")
+    answer = tune_answer(result)
+    assert list(answer)[:6] == ["tuning_job", "best_trial", "best_objective", "best_test_accuracy",
+                                "best_model_data", "next"]
+    assert "trials" not in answer and "search_space" not in answer  # in result_file
+    assert len(json.dumps(answer, indent=2).splitlines()) < 40
+    saved = json.loads(Path(answer["result_file"]).read_text())
+    assert len(saved["trials"]) == 2 and saved["next"] == answer["next"]
+    assert "NAME" not in answer["next"] and f"--workdir {backend.workdir}" in answer["next"]
+    assert "trial's own model" in answer["which_model"]
+    # Both commands run as printed (dry run: the plan, nothing done).
+    for command in (answer["next"], answer["retrain"]):
+        assert f"--workdir {backend.workdir}" in command
+        assert cli.main([*shlex.split(command)[1:], "--dry-run"]) == 0, command
+        plan = json.loads(capsys.readouterr().out)
+        assert plan["backend"] == "local"
+    assert plan["hyperparameters"]["lr"] == answer["best_hyperparameters"]["lr"]

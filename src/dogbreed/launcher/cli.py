@@ -328,11 +328,13 @@ def cmd_tune(args: argparse.Namespace, settings: settings_mod.Settings, backend:
                    prune_warmup_epochs=args.prune_warmup_epochs, in_process=args.in_process)
     if args.dry_run:
         return local.plan_tune(data=args.data, **options)
+    from dogbreed.launcher.local_backend import tune_answer
+
     result = local.tune(data=_require_data(args), output=args.output, **options)
     if result.get("interrupted"):
-        _emit(result)  # the best so far, then the exit status of the signal
+        _emit(tune_answer(result))  # the best so far, then the exit status of the signal
         raise KeyboardInterrupt(result["interrupted"])
-    return result
+    return tune_answer(result)
 
 
 def train_arguments(p: argparse.ArgumentParser) -> None:
@@ -463,11 +465,19 @@ def invoke_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target-model", required=True, help="e.g. dog-breed-classifier/model.tar.gz")
     p.add_argument("--top-k", type=positive_int, default=5)
     p.add_argument("--endpoint-url", help="local: the router URL (default: the running local endpoint)")
-    p.add_argument("--json", action="store_true", help="print the raw JSON answer")
+    p.add_argument("--text", action="store_true",
+                   help="print the top-k as lines of text instead of JSON")
+    p.add_argument("--json", action="store_true",
+                   help="JSON on stdout (the default; kept for older scripts)")
 
 
 def cmd_invoke(args: argparse.Namespace, settings: settings_mod.Settings, backend: str) -> Any:
-    from dogbreed.launcher.invoke import format_predictions, invoke_runtime, runtime_client
+    from dogbreed.launcher.invoke import (
+        format_predictions,
+        invoke_result,
+        invoke_runtime,
+        runtime_client,
+    )
 
     if not args.image.is_file():
         raise CliError(f"no such image {args.image}")
@@ -488,10 +498,11 @@ def cmd_invoke(args: argparse.Namespace, settings: settings_mod.Settings, backen
                     "image": str(args.image)}
         answer = invoke_runtime(runtime_client(url, settings.region), settings.endpoint_name,
                                 args.target_model, args.image, args.top_k)
-    if args.json:
-        return answer
-    print(format_predictions(answer))
-    return None
+    result = invoke_result(args.target_model, answer)
+    if args.text and not args.json:
+        print(format_predictions(result))
+        return None
+    return result
 
 
 def logs_arguments(p: argparse.ArgumentParser) -> None:

@@ -64,7 +64,7 @@ def run_demo(settings: Settings, *, data: Path, epochs: int = 2, image_size: int
             print(f"TargetModel={target}")
             print(format_predictions(answer))
             results["models"][name] = {"target_model": target, "prediction": answer,
-                                       "valid_accuracy": trained[name]["final_metrics"].get("valid_accuracy"),
+                                       "valid_accuracy": trained[name]["final_metrics"]["best_epoch"].get("valid_accuracy"),
                                        "model_data": trained[name]["model_data"],
                                        "plots": trained[name]["output_data"]}
     print("\nartifacts and plots:")

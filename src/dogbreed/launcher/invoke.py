@@ -45,6 +45,20 @@ def invoke_runtime(client: Any, endpoint: str, target_model: str, image: Path, t
     return json.loads(response["Body"].read())
 
 
+def invoke_result(target_model: str, answer: Any) -> dict[str, Any]:
+    """What ``dogbreed invoke`` prints: the answer under the TargetModel the caller asked for.
+
+    The container names a model by whatever the platform loaded it as (SageMaker's MME and the
+    local router load ``dogs/model.tar.gz`` under an internal hashed name), which the caller
+    never chose; that name is kept as ``server_model_name``."""
+    if not isinstance(answer, dict):
+        return {"target_model": target_model, "answer": answer}
+    result = {"target_model": target_model, **answer, "model": target_model}
+    if "model" in answer and answer["model"] != target_model:
+        result["server_model_name"] = answer["model"]
+    return result
+
+
 def format_predictions(answer: Any) -> str:
     if not isinstance(answer, dict) or "predictions" not in answer:
         return json.dumps(answer, indent=2)

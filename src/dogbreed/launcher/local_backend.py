@@ -23,6 +23,7 @@ would use. Work dir layout (``--workdir``, default ``.dogbreed``)::
 from __future__ import annotations
 
 import json
+import shlex
 import shutil
 import sys
 from collections.abc import Mapping, Sequence
@@ -124,7 +125,8 @@ class LocalBackend:
         archive = artifacts.pack(paths.model_dir, paths.output_dir / artifacts.ARCHIVE_NAME)
         out = {"training_job": name, "status": "Completed", "model_data": str(archive),
                "model_dir": str(paths.model_dir), "output_data": str(paths.output_data_dir),
-               "final_metrics": result.final, "seconds": round(result.seconds, 1)}
+               "final_metrics": final_metrics(result.epochs, result.final),
+               "seconds": round(result.seconds, 1)}
         events.event("training_completed", job=name, model_data=archive,
                      valid_accuracy=result.objective, seconds=round(result.seconds, 1))
         return out
@@ -157,6 +159,8 @@ class LocalBackend:
         ``output`` — also when interrupted (``result["interrupted"]``: the best so far)."""
         tuning = self.tuning(name=name, static_hyperparameters=static_hyperparameters, **options)
         result = tuning.run(data, progress=self.progress, device=device)
+        if result.get("best_model_data"):
+            result.update(self.next_steps(name, Path(result["best_model_data"]), Path(data)))
         path = self.workdir / "tuning" / f"{name}.json"
         for target in (path, output):
             if target is not None:
@@ -170,11 +174,26 @@ class LocalBackend:
                      complete=result["counts"]["COMPLETE"], pruned=result["counts"]["PRUNED"],
                      failed=result["counts"]["FAIL"], seconds=result["seconds"], result=path,
                      best_model_data=result.get("best_model_data"))
-        if result.get("best_model_data"):
-            result["next"] = f"dogbreed add-model NAME --local --file {result['best_model_data']}"
         if result.get("best_trial") is None and not result.get("interrupted"):
             raise LocalError(result["error"] + f" (result: {path})")
         return result
+
+    def next_steps(self, study: str, model_data: Path, data: Path) -> dict[str, str]:
+        """The commands that follow a study, exact (this workdir, no placeholder), and which
+        model to take."""
+        workdir = shlex.quote(str(self.workdir))
+        return {
+            "which_model": (
+                "best_model_data is the best trial's own model, the one that scored "
+                "best_objective: serve it (next). `retrain` trains the same hyperparameters and "
+                "seed again and reproduces the trial epoch for epoch on this machine; run it for "
+                "a job of its own (add --debugger for `dogbreed report`'s tensors)."),
+            "next": f"dogbreed add-model {study} --local --workdir {workdir} "
+                    f"--file {shlex.quote(str(model_data))}",
+            "retrain": f"dogbreed train --local --workdir {workdir} "
+                       f"--data {shlex.quote(str(Path(data).resolve()))} "
+                       f"--from-tuning-job {study} --name {study}-best",
+        }
 
     def best_hyperparameters(self, tuning_job: str) -> dict[str, str]:
         path = Path(tuning_job)
@@ -280,6 +299,35 @@ class LocalBackend:
         tunings = sorted(p.stem for p in (self.workdir / "tuning").glob("*.json"))
         return {"workdir": str(self.workdir), "endpoint": endpoint, "models": self.store.targets(),
                 "training_jobs": jobs, "tuning_jobs": tunings}
+
+
+def final_metrics(epochs: Sequence[Mapping[str, float]], final: Mapping[str, float]) -> dict[str, Any]:
+    """A finished run's figures by the epoch they belong to: the best epoch (the saved model:
+    its validation figures, and the test split scored with its weights) and the last epoch
+    (which the last training loss and accuracy are from), never mixed under one heading."""
+    if not epochs:
+        return dict(final)
+    # The trainer's rule: the first epoch with the highest valid_accuracy, lower valid_loss on ties.
+    best = max(epochs, key=lambda e: (e.get("valid_accuracy", -1.0), -e.get("valid_loss", float("inf"))))
+    last = epochs[-1]
+    saved = {"epoch": int(best["epoch"]),
+             **{k: best[k] for k in ("valid_loss", "valid_accuracy") if k in best},
+             **{k: final[k] for k in ("test_loss", "test_accuracy") if k in final}}
+    return {"best_epoch": saved,
+            "last_epoch": {"epoch": int(last["epoch"]),
+                           **{k: last[k] for k in ("train_loss", "train_accuracy", "valid_loss",
+                                                   "valid_accuracy") if k in last}}}
+
+
+# What `dogbreed tune --local` prints: the answer; the whole study is in result_file.
+ANSWER_KEYS = ("tuning_job", "best_trial", "best_objective", "best_test_accuracy",
+               "best_model_data", "next", "retrain", "which_model", "best_hyperparameters",
+               "counts", "this_process", "seconds", "result_file", "interrupted", "error")
+
+
+def tune_answer(result: Mapping[str, Any]) -> dict[str, Any]:
+    """The short answer of a tuning result (the full one stays in its ``result_file``)."""
+    return {key: result[key] for key in ANSWER_KEYS if key in result}
 
 
 def _loaded_models(url: str) -> list[str]:

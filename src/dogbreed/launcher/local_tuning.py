@@ -61,7 +61,8 @@ HEARTBEAT_SECONDS = 30
 GRACE_SECONDS = 120
 SCHEMA_ATTEMPTS = 5
 TRIAL_ATTRS = ("origin", "curve", "dir", "host", "valid_accuracy", "test_accuracy", "stopped", "failure",
-               "model_data", "seconds")
+               "model_data", "seconds", "channels_last")
+CHANNELS_LAST = "channels-last"
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d*)?)\s*([smh]?)\s*$", re.IGNORECASE)
 
 
@@ -418,6 +419,9 @@ class LocalTuning:
         score = tuning_score(result.final)
         assert score is not None
         trial.set_user_attr("valid_accuracy", result.objective)
+        layout = trained_layout(trial_dir / "model")
+        if layout is not None:
+            trial.set_user_attr("channels_last", layout)
         if "test_accuracy" in result.final:
             trial.set_user_attr("test_accuracy", result.final["test_accuracy"])
         best = _best(study)
@@ -438,8 +442,24 @@ class LocalTuning:
         trials = study.get_trials(deepcopy=False)
         records = [_record(t) for t in trials]
         best = _best(study)
-        result: dict[str, Any] = {
-            "tuning_job": self.name,
+        # The answer first (what a reader or `jq .best_trial` wants), the study's details after.
+        result: dict[str, Any] = {"tuning_job": self.name, "best_trial": None}
+        if best is not None:
+            best_dir = Path(best.user_attrs["dir"])
+            self._drop_other_models(trials, best)
+            result.update({
+                "best_trial": best.number,
+                "best_objective": best.user_attrs.get("valid_accuracy"),
+                "best_test_accuracy": best.user_attrs.get("test_accuracy"),
+                "best_model_data": best.user_attrs.get("model_data"),
+                "best_hyperparameters": reproducing_hyperparameters(
+                    {**self.static, **search_space.to_strings(best.params)}, best.user_attrs),
+                "best_model_dir": str(best_dir / "model"),
+                "best_host": best.user_attrs.get("host"),
+            })
+        result.update({
+            "counts": _counts(trials),
+            "seconds": round(time.monotonic() - started, 1),
             "backend": "local",
             "mode": self.mode,
             "storage": _redact(self.storage_url),
@@ -448,33 +468,20 @@ class LocalTuning:
             "objective": {"metric": OBJECTIVE_METRIC, "type": "Maximize",
                           "ties": f"lower {LOSS_METRIC} wins (score = accuracy - "
                                   f"{TIE_BREAK} * loss / (1 + loss))"},
-            "search_space": search_space.describe(self.space),
             "static_hyperparameters": self.static,
             "time_budget_seconds": self.time_budget,
-            "trials": records,
-            "counts": _counts(trials),
             "this_process": {"trials": [t.number for t in mine], "counts": _counts(mine)},
-            "seconds": round(time.monotonic() - started, 1),
-        }
+            "search_space": search_space.describe(self.space),
+            "trials": records,
+        })
         if interrupted:
             result["interrupted"] = interrupted
         if best is None:
             failures = "; ".join(f"{r['number']}: {r.get('failure') or r.get('stopped') or r['state']}"
                                  for r in records)
-            result.update(best_trial=None, error=(
+            result.update(error=(
                 f"no trial of {self.name} completed (the study is kept in "
                 f"{_redact(self.storage_url)}; --resume {self.name} continues): {failures}"))
-            return result
-        best_dir = Path(best.user_attrs["dir"])
-        self._drop_other_models(trials, best)
-        result.update({
-            "best_trial": best.number,
-            "best_objective": best.user_attrs.get("valid_accuracy"),
-            "best_hyperparameters": {**self.static, **search_space.to_strings(best.params)},
-            "best_model_data": best.user_attrs.get("model_data"),
-            "best_model_dir": str(best_dir / "model"),
-            "best_host": best.user_attrs.get("host"),
-        })
         return result
 
     def _drop_other_models(self, trials: Sequence[Any], best: Any) -> None:
@@ -488,6 +495,31 @@ class LocalTuning:
                     and trial.state.name != "RUNNING":
                 shutil.rmtree(trial_dir / "model", ignore_errors=True)
                 Path(trial.user_attrs["model_data"]).unlink(missing_ok=True)
+
+
+def trained_layout(model_dir: Path) -> str | None:
+    """The memory layout a finished run trained in (``"true"``: channels_last), from its
+    model.json; None when it does not say."""
+    from dogbreed.artifacts import METADATA_FILE
+
+    try:
+        metrics = json.loads((Path(model_dir) / METADATA_FILE).read_text())["metrics"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    value = metrics.get("channels_last") if isinstance(metrics, dict) else None
+    return None if value is None else ("true" if value else "false")
+
+
+def reproducing_hyperparameters(hyperparameters: Mapping[str, str],
+                                trial_attrs: Mapping[str, Any]) -> dict[str, str]:
+    """A trial's hyperparameters, made to reproduce it: ``channels-last=auto`` (the default)
+    picks the CPU layout by timing, and the layouts round differently (a retrain matched the
+    trial at epoch 1 and drifted from epoch 2), so the layout the trial measured is pinned."""
+    out = dict(hyperparameters)
+    layout = trial_attrs.get("channels_last")
+    if layout and contract.parse_hyperparameters(out).channels_last == "auto":
+        out[CHANNELS_LAST] = layout
+    return out
 
 
 def definition_differences(stored: Any, given: Any, field: str = "") -> list[str]:
