@@ -57,3 +57,30 @@ def test_local_tune_prunes_and_reports_the_best(sample_data: Path, tmp_path: Pat
                            timeout=300)
     assert added.returncode == 0, added.stderr[-3000:]
     assert json.loads(added.stdout)["target_model"] == "tuned/model.tar.gz"
+
+
+def test_a_seed_style_tuner_definition_runs_unchanged(sample_data: Path, tmp_path: Path) -> None:
+    """The seeds' definition: their ranges (--space seeds: lr, batch-size, epochs), their static
+    name test-batch-size (an alias, warned once), and their objective regex, which must read one
+    value per epoch from every trial's log."""
+    import re
+
+    from dogbreed.metrics import SEED_OBJECTIVE_REGEX
+
+    result = subprocess.run(
+        [DOGBREED, "tune", "--local", "--trials", "2", "--epochs-max", "2", "--pruner", "none",
+         "--space", "seeds", "--no-default-trial", "--data", str(sample_data), "--name", "seedstyle",
+         "--hp", "test-batch-size=8", "--image-size", "32", "--workdir", str(tmp_path / "work")],
+        capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-4000:]
+    saved = json.loads((tmp_path / "work" / "tuning" / "seedstyle.json").read_text())
+    assert saved["static_hyperparameters"]["eval-batch-size"] == "8"
+    assert saved["counts"].get("FAIL", 0) == 0
+    logs = sorted((tmp_path / "work" / "tuning" / "seedstyle").glob("trial-*/train.log"))
+    assert len(logs) == 2
+    for log in logs:
+        text = log.read_text()
+        epochs = re.findall(r"^epoch=(\d+) ", text, re.M)
+        values = re.findall(SEED_OBJECTIVE_REGEX, text)
+        assert epochs and len(values) == len(epochs), log
+        assert all(0 <= float(v) < 100 for v in values)
