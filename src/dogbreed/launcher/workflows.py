@@ -76,8 +76,11 @@ def cmd_report(args: argparse.Namespace, settings: settings_mod.Settings, backen
             dest = settings.workdir_path / "reports" / args.run
             if args.dry_run:
                 return {"backend": "sagemaker", "training_job": args.run, "download_to": str(dest),
-                        "requests": ["sagemaker DescribeTrainingJob", "s3 GetObject output.tar.gz",
-                                     "s3 ListObjectsV2 + GetObject <DebugHookConfig>/<job>/debug-output/"]}
+                        "requests": ["sagemaker DescribeTrainingJob",
+                                     "s3 GetObject output.tar.gz (the job's own smdebug tensors: "
+                                     "output/data/tensors)",
+                                     "s3 ListObjectsV2 + GetObject <DebugHookConfig>/<job>/debug-output/ "
+                                     "(a job trained with --debugger-rules)"]}
             sm = SageMakerBackend(settings)
             path = report.download_training_job(sm.client("sagemaker"), sm.client("s3"), args.run, dest)
             events.event("report_downloaded", training_job=args.run, to=path)
