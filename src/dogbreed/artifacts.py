@@ -41,6 +41,12 @@ MAX_UNPACKED_BYTES = 2 * 1024**3
 MAX_MEMBERS = 1000
 # Path depth: a model dir is flat (code/ adds one level); a deep path only makes directories.
 MAX_PATH_DEPTH = 16
+# model.json's crop and resize: at most what training makes (hyperparameter image-size's upper
+# bound, 1024, and its resize ceil(1024 x 256/224), data.resize_size_for). One invoke's memory
+# grows with the square of the side: a ResNet-18 at 4096 px peaked at 4.0 GB, at 1024 px it is
+# a sixteenth of that, which one instance's workers can afford.
+MAX_IMAGE_SIZE = 1024
+MAX_RESIZE_SIZE = -(-MAX_IMAGE_SIZE * 256 // 224)
 
 
 class ArtifactError(ValueError):
@@ -96,8 +102,11 @@ class ModelMetadata:
             raise ArtifactError(f"{source}: class_names is empty")
         if len(meta.mean) != 3 or len(meta.std) != 3 or min(meta.std) <= 0:
             raise ArtifactError(f"{source}: mean and std need 3 values each, std > 0")
-        if not 16 <= meta.image_size <= meta.resize_size <= 4096:
-            raise ArtifactError(f"{source}: need 16 <= image_size <= resize_size <= 4096")
+        if not 16 <= meta.image_size <= meta.resize_size or meta.image_size > MAX_IMAGE_SIZE \
+                or meta.resize_size > MAX_RESIZE_SIZE:
+            raise ArtifactError(f"{source}: need 16 <= image_size <= resize_size, image_size <= "
+                                f"{MAX_IMAGE_SIZE} and resize_size <= {MAX_RESIZE_SIZE} (what training makes), "
+                                f"not {meta.image_size} and {meta.resize_size}")
         return meta
 
 
@@ -149,6 +158,8 @@ def read_metadata(model_dir: Path) -> ModelMetadata:
         raw = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ArtifactError(f"{path}: not valid JSON: {exc}") from None
+    except RecursionError:  # "[[[[...": nested deeper than the parser's stack
+        raise ArtifactError(f"{path}: not valid JSON: nested too deeply") from None
     return ModelMetadata.from_mapping(raw, str(path))
 
 

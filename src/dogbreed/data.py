@@ -136,10 +136,16 @@ def resized_pixels(size: tuple[int, int], resize_size: int) -> int:
     return resize_size * -(-long * resize_size // short)
 
 
+# A PNG's bit depth per channel: the IHDR byte after the signature, chunk length, type, width
+# and height (PNG spec 11.2.2); PIL opened only when the IHDR is there.
+PNG_BIT_DEPTH_OFFSET = 24
+
+
 def check_image_header(image: bytes, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
                        resize_size: int | None = None) -> tuple[str, tuple[int, int]]:
     """``(format, (width, height))`` from the header alone (PIL opens lazily), or
-    :class:`ImageRejected`: not JPEG/PNG, more than ``max_pixels`` or :data:`MAX_IMAGE_SIDE` per
+    :class:`ImageRejected`: not JPEG/PNG, a 16-bit or multi-frame (APNG) PNG (415, as training
+    refuses them), more than ``max_pixels`` or :data:`MAX_IMAGE_SIDE` per
     side, an aspect ratio over :data:`MAX_ASPECT_RATIO`, or (given ``resize_size``) a short-side
     resize to it over ``max_pixels``."""
     import warnings
@@ -153,12 +159,19 @@ def check_image_header(image: bytes, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(io.BytesIO(image)) as opened:  # lazy: parses the header only
                 fmt, size = opened.format, opened.size
+                frames = getattr(opened, "n_frames", 1)  # APNG: from its acTL chunk, before any IDAT
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise ImageRejected(413, f"image too large: {exc}") from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError):
         raise ImageRejected(400, "not a readable image (JPEG or PNG expected)") from None
     if fmt not in IMAGE_FORMATS:
         raise ImageRejected(415, f"image format {fmt} is not supported; send JPEG or PNG")
+    if fmt == "PNG" and image[PNG_BIT_DEPTH_OFFSET] > 8:
+        # A 4000x4000 16-bit PNG took 275 MB to decode before being refused after decoding.
+        raise ImageRejected(415, f"16-bit images are not supported (PNG bit depth {image[PNG_BIT_DEPTH_OFFSET]}): "
+                                 "the model trains on 8 bits per channel")
+    if frames > 1:
+        raise ImageRejected(415, f"animated/multi-frame image ({frames} frames) is not supported")
     width, height = size
     if width < 1 or height < 1:
         raise ImageRejected(400, f"image has no pixels ({width}x{height})")

@@ -10,12 +10,14 @@ import http.client
 import json
 import math
 import queue
+import re
 import struct
 import sys
 import threading
 import time
 import zlib
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
@@ -116,10 +118,107 @@ def test_bad_model_names_in_paths_are_400(setup: dict, name: str) -> None:
         assert status in (400, 404) and json.loads(raw)["code"] == status
 
 
-@pytest.mark.parametrize("length", [9_000, 60_000, 70_000])
+@pytest.mark.parametrize("length", [4_090, 5_000, 8_000, 9_000, 60_000, 70_000])
 def test_a_long_path_is_a_414_json_not_a_dropped_connection(setup: dict, length: int) -> None:
-    status, headers, raw = call(setup, "GET", "/models/" + "a" * length)
+    """MMS (Netty: request lines of 4096 bytes at most) answered ~4,090-8,192 bytes a bare 400."""
+    status, headers, raw = call(setup, "GET", "/ping?q=" + "a" * length)
     assert status == 414 and json.loads(raw)["code"] == 414 and headers["content-type"] == "application/json"
+    assert call(setup, "GET", "/ping?q=" + "a" * 4_000)[0] == 200  # a request line MMS takes passes
+
+
+def test_a_60_kb_header_is_431_not_502(setup: dict) -> None:
+    """MMS (Netty: 8 KB of headers) hung up on it: the front answered 502."""
+    status, _, raw = call(setup, "GET", "/ping", headers={"X-Big": "a" * 60_000})
+    assert status == 431 and json.loads(raw)["code"] == 431
+    assert call(setup, "GET", "/ping", headers={"X-Fits": "a" * 7_000})[0] == 200
+
+
+def test_a_5000_character_url_is_a_400_naming_it(setup: dict) -> None:
+    """The front's own "file name too long" was reported as MMS hanging up (502)."""
+    status, body = register(setup, "m", "x" * 5_000)
+    assert status == 400 and "url" in body["message"] and "too long" in body["message"].lower(), body
+
+
+def test_a_model_json_nested_100k_deep_is_a_400_load_failure(tmp_path: Path) -> None:
+    """The worker's load failed with RecursionError: the model's caller got a 500."""
+    from dogbreed import artifacts
+
+    (tmp_path / "model.json").write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(artifacts.ArtifactError, match="nested too deeply") as refused:
+        artifacts.read_metadata(tmp_path)
+    assert inference.load_failure(refused.value)[0] == 400
+
+
+def raw_exchange(setup: dict, request: bytes) -> bytes:
+    """Send ``request`` as is; everything the front answers until it closes (or 5 s pass)."""
+    import socket
+
+    with socket.create_connection(("127.0.0.1", setup["port"]), timeout=5) as sock:
+        sock.sendall(request)
+        chunks = []
+        try:
+            while chunk := sock.recv(65536):
+                chunks.append(chunk)
+        except TimeoutError:
+            chunks.append(b"<still open>")
+        return b"".join(chunks)
+
+
+def test_two_different_content_lengths_are_400(setup: dict) -> None:
+    answer = raw_exchange(setup, b"POST /models/m/invoke HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\n"
+                                 b"Content-Length: 4\r\nContent-Length: 40\r\n\r\njpeg")
+    assert answer.startswith(b"HTTP/1.1 400 ") and b"conflicting Content-Length" in answer
+    assert not answer.endswith(b"<still open>")
+
+
+def test_transfer_encoding_with_content_length_is_refused_and_the_connection_closed(setup: dict) -> None:
+    """RFC 9112 6.1: the trailing bytes ran as a second request on the kept connection."""
+    smuggled = b"GET /ping HTTP/1.1\r\nHost: x\r\n\r\n"
+    answer = raw_exchange(setup, b"POST /models/m/invoke HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\n"
+                                 b"Content-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n" + smuggled)
+    assert answer.startswith(b"HTTP/1.1 400 ") and answer.count(b"HTTP/1.1 ") == 1, answer
+    assert not answer.endswith(b"<still open>")
+
+
+@pytest.mark.parametrize("line", [b"hello", b"GET /ping", b"\x16\x03\x01\x02\x00\x01", b"GET / HTTP/9.9"])
+def test_a_garbage_request_line_gets_a_status_line_and_json(setup: dict, line: bytes) -> None:
+    answer = raw_exchange(setup, line + b"\r\n\r\n")
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert re.match(rb"HTTP/1\.1 [45]\d\d ", head), answer
+    assert json.loads(body)["code"] >= 400
+
+
+def test_16_bit_and_multi_frame_pngs_are_415_from_the_header() -> None:
+    """A 16-bit 4000x4000 PNG was decoded in full (+275 MB) before its 415; an APNG was served
+    (training and explain refuse both)."""
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("I;16", (4000, 4000)).save(buffer, "PNG")
+    frames = [Image.new("RGB", (32, 32), colour) for colour in ("red", "blue")]
+    animated = io.BytesIO()
+    frames[0].save(animated, "PNG", save_all=True, append_images=frames[1:])
+    for body, reason in ((buffer.getvalue(), "16-bit"), (animated.getvalue(), "multi-frame")):
+        with pytest.raises(inference.RequestError) as refused:
+            with mock.patch("torchvision.io.decode_image", side_effect=AssertionError("decoded")), \
+                    mock.patch("torchvision.io.decode_png", side_effect=AssertionError("decoded")):
+                inference.input_fn(body, "image/png", inference.Settings(max_image_pixels=20_000_000))
+        assert refused.value.status_code == 415 and reason in refused.value.message
+
+
+@pytest.mark.parametrize("size", [(4096, 4096), (1025, 1172), (224, 1172)])
+def test_model_json_sizes_over_what_training_makes_are_refused(size: tuple[int, int]) -> None:
+    """image_size = resize_size = 4096 was allowed and made one invoke peak at 4.0 GB."""
+    from dogbreed import artifacts, data
+
+    raw = {"arch": "resnet18", "class_names": ["001.A", "002.B"], "image_size": size[0],
+           "resize_size": size[1], "mean": list(data.IMAGENET_MEAN), "std": list(data.IMAGENET_STD)}
+    with pytest.raises(artifacts.ArtifactError, match="what training makes"):
+        artifacts.ModelMetadata.from_mapping(raw)
+    largest = {**raw, "image_size": 1024, "resize_size": data.resize_size_for(1024)}
+    assert artifacts.ModelMetadata.from_mapping(largest).resize_size == artifacts.MAX_RESIZE_SIZE
 
 
 def test_deeply_nested_json_is_400(setup: dict) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import concurrent.futures
 import http.client
 import json
+import re
 import socket
 from pathlib import Path
 
@@ -286,3 +287,37 @@ def test_router_port_errors_are_one_line(store: ModelStore, tmp_path: Path) -> N
         assert connection.getresponse().status == 200
         connection.close()
     assert sock.fileno() == -1  # closed with the router
+
+
+def raw_exchange(url: str, request: bytes) -> bytes:
+    """Send ``request`` as is; all the router answers until it closes (or 5 s pass)."""
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=5) as sock:
+        sock.sendall(request)
+        chunks = []
+        try:
+            while chunk := sock.recv(65536):
+                chunks.append(chunk)
+        except TimeoutError:
+            chunks.append(b"<still open>")
+        return b"".join(chunks)
+
+
+def test_ambiguous_body_framing_is_400_and_closes(endpoint: Router) -> None:
+    """Two Content-Lengths (the first won) or Transfer-Encoding with Content-Length (the
+    connection stayed open, so trailing bytes ran as a second request: RFC 9112 6.1)."""
+    head = (b"POST /invocations HTTP/1.1\r\nHost: x\r\nX-Amzn-SageMaker-Target-Model: resnet/model.tar.gz\r\n"
+            b"Content-Type: image/jpeg\r\n")
+    smuggled = b"GET /ping HTTP/1.1\r\nHost: x\r\n\r\n"
+    for framing in (b"Content-Length: 4\r\nContent-Length: 40\r\n\r\njpeg",
+                    b"Content-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"):
+        answer = raw_exchange(endpoint.url, head + framing + smuggled)
+        assert answer.startswith(b"HTTP/1.1 400 ") and answer.count(b"HTTP/1.1 ") == 1, answer
+        assert b'"ValidationError"' in answer and not answer.endswith(b"<still open>")
+
+
+@pytest.mark.parametrize("line", [b"hello", b"GET /ping", b"\x16\x03\x01\x02\x00\x01", b"GET / HTTP/9.9"])
+def test_a_garbage_request_line_gets_a_status_line_and_json(endpoint: Router, line: bytes) -> None:
+    head, _, body = raw_exchange(endpoint.url, line + b"\r\n\r\n").partition(b"\r\n\r\n")
+    assert re.match(rb"HTTP/1\.1 [45]\d\d ", head), head
+    assert json.loads(body)["ErrorCode"]

@@ -33,6 +33,7 @@ import socket
 import threading
 import urllib.parse
 from collections.abc import Callable, Mapping
+from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -41,7 +42,7 @@ from dogbreed import artifacts, contract
 from dogbreed.artifacts import ARCHIVE_NAME
 from dogbreed.contract import CUSTOM_ATTRIBUTES_HEADER
 from dogbreed.launcher import events
-from dogbreed.serve.client import Response, ServeClient
+from dogbreed.serve.client import Response, ServeClient, framing_error
 
 TARGET_HEADER = contract.TARGET_MODEL_HEADER
 VARIANT_HEADER = "X-Amzn-Invoked-Production-Variant"
@@ -494,8 +495,26 @@ def _make_handler(router: Router) -> Callable[..., BaseHTTPRequestHandler]:
         protocol_version = "HTTP/1.1"
         server_version = "dogbreed-local-endpoint"
 
+        # Before a request line is parsed, answer as HTTP/1.1: http.server's default (HTTP/0.9)
+        # sends a garbage line's error as a bare body with no status line.
+        default_request_version = "HTTP/1.1"
+
         def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
             pass  # one event per request is logged below instead
+
+        def parse_request(self) -> bool:
+            if not super().parse_request():
+                return False
+            if len(self.requestline.split()) == 2:  # "GET /": HTTP/0.9, which has no status line
+                self.send_error(400, "HTTP/0.9 requests are not supported; send HTTP/1.1")
+                return False
+            return True
+
+        def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+            """http.server's own refusals (a bad request line, headers too long) as JSON too."""
+            self.close_connection = True
+            self._error(RouterError(code, "ValidationError" if code < 500 else "InternalFailure",
+                                    message or HTTPStatus(code).phrase), router.request_id())
 
         def _send(self, status: int, body: bytes, headers: dict[str, str], request_id: str) -> None:
             self.send_response(status)
@@ -512,6 +531,9 @@ def _make_handler(router: Router) -> Callable[..., BaseHTTPRequestHandler]:
                                             ERROR_TYPE_HEADER: error.code}, request_id)
 
         def _read_body(self) -> bytes:
+            if ambiguous := framing_error(self.headers):
+                self.close_connection = True  # RFC 9112 6.1: never read on after such a request
+                raise RouterError(400, "ValidationError", ambiguous)
             if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
                 self.close_connection = True
                 raise RouterError(411, "ValidationError", "chunked bodies are not supported; "

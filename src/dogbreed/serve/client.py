@@ -21,6 +21,20 @@ from dogbreed.serve import error_body
 LOAD_TIMEOUT = 180.0  # MMS gives a new worker 2 minutes to start
 
 
+def framing_error(headers: Any) -> str | None:
+    """Why a request's body length is ambiguous, or None (``headers``: an ``email.message.Message``
+    as ``http.server`` parses them). RFC 9112 6.3: differing Content-Length values are an
+    unrecoverable error; 6.1: with both Transfer-Encoding and Content-Length the server may
+    reject the request and must close the connection after answering. Either way a proxy in
+    front could read the body differently: request smuggling."""
+    lengths = {value.strip() for value in headers.get_all("Content-Length") or []}
+    if len(lengths) > 1:
+        return f"conflicting Content-Length headers {sorted(lengths)}"
+    if lengths and headers.get_all("Transfer-Encoding"):
+        return "both Transfer-Encoding and Content-Length: send one"
+    return None
+
+
 @dataclasses.dataclass(frozen=True)
 class Response:
     status: int

@@ -17,7 +17,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import unquote, urlsplit
 
 from dogbreed import contract
-from dogbreed.serve.client import Response
+from dogbreed.serve.client import Response, framing_error
 from dogbreed.serve.lifecycle import ModelLifecycle
 
 log = logging.getLogger("dogbreed.serve")
@@ -25,13 +25,22 @@ log = logging.getLogger("dogbreed.serve")
 HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-connection", "te", "trailer", "upgrade",  # RFC 9110
                         "transfer-encoding", "content-length", "host", "expect", "date", "server"})  # 7.6.1
 CONTROL_CHARACTERS = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")  # all but HTAB (RFC 9110 5.5)
-MAX_PATH_BYTES = 8192
+# What MMS's Netty HTTP decoder takes (its defaults: maxInitialLineLength 4096, maxHeaderSize
+# 8192). Over them MMS answers a bare 400 or hangs up; the front answers 414 / 431 first.
+MAX_REQUEST_LINE_BYTES = 4096
+MAX_HEADER_BYTES = 8192
 
 
 def refusal(method: str, path: list[str], raw_path: str, headers: list[tuple[str, str]]) -> Response | None:
     """A 4xx for anything outside the SageMaker container API, else None."""
-    if len(raw_path) > MAX_PATH_BYTES:
-        return Response.error(414, "URITooLong", f"request path of {len(raw_path)} bytes, over {MAX_PATH_BYTES}")
+    line = len(method) + len(raw_path) + len("  HTTP/1.1")  # as the front sends it on to MMS
+    if line >= MAX_REQUEST_LINE_BYTES:
+        return Response.error(414, "URITooLong", f"request line of {line} bytes (path {len(raw_path)}), "
+                              f"the limit is {MAX_REQUEST_LINE_BYTES - 1}")
+    header_bytes = sum(len(k) + len(v) + 4 for k, v in headers)  # "name: value\r\n"
+    if header_bytes > MAX_HEADER_BYTES:
+        return Response.error(431, "RequestHeaderFieldsTooLarge",
+                              f"request headers of {header_bytes} bytes, over {MAX_HEADER_BYTES}")
     if path[:1] == ["models"] and len(path) >= 2:
         try:
             contract.validate_model_name(path[1])
@@ -67,6 +76,18 @@ class FrontHandler(BaseHTTPRequestHandler):
 
     def log_message(self, *args: object) -> None:
         pass  # MMS logs every request already
+
+    # Before a request line is parsed, answer as HTTP/1.1: http.server's default (HTTP/0.9)
+    # sends a garbage line's error as a bare body with no status line.
+    default_request_version = "HTTP/1.1"
+
+    def parse_request(self) -> bool:
+        if not super().parse_request():
+            return False
+        if len(self.requestline.split()) == 2:  # "GET /": HTTP/0.9, which has no status line
+            self.send_error(400, "HTTP/0.9 requests are not supported; send HTTP/1.1")
+            return False
+        return True
 
     def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:  # as JSON too
         kind = HTTPStatus(code).phrase.replace(" ", "")
@@ -117,6 +138,8 @@ class FrontHandler(BaseHTTPRequestHandler):
 
     def _body(self) -> bytes | Response:
         """The request body (Content-Length or chunked), or the 400/413 refusing it."""
+        if ambiguous := framing_error(self.headers):
+            return Response.error(400, "BadRequest", ambiguous)  # answered with Connection: close
         chunked, body = "chunked" in self.headers.get("Transfer-Encoding", "").lower(), b""
         while True:
             text = self.rfile.readline(1024).split(b";")[0].strip() if chunked else (

@@ -150,6 +150,9 @@ class ModelLifecycle:
             return Response.error(400, "BadRequest", f"Parameter model_name: {exc}")
         except artifacts.ArtifactError as exc:
             return Response.error(400, "ArtifactError", str(exc))
+        except OSError as exc:  # e.g. "file name too long": the caller's url, not the server
+            return Response.error(400, "BadRequest", f"Parameter url ({len(url)} characters): "
+                                  f"{exc.strerror or type(exc).__name__}")
         reply = Response.error(500, "InternalServerError", "registration did not finish")
         try:
             reply = self.load(name, str(model_dir))
