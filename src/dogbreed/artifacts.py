@@ -3,6 +3,9 @@
 ``model.pt`` is a plain state_dict (``torch.load(weights_only=True)``) and ``model.json`` holds
 everything else a server needs: architecture, class names, image and resize size,
 normalisation, metrics, hyperparameters and library versions. Nothing is pickled.
+``model.onnx`` (from training, :mod:`dogbreed.onnx_export`) is the same model as an ONNX graph
+for CPU serving; ``model.json``'s ``graph`` says what it was checked against. Artifacts
+without one are served by PyTorch.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ if TYPE_CHECKING:  # torch is imported where it is used: the launcher and router
 
 WEIGHTS_FILE = "model.pt"
 METADATA_FILE = "model.json"
+GRAPH_FILE = "model.onnx"
 ARCHIVE_NAME = "model.tar.gz"
 FORMAT_VERSION = 1
 # Limits on what an archive may unpack to, checked member by member before anything is written.
@@ -65,6 +69,8 @@ class ModelMetadata:
     hyperparameters: dict[str, Any] = dataclasses.field(default_factory=dict)
     versions: dict[str, str] = dataclasses.field(default_factory=dict)
     format_version: int = FORMAT_VERSION
+    # model.onnx's check against model.pt (onnx_export.GraphCheck.to_metadata); {}: no graph.
+    graph: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     @property
     def num_classes(self) -> int:
@@ -89,6 +95,7 @@ class ModelMetadata:
                 hyperparameters=dict(raw.get("hyperparameters") or {}),
                 versions=dict(raw.get("versions") or {}),
                 format_version=int(raw.get("format_version", FORMAT_VERSION)),
+                graph=dict(raw.get("graph") or {}),
             )
         except KeyError as exc:
             raise ArtifactError(f"{source}: missing field {exc.args[0]!r}") from None
@@ -173,11 +180,10 @@ def find_model_dir(root: Path) -> Path:
     raise ArtifactError(f"no {METADATA_FILE} in {root}")
 
 
-def load_model(model_dir: Path, device: torch.device | str = "cpu") -> tuple[nn.Module, ModelMetadata]:
-    """Rebuild the trained model from a model dir (weights_only load), in eval mode."""
+def load_state(model_dir: Path) -> tuple[dict[str, torch.Tensor], ModelMetadata]:
+    """A model dir's checked ``model.json`` and ``model.pt`` state_dict (weights_only load,
+    every tensor finite), without building the module."""
     import torch
-
-    from dogbreed.models import build_for_inference
 
     model_dir = find_model_dir(Path(model_dir))
     metadata = read_metadata(model_dir)
@@ -196,6 +202,15 @@ def load_model(model_dir: Path, device: torch.device | str = "cpu") -> tuple[nn.
     if non_finite:
         raise ArtifactError(f"{weights}: {len(non_finite)} tensor(s) hold NaN or infinite values "
                             f"(first: {non_finite[0]}); the training run diverged")
+    return state, metadata
+
+
+def load_model(model_dir: Path, device: torch.device | str = "cpu") -> tuple[nn.Module, ModelMetadata]:
+    """Rebuild the trained model from a model dir (weights_only load), in eval mode."""
+    from dogbreed.models import build_for_inference
+
+    state, metadata = load_state(model_dir)
+    weights = find_model_dir(Path(model_dir)) / WEIGHTS_FILE
     try:
         model = build_for_inference(metadata.arch, metadata.num_classes, state)
     except RuntimeError as exc:
@@ -208,27 +223,42 @@ def validate_model_archive(archive: Path) -> ModelMetadata:
     """Check that ``archive`` is a model.tar.gz a server can load, and return its metadata.
 
     Unpacks it (with :func:`safe_extract`'s limits) into a temp dir and loads it exactly as a
-    server does: model.json parsed and checked, weights matching the architecture and finite.
+    server does: model.json parsed and checked, weights matching the architecture and finite,
+    a ``model.onnx`` answering as the weights do.
     Raises :class:`ArtifactError` saying what is wrong; nothing is kept.
     """
+    from dogbreed import onnx_export
+
     archive = Path(archive)
     if not archive.is_file():
         raise ArtifactError(f"{archive}: no such file")
     try:
         with tempfile.TemporaryDirectory(prefix="dogbreed-validate-") as tmp:
-            _, metadata = load_model(safe_extract(archive, Path(tmp) / "model"))
+            model_dir = find_model_dir(safe_extract(archive, Path(tmp) / "model"))
+            _, metadata = load_model(model_dir)
+            onnx_export.check_model_dir(model_dir)
     except ArtifactError as exc:
-        raise ArtifactError(f"{archive} is not a loadable model archive: {exc}") from None
+        raise type(exc)(f"{archive} is not a loadable model archive: {exc}") from None
     return metadata
 
 
 # --- model.tar.gz -------------------------------------------------------------------------------
 def pack(model_dir: Path, archive: Path) -> Path:
-    """Pack the files of ``model_dir`` (flat, as SageMaker does) into ``archive``."""
+    """Pack the files of ``model_dir`` (flat, as SageMaker does) into ``archive``.
+
+    A ``model.onnx`` must answer as ``model.pt`` does (:func:`dogbreed.onnx_export.check_model_dir`):
+    a graph that disagrees with its weights is refused, naming the difference.
+    """
+    from dogbreed import onnx_export
+
     model_dir = Path(model_dir)
     for required in (WEIGHTS_FILE, METADATA_FILE):
         if not (model_dir / required).is_file():
             raise ArtifactError(f"cannot pack {model_dir}: {required} is missing")
+    try:
+        onnx_export.check_model_dir(model_dir)
+    except ArtifactError as exc:
+        raise type(exc)(f"cannot pack {model_dir}: {exc}") from None  # GraphMismatch stays one
     archive.parent.mkdir(parents=True, exist_ok=True)
     tmp = archive.with_name(archive.name + ".partial")
     def readable(info: tarfile.TarInfo) -> tarfile.TarInfo:

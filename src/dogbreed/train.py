@@ -46,6 +46,7 @@ from dogbreed import (
     distributed,
     gpu,
     models,
+    onnx_export,
     profiling,
     recipe,
     reports,
@@ -698,6 +699,9 @@ def run(hp: Hyperparameters, paths: Paths, stop: StopFlag | None = None,
         mean=list(data.IMAGENET_MEAN), std=list(data.IMAGENET_STD), metrics=metrics,
         hyperparameters=hp.to_dict(), versions=artifacts.library_versions())
     artifacts.save_model_dir(paths.model_dir, model, metadata)
+    # model.onnx for CPU serving, checked against model.pt on the test split (a mismatch fails
+    # the job with the reason).
+    onnx_export.export_and_verify(paths.model_dir, test_split.images if test_split is not None else None)
     reports.write_reports(paths.output_data_dir, [dataclasses.asdict(h) for h in history], metrics,
                           test_report, class_names)
     log.info("event=done model_dir=%s output_data_dir=%s wall_seconds=%.1f", paths.model_dir,

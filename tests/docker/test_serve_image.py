@@ -112,6 +112,10 @@ def test_serves_the_models_the_train_image_made(endpoint: Endpoint, model_store:
                "mobilenet_v2": f"{MODELS}/trained/mobilenet_v2/model"}
     jpeg = sorted((sample_data / "test").glob("*/*.jpg"))[0].read_bytes()
     class_names = artifacts.read_metadata(model_store / "mobilenet_v2" / "model").class_names
+    # The train image exports and checks the graph; the (CPU) serve image runs it on ONNX Runtime.
+    graph = artifacts.read_metadata(model_store / "mobilenet_v2" / "model").graph
+    assert (model_store / "mobilenet_v2" / "model" / artifacts.GRAPH_FILE).is_file()
+    assert graph["top1_agreement"] == 1.0 and graph["checked_on"] == "test", graph
     for arch, url in sources.items():
         name = f"train-image-{arch}"
         reply = endpoint.client.load_model(name, url)
@@ -120,6 +124,7 @@ def test_serves_the_models_the_train_image_made(endpoint: Endpoint, model_store:
         assert reply.status == 200, (arch, reply.status, reply.body[:1000])
         answer = reply.json()
         assert answer["arch"] == arch and answer["model"] == name
+        assert answer["engine"] == "onnxruntime", (arch, answer)
         assert {p["class_name"] for p in answer["predictions"]} <= set(class_names)
         assert endpoint.client.unload_model(name).status == 200
 

@@ -20,8 +20,12 @@ URL_MAX_BYTES_ENV = "DOGBREED_URL_MAX_BYTES"
 URL_TIMEOUT_ENV = "DOGBREED_URL_TIMEOUT"
 # Largest image (width x height) a request may decode to.
 MAX_IMAGE_PIXELS_ENV = "DOGBREED_MAX_IMAGE_PIXELS"
-# torch intra-op threads per backend worker (default 1, as MMS sets OMP_NUM_THREADS=1).
+# Intra-op threads per backend worker, torch's and ONNX Runtime's (default 1, as MMS sets
+# OMP_NUM_THREADS=1). Workers x threads should not exceed the instance's vCPUs.
 TORCH_THREADS_ENV = "DOGBREED_TORCH_THREADS"
+# The forward's engine: "auto" (ONNX Runtime for a model with a graph on a CPU worker, else
+# torch), "onnxruntime" or "torch".
+ENGINE_ENV = "DOGBREED_SERVE_ENGINE"
 # "0" starts backend workers as fresh Python processes instead of forking them from the zygote.
 ZYGOTE_ENV = "DOGBREED_SERVE_ZYGOTE"
 # JVM options for MMS, replacing the base file's ``vmargs``.

@@ -54,8 +54,10 @@ class HandlerService(DefaultHandlerService):
             log.error("event=model_load_failed model=%s dir=%s status=%d reason=%s",
                       context.model_name, model_dir, self.load_error[0], self.load_error[2])
             return
-        log.info("event=model_loaded model=%s dir=%s pid=%d torch_threads=%d user_code=%s seconds=%.3f",
-                 context.model_name, model_dir, os.getpid(), threads, code_dir.is_dir(),
+        # The engine model_fn chose (torch or onnxruntime; "user" for a user model_fn's object).
+        engine = getattr(getattr(self._service, "_model", None), "engine", "user")
+        log.info("event=model_loaded model=%s dir=%s pid=%d engine=%s threads=%d user_code=%s seconds=%.3f",
+                 context.model_name, model_dir, os.getpid(), engine, threads, code_dir.is_dir(),
                  time.perf_counter() - start)
 
     def handle(self, data: list[dict[str, Any]], context: Any) -> list[bytes]:

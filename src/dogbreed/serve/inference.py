@@ -9,6 +9,10 @@ classes :mod:`dogbreed.serve.handler` runs them with.
 - :func:`predict_fn` decodes and transforms with :mod:`dogbreed.data`, the code training
   evaluates with; ``CustomAttributes: explain=gradcam`` adds a Grad-CAM (:mod:`dogbreed.explain`,
   imported by the first such request).
+- The forward runs on ONNX Runtime when the model has a checked ``model.onnx``, the worker is
+  on the CPU and ``onnxruntime`` is installed; else on PyTorch (GPU serving, artifacts without
+  a graph). ``DOGBREED_SERVE_ENGINE`` forces one; each answer names its ``engine``. Grad-CAM
+  always runs on PyTorch (loaded from ``model.pt`` by the first explain request).
 - Anything wrong with a request is a :class:`RequestError`: a 4xx whose body is MMS's own error
   shape ``{"code", "type", "message"}``; a bad request never takes a worker down.
 """
@@ -39,9 +43,10 @@ from sagemaker_inference.errors import BaseInferenceToolkitError
 from sagemaker_inference.transformer import Transformer
 from torch import nn
 
-from dogbreed import artifacts, contract, data
+from dogbreed import artifacts, contract, data, onnx_export
 from dogbreed.serve import (
     ALLOW_URL_HOSTS_ENV,
+    ENGINE_ENV,
     MAX_IMAGE_PIXELS_ENV,
     TOP_K_PROPERTY,
     TORCH_THREADS_ENV,
@@ -66,6 +71,10 @@ DEFAULT_URL_MAX_BYTES = 10 * 1024**2
 DEFAULT_URL_TIMEOUT = 5.0
 EXPLAIN_ATTRIBUTE = "explain"  # CustomAttributes: explain=gradcam
 EXPLAIN_METHODS = ("gradcam",)
+ENGINE_TORCH = "torch"
+ENGINE_ONNXRUNTIME = "onnxruntime"
+ENGINE_AUTO = "auto"
+ENGINES = (ENGINE_AUTO, ENGINE_ONNXRUNTIME, ENGINE_TORCH)
 
 
 def phrase(status: int) -> str:
@@ -162,10 +171,34 @@ def settings() -> Settings:
 @dataclasses.dataclass(frozen=True)
 class ServedModel:
     name: str
-    model: nn.Module
+    model: nn.Module | None  # None on ONNX Runtime until an explain request needs it
     metadata: artifacts.ModelMetadata
     device: torch.device
     labels: tuple[str, ...]
+    engine: str = ENGINE_TORCH
+    session: Any = None  # onnxruntime.InferenceSession when engine is ENGINE_ONNXRUNTIME
+    model_dir: Path | None = None
+    _lazy: dict[str, nn.Module] = dataclasses.field(default_factory=dict, repr=False, compare=False)
+
+    def torch_model(self) -> nn.Module:
+        """The PyTorch model (Grad-CAM needs gradients): loaded from model.pt on first use
+        when the engine is ONNX Runtime."""
+        if self.model is not None:
+            return self.model
+        if "model" not in self._lazy:
+            start = time.perf_counter()
+            model, _ = artifacts.load_model(Path(self.model_dir), self.device)
+            self._lazy["model"] = model.eval()
+            log.info("event=torch_model_loaded model=%s reason=explain load_s=%.3f", self.name,
+                     time.perf_counter() - start)
+        return self._lazy["model"]
+
+    def forward(self, batch: torch.Tensor) -> torch.Tensor:
+        """Logits for a normalised batch, on this model's engine."""
+        if self.session is not None:
+            return onnx_export.run(self.session, batch)
+        with torch.inference_mode():
+            return self.model(batch)
 
 
 def default_device() -> torch.device:
@@ -178,8 +211,7 @@ def configure_threads(env: Mapping[str, str] | None = None) -> int:
     took 660 ms against 22 ms with 1 (every op waits for a descheduled thread). Raise
     ``SAGEMAKER_MODEL_SERVER_WORKERS`` for throughput.
     """
-    env = os.environ if env is None else env
-    threads = contract.env_int(env, TORCH_THREADS_ENV, 1, 1)
+    threads = worker_threads(env)
     torch.set_num_threads(threads)
     try:
         torch.set_num_interop_threads(1)
@@ -188,16 +220,61 @@ def configure_threads(env: Mapping[str, str] | None = None) -> int:
     return threads
 
 
+def worker_threads(env: Mapping[str, str] | None = None) -> int:
+    """Intra-op threads per worker, for torch and ONNX Runtime alike: ``DOGBREED_TORCH_THREADS``."""
+    return contract.env_int(os.environ if env is None else env, TORCH_THREADS_ENV, 1, 1)
+
+
+def choose_engine(metadata: artifacts.ModelMetadata, device: torch.device,
+                  env: Mapping[str, str] | None = None) -> str:
+    """``onnxruntime`` for a model with a checked graph on a CPU worker that has the runtime;
+    ``torch`` otherwise (GPU, no graph, no runtime). ``DOGBREED_SERVE_ENGINE`` forces one: a
+    forced ``onnxruntime`` the model or the process cannot run is a load error, not a fallback."""
+    env = os.environ if env is None else env
+    wanted = (env.get(ENGINE_ENV) or ENGINE_AUTO).strip().lower()
+    if wanted not in ENGINES:
+        raise ValueError(f"{ENGINE_ENV}={wanted!r}: use one of {', '.join(ENGINES)}")
+    if wanted == ENGINE_TORCH:
+        return ENGINE_TORCH
+    has_graph, has_runtime = bool(metadata.graph), onnx_export.runtime_available()
+    if wanted == ENGINE_ONNXRUNTIME:
+        if not has_graph:
+            raise artifacts.ArtifactError(f"{ENGINE_ENV}=onnxruntime but the model has no "
+                                          f"{artifacts.GRAPH_FILE} (trained before graphs were exported)")
+        if not has_runtime:
+            raise ValueError(f"{ENGINE_ENV}=onnxruntime but onnxruntime is not installed")
+        return ENGINE_ONNXRUNTIME
+    return ENGINE_ONNXRUNTIME if has_graph and has_runtime and device.type == "cpu" else ENGINE_TORCH
+
+
 def model_fn(model_dir: str | Path, context: Any = None) -> ServedModel:
     """Load the artifact in ``model_dir`` once; :class:`artifacts.ArtifactError` if it is bad.
 
+    On ONNX Runtime ``model.pt`` is loaded and checked too (a missing, corrupt, unsafe or
+    non-finite one is refused with the same reason as on torch; the graph's class count is
+    checked against model.json), then dropped: Grad-CAM builds the module on the first explain
+    request, so a worker holds one copy of the weights, the graph's.
     (Two parameters exactly: the toolkit passes ``context`` when a function takes one more.)
     """
     start, device = time.perf_counter(), default_device()
-    model, metadata = artifacts.load_model(Path(model_dir), device)
+    directory = artifacts.find_model_dir(Path(model_dir))
+    metadata = artifacts.read_metadata(directory)
+    engine = choose_engine(metadata, device)
     name = getattr(context, "model_name", None) or Path(model_dir).name
-    served = ServedModel(name, model.eval(), metadata, device, tuple(data.breed_name(c) for c in metadata.class_names))
-    log.info("event=model_fn model=%s load_s=%.3f", name, time.perf_counter() - start)
+    labels = tuple(data.breed_name(c) for c in metadata.class_names)
+    if engine == ENGINE_ONNXRUNTIME:
+        graph = directory / artifacts.GRAPH_FILE
+        if not graph.is_file():
+            raise artifacts.ArtifactError(f"{artifacts.METADATA_FILE} names a graph but {directory} "
+                                          f"has no {artifacts.GRAPH_FILE}")
+        artifacts.load_state(directory)  # model.pt's checks; the tensors are not kept
+        session = onnx_export.session(graph, worker_threads())
+        onnx_export.check_output_shape(session, metadata.num_classes)
+        served = ServedModel(name, None, metadata, torch.device("cpu"), labels, engine, session, directory)
+    else:
+        model, metadata = artifacts.load_model(directory, device)
+        served = ServedModel(name, model.eval(), metadata, device, labels, engine, None, directory)
+    log.info("event=model_fn model=%s engine=%s load_s=%.3f", name, engine, time.perf_counter() - start)
     return served
 
 
@@ -208,8 +285,7 @@ def warm_up(served: ServedModel) -> None:
     multi-model mode the first request follows the load anyway, and this would add a forward.
     """
     size = served.metadata.image_size
-    with torch.inference_mode():
-        served.model(torch.zeros(1, 3, size, size, device=served.device))
+    served.forward(torch.zeros(1, 3, size, size, device=served.device))
 
 
 # --- input ---------------------------------------------------------------------------------------
@@ -395,14 +471,14 @@ def preprocess(image: bytes, metadata: artifacts.ModelMetadata, device: torch.de
 
 def predict_fn(request: InferenceRequest, served: ServedModel) -> Prediction:
     batch = preprocess(request.image, served.metadata, served.device)
+    logits = served.forward(batch)
     with torch.inference_mode():
-        logits = served.model(batch)
         probabilities = torch.softmax(logits.float(), dim=1)[0].cpu()
     prediction = Prediction(served, probabilities, request.top_k or DEFAULT_TOP_K)
     if request.explain:  # Captum + matplotlib: loaded by the first explain request
         from dogbreed import explain
 
-        explanation = explain.served_explanation(served.model, batch, served.metadata, probabilities)
+        explanation = explain.served_explanation(served.torch_model(), batch, served.metadata, probabilities)
         prediction = dataclasses.replace(prediction, explanations=(explanation,))
     return prediction
 
@@ -431,7 +507,8 @@ def output_fn(prediction: Prediction, accept: str | None = None) -> tuple[bytes,
         {"label": served.labels[i], "class_name": class_names[i], "index": i, "probability": round(p, 6)}
         for p, i in zip(values.tolist(), indices.tolist())
     ]
-    body: dict[str, Any] = {"model": served.name, "arch": served.metadata.arch, "predictions": predictions}
+    body: dict[str, Any] = {"model": served.name, "arch": served.metadata.arch, "engine": served.engine,
+                            "predictions": predictions}
     if prediction.explanations:
         body["explanations"] = list(prediction.explanations)
     return json.dumps(body, allow_nan=False).encode(), JSON

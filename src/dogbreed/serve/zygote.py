@@ -33,7 +33,11 @@ import time
 SOCKET_NAME = "zygote.sock"
 SHIM_NAME = "python-worker"
 PRELOAD = ("torch", "torchvision", "PIL.Image", "multiprocessing", "mms.model_service_worker",
-           "mms.model_loader", "mms.service", "dogbreed.serve.handler", "dogbreed.models")
+           "mms.model_loader", "mms.service", "dogbreed.serve.handler", "dogbreed.models",
+           "onnxruntime")
+# Skipped when not installed: ONNX Runtime serves models with a graph on CPU workers (the serve
+# extra has it); a process without it serves them with torch.
+OPTIONAL_PRELOAD = ("onnxruntime",)
 # The kernel's count of OOM kills in this process's memory cgroup (v2, then v1's "oom_kill"
 # line, kernel >= 4.13): a worker that died of SIGKILL while it rose was killed for memory.
 OOM_COUNTERS = ("/sys/fs/cgroup/memory.events", "/sys/fs/cgroup/memory/memory.oom_control")
@@ -125,6 +129,9 @@ def warm_up(architectures: tuple[str, ...] = WARM_ARCHITECTURES, size: int = 224
         model = models.build_for_inference(arch, 2, torch.load(buffer, weights_only=True))
         with torch.inference_mode():
             model(torch.zeros(1, 3, size, size))
+    from dogbreed import onnx_export
+
+    onnx_export.warm_up_runtime(size)  # ONNX Runtime's one-time set-up, once for all workers
 
 
 class Zygote:
@@ -147,7 +154,11 @@ class Zygote:
         self.listener.bind(self.socket_path)  # first: a shim that comes early waits in the backlog
         self.listener.listen(64)
         for name in self.preload:
-            __import__(name)
+            try:
+                __import__(name)
+            except ImportError:
+                if name not in OPTIONAL_PRELOAD:
+                    raise
         if self.warm:
             warm_up(self.warm)
         for sock in (self.wakeup_r, self.wakeup_w):
