@@ -4,6 +4,7 @@ writes, and the refusals that happen before anything starts."""
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
 from pathlib import Path
 
@@ -184,3 +185,52 @@ def test_a_ctrl_c_before_the_front_serves_stops_the_server(run_dir: Path,
     assert not starting.is_alive(), "stop() hung in the front's shutdown()"
     assert [type(e) for e in raised] == [KeyboardInterrupt]
     assert s.front is not None and s.front.socket.fileno() == -1  # the port is released
+
+
+def test_a_ctrl_c_while_mms_is_being_started_still_stops_it(run_dir: Path, tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """A Ctrl-C landing as Popen returns (MMS already running, its Popen object not yet in
+    hand) left java running after `dogbreed batch --local` exited 130. The signal now waits
+    until the process is recorded, so stop() ends it."""
+    import signal
+    import subprocess
+
+    java = tmp_path / "jdk" / "bin" / "java"  # a java that waits to be stopped
+    java.parent.mkdir(parents=True)
+    java.write_text(f"#!/bin/sh\nexec '{sys.executable}' -c 'import signal; signal.pause()' \"$@\"\n")
+    java.chmod(0o755)
+    real_popen = subprocess.Popen
+    started: list[subprocess.Popen] = []
+
+    def ctrl_c_as_java_starts(cmd, *args, **kwargs):
+        process = real_popen(cmd, *args, **kwargs)
+        if "com.amazonaws.ml.mms.ModelServer" in cmd:
+            started.append(process)
+            signal.raise_signal(signal.SIGINT)  # as if Ctrl-C came now
+        return process
+
+    monkeypatch.setattr(server.subprocess, "Popen", ctrl_c_as_java_starts)
+    monkeypatch.setenv("JAVA_HOME", str(tmp_path / "jdk"))
+    s = ModelServer(port=0, host="127.0.0.1", run_dir=run_dir, multi_model=True,
+                    env={**os.environ, "DOGBREED_SERVE_ZYGOTE": "0"})
+    with pytest.raises(KeyboardInterrupt):
+        s.start()
+    assert [p.pid for p in started] == [s.java.pid]
+    assert s.java.poll() is not None, "java left running"
+
+
+def test_signals_held_deliver_once_after_the_block() -> None:
+    import signal
+
+    from dogbreed.processes import signals_held
+
+    seen: list[str] = []
+    previous = signal.signal(signal.SIGUSR1, lambda *_: seen.append("handler"))
+    try:
+        with signals_held((signal.SIGUSR1,)):
+            signal.raise_signal(signal.SIGUSR1)
+            signal.raise_signal(signal.SIGUSR1)
+            seen.append("block ends")
+        assert seen == ["block ends", "handler"]  # after the block, once
+    finally:
+        signal.signal(signal.SIGUSR1, previous)

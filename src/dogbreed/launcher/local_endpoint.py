@@ -24,6 +24,7 @@ from typing import Any
 from dogbreed.launcher import events
 from dogbreed.launcher.local_runs import LocalError
 from dogbreed.launcher.router import ModelStore, Router, listen
+from dogbreed.processes import signals_held
 
 STATE_FILE = "state.json"
 ENDPOINT_LOG = "endpoint.log"
@@ -321,10 +322,12 @@ class EndpointDaemon:
         command = [sys.executable, "-m", "dogbreed.launcher.cli", "deploy", "--local", "--foreground",
                    "--workdir", str(self.workdir), "--endpoint-name", self.endpoint_name,
                    "--port", str(port), "--max-loaded-models", str(max_loaded or self.max_loaded)]
-        with open(log_path, "w") as log_file:
-            process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT,
-                                       stdin=subprocess.DEVNULL, start_new_session=True)
+        process: subprocess.Popen[bytes] | None = None
         try:
+            # Signals held until `process` is bound, so the except below can cancel what started.
+            with open(log_path, "w") as log_file, signals_held():
+                process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT,
+                                           stdin=subprocess.DEVNULL, start_new_session=True)
             deadline = time.monotonic() + timeout
             while time.monotonic() < deadline:
                 state = self.state()
@@ -337,7 +340,8 @@ class EndpointDaemon:
             raise LocalError(f"local endpoint not ready after {timeout:.0f}s; log: {log_path}")
         except BaseException:
             # Ctrl-C, SIGTERM, a timeout: the daemon must not go on starting behind our back.
-            self._cancel(process)
+            if process is not None:
+                self._cancel(process)
             raise
 
     @property

@@ -25,6 +25,7 @@ from dogbreed import contract
 from dogbreed.launcher import events
 from dogbreed.launcher.settings import SettingsError
 from dogbreed.metrics import EPOCH_LINE, METRIC_NAMES, OBJECTIVE_METRIC, parse_best, parse_metrics
+from dogbreed.processes import signals_held
 
 TRAIN_LOG = "train.log"
 PRUNE_GRACE_SECONDS = 30.0
@@ -182,12 +183,13 @@ class TrainingRun:
         final: dict[str, float] = {}
         pruned = False
         with open(log_path, "w", encoding="utf-8") as log_file:
-            self.process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE,
-                                            stderr=subprocess.STDOUT, text=True, bufsize=1,
-                                            start_new_session=True)
-            if self._stopped:  # stop() came while the process was starting
-                self.terminate()
             try:
+                with signals_held():  # a Ctrl-C now must find the trainer in self.process to stop it
+                    self.process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE,
+                                                    stderr=subprocess.STDOUT, text=True, bufsize=1,
+                                                    start_new_session=True)
+                if self._stopped:  # stop() came while the process was starting
+                    self.terminate()
                 assert self.process.stdout is not None
                 for line in self.process.stdout:
                     log_file.write(line)
@@ -207,8 +209,9 @@ class TrainingRun:
                 returncode = self.process.wait()
             except BaseException:  # Ctrl-C, SIGTERM (cli.Terminated), a failing callback
                 self.kill()
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    self.process.wait(timeout=5)  # reaped here: no zombie left behind
+                if self.process is not None:
+                    with contextlib.suppress(subprocess.TimeoutExpired):
+                        self.process.wait(timeout=5)  # reaped here: no zombie left behind
                 raise
             finally:
                 if self._kill_timer is not None:

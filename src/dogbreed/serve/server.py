@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import IO
 
 from dogbreed import artifacts, contract
+from dogbreed.processes import signals_held
 from dogbreed.serve import JVM_OPTS_ENV, RUN_DIR_ENV, ZYGOTE_ENV, front, zygote
 from dogbreed.serve.client import LOAD_TIMEOUT, ServeClient
 from dogbreed.serve.lifecycle import ModelLifecycle
@@ -104,6 +105,7 @@ class ModelServer:
         self._log: IO[bytes] | None = None
         self._stopped = False
         self._zygote_ready = threading.Event()
+        self._zygote_command: tuple[list[str], dict[str, str]] = ([], {})  # to start it again
         self.single_model_source: Path | None = None  # single-model: the dir it loads
 
     @property
@@ -224,10 +226,13 @@ class ModelServer:
         if self.use_zygote:  # its stdout is its report channel (see zygote.py); the rest goes to the log
             sock = str(self.run_dir / zygote.SOCKET_NAME)
             python = zygote.write_shim(str(self.run_dir / zygote.SHIM_NAME), sock)
-            self.zygote = subprocess.Popen([sys.executable, "-m", "dogbreed.serve.zygote", sock], cwd=self.run_dir,
-                                           env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=self._log)
+            with signals_held():  # a Ctrl-C now must find the zygote in self.zygote to stop it
+                self.zygote = subprocess.Popen([sys.executable, "-m", "dogbreed.serve.zygote", sock], cwd=self.run_dir,
+                                               env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=self._log)
+            self._zygote_command = ([sys.executable, "-m", "dogbreed.serve.zygote", sock], env)
             (self.run_dir / "zygote.pid").write_text(f"{self.zygote.pid}\n")
-            threading.Thread(target=self._follow_zygote, name="dogbreed-zygote-reports", daemon=True).start()
+            threading.Thread(target=self._follow_zygote, args=(self.zygote,), name="dogbreed-zygote-reports",
+                             daemon=True).start()
         import mms
 
         home = Path(mms.__file__).resolve().parent.parent
@@ -236,7 +241,8 @@ class ModelServer:
                "com.amazonaws.ml.mms.ModelServer", "--python", python, "-f", str(config), "-s", str(self.model_store)]
         self.single_model_source, self.front.single_model = single_model_dir, single_model_dir is not None
         log.info("event=start_mms run_dir=%s cmd=%s", self.run_dir, " ".join(cmd))
-        self.java = subprocess.Popen(cmd, cwd=self.run_dir, env=env, start_new_session=True, **out)
+        with signals_held():
+            self.java = subprocess.Popen(cmd, cwd=self.run_dir, env=env, start_new_session=True, **out)
         (self.run_dir / "mms.pid").write_text(f"{self.java.pid}\n")
         serving = threading.Thread(target=self.front.serve_forever, kwargs={"poll_interval": 0.2},
                                    name="dogbreed-front", daemon=True)
@@ -244,14 +250,39 @@ class ModelServer:
         self._front_thread = serving
         log.info("event=front_listening url=%s multi_model=%s", self.url, self.multi_model)
 
-    def _follow_zygote(self) -> None:
-        assert self.zygote is not None and self.zygote.stdout is not None and self.front is not None
-        reports = iter(self.zygote.stdout.readline, b"")
+    def _follow_zygote(self, proc: subprocess.Popen) -> None:
+        assert proc.stdout is not None and self.front is not None
+        reports = iter(proc.stdout.readline, b"")
         for line in reports:
             if line.startswith(b'{"ready"'):
                 self._zygote_ready.set()
                 break
-        self.front.models.watch(reports)
+        self.front.models.watch(reports)  # returns when the zygote's stdout closes: it ended
+        if not self._stopped:
+            self._restart_zygote(proc)
+
+    def _restart_zygote(self, dead: subprocess.Popen) -> None:
+        """The zygote died while serving: reap it (no zombie), start a new one and reload every
+        model, whose workers died with it (each worker, and what it forked, has PR_SET_PDEATHSIG):
+        without this, no worker death would be noticed again and new workers would start cold."""
+        code = dead.wait()
+        log.error("event=zygote_died pid=%d exit=%d action=restart", dead.pid, code)
+        assert self.run_dir is not None and self.front is not None
+        command, env = self._zygote_command
+        self._zygote_ready.clear()
+        self.zygote = subprocess.Popen(command, cwd=self.run_dir, env=env, start_new_session=True,
+                                       stdout=subprocess.PIPE, stderr=self._log)
+        (self.run_dir / "zygote.pid").write_text(f"{self.zygote.pid}\n")
+        threading.Thread(target=self._follow_zygote, args=(self.zygote,), name="dogbreed-zygote-reports",
+                         daemon=True).start()
+        if not self._zygote_ready.wait(LOAD_TIMEOUT) or self._stopped:
+            return
+        log.info("event=zygote_restarted pid=%d models=%d", self.zygote.pid, len(self.front.models.registered))
+        for name in list(self.front.models.registered):
+            try:
+                self.front.models.recover(name)
+            except Exception:  # one model's failure must not keep the others down
+                log.exception("event=worker_recovery_failed model=%s", name)
 
     def wait_ready(self, timeout: float = 120.0, stop: threading.Event | None = None) -> ModelServer:
         """Block until MMS answers ``/ping`` (and, single-model, the model is loaded), or
