@@ -201,3 +201,20 @@ def test_a_model_out_of_memory_gets_507_is_unloaded_and_the_others_keep_serving(
     assert BIG not in endpoint.router.describe()["loaded"]
     assert invoke(endpoint, SMALL)[0] == 200
     assert BIG not in endpoint.router.describe()["failed"]  # a later request may try it again
+
+
+def test_a_dead_zygote_is_reaped_and_restarted_and_leaves_no_orphan_worker(endpoint: LocalEndpoint) -> None:
+    """Under `deploy --local` a killed zygote stayed a zombie, was never restarted, and its model
+    kept answering from an orphaned worker (MMS's per-connection child, parent PID 1)."""
+    assert invoke(endpoint, SMALL)[0] == 200
+    server = endpoint.server
+    old = psutil.Process(server.zygote.pid)
+    family = old.children(recursive=True)
+    assert family
+    os.kill(old.pid, signal.SIGKILL)
+    wait_for(lambda: server.zygote.pid != old.pid and server._zygote_ready.is_set(), "a new zygote")
+    wait_for(lambda: not psutil.pid_exists(old.pid), "the dead zygote being reaped")
+    wait_for(lambda: not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in family),
+             "the old zygote's workers ending")
+    assert served_within(endpoint, SMALL, 30) < 30
+    assert psutil.Process(server.zygote.pid).children()  # the reloaded model's worker is the new zygote's
