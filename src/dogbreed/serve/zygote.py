@@ -31,6 +31,7 @@ import sys
 import time
 
 SOCKET_NAME = "zygote.sock"
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 SHIM_NAME = "python-worker"
 PRELOAD = ("torch", "torchvision", "PIL.Image", "multiprocessing", "mms.model_service_worker",
            "mms.model_loader", "mms.service", "dogbreed.serve.handler", "dogbreed.models",
@@ -277,7 +278,11 @@ class Zygote:
             limit_address_space(request["env"].get(WORKER_MEMORY_ENV))
             import ctypes
 
-            ctypes.CDLL(None).prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG: dies with the zygote
+            libc = ctypes.CDLL(None)
+            libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)  # dies with the zygote
+            # ...and so does whatever it forks (MMS's worker forks one process per connection,
+            # which would otherwise outlive a dead zygote, orphaned, still answering MMS).
+            os.register_at_fork(after_in_child=lambda: libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0))
             signal.set_wakeup_fd(-1)
             for signum in (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT):
                 signal.signal(signum, signal.SIG_DFL)
