@@ -218,3 +218,23 @@ def test_a_dead_zygote_is_reaped_and_restarted_and_leaves_no_orphan_worker(endpo
              "the old zygote's workers ending")
     assert served_within(endpoint, SMALL, 30) < 30
     assert psutil.Process(server.zygote.pid).children()  # the reloaded model's worker is the new zygote's
+
+
+def test_the_run_dir_keeps_only_the_live_workers_sockets_and_fifos(endpoint: LocalEndpoint) -> None:
+    """Every worker start left 2 FIFOs and a socket behind (94 FIFOs after 16 minutes); after
+    the kills, reloads and the zygote restart above, only what live workers use remains."""
+    import stat
+
+    assert invoke(endpoint, SMALL)[0] == 200
+    mms_dir = endpoint.server.run_dir
+    server = endpoint.server
+
+    def leftovers() -> tuple[list[str], list[str]]:
+        live = {worker_socket(endpoint, n) for n in server.front.models.registered}
+        kinds = {p.name: p.lstat().st_mode for p in mms_dir.iterdir()}
+        sockets = [n for n, m in kinds.items() if stat.S_ISSOCK(m) and n.startswith(".mms.sock.")
+                   and str(mms_dir / n) not in live]
+        fifos = [n for n, m in kinds.items() if stat.S_ISFIFO(m)]
+        return sockets, fifos if len(fifos) > 2 * len(live) else []
+
+    wait_for(lambda: leftovers() == ([], []), "the dead workers' files going")

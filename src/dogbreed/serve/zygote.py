@@ -72,6 +72,57 @@ def limit_address_space(megabytes: str | None) -> None:
     resource.setrlimit(resource.RLIMIT_AS, (size + extra, size + extra))
 
 
+# Beside each worker's socket: the FIFOs its MMS worker made (see record_fifos).
+FIFO_RECORD_SUFFIX = ".fifos"
+
+
+def argv_value(argv: list[str], flag: str) -> str:
+    return next((argv[i + 1] for i, a in enumerate(argv[:-1]) if a == flag), "")
+
+
+def record_fifos(record: str) -> None:
+    """In a new worker: note each FIFO it makes in ``record``. MMS's worker makes two per model
+    load (``<tmp>/<io_fd>-stdout``/``-stderr``, named after MMS's connection id, in the process
+    it forks per connection) and removes them only when it exits cleanly; a killed worker left
+    them, and its socket, in the run dir for good (94 FIFOs after 16 minutes of faults)."""
+    make = os.mkfifo
+    with open(record, "a", encoding="utf-8"):
+        pass  # there from the start: the socket is removed with it even if no FIFO comes
+
+    def mkfifo(path: str, *args: object, **kwargs: object) -> None:
+        make(path, *args, **kwargs)  # type: ignore[arg-type]
+        with open(record, "a", encoding="utf-8") as handle:
+            handle.write(os.path.abspath(os.fsdecode(path)) + "\n")
+
+    os.mkfifo = mkfifo  # type: ignore[assignment]
+
+
+def remove_worker_files(sock_name: str) -> None:
+    """Remove a dead worker's socket and the FIFOs it recorded (only sockets and FIFOs)."""
+    import stat
+
+    record = sock_name + FIFO_RECORD_SUFFIX
+    try:
+        with open(record, encoding="utf-8") as handle:
+            fifos = [line.rstrip("\n") for line in handle if line.strip()]
+    except OSError:
+        fifos = []
+    for path, kind in [*((f, stat.S_ISFIFO) for f in fifos), (sock_name, stat.S_ISSOCK)]:
+        with contextlib.suppress(OSError):
+            if kind(os.lstat(path).st_mode):
+                os.unlink(path)
+    with contextlib.suppress(OSError):
+        os.unlink(record)
+
+
+def remove_stale_worker_files(directory: str) -> None:
+    """At start: the files of workers an earlier zygote left (they died with it)."""
+    with contextlib.suppress(OSError):
+        for name in os.listdir(directory):
+            if name.endswith(FIFO_RECORD_SUFFIX):
+                remove_worker_files(os.path.join(directory, name[: -len(FIFO_RECORD_SUFFIX)]))
+
+
 # Taken once through a model load and a 224 px forward (weights_only unpickler, meta-device
 # build, oneDNN kernels), so every worker forked later finds them warm.
 WARM_ARCHITECTURES = ("resnet18", "mobilenet_v2")
@@ -141,6 +192,7 @@ class Zygote:
         self.socket_path, self.preload, self.warm = socket_path, preload, warm
         self.workers: dict[int, tuple[socket.socket, str, float]] = {}  # pid -> (shim, model, fork time)
         self.oom_kills_at_fork: dict[int, int | None] = {}  # pid -> the cgroup's OOM kills then
+        self.worker_sockets: dict[int, str] = {}  # pid -> the socket MMS gave it (--sock-name)
         self.selector = selectors.DefaultSelector()
         self.wakeup_r, self.wakeup_w = socket.socketpair()
         self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -153,6 +205,7 @@ class Zygote:
         if os.path.exists(self.socket_path):
             os.unlink(self.socket_path)
         self.listener.bind(self.socket_path)  # first: a shim that comes early waits in the backlog
+        remove_stale_worker_files(os.path.dirname(os.path.abspath(self.socket_path)))
         self.listener.listen(64)
         for name in self.preload:
             try:
@@ -185,6 +238,8 @@ class Zygote:
             self._kill_group(pid)
             with contextlib.suppress(ChildProcessError):
                 os.waitpid(pid, 0)
+            if sock_name := self.worker_sockets.pop(pid, ""):
+                remove_worker_files(sock_name)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.socket_path)
 
@@ -224,8 +279,9 @@ class Zygote:
         for fd in fds:
             os.close(fd)
         argv = request["argv"]
-        model = next((argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--model-name"), "")
+        model = argv_value(argv, "--model-name")
         self.workers[pid] = (conn, model, time.time())
+        self.worker_sockets[pid] = argv_value(argv, "--sock-name")
         self.oom_kills_at_fork[pid] = oom_kills()
         try:
             conn.sendall(f"{pid}\n".encode())
@@ -261,6 +317,8 @@ class Zygote:
                 pass
             conn.close()
             self._kill_group(pid)  # whatever the worker forked and left behind
+            if sock_name := self.worker_sockets.pop(pid, ""):
+                remove_worker_files(sock_name)
 
     @staticmethod
     def _kill_group(pid: int) -> None:
@@ -276,6 +334,8 @@ class Zygote:
             from dogbreed.serve import WORKER_MEMORY_ENV
 
             limit_address_space(request["env"].get(WORKER_MEMORY_ENV))
+            if sock_name := argv_value(request["argv"], "--sock-name"):
+                record_fifos(sock_name + FIFO_RECORD_SUFFIX)
             import ctypes
 
             libc = ctypes.CDLL(None)
