@@ -192,9 +192,9 @@ def check_png(data: bytes) -> None:
 
     libpng under ``torchvision.io.decode_png`` ends the whole process on some corrupt streams
     instead of raising (an IDAT whose zlib header is wrong: "libpng error: IDAT: incorrect header
-    check", then exit; found by the generated live-server tests of issue 11: it killed a model
+    check", then exit; found by the generated live-server tests: it killed a model
     worker), or on a chunk whose CRC is wrong ("libpng error: IDAT: CRC error", then a segfault;
-    found by the same tests in session 3: PIL's ``load`` skips IDAT's CRC, its ``verify`` checks
+    found by the same tests: PIL's ``load`` skips IDAT's CRC, its ``verify`` checks
     every chunk's). PIL raises for these files. Costs one extra decode per PNG; JPEGs are not
     affected.
     """

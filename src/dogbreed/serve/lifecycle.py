@@ -45,7 +45,7 @@ log = logging.getLogger("dogbreed.serve")
 
 # What POST /models takes (SageMaker sends model_name and url). MMS's initial_workers,
 # batch_size, max_batch_delay... are a 400: a caller-chosen max_batch_delay=5000 made every
-# invoke wait 5 s (issue 11).
+# invoke wait 5 s.
 REGISTER_PARAMETERS = frozenset({"model_name", "url", "synchronous"})
 JSON_HEADERS = {"content-type": "application/json"}
 DRAIN_SECONDS = 5.0
