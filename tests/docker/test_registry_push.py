@@ -8,6 +8,7 @@ The registry is Debian's `docker-registry` (scripts/docker-up.sh installs it) on
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -16,7 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from dockerlib import docker, free_port, inspect, make, split_image, wait_for
+from dockerlib import REPO_ROOT, docker, free_port, inspect, make, split_image, wait_for
 
 pytestmark = pytest.mark.docker
 
@@ -59,6 +60,12 @@ def registry(tmp_path: Path) -> Iterator[str]:
         log.close()
 
 
+def _image_torch() -> str:
+    """The torch version docker/images.mk pins for the images (IMAGE_TORCH)."""
+    text = (REPO_ROOT / "docker" / "images.mk").read_text()
+    return re.search(r"^IMAGE_TORCH \?= torch==(\S+)", text, re.M).group(1)
+
+
 def test_make_push_to_a_registry_then_pull_back_and_run(
         train_image: str, serve_image: str, registry: str, tmp_path: Path) -> None:
     (train_name, tag), (serve_name, serve_tag) = split_image(train_image), split_image(serve_image)
@@ -76,11 +83,16 @@ def test_make_push_to_a_registry_then_pull_back_and_run(
         assert set(pushed) == expected
         record = json.loads(record_file.read_text())
         assert record["tag"] == tag
-        for kind, repo in (("train", "dogbreed-train"), ("serve", "dogbreed-serve")):
+        for kind, repo, local in (("train", "dogbreed-train", train_image),
+                                  ("serve", "dogbreed-serve", serve_image)):
             entry = record["images"][kind]
             assert entry["reference"] == f"{registry}/{repo}:{tag}"
             assert entry["digest"].startswith("sha256:")
             assert entry["pinned"] == f"{registry}/{repo}@{entry['digest']}"
+            # The image's CUDA labels, which the launcher checks against instance drivers.
+            assert entry["labels"] == {k: v for k, v in inspect(local)["Config"]["Labels"].items()
+                                       if k.startswith("dogbreed.cuda.")}
+            assert entry["labels"]["dogbreed.cuda.version"] != ""
 
         catalog = _get_json(f"http://{registry}/v2/_catalog")
         assert {"dogbreed-train", "dogbreed-serve"} <= set(catalog["repositories"])
@@ -96,7 +108,7 @@ def test_make_push_to_a_registry_then_pull_back_and_run(
             assert inspect(remote)["Id"] == inspect(local)["Id"]
             out = docker("run", "--rm", "--network", "host", "--entrypoint", "python", remote, "-c",
                          "import dogbreed.train, torch; print('ok', torch.__version__)", timeout=300).stdout
-            assert out.startswith("ok 2.14.1"), out
+            assert out.startswith(f"ok {_image_torch()}"), out
     finally:
         for ref in pushed:
             docker("rmi", ref, check=False)
