@@ -423,6 +423,61 @@ def test_a_reported_worker_death_reloads_the_model(setup: dict, good_model: Path
         watcher.join(5)
 
 
+def test_a_worker_the_kernel_killed_for_memory_is_unloaded_not_reloaded(setup: dict, good_model: Path) -> None:
+    """Reloading it looped RECOVERING / 503 (the next load or invoke was killed again); SageMaker's
+    multi-model contract wants a 507 so it can unload models ("mms-container-apis")."""
+    assert register(setup, "m1", str(good_model))[0] == 200
+    assert register(setup, "m2", str(good_model))[0] == 200
+    models = setup["front"].models
+    before = len(setup["mms"].requests)
+    models.watch([json.dumps({"died": "m1", "pid": 2, "exit": -9, "forked": time.time(), "oom": True}) + "\n"])
+    sent = [(r["method"], r["path"]) for r in setup["mms"].requests[before:]]
+    assert sent == [("DELETE", "/models/m1")] and models.recoveries == 0  # unloaded, never loaded again
+    assert "m1" not in models.registered and "m1" not in setup["mms"].models
+    assert call(setup, "POST", "/models/m2/invoke", b"jpeg", {"Content-Type": "image/jpeg"})[0] == 200
+
+
+def test_an_invoke_that_ran_out_of_memory_is_507_and_unloads_its_model(setup: dict, good_model: Path) -> None:
+    """The handler's 507 (an allocation failed under the worker's limit) also frees that memory."""
+    mms = setup["mms"]
+    mms.RequestHandlerClass = OutOfMemoryHandler
+    assert register(setup, "m1", str(good_model))[0] == 200
+    status, _, raw = call(setup, "POST", "/models/m1/invoke", b"jpeg", {"Content-Type": "image/jpeg"})
+    assert status == 507 and json.loads(raw)["code"] == 507
+    deadline = time.monotonic() + 10
+    while "m1" in mms.models and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert "m1" not in mms.models and "m1" not in setup["front"].models.registered
+
+
+class OutOfMemoryHandler(FakeHandler):
+    def do_POST(self) -> None:
+        if self.path.endswith("/invoke") and not self.headers.get("X-Dogbreed-Load-Status"):
+            self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            return self._reply(507, {"code": 507, "type": "InsufficientStorage", "message": "out of memory"})
+        return self.do_ANY()
+
+
+def test_a_request_held_by_a_dying_worker_is_503_not_mms_500(setup: dict, good_model: Path) -> None:
+    """MMS answers the requests a dying worker held 500 "Worker died."."""
+    mms = setup["mms"]
+    mms.RequestHandlerClass = WorkerDiedHandler
+    assert register(setup, "m1", str(good_model))[0] == 200
+    models = setup["front"].models
+    threading.Timer(0.2, models.watch, args=([json.dumps(
+        {"died": "m1", "pid": 2, "exit": -9, "forked": time.time() + 1}) + "\n"],)).start()
+    status, headers, raw = call(setup, "POST", "/models/m1/invoke", b"jpeg", {"Content-Type": "image/jpeg"})
+    assert status == 503 and headers["retry-after"] and json.loads(raw)["code"] == 503
+
+
+class WorkerDiedHandler(FakeHandler):
+    def do_POST(self) -> None:
+        if self.path.endswith("/invoke") and not self.headers.get("X-Dogbreed-Load-Status"):
+            self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            return self._reply(500, {"code": 500, "type": "InternalServerException", "message": "Worker died."})
+        return self.do_ANY()
+
+
 def test_a_paused_model_answers_503_with_retry_after(setup: dict, good_model: Path) -> None:
     assert register(setup, "m1", str(good_model))[0] == 200
     setup["front"].models.paused["m1"] = "RECOVERING"

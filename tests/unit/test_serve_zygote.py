@@ -153,3 +153,25 @@ def test_a_dead_worker_is_reported_with_its_model(zyg: dict) -> None:
     record = json.loads(zyg["proc"].stdout.readline())
     assert (record["died"], record["pid"], record["exit"]) == ("dogs", pid, -signal.SIGKILL)
     assert 0 < time.time() - record["forked"] < 60
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("low 0\nhigh 0\nmax 3\noom 4\noom_kill 2\n", 2),  # cgroup v2 memory.events
+    ("oom_kill_disable 0\nunder_oom 0\noom_kill 7\n", 7),  # cgroup v1 memory.oom_control
+    ("oom_kill_disable 0\nunder_oom 0\n", None),  # a kernel before 4.13: no count
+])
+def test_oom_kills_reads_the_cgroup_count(tmp_path: Path, text: str, expected: int | None) -> None:
+    counter = tmp_path / "memory.events"
+    counter.write_text(text)
+    assert zygote.oom_kills((str(tmp_path / "missing"), str(counter))) == expected
+
+
+def test_the_worker_memory_limit_is_the_kernels(tmp_path: Path) -> None:
+    """RLIMIT_AS over what the process has: a larger allocation fails in that process only."""
+    script = (f"import sys; sys.path.insert(0, {str(Path(zygote.__file__).parents[2])!r})\n"
+              "from dogbreed.serve import zygote\n"
+              "zygote.limit_address_space('64')\n"
+              "small = bytearray(16 * 2**20)\n"
+              "try:\n    big = bytearray(256 * 2**20)\nexcept MemoryError:\n    print('refused')\n")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert out.stdout.strip() == "refused", out.stderr
