@@ -43,7 +43,9 @@ def test_settings_come_from_the_sagemaker_environment(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("name,value", [(contract.SAGEMAKER_BIND_TO_PORT, "http"),
                                         (contract.SAGEMAKER_MODEL_SERVER_WORKERS, "0"),
-                                        (contract.SAGEMAKER_MODEL_SERVER_TIMEOUT, "-5")])
+                                        (contract.SAGEMAKER_MODEL_SERVER_TIMEOUT, "-5"),
+                                        ("DOGBREED_SERVE_WORKER_MEMORY_MB", "0"),
+                                        ("DOGBREED_SERVE_WORKER_MEMORY_MB", "lots")])
 def test_bad_settings_are_refused(name: str, value: str) -> None:
     with pytest.raises(ServerError, match=name):
         ModelServer(env={name: value})

@@ -3,7 +3,8 @@
 Environment (names from :mod:`dogbreed.contract`): ``SAGEMAKER_BIND_TO_PORT`` (8080),
 ``DOGBREED_BIND_HOST`` (0.0.0.0), ``SAGEMAKER_MULTI_MODEL``, ``SAGEMAKER_MODEL_SERVER_WORKERS``
 (workers per model, 1), ``SAGEMAKER_MODEL_SERVER_TIMEOUT`` (seconds per request, 60),
-``SAGEMAKER_BASE_DIR`` (the model dir is ``$SAGEMAKER_BASE_DIR/model``), ``DOGBREED_RUN_DIR``.
+``SAGEMAKER_BASE_DIR`` (the model dir is ``$SAGEMAKER_BASE_DIR/model``), ``DOGBREED_RUN_DIR``,
+``DOGBREED_SERVE_WORKER_MEMORY_MB`` (address space a worker may add after its fork; unset: no limit).
 
 The process stays in the foreground; SIGTERM or SIGINT stops everything it started::
 
@@ -40,7 +41,7 @@ from typing import IO
 
 from dogbreed import artifacts, contract
 from dogbreed.processes import signals_held
-from dogbreed.serve import JVM_OPTS_ENV, RUN_DIR_ENV, ZYGOTE_ENV, front, zygote
+from dogbreed.serve import JVM_OPTS_ENV, RUN_DIR_ENV, WORKER_MEMORY_ENV, ZYGOTE_ENV, front, zygote
 from dogbreed.serve.client import LOAD_TIMEOUT, ServeClient
 from dogbreed.serve.lifecycle import ModelLifecycle
 
@@ -86,6 +87,8 @@ class ModelServer:
                             if port is None else port)
             self.workers = workers or contract.env_int(env, contract.SAGEMAKER_MODEL_SERVER_WORKERS, 1, None)
             self.timeout = timeout or contract.env_int(env, contract.SAGEMAKER_MODEL_SERVER_TIMEOUT, 1, None)
+            # Checked here: every worker reads it after its fork, where a bad value only fails loads.
+            self.worker_memory_mb = contract.env_int(env, WORKER_MEMORY_ENV, 1, None)
         except contract.ContractError as exc:
             raise ServerError(str(exc)) from None
         self.host = host or env.get(contract.BIND_HOST_ENV) or contract.DEFAULT_BIND_HOST
