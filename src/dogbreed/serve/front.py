@@ -1,9 +1,11 @@
 """The thin HTTP front on the public port (MMS on a unix socket behind it), for what only a front
 can do with multi-model-server 1.1.11 (pinned), each found by hostile-input tests: only the SageMaker
 container API passes (MMS would also take worker scaling, batching set by callers); every refusal
-is JSON, never a dropped connection (MMS answers chunked bodies 400, drops request lines over
-8 KB, may close mid-answer on a header with control characters; MMS hanging up is a 502); the
-model life MMS lacks (:mod:`dogbreed.serve.lifecycle`); ``GET /execution-parameters``."""
+is JSON, never a dropped connection (MMS answers chunked bodies and request lines over 4 KB a
+bare 400, hangs up on headers over 8 KB, may close mid-answer on a header with control
+characters; MMS hanging up is a 502); ambiguous body framing is refused and the connection
+closed (RFC 9112 6.1); the model life MMS lacks (:mod:`dogbreed.serve.lifecycle`);
+``GET /execution-parameters``."""
 
 from __future__ import annotations
 
