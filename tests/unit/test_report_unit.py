@@ -210,22 +210,24 @@ def test_report_of_a_sagemaker_job_without_debugger_evaluates_its_in_job_tensors
     model.add_module("relu", nn.ReLU())
     model.add_module("fc2", nn.Linear(8, 2))
     loss_fn = nn.CrossEntropyLoss()
-    hook = debugger.create_hook(paths, model, loss_fn)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    x, y = torch.randn(16, 3), (torch.arange(16) % 2)
-    for _ in range(3):  # epochs: training steps, then validation steps
-        debugger.set_mode(hook, train=True)
-        for _ in range(40):
-            optimizer.zero_grad()
-            loss_fn(model(x), y).backward()
-            optimizer.step()
-        debugger.set_mode(hook, train=False)
-        with torch.no_grad():
-            for _ in range(4):
-                loss_fn(model(x), y)
-    debugger.close(hook)
+    # Outside capsys: smdebug's logger keeps the stream it first sees, and capsys closes its own
+    # at the end of this test (later tests' smdebug lines would hit a closed file).
+    with capsys.disabled():
+        hook = debugger.create_hook(paths, model, loss_fn)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        x, y = torch.randn(16, 3), (torch.arange(16) % 2)
+        for _ in range(3):  # epochs: training steps, then validation steps
+            debugger.set_mode(hook, train=True)
+            for _ in range(40):
+                optimizer.zero_grad()
+                loss_fn(model(x), y).backward()
+                optimizer.step()
+            debugger.set_mode(hook, train=False)
+            with torch.no_grad():
+                for _ in range(4):
+                    loss_fn(model(x), y)
+        debugger.close(hook)
     monkeypatch.delenv(contract.TRAINING_JOB_NAME_ENV)
-    capsys.readouterr()  # smdebug's own log lines while the hook ran
     buffer = io.BytesIO()
     with tarfile.open(fileobj=buffer, mode="w:gz") as tar:  # SageMaker's output.tar.gz
         tar.add(paths.output_data_dir, arcname=".")
