@@ -478,6 +478,51 @@ class WorkerDiedHandler(FakeHandler):
         return self.do_ANY()
 
 
+class StuckRegistrationHandler(FakeHandler):
+    """MMS when a new worker dies before it connects: the registration hangs until MMS's
+    response timeout, and an unregister waits behind it (its model lock)."""
+
+    def do_POST(self) -> None:
+        if self.path == "/models" and self.server.stuck.is_set():
+            self.server.registering.set()
+            self.server.release.wait(30)
+            self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            return self._reply(500, {"code": 500, "type": "InternalServerException", "message": "Failed to save model"})
+        return self.do_ANY()
+
+    def do_DELETE(self) -> None:
+        if self.server.stuck.is_set():
+            self.server.release.wait(30)
+        return self.do_ANY()
+
+
+def test_a_worker_dying_before_it_connects_gets_a_prompt_503_not_a_hang(setup: dict, good_model: Path) -> None:
+    """MMS held such a registration (and every unload of the model) for its whole response
+    timeout, 60 s; the caller, and the router's callers behind it, waited as long."""
+    mms, models = setup["mms"], setup["front"].models
+    mms.RequestHandlerClass = StuckRegistrationHandler
+    mms.stuck, mms.registering, mms.release = threading.Event(), threading.Event(), threading.Event()
+    mms.stuck.set()
+    try:
+        answer: list[tuple[int, dict]] = []
+        loading = threading.Thread(target=lambda: answer.append(register(setup, "m1", str(good_model))))
+        loading.start()
+        assert mms.registering.wait(10)
+        models.watch([json.dumps({"died": "m1", "pid": 2, "exit": -9, "forked": time.time()}) + "\n"])
+        loading.join(10)
+        assert answer and answer[0][0] == 503, answer
+        status, _, raw = call(setup, "POST", "/models", json.dumps({"model_name": "m1", "url": str(good_model)}).encode(),
+                              {"Content-Type": "application/json"})
+        assert status == 503 and "recovering" in json.loads(raw)["message"]  # at once, not behind MMS
+    finally:
+        mms.stuck.clear()
+        mms.release.set()
+    deadline = time.monotonic() + 10
+    while "m1" in models.paused and time.monotonic() < deadline:
+        time.sleep(0.02)  # the clean-up ends when MMS lets go
+    assert register(setup, "m1", str(good_model))[0] == 200
+
+
 def test_a_paused_model_answers_503_with_retry_after(setup: dict, good_model: Path) -> None:
     assert register(setup, "m1", str(good_model))[0] == 200
     setup["front"].models.paused["m1"] = "RECOVERING"

@@ -78,7 +78,7 @@ class ModelLifecycle:
         started: MMS's 500 "Failed to start workers", or a cut-off registration) leaves nothing
         registered and is tried once more: it says nothing about the model."""
         reply = self._load_once(name, model_dir)
-        if reply.status >= 500 and reply.status != 507:
+        if reply.status >= 500 and reply.status not in (503, 507):  # 503: a cut-off one, being cleaned up
             log.warning("event=model_load_retried model=%s status=%d reason=%s", name, reply.status,
                         reply.message())
             reply = self._load_once(name, model_dir)
@@ -88,7 +88,12 @@ class ModelLifecycle:
         self.registered.pop(name, None)
         self.registered_at[name] = time.time()
         body = json.dumps({"model_name": name, "url": model_dir}).encode()
-        reply = self._register_in_mms(name, body)
+        reply, cut = self._register_in_mms(name, body)
+        if cut:
+            # MMS waits for the dead worker until its response timeout, holding its model lock
+            # (an unload would wait as long): clean up behind the caller, who gets an answer now.
+            self._unload_in_background(name, "its worker died while it loaded", "RECOVERING")
+            return reply
         if 200 <= reply.status < 300:
             probe = self.mms.invoke(name, b"", "application/json", {LOAD_STATUS_HEADER: "1"})
             if probe.status != 200:  # refused by the handler: its reason, and no model left behind
@@ -102,10 +107,10 @@ class ModelLifecycle:
                 self.mms.unload_model(name)
         return reply
 
-    def _register_in_mms(self, name: str, body: bytes) -> Response:
+    def _register_in_mms(self, name: str, body: bytes) -> tuple[Response, bool]:
         """``POST /models`` to MMS, cut off by :meth:`watch` if the new worker dies meanwhile
         (MMS would wait out its whole registration timeout for a worker killed before it said
-        hello, then answer 500)."""
+        hello, then answer 500): ``(reply, cut off)``."""
         conn = UnixHTTPConnection(self.mms.unix_path or "", self.load_timeout)
         conn.connect()
         with self.state:
@@ -113,14 +118,18 @@ class ModelLifecycle:
         try:
             conn.request("POST", "/models", body=body, headers=JSON_HEADERS)
             resp = conn.getresponse()
-            return Response(resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read())
+            return Response(resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read()), False
         except (OSError, http.client.HTTPException):
             cut_by = getattr(conn, "cut_by", None)
             if cut_by is None:
                 raise
             if cut_by == OUT_OF_MEMORY:
-                return Response.error(507, "InsufficientStorage", f"the worker of model {name} ran out of memory while it loaded")
-            return Response.error(503, "ServiceUnavailable", f"the worker of model {name} died while it loaded")
+                return Response.error(507, "InsufficientStorage",
+                                      f"the worker of model {name} ran out of memory while it loaded"), True
+            reply = Response.error(503, "ServiceUnavailable",
+                                   f"the worker of model {name} died while it loaded; retry in {RETRY_AFTER_SECONDS} s")
+            reply.headers["retry-after"] = RETRY_AFTER_SECONDS
+            return reply, True
         finally:
             with self.state:
                 if self.loading.get(name) is conn:
@@ -138,6 +147,8 @@ class ModelLifecycle:
             return Response.error(400, "BadRequest", f"POST /models takes model_name and url only, not "
                                   f"{unknown or 'synchronous'}: workers, batching and timeouts are set by the platform")
         name, url = params.get("model_name"), params.get("url")
+        if isinstance(name, str) and name in self.paused:  # being unloaded or recovered: not yet
+            return self._unavailable(name)
         try:
             if not isinstance(url, str) or not url:
                 return Response.error(400, "BadRequest", "Parameter url is required.")
@@ -218,16 +229,26 @@ class ModelLifecycle:
                     conn.close()
         return self._forward(name, method, path, body, headers, reuse=False)  # the kept one was stale
 
-    def _unload_in_background(self, name: str, why: str) -> None:
-        """Unload ``name`` and free its worker's memory, after the caller has its answer (SageMaker
-        unloads models on a 507; a local caller gets the same effect). Other models keep serving."""
-        log.warning("event=model_unloaded_for_memory model=%s reason=%s", name, why)
+    def _unload_in_background(self, name: str, why: str, state: str = "UNLOADING") -> None:
+        """Unload ``name`` after the caller has its answer: its worker ran out of memory (SageMaker
+        unloads models on a 507; a local caller gets the same effect) or died while it loaded.
+        Meanwhile the model is paused (``state``): invokes and loads of it answer at once."""
+        log.warning("event=model_unload model=%s reason=%s", name, why)
+        with self.state:
+            self.paused[name] = state  # before the thread starts: no load may slip in first
 
         def unload() -> None:
             try:
-                self.unload(name, f"/models/{name}")
+                if name in self.registered:  # requests may be in flight: drained, then cut off
+                    self.unload(name, f"/models/{name}", why=state)
+                else:  # never registered here: nothing in flight, only MMS's leftover
+                    self.mms.unload_model(name)
             except Exception:  # the thread outlives a failed unload; the log says why
                 log.exception("event=model_unload_failed model=%s", name)
+            finally:
+                with self.state:
+                    self.paused.pop(name, None)
+                    self.state.notify_all()
 
         threading.Thread(target=unload, name=f"dogbreed-unload-{name}", daemon=True).start()
 
