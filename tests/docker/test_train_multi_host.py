@@ -77,7 +77,7 @@ def test_two_containers_train_one_model_that_serves(
     assert "backend=gloo" in log["algo-2"]
     # One model, written by rank 0 on algo-1; algo-2 trained but wrote nothing.
     model_dir = tmp_path / "algo-1" / "model"
-    assert sorted(p.name for p in model_dir.iterdir()) == ["model.json", "model.pt"]
+    assert sorted(p.name for p in model_dir.iterdir()) == ["model.json", "model.onnx", "model.pt"]
     assert not list((tmp_path / "algo-2" / "model").iterdir())
     assert not list((tmp_path / "algo-2" / "checkpoints").iterdir())
     assert [line.split()[0] for line in log["algo-1"].splitlines() if line.startswith("epoch=")] == [
