@@ -55,3 +55,32 @@ def parse_metrics(line: str) -> dict[str, float]:
         if match:
             found[name] = float(match.group(1))
     return found
+
+
+# The first timed batches of a run: what the local tuner estimates an epoch's cost from, before
+# the first epoch ends. An event line, so no MetricDefinitions regex reads it (none of its names
+# is a metric name).
+TIMING_EVENT = "batch_timing"
+TIMING_LINE = re.compile(
+    rf"\bevent={TIMING_EVENT} batches=(\d+) images=(\d+) seconds={_NUMBER} warmup_included=(\w+) "
+    r"train_images=(\d+) valid_images=(\d+) test_images=(\d+) image_size=(\d+)")
+
+
+def timing_line(batches: int, images: int, seconds: float, warmup_included: bool,
+                train_images: int, valid_images: int, test_images: int, image_size: int) -> str:
+    return (f"event={TIMING_EVENT} batches={batches} images={images} seconds={seconds:.4f} "
+            f"warmup_included={str(warmup_included).lower()} train_images={train_images} "
+            f"valid_images={valid_images} test_images={test_images} image_size={image_size}")
+
+
+def parse_timing(line: str) -> dict[str, float] | None:
+    """The timing line's numbers (``seconds_per_image`` worked out), or None for another line."""
+    match = TIMING_LINE.search(line)
+    if not match:
+        return None
+    batches, images, seconds = int(match.group(1)), int(match.group(2)), float(match.group(3))
+    return {"batches": batches, "images": images, "seconds": seconds,
+            "seconds_per_image": seconds / max(images, 1),
+            "warmup_included": match.group(4) == "true", "train_images": int(match.group(5)),
+            "valid_images": int(match.group(6)), "test_images": int(match.group(7)),
+            "image_size": int(match.group(8))}

@@ -58,7 +58,7 @@ from dogbreed.distributed import World
 # The metric lines and their SageMaker MetricDefinitions live in the torch-free dogbreed.metrics
 # (the launcher reads them without importing torch); re-exported here, where DESIGN names them.
 from dogbreed.metrics import METRIC_DEFINITIONS, METRIC_NAMES, OBJECTIVE_METRIC  # noqa: F401, E402
-from dogbreed.metrics import best_line, seed_objective_line  # noqa: E402
+from dogbreed.metrics import best_line, parse_timing, seed_objective_line, timing_line  # noqa: E402
 from dogbreed.stopping import StopFlag
 
 log = logging.getLogger("dogbreed.train")
@@ -67,6 +67,9 @@ CHECKPOINT_FILE = "checkpoint.pt"
 # Set by SageMaker in every training container; a spot-restarted job keeps its name.
 TRAINING_JOB_NAME_ENV = "TRAINING_JOB_NAME"
 CHECKPOINT_VERSION = 2  # 2: recipe (EMA) state
+# Batches timed after the first (warm-up) batch of a run's first epoch: the line that lets a
+# tuner with a time budget see what an epoch costs before the epoch ends.
+TIMING_BATCHES = 2
 EXIT_FAILURE = 1
 EXIT_SIGTERM = stopping.exit_code(signal.SIGTERM)  # 143, as a shell reports a process killed by it
 EXIT_SIGINT = stopping.exit_code(signal.SIGINT)  # 130
@@ -274,8 +277,13 @@ def train_one_epoch(
     epoch: int = 0,
     steps: profiling.StepRecorder = profiling.NO_STEPS,
     batch_recipe: recipe.Recipe | None = None,
+    on_timing: Callable[[int, int, float, bool], None] | None = None,
 ) -> tuple[float, float, float]:
     """One pass over ``split``; returns (mean loss, accuracy, images/s of the training steps).
+
+    ``on_timing(batches, images, seconds, warmup_included)`` is called once, after the first
+    ``TIMING_BATCHES`` batches that follow the first one (which pays the kernels' warm-up), or at
+    the epoch's end if it is shorter (with a single batch, that batch, warm-up included).
 
     With several ranks every rank draws the same global batches from ``order_generator`` and
     trains on its slice of each; the returned numbers are global (all-reduced).
@@ -294,6 +302,8 @@ def train_one_epoch(
     _sync(device)
     started = time.perf_counter()
     batches = _batches(len(split), hp.batch_size, order_generator or generator, world.size)
+    timed_from: float | None = None  # the warm-up batch's end
+    timed_images = 0
     for number, index in enumerate(batches, 1):
         if not world.distributed or (number - 1) % distributed.STOP_CHECK_EVERY_STEPS == 0:
             # run() checkpoints every completed epoch (or resumed after it) before the next starts.
@@ -324,6 +334,18 @@ def train_one_epoch(
                                       number, first_bad_batch)
         seen += labels.numel()
         steps.end(labels.numel())
+        if on_timing is not None:
+            _sync(device)  # only while timing: a handful of batches of one epoch
+            now = time.perf_counter()
+            if number == 1 and len(batches) > 1:
+                timed_from = now
+            else:
+                timed_images += labels.numel() * world.size
+                timed = number - 1 if timed_from is not None else number
+                if timed == TIMING_BATCHES or number == len(batches):
+                    on_timing(timed, timed_images, now - (timed_from if timed_from is not None else started),
+                              timed_from is None)
+                    on_timing = None
     _sync(device)
     local_elapsed = max(time.perf_counter() - started, 1e-9)
     if world.distributed:
@@ -491,10 +513,12 @@ class TrainResult:
 def run(hp: Hyperparameters, paths: Paths, stop: StopFlag | None = None,
         on_epoch: Callable[[EpochResult], None] | None = None,
         device: torch.device | None = None, cache: data.DecodeCache | None = None,
-        world: World | None = None) -> TrainResult:
+        world: World | None = None,
+        on_timing: Callable[[dict[str, Any]], None] | None = None) -> TrainResult:
     """Train with ``hp`` on the channels under ``paths``; write the artifact and reports.
 
     ``on_epoch`` sees every epoch's result (a tuner may raise there to prune the trial);
+    ``on_timing`` the first timed batches' line, parsed (:func:`dogbreed.metrics.parse_timing`);
     ``cache`` lets runs in one process share decoded images; ``world`` is this rank's place in
     a data-parallel job (default: one process). Only rank 0 writes files.
     """
@@ -614,12 +638,21 @@ def run(hp: Hyperparameters, paths: Paths, stop: StopFlag | None = None,
                 "best_model": best_state or {}}
 
     epochs_without_improvement = len(history) - best["epoch"] if history else 0
+
+    def report_timing(batches: int, images: int, seconds: float, warmup_included: bool) -> None:
+        line = timing_line(batches, images, seconds, warmup_included, len(train_index),
+                           len(valid_index), len(test_index) if test_index else 0, hp.image_size)
+        log.info(line)
+        if on_timing:
+            on_timing(parse_timing(line) or {})
+
     for epoch in range(start_epoch, hp.epochs + 1):
         epoch_started = time.perf_counter()
         debugger.set_mode(hook, train=True)
         train_loss, train_acc, images_per_sec = train_one_epoch(
             train_model, train_split, hp, runtime, optimizer, loss_fn, generator, scaler, stop,
-            world, order_generator, epoch=epoch, steps=steps.epoch(epoch), batch_recipe=batch_recipe)
+            world, order_generator, epoch=epoch, steps=steps.epoch(epoch), batch_recipe=batch_recipe,
+            on_timing=report_timing if epoch == start_epoch and world.is_main else None)
         debugger.set_mode(hook, train=False)
         valid = evaluate(batch_recipe.eval_model(step_model), valid_split, hp, runtime, loss_fn, world)
         lr = optimizer.param_groups[0]["lr"]

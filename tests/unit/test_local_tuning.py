@@ -17,7 +17,7 @@ from dogbreed.launcher import events, local_tuning
 from dogbreed.launcher.local_backend import LocalBackend
 from dogbreed.launcher.local_runs import LocalError
 from dogbreed.launcher.settings import Settings
-from dogbreed.launcher.testing import FAKE_EPOCH_SECONDS_ENV
+from dogbreed.launcher.testing import FAKE_EPOCH_SECONDS_ENV, FAKE_SECONDS_PER_IMAGE_ENV
 
 FAKE_TRAIN = ["python", "-m", "dogbreed.launcher.testing"]
 
@@ -198,3 +198,58 @@ def test_the_tune_answer_comes_first_with_exact_next_commands(backend: LocalBack
         plan = json.loads(capsys.readouterr().out)
         assert plan["backend"] == "local"
     assert plan["hyperparameters"]["lr"] == answer["best_hyperparameters"]["lr"]
+
+
+def test_a_budget_too_small_for_one_trial_says_so_at_once(backend: LocalBackend, sample_data: Path,
+                                                          monkeypatch: pytest.MonkeyPatch,
+                                                          caplog: pytest.LogCaptureFixture) -> None:
+    """`tune --time-budget 5m` on dogs-medium at 224 px ran its 5 minutes and ended with "no trial
+    completed": a trial needed 15. The first timed batches now tell, and the study ends there."""
+    # 1 s a training image: an epoch of the sample's 80 + 20/3 images takes 87 s, 3 take 4.3 min.
+    monkeypatch.setenv(FAKE_SECONDS_PER_IMAGE_ENV, "1.0")
+    monkeypatch.setenv(FAKE_EPOCH_SECONDS_ENV, "120")  # the fake's epoch ends early only if stopped
+    with pytest.raises(LocalError, match="time budget too small for one full trial: 3 epochs at "
+                                         r"image-size 224 need about 4\.\d min") as raised:
+        backend.tune(name="short", data=sample_data, static_hyperparameters={}, time_budget=60,
+                     epochs_max=3, space="seeds", pruner="hyperband")
+    # Not one epoch of 87 s fits 80% of 60 s; a 64 px image (a twelfth of the pixels) does.
+    assert "what fits: --image-size 64 or --time-budget 6m" in str(raised.value)
+    (line,) = [r.getMessage() for r in caplog.records if "event=time_budget_short" in r.getMessage()]
+    assert "trial=0 epochs_done=0 epochs_needed=3" in line and "action=study_ends" in line
+    saved = json.loads((backend.workdir / "tuning" / "short.json").read_text())
+    assert saved["best_trial"] is None
+    assert saved["budget_short"]["suggestions"] == ["--image-size 64", "--time-budget 6m"]
+    # The trial stopped before its first epoch; the seeds' point never started.
+    ran = [t for t in _study(backend, "short").trials if t.state.name != "WAITING"]
+    (trial,) = ran
+    assert trial.state.name == "PRUNED" and trial.user_attrs["stopped"] == "time_budget"
+    assert trial.user_attrs.get("curve", []) == []
+
+
+def test_a_budget_that_fits_goes_on(backend: LocalBackend, sample_data: Path,
+                                    monkeypatch: pytest.MonkeyPatch,
+                                    caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.setenv(FAKE_SECONDS_PER_IMAGE_ENV, "0.0001")  # 9 ms an epoch
+    result = backend.tune(name="roomy", data=sample_data, static_hyperparameters={}, time_budget=600,
+                          trials=2, epochs_max=3, space="seeds", pruner="hyperband")
+    assert result["counts"]["COMPLETE"] == 2 and "budget_short" not in result
+    assert not any("time_budget_short" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize("pruner, complete, done, needed", [
+    ("hyperband", 0, 0, 10),  # a lone trial is never pruned: it needs all its epochs
+    ("hyperband", 1, 0, 1), ("hyperband", 1, 1, 3), ("hyperband", 1, 3, 9), ("hyperband", 1, 9, 10),
+    ("median", 1, 0, 10),  # two start-up trials must complete before it prunes
+    ("median", 2, 0, 1), ("median", 2, 4, 5),
+    ("none", 5, 0, 10),
+])
+def test_the_epochs_a_trial_needs_follow_the_pruner(backend: LocalBackend, pruner: str, complete: int,
+                                                    done: int, needed: int) -> None:
+    tuning = backend.tuning(name="rungs", static_hyperparameters={}, trials=1, epochs_max=10,
+                            space="seeds", pruner=pruner)
+
+    class Study:
+        def get_trials(self, deepcopy: bool = False) -> list:
+            return [optuna.trial.create_trial(value=0.5, params={}, distributions={})] * complete
+
+    assert tuning._epochs_needed(Study(), 10, done) == needed

@@ -24,7 +24,14 @@ from typing import Any
 from dogbreed import contract
 from dogbreed.launcher import events
 from dogbreed.launcher.settings import SettingsError
-from dogbreed.metrics import EPOCH_LINE, METRIC_NAMES, OBJECTIVE_METRIC, parse_best, parse_metrics
+from dogbreed.metrics import (
+    EPOCH_LINE,
+    METRIC_NAMES,
+    OBJECTIVE_METRIC,
+    parse_best,
+    parse_metrics,
+    parse_timing,
+)
 from dogbreed.processes import signals_held
 
 TRAIN_LOG = "train.log"
@@ -64,6 +71,14 @@ def default_weights(hyperparameters: Mapping[str, str], explicit: bool) -> dict[
         events.warning("weights_default", weights="none", arch=arch,
                        reason="imagenet weights not cached and not asked for; pass --weights imagenet to insist")
     return hps
+
+
+def place_checkpoint(checkpoint: Path | None, paths: contract.Paths) -> None:
+    """Copy a kept checkpoint into a fresh run's checkpoint dir, where the trainer resumes from
+    it (same file name: the trainer looks for its own)."""
+    if checkpoint is not None:
+        paths.checkpoints_dir.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(checkpoint, paths.checkpoints_dir / Path(checkpoint).name)
 
 
 def clear_run_dir(base: Path, inside: Path | None) -> None:
@@ -106,8 +121,10 @@ class TrainingRun:
     """``dogbreed.train`` in a subprocess (or the train image in docker) against ``base``.
 
     ``on_epoch(epoch, metrics)`` is called for each per-epoch line and may return ``True`` to
-    stop the run (SIGTERM: the entry point stops after the current batch and checkpoints).
+    stop the run (SIGTERM: the entry point stops after the current batch and checkpoints);
+    ``on_timing(timing)`` for the first timed batches' line (:func:`dogbreed.metrics.parse_timing`).
     ``base`` is deleted and rebuilt; with ``inside``, only if it lies strictly inside that folder.
+    ``resume_checkpoint``: a checkpoint put in the fresh run's checkpoint dir (the run resumes it).
     """
 
     def __init__(self, base: Path, hyperparameters: Mapping[str, str], data: Path, *,
@@ -115,8 +132,12 @@ class TrainingRun:
                  echo: Callable[[str], None] | None = None,
                  on_epoch: Callable[[int, dict[str, float]], bool] | None = None,
                  keep_checkpoints: bool = True, train_command: Sequence[str] | None = None,
-                 nproc: int = 1, debugger: bool = False, inside: Path | None = None) -> None:
+                 nproc: int = 1, debugger: bool = False, inside: Path | None = None,
+                 on_timing: Callable[[dict[str, Any]], None] | None = None,
+                 resume_checkpoint: Path | None = None) -> None:
         self.base = Path(base).resolve()
+        self.on_timing = on_timing
+        self.resume_checkpoint = resume_checkpoint
         self.inside = inside
         self.nproc = nproc
         self.train_command = list(train_command or TRAIN_COMMAND)
@@ -143,6 +164,7 @@ class TrainingRun:
         clear_run_dir(self.base, self.inside)
         paths = contract.prepare_local_job(self.base, self.hyperparameters,
                                            {contract.TRAINING_CHANNEL: self.data})
+        place_checkpoint(self.resume_checkpoint, paths)
         if self.docker_image:
             # A link to a host path means nothing in the container: the data is mounted there.
             link = contract.channel_dir(contract.TRAINING_CHANNEL, paths, {})
@@ -196,6 +218,9 @@ class TrainingRun:
                     log_file.flush()
                     if self.echo:
                         self.echo(line.rstrip("\n"))
+                    if self.on_timing and (timing := parse_timing(line)) is not None:
+                        self.on_timing(timing)
+                        continue
                     metrics = parse_metrics(line) or parse_best(line)
                     if not metrics:
                         continue
@@ -268,8 +293,12 @@ class InProcessRun:
     def __init__(self, base: Path, hyperparameters: Mapping[str, str], data: Path, *,
                  cache: Any, device: Any = None,
                  on_epoch: Callable[[int, dict[str, float]], bool] | None = None,
-                 keep_checkpoints: bool = True, inside: Path | None = None) -> None:
+                 keep_checkpoints: bool = True, inside: Path | None = None,
+                 on_timing: Callable[[dict[str, Any]], None] | None = None,
+                 resume_checkpoint: Path | None = None) -> None:
         self.base = Path(base).resolve()
+        self.on_timing = on_timing
+        self.resume_checkpoint = resume_checkpoint
         self.inside = inside
         self.hyperparameters = dict(hyperparameters)
         self.data = Path(data).resolve()
@@ -289,6 +318,7 @@ class InProcessRun:
         clear_run_dir(self.base, self.inside)
         paths = contract.prepare_local_job(self.base, self.hyperparameters,
                                            {contract.TRAINING_CHANNEL: self.data})
+        place_checkpoint(self.resume_checkpoint, paths)
         started = time.monotonic()
         epochs: list[dict[str, float]] = []
         final: dict[str, float] = {}
@@ -306,7 +336,7 @@ class InProcessRun:
             try:
                 hp = contract.parse_hyperparameters(self.hyperparameters)
                 outcome = train.run(hp, paths, self._stop, on_epoch=on_epoch,  # type: ignore[arg-type]
-                                    device=self.device, cache=self.cache)
+                                    device=self.device, cache=self.cache, on_timing=self.on_timing)
                 final.update({k: v for k, v in outcome.metrics.items()
                               if k in METRIC_NAMES and isinstance(v, float)})
             except _Pruned:

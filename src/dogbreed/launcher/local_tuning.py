@@ -14,7 +14,15 @@
   trial and writes the result so far; a kill loses only the running trial (the storage's
   heartbeat fails it later); ``resume`` continues a study.
 * **Budget**: ``time_budget`` seconds of wall clock: no trial starts after it, and a running one
-  is stopped at it (after the current batch) and recorded as pruned, its curve kept.
+  is stopped at it (after the current batch) and recorded as pruned, its curve kept. Each trial's
+  cost is measured from its first timed batches, then from each epoch (:mod:`budget`): a trial
+  that cannot reach what it needs before the budget ends (the first trial: all its epochs, since
+  a lone trial is never pruned; later ones: the pruner's next rung) is stopped at once, with an
+  ``event=time_budget_short`` line naming the ``--epochs-max``/``--image-size``/``--time-budget``
+  that would fit. A study the budget ended names its best trial so far, pruned or not (the best
+  objective at its last reported epoch), with a model: a pruned trial's checkpoint is kept while
+  it is the best so far, and its model is finished from it (the trainer resumes the checkpoint
+  with no epoch left to train: its best epoch's weights, evaluated and exported as any run's).
 
 Each trial is a :class:`~dogbreed.launcher.local_runs.TrainingRun` (its own process, as a
 SageMaker HPO trial is) or, ``in_process``, an :class:`~dogbreed.launcher.local_runs.InProcessRun`
@@ -39,8 +47,8 @@ from pathlib import Path
 from typing import Any
 
 from dogbreed import contract
-from dogbreed.launcher import events, search_space
-from dogbreed.launcher.local_runs import TRAIN_LOG, InProcessRun, TrainingRun
+from dogbreed.launcher import budget, events, search_space
+from dogbreed.launcher.local_runs import TRAIN_LOG, InProcessRun, LocalError, TrainingRun
 from dogbreed.launcher.settings import SettingsError
 from dogbreed.metrics import OBJECTIVE_METRIC
 
@@ -61,7 +69,7 @@ HEARTBEAT_SECONDS = 30
 GRACE_SECONDS = 120
 SCHEMA_ATTEMPTS = 5
 TRIAL_ATTRS = ("origin", "curve", "dir", "host", "valid_accuracy", "test_accuracy", "stopped", "failure",
-               "model_data", "seconds", "channels_last")
+               "model_data", "seconds", "channels_last", "checkpoint")
 CHANNELS_LAST = "channels-last"
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d*)?)\s*([smh]?)\s*$", re.IGNORECASE)
 
@@ -146,6 +154,7 @@ class LocalTuning:
                                                        n_warmup_steps=prune_warmup_epochs)
                            if pruner == "median" else optuna.pruners.NopPruner())
         contract.parse_hyperparameters(self.static)
+        self.prune_startup_trials, self.prune_warmup_epochs = prune_startup_trials, prune_warmup_epochs
         self.name, self.root, self.seed = name, Path(root), seed
         # Neither a count nor a budget: the old default of 6 trials.
         self.trials = trials if trials is not None or time_budget is not None else 6
@@ -163,6 +172,7 @@ class LocalTuning:
         self.sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=max(1, min(10, startup // 3)))
         self._deadline: float | None = None
         self._interrupted: str | None = None  # the signal that asked the study to stop
+        self._budget_short: dict[str, Any] | None = None  # why the budget check ended the study
         self._current_run: TrainingRun | InProcessRun | None = None
 
     @property
@@ -280,6 +290,7 @@ class LocalTuning:
             cache = DecodeCache()
         self._deadline = started + self.time_budget if self.time_budget else None
         self._interrupted = None
+        self._budget_short = None
         before = sum(t.state.name != "WAITING" for t in study.get_trials(deepcopy=False))
         events.event("tuning_started", study=self.name, trials=self.trials or "budget",
                      time_budget=self.time_budget or "none", resumed_trials=before,
@@ -295,7 +306,7 @@ class LocalTuning:
                 trials_bar.status(f"done={counts['COMPLETE']} pruned={counts['PRUNED']} "
                                   f"failed={counts['FAIL']} best={best.value if best else None}")
                 trials_bar.advance()
-                if self._expired() or self._interrupted:
+                if self._expired() or self._interrupted or self._budget_short:
                     study.stop()
 
             def objective(trial: Any) -> float:
@@ -314,7 +325,13 @@ class LocalTuning:
                            note="finished trials are in the storage; --resume continues")
         mine = [t for t in study.get_trials(deepcopy=False) if t.user_attrs.get("pid") == os.getpid()
                 and t.datetime_start is not None and t.datetime_start.timestamp() >= wall_started]
-        return self._result(study, started, mine, interrupted)
+        finished = None
+        if self._ended_by_budget() and not interrupted:
+            try:
+                finished = self._finish_best_so_far(study, data, cache, device)
+            except (OSError, ValueError, LocalError) as exc:  # the study's result is written anyway
+                events.warning("trial_model_unfinished", study=self.name, failure=exc)
+        return self._result(study, started, mine, interrupted, finished)
 
     def _on_signal(self, name: str) -> None:
         """Ctrl-C or SIGTERM: no new trial; the running one stops after its current batch and
@@ -329,6 +346,135 @@ class LocalTuning:
 
     def _expired(self) -> bool:
         return self._deadline is not None and time.monotonic() >= self._deadline
+
+    def _ended_by_budget(self) -> bool:
+        return self._budget_short is not None or self._expired()
+
+    def _epochs_needed(self, study: Any, epochs: int, done: int) -> int:
+        """The epoch a trial must reach to be worth its time: all of them while the study has no
+        complete trial (a lone trial is never pruned: Hyperband promotes the best of one, the
+        median pruner waits for its start-up trials) or without a pruner; else the pruner's next
+        rung after ``done`` (Hyperband: 1, 3, 9, ... for η=3; median: every epoch after warm-up)."""
+        complete = sum(t.state.name == "COMPLETE" for t in study.get_trials(deepcopy=False))
+        if self.pruner_name == "hyperband" and complete:
+            rungs = [REDUCTION_FACTOR ** k for k in range(epochs) if REDUCTION_FACTOR ** k < epochs]
+            return min([r for r in rungs if r > done] or [epochs])
+        if self.pruner_name == "median" and complete >= self.prune_startup_trials:
+            return min(max(done + 1, self.prune_warmup_epochs + 1), epochs)
+        return epochs
+
+    def _short_of_budget(self, study: Any, number: int, epochs: int, done: int,
+                         epoch_seconds: float | None, cost: Mapping[str, float],
+                         decided: dict[str, Any]) -> bool:
+        """Whether trial ``number``, ``done`` epochs in, cannot reach the epoch it needs before
+        the budget ends (then: an event line, the trial marked stopped by the budget, and the
+        study ended when no later trial could do better). One verdict per trial."""
+        if self._deadline is None or not epoch_seconds or epoch_seconds <= 0 or decided.get("budget"):
+            return False
+        needed = self._epochs_needed(study, epochs, done)
+        finish = cost.get("finish", 0.0) if needed == epochs else 0.0
+        left = self._deadline - time.monotonic()
+        image_size = int(cost["image_size"])
+        verdict = budget.fit(epoch_seconds=epoch_seconds, epochs=needed - done, seconds_left=left,
+                             image_size=image_size, finish_seconds=finish)
+        if verdict.fits:
+            return False
+        decided["budget"] = True
+        has_answer = any(t.state.name == "COMPLETE" for t in study.get_trials(deepcopy=False))
+        # A trial that cannot reach its first rung, or a full trial that cannot finish: no later
+        # trial could either (they cost the same), so the study ends. A trial short of a later
+        # rung stops; a new one may still reach its first.
+        ends_study = done == 0 or needed == epochs
+        if not has_answer and self.time_budget:
+            # What would fit a new study of this budget: every trial pays its start-up again.
+            whole = budget.fit(epoch_seconds=epoch_seconds, epochs=epochs,
+                               seconds_left=self.time_budget, image_size=image_size,
+                               finish_seconds=finish + cost.get("startup", 0.0))
+            measured = "first timed batches" if done == 0 else f"epoch {done}"
+            message = (f"time budget too small for one full trial: {whole.message()} (measured "
+                       f"on trial {number}'s {measured}; --resume {self.name} with a larger "
+                       "--time-budget continues this study)")
+            suggestions = whole.suggestions()
+        else:
+            message = (f"{left:.0f} s of the time budget left cannot take trial {number} from epoch "
+                       f"{done} to epoch {needed} (an epoch takes about {epoch_seconds:.1f} s): "
+                       f"it stops now{', and the study ends' if ends_study else ''}")
+            suggestions = []
+        events.warning("time_budget_short", study=self.name, trial=number, epochs_done=done,
+                       epochs_needed=needed, epoch_seconds=round(epoch_seconds, 1),
+                       seconds_left=round(left, 1), needed_seconds=round(verdict.needed_seconds, 1),
+                       action="study_ends" if ends_study else "trial_stops",
+                       suggestions="; ".join(suggestions) or None, message=message)
+        if ends_study:
+            self._budget_short = {"trial": number, "epochs_done": done, "epochs_needed": needed,
+                                  "epoch_seconds": round(epoch_seconds, 2),
+                                  "seconds_left": round(left, 1), "message": message,
+                                  "suggestions": suggestions}
+        return True
+
+    def _keep_if_best_so_far(self, study: Any, trial: Any, checkpoints: Path,
+                             curve: Sequence[Mapping[str, float]]) -> None:
+        """A pruned trial's checkpoint stays while its last score is the study's best so far (a
+        budget that ends the study may name it; its model is then finished from the checkpoint);
+        the checkpoint it displaces, and any other, is deleted."""
+        score = tuning_score(curve[-1]) if curve else None
+        files = sorted(checkpoints.glob("checkpoint*.pt")) if checkpoints.is_dir() else []
+        others = [t for t in study.get_trials(deepcopy=False) if t.number != trial.number]
+        rivals = [t.value for t in others if t.state.name in ("COMPLETE", "PRUNED") and t.value is not None]
+        if score is None or not files or (rivals and score <= max(rivals)):
+            shutil.rmtree(checkpoints, ignore_errors=True)
+            return
+        host = socket.gethostname()
+        for other in others:
+            if other.user_attrs.get("checkpoint") and other.user_attrs.get("host") == host:
+                Path(other.user_attrs["checkpoint"]).unlink(missing_ok=True)
+        trial.set_user_attr("checkpoint", str(files[0].resolve()))
+
+    def _finish_best_so_far(self, study: Any, data: Path, cache: Any, device: Any) -> tuple[Any, dict[str, Any]] | None:
+        """For a study the budget ended: the best trial so far by its last reported score, if
+        it is a pruned trial whose checkpoint this host kept, with the model finished from it
+        (None: the best complete trial is the answer, as for any study)."""
+        host = socket.gethostname()
+        candidates = [t for t in study.get_trials(deepcopy=False) if t.value is not None and (
+            t.state.name == "COMPLETE" or (t.state.name == "PRUNED" and t.user_attrs.get("host") == host
+                                           and Path(t.user_attrs.get("checkpoint") or "-").is_file()))]
+        if not candidates:
+            return None
+        best = max(candidates, key=lambda t: t.value)
+        if best.state.name == "COMPLETE":
+            return None
+        checkpoint = Path(best.user_attrs["checkpoint"])
+        trial_dir = Path(best.user_attrs["dir"])
+        done = len(best.user_attrs.get("curve") or [])
+        # The trainer resumes the checkpoint with no epoch left to train and does what every run
+        # does at its end: the best epoch's weights, evaluated, saved, exported and checked.
+        hps = {**self.static, **search_space.to_strings(best.params), search_space.EPOCHS: str(done)}
+        base = trial_dir / "final"
+        run: TrainingRun | InProcessRun
+        if self.in_process:
+            run = InProcessRun(base, hps, data, cache=cache, device=device, keep_checkpoints=False,
+                               inside=self.root, resume_checkpoint=checkpoint)
+        else:
+            run = TrainingRun(base, hps, data, docker_image=self.docker_image, keep_checkpoints=False,
+                              train_command=self.train_command, inside=self.root,
+                              resume_checkpoint=checkpoint)
+        result = run.run()
+        model_dir = base / "model"
+        if result.returncode != 0 or result.objective is None or not model_dir.is_dir():
+            events.warning("trial_model_unfinished", study=self.name, number=best.number,
+                           failure=result.failure() or f"exit {result.returncode}",
+                           log=result.base / TRAIN_LOG)
+            return None
+        from dogbreed import artifacts
+
+        archive = artifacts.pack(model_dir, trial_dir / "output" / artifacts.ARCHIVE_NAME)
+        attrs = {"model_data": str(archive.resolve()), "valid_accuracy": result.objective,
+                 "test_accuracy": result.final.get("test_accuracy"),
+                 "channels_last": trained_layout(model_dir), "model_dir": str(model_dir)}
+        events.event("trial_model_finished", study=self.name, number=best.number, state="PRUNED",
+                     epochs_completed=done, valid_accuracy=result.objective, model_data=archive,
+                     seconds=round(result.seconds, 1))
+        return best, attrs
 
     def _trial(self, study: Any, trial: Any, data: Path, cache: Any, device: Any,
                progress: events.Progress) -> float:
@@ -347,6 +493,10 @@ class LocalTuning:
         epochs = contract.parse_hyperparameters(hps).epochs
         curve: list[dict[str, float]] = []
         decided: dict[str, Any] = {}
+        # The trial's measured costs: start-up (process, decode, model) and the finishing
+        # evaluations, from its first timed batches.
+        cost: dict[str, float] = {"image_size": contract.parse_hyperparameters(hps).image_size}
+        run_started = time.monotonic()
 
         with progress.bar(f"  trial {trial.number}", total=epochs, unit="epoch", leave=False) as epoch_bar:
 
@@ -364,15 +514,29 @@ class LocalTuning:
                 if epoch < epochs and trial.should_prune():
                     decided["pruned_at"] = epoch
                     return True
-                return False
+                # The measured epoch (training + validation) corrects the first batches' estimate.
+                return epoch < epochs and self._short_of_budget(
+                    study, trial.number, epochs, epoch, metrics.get("epoch_seconds"), cost, decided)
+
+            def on_timing(timing: dict[str, Any]) -> None:
+                per_image = float(timing["seconds_per_image"])
+                cost["startup"] = max(time.monotonic() - run_started - float(timing["seconds"]), 0.0)
+                # The final validation, the test split and the ONNX check over it.
+                cost["finish"] = per_image * budget.EVAL_COST_RATIO * (
+                    timing["valid_images"] + 2 * timing["test_images"])
+                estimate = budget.epoch_seconds(per_image, int(timing["train_images"]),
+                                                int(timing["valid_images"]))
+                if self._short_of_budget(study, trial.number, epochs, 0, estimate, cost, decided):
+                    run.stop()
 
             run: TrainingRun | InProcessRun
             if self.in_process:
                 run = InProcessRun(trial_dir, hps, data, cache=cache, device=device,
-                                   on_epoch=on_epoch, keep_checkpoints=False, inside=self.root)
+                                   on_epoch=on_epoch, on_timing=on_timing, keep_checkpoints=True,
+                                   inside=self.root)
             else:
                 run = TrainingRun(trial_dir, hps, data, docker_image=self.docker_image,
-                                  on_epoch=on_epoch, keep_checkpoints=False,
+                                  on_epoch=on_epoch, on_timing=on_timing, keep_checkpoints=True,
                                   train_command=self.train_command, inside=self.root)
             timer = None
             if self._deadline is not None:
@@ -385,6 +549,7 @@ class LocalTuning:
                 timer.daemon = True
                 timer.start()
             self._current_run = run
+            run_started = time.monotonic()
             try:
                 result = run.run()
             finally:
@@ -396,20 +561,25 @@ class LocalTuning:
         fields = {k.replace("-", "_"): v for k, v in tuned.items()}
         # A stop that came after the last epoch changes nothing: the run completed.
         completed = not result.pruned and result.returncode == 0 and result.objective is not None
+        checkpoints = result.paths.checkpoints_dir
         if result.stopped and self._interrupted and not completed:
+            shutil.rmtree(checkpoints, ignore_errors=True)
             failure = f"interrupted by {self._interrupted} after epoch {len(curve)}"
             trial.set_user_attr("failure", failure)
             events.event("trial", study=self.name, number=trial.number, state="FAIL",
                          epochs_completed=len(curve), seconds=seconds, failure=failure, **fields)
             raise TrialFailed(failure)
         if result.pruned or (result.stopped and decided.get("budget") and not completed):
-            if not result.pruned:
+            by_budget = bool(decided.get("budget")) and "pruned_at" not in decided
+            if by_budget:
                 trial.set_user_attr("stopped", "time_budget")
             events.event("trial", study=self.name, number=trial.number, state="PRUNED",
                          epochs_completed=len(curve), seconds=seconds,
-                         reason="pruner" if result.pruned else "time_budget", **fields)
+                         reason="time_budget" if by_budget else "pruner", **fields)
             shutil.rmtree(trial_dir / "model", ignore_errors=True)
+            self._keep_if_best_so_far(study, trial, checkpoints, curve)
             raise optuna.TrialPruned(f"after epoch {len(curve)}")
+        shutil.rmtree(checkpoints, ignore_errors=True)
         if not completed:
             failure = result.failure() or f"exit {result.returncode}; log {result.base / TRAIN_LOG}"
             trial.set_user_attr("failure", failure)
@@ -438,25 +608,38 @@ class LocalTuning:
         return score
 
     def _result(self, study: Any, started: float, mine: Sequence[Any],
-                interrupted: str | None) -> dict[str, Any]:
+                interrupted: str | None,
+                finished: tuple[Any, dict[str, Any]] | None = None) -> dict[str, Any]:
         trials = study.get_trials(deepcopy=False)
         records = [_record(t) for t in trials]
         best = _best(study)
+        attrs: dict[str, Any] = dict(best.user_attrs) if best is not None else {}
+        if finished is not None:  # the budget ended the study on a pruned trial's better score
+            best, extra = finished
+            attrs = {**best.user_attrs, **extra}
         # The answer first (what a reader or `jq .best_trial` wants), the study's details after.
         result: dict[str, Any] = {"tuning_job": self.name, "best_trial": None}
         if best is not None:
-            best_dir = Path(best.user_attrs["dir"])
+            best_dir = Path(attrs["dir"])
             self._drop_other_models(trials, best)
             result.update({
                 "best_trial": best.number,
-                "best_objective": best.user_attrs.get("valid_accuracy"),
-                "best_test_accuracy": best.user_attrs.get("test_accuracy"),
-                "best_model_data": best.user_attrs.get("model_data"),
+                "best_objective": attrs.get("valid_accuracy"),
+                "best_test_accuracy": attrs.get("test_accuracy"),
+                "best_model_data": attrs.get("model_data"),
+                # Retraining a pruned trial trains it for all its epochs (the study's setting).
                 "best_hyperparameters": reproducing_hyperparameters(
-                    {**self.static, **search_space.to_strings(best.params)}, best.user_attrs),
-                "best_model_dir": str(best_dir / "model"),
-                "best_host": best.user_attrs.get("host"),
+                    {**self.static, **search_space.to_strings(best.params)}, attrs),
+                "best_model_dir": attrs.get("model_dir") or str(best_dir / "model"),
+                "best_host": attrs.get("host"),
             })
+            if best.state.name == "PRUNED":
+                epochs_done = len(attrs.get("curve") or [])
+                planned = result["best_hyperparameters"].get(search_space.EPOCHS, epochs_done)
+                result["best_state"] = (
+                    f"PRUNED after epoch {epochs_done} of {planned} "
+                    f"({'time budget' if attrs.get('stopped') else 'pruner'}): the best score when "
+                    "the time budget ended the study; its model is its best epoch's")
         result.update({
             "counts": _counts(trials),
             "seconds": round(time.monotonic() - started, 1),
@@ -476,7 +659,12 @@ class LocalTuning:
         })
         if interrupted:
             result["interrupted"] = interrupted
-        if best is None:
+        if self._budget_short is not None:
+            result["budget_short"] = self._budget_short
+        if best is None and self._budget_short is not None:
+            result["error"] = (f"no trial of {self.name} completed: {self._budget_short['message']} "
+                               f"(the study is kept in {_redact(self.storage_url)})")
+        elif best is None:
             failures = "; ".join(f"{r['number']}: {r.get('failure') or r.get('stopped') or r['state']}"
                                  for r in records)
             result.update(error=(

@@ -126,6 +126,9 @@ class FakeModelServer:
 # --- a fake training entry point ---------------------------------------------------------------------
 FAKE_EPOCH_SECONDS_ENV = "DOGBREED_FAKE_EPOCH_SECONDS"
 FAKE_FAIL_ENV = "DOGBREED_FAKE_FAIL"  # set: fail every run with this reason
+# Set: the first epoch starts with the trainer's timing line, this many seconds per image.
+FAKE_SECONDS_PER_IMAGE_ENV = "DOGBREED_FAKE_SECONDS_PER_IMAGE"
+FAKE_IMAGES = {"train": 80, "valid": 20, "test": 20}  # the sample data's counts
 
 
 def fake_accuracy(lr: float, epoch: int, epochs: int) -> float:
@@ -146,6 +149,7 @@ def fake_train_main() -> int:
     import time
 
     from dogbreed import contract
+    from dogbreed.metrics import timing_line
 
     paths = contract.Paths.from_env()
     stopped = []
@@ -160,8 +164,14 @@ def fake_train_main() -> int:
         contract.write_failure(os.environ[FAKE_FAIL_ENV], paths)
         return 1
     delay = float(os.environ.get(FAKE_EPOCH_SECONDS_ENV, "0.02"))
+    if os.environ.get(FAKE_SECONDS_PER_IMAGE_ENV):
+        per_image = float(os.environ[FAKE_SECONDS_PER_IMAGE_ENV])
+        print(timing_line(2, 64, 64 * per_image, False, FAKE_IMAGES["train"], FAKE_IMAGES["valid"],
+                          FAKE_IMAGES["test"], hp.image_size), file=sys.stderr, flush=True)
     for epoch in range(1, hp.epochs + 1):
-        time.sleep(delay)
+        ends = time.monotonic() + delay
+        while not stopped and time.monotonic() < ends:  # an epoch a SIGTERM cuts short
+            time.sleep(min(0.01, delay))
         if stopped:
             contract.write_failure("stopped by SIGTERM", paths)
             return 143
