@@ -253,3 +253,14 @@ def test_the_epochs_a_trial_needs_follow_the_pruner(backend: LocalBackend, prune
             return [optuna.trial.create_trial(value=0.5, params={}, distributions={})] * complete
 
     assert tuning._epochs_needed(Study(), 10, done) == needed
+
+
+@pytest.mark.parametrize("log, layout", [
+    ("x\n2026-01-01 INFO dogbreed.train event=cpu_layout channels_last=True ms_per_step={}\n", "true"),
+    ("event=cpu_layout channels_last=False ms_per_step=rank0\n", "false"),
+    ("epoch=1 train_loss=1.0\n", None),  # channels-last given: no probe, nothing to pin
+])
+def test_a_pruned_trials_layout_comes_from_its_own_log(tmp_path: Path, log: str, layout: str | None) -> None:
+    (tmp_path / "train.log").write_text(log)
+    assert local_tuning.logged_layout(tmp_path / "train.log") == layout
+    assert local_tuning.logged_layout(tmp_path / "missing.log") is None

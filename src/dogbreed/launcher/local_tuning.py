@@ -468,9 +468,10 @@ class LocalTuning:
         from dogbreed import artifacts
 
         archive = artifacts.pack(model_dir, trial_dir / "output" / artifacts.ARCHIVE_NAME)
+        # The layout the trial trained in (the finishing run measures its own, and trains nothing).
         attrs = {"model_data": str(archive.resolve()), "valid_accuracy": result.objective,
                  "test_accuracy": result.final.get("test_accuracy"),
-                 "channels_last": trained_layout(model_dir), "model_dir": str(model_dir)}
+                 "channels_last": logged_layout(trial_dir / TRAIN_LOG), "model_dir": str(model_dir)}
         events.event("trial_model_finished", study=self.name, number=best.number, state="PRUNED",
                      epochs_completed=done, valid_accuracy=result.objective, model_data=archive,
                      seconds=round(result.seconds, 1))
@@ -696,6 +697,19 @@ def trained_layout(model_dir: Path) -> str | None:
         return None
     value = metrics.get("channels_last") if isinstance(metrics, dict) else None
     return None if value is None else ("true" if value else "false")
+
+
+_LAYOUT_LINE = re.compile(r"\bevent=cpu_layout channels_last=(True|False)\b")
+
+
+def logged_layout(train_log: Path) -> str | None:
+    """The CPU memory layout a run's trainer chose, from its log (``"true"``: channels_last);
+    None when the log does not say (an in-process trial logs to the launcher's stderr)."""
+    try:
+        match = _LAYOUT_LINE.search(Path(train_log).read_text(errors="replace"))
+    except OSError:
+        return None
+    return None if match is None else match.group(1).lower()
 
 
 def reproducing_hyperparameters(hyperparameters: Mapping[str, str],
