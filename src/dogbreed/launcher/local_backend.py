@@ -322,8 +322,8 @@ def final_metrics(epochs: Sequence[Mapping[str, float]], final: Mapping[str, flo
 # What `dogbreed tune --local` prints: the answer; the whole study is in result_file.
 ANSWER_KEYS = ("tuning_job", "best_trial", "best_objective", "best_test_accuracy", "best_state",
                "best_model_data", "next", "retrain", "which_model", "best_hyperparameters",
-               "counts", "this_process", "seconds", "result_file", "interrupted", "budget_short",
-               "error")
+               "counts", "this_process", "seconds", "result_file", "storage", "interrupted",
+               "budget_short", "error")
 
 
 def tune_answer(result: Mapping[str, Any]) -> dict[str, Any]:
