@@ -497,6 +497,29 @@ _BOOLEAN_SPELLINGS = {"true": "true", "1": "true", "yes": "true", "on": "true",
                       "false": "false", "0": "false", "no": "false", "off": "false"}
 _SWITCHES: dict[str, dict[str, str]] = {"channels_last": _BOOLEAN_SPELLINGS}
 _FIELDS = {f.name: f for f in dataclasses.fields(Hyperparameters)}
+# The seeds' (Udacity dog-breed projects') hyperparameter names, accepted so their tuner and
+# estimator definitions run unchanged: their notebooks passed learning_rate, their scripts'
+# argparse took --test-batch-size for the evaluation loader. Warned once per process each.
+HYPERPARAMETER_ALIASES: dict[str, str] = {
+    "learning_rate": "lr",
+    "test_batch_size": "eval_batch_size",
+}
+_warned_aliases: set[str] = set()
+
+
+def canonical_name(key: str) -> str | None:
+    """The field a hyperparameter key names (dashes or underscores, a seeds' alias warned once),
+    or None when it names none."""
+    name = key.strip().lstrip("-").replace("-", "_")
+    if name in _FIELDS:
+        return name
+    target = HYPERPARAMETER_ALIASES.get(name)
+    if target is not None and name not in _warned_aliases:
+        _warned_aliases.add(name)
+        logging.getLogger(__name__).warning(
+            "event=hyperparameter_alias name=%s use=%s note=the seeds' name, accepted as %s",
+            key, _dashed(target), _dashed(target))
+    return target
 
 
 def _to_string(value: Any) -> str:
@@ -538,29 +561,6 @@ def _number(value: Any, whole: bool) -> int | float:
             raise ValueError(f"{expected} in ASCII digits (e.g. {'10' if whole else '0.001 or 1e-3'})")
         return int(text) if whole else float(text)
     if not isinstance(value, (int, float)):
-# The seeds' (Udacity dog-breed projects') hyperparameter names, accepted so their tuner and
-# estimator definitions run unchanged: their notebooks passed learning_rate, their scripts'
-# argparse took --test-batch-size for the evaluation loader. Warned once per process each.
-HYPERPARAMETER_ALIASES: dict[str, str] = {
-    "learning_rate": "lr",
-    "test_batch_size": "eval_batch_size",
-}
-_warned_aliases: set[str] = set()
-
-
-def canonical_name(key: str) -> str | None:
-    """The field a hyperparameter key names (dashes or underscores, a seeds' alias warned once),
-    or None when it names none."""
-    name = key.strip().lstrip("-").replace("-", "_")
-    if name in _FIELDS:
-        return name
-    target = HYPERPARAMETER_ALIASES.get(name)
-    if target is not None and name not in _warned_aliases:
-        _warned_aliases.add(name)
-        logging.getLogger(__name__).warning(
-            "event=hyperparameter_alias name=%s use=%s note=the seeds' name, accepted as %s",
-            key, _dashed(target), _dashed(target))
-    return target
         raise ValueError(f"{expected}, not {type(value).__name__}")
     if whole:
         if isinstance(value, float) and not value.is_integer():
@@ -634,6 +634,7 @@ def parse_hyperparameters(*sources: Mapping[str, Any]) -> Hyperparameters:
     values: dict[str, Any] = {}
     unknown: list[str] = []
     for source in sources:
+        given: dict[str, str] = {}  # field -> the key that set it, in this source
         for key, raw in source.items():
             if key.startswith(IGNORED_HYPERPARAMETER_PREFIXES):
                 continue
@@ -683,7 +684,6 @@ def parse_cli_args(argv: Sequence[str]) -> dict[str, str]:
             raise ContractError(f"unexpected argument {arg!r}: pass hyperparameters as --name value")
         key, sep, value = arg[2:].partition("=")
         if not sep:
-        given: dict[str, str] = {}  # field -> the key that set it, in this source
             if i + 1 >= len(args) or args[i + 1].startswith("--"):
                 raise ContractError(f"argument --{key} needs a value")
             value = args[i + 1]
