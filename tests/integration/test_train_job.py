@@ -12,8 +12,8 @@ import sys
 import pytest
 import torch
 
-from dogbreed.metrics import SEED_OBJECTIVE_REGEX, parse_best
 from dogbreed import artifacts, contract, train
+from dogbreed.metrics import SEED_OBJECTIVE_REGEX, parse_best
 
 pytestmark = pytest.mark.slow
 

@@ -187,3 +187,29 @@ def test_a_tuning_trial_removes_only_its_own_partial_checkpoints(tmp_path: Path)
     assert theirs.exists() and own.exists()
     assert train.remove_partial_checkpoints(own) == [theirs]
     assert own.exists()
+
+
+def test_an_absurd_epoch_is_skipped_not_fatal(sample_data: Path, tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch,
+                                              caplog: pytest.LogCaptureFixture) -> None:
+    """From scratch at small sizes one epoch's validation loss can spike far past a uniform
+    guess's (BatchNorm's running statistics, 160-180 for 5 classes) and the run recovers: that
+    epoch is neither checkpointed nor saved, and the job goes on. Only a run with no sane epoch
+    is Diverged (tests/reliability: lr=1)."""
+    import dataclasses
+
+    real_evaluate = train.evaluate
+    calls = []
+
+    def first_validation_absurd(*args, **kwargs):
+        result = real_evaluate(*args, **kwargs)
+        calls.append(result.loss)
+        return dataclasses.replace(result, loss=1e9) if len(calls) == 1 else result
+
+    monkeypatch.setattr(train, "evaluate", first_validation_absurd)
+    caplog.set_level(logging.WARNING, logger="dogbreed.train")
+    hp, paths = _job(tmp_path, sample_data, epochs="2")
+    result = _run(hp, paths)
+    assert result.best_epoch == 2 and (paths.model_dir / "model.pt").is_file()
+    assert "event=diverged_epoch epoch=1 loss=1e+09" in caplog.text
+    assert [r.valid_loss for r in result.history][0] == 1e9
