@@ -47,7 +47,7 @@ def test_two_gloo_ranks_train_one_model_like_one_process(make_job):
     # Both ranks trained (gloo), rank 0 alone wrote: one artifact, one set of metric lines.
     assert "world_size=2 rank=0" in double.stderr and "world_size=2 rank=1" in double.stderr
     assert "backend=gloo" in double.stderr
-    assert sorted(p.name for p in two.model_dir.iterdir()) == ["model.json", "model.pt"]
+    assert sorted(p.name for p in two.model_dir.iterdir()) == ["model.json", "model.onnx", "model.pt"]
     assert double.stderr.count("event=done model_dir=") == 1
     lines = EPOCH_LINE.findall(double.stdout)
     assert [int(e) for e, _, _ in lines] == [1, 2, 3, 4]

@@ -66,7 +66,7 @@ def test_epochs_max_caps_both_renderings() -> None:
 
 def test_validate_refuses_what_the_entry_point_would_refuse() -> None:
     with pytest.raises(contract.ContractError):
-        search_space.validate([Continuous("learning-rate", 0.1, 1.0)])
+        search_space.validate([Continuous("learn-rate", 0.1, 1.0)])  # a typo, no alias
     with pytest.raises(contract.ContractError):
         search_space.validate([Integer("epochs", 0, 3)])
     with pytest.raises(ValueError):
