@@ -42,7 +42,7 @@ from dogbreed import artifacts, contract
 from dogbreed.artifacts import ARCHIVE_NAME
 from dogbreed.contract import CUSTOM_ATTRIBUTES_HEADER
 from dogbreed.launcher import events
-from dogbreed.serve.client import Response, ServeClient, framing_error
+from dogbreed.serve.client import HTTP11RequestHandler, Response, ServeClient, framing_error
 
 TARGET_HEADER = contract.TARGET_MODEL_HEADER
 VARIANT_HEADER = "X-Amzn-Invoked-Production-Variant"
@@ -491,24 +491,11 @@ class Router:
 
 
 def _make_handler(router: Router) -> Callable[..., BaseHTTPRequestHandler]:
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
+    class Handler(HTTP11RequestHandler):
         server_version = "dogbreed-local-endpoint"
-
-        # Before a request line is parsed, answer as HTTP/1.1: http.server's default (HTTP/0.9)
-        # sends a garbage line's error as a bare body with no status line.
-        default_request_version = "HTTP/1.1"
 
         def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
             pass  # one event per request is logged below instead
-
-        def parse_request(self) -> bool:
-            if not super().parse_request():
-                return False
-            if len(self.requestline.split()) == 2:  # "GET /": HTTP/0.9, which has no status line
-                self.send_error(400, "HTTP/0.9 requests are not supported; send HTTP/1.1")
-                return False
-            return True
 
         def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
             """http.server's own refusals (a bad request line, headers too long) as JSON too."""

@@ -13,6 +13,7 @@ import http.client
 import json
 import socket
 from collections.abc import Mapping
+from http.server import BaseHTTPRequestHandler
 from typing import Any
 from urllib.parse import quote, urlsplit
 
@@ -33,6 +34,24 @@ def framing_error(headers: Any) -> str | None:
     if lengths and headers.get_all("Transfer-Encoding"):
         return "both Transfer-Encoding and Content-Length: send one"
     return None
+
+
+class HTTP11RequestHandler(BaseHTTPRequestHandler):
+    """Request-line rules both of the project's HTTP servers (the serving front, the local
+    router) share: HTTP/1.1 answers, and no HTTP/0.9 (its answers have no status line)."""
+
+    protocol_version = "HTTP/1.1"
+    # Before a request line is parsed, answer as HTTP/1.1: http.server's default (HTTP/0.9)
+    # sends a garbage line's error as a bare body with no status line.
+    default_request_version = "HTTP/1.1"
+
+    def parse_request(self) -> bool:
+        if not super().parse_request():
+            return False
+        if len(self.requestline.split()) == 2:  # "GET /": HTTP/0.9, which has no status line
+            self.send_error(400, "HTTP/0.9 requests are not supported; send HTTP/1.1")
+            return False
+        return True
 
 
 @dataclasses.dataclass(frozen=True)

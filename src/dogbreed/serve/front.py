@@ -15,11 +15,11 @@ import logging
 import re
 import socket
 from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from urllib.parse import unquote, urlsplit
 
 from dogbreed import contract
-from dogbreed.serve.client import Response, framing_error
+from dogbreed.serve.client import HTTP11RequestHandler, Response, framing_error
 from dogbreed.serve.lifecycle import ModelLifecycle
 
 log = logging.getLogger("dogbreed.serve")
@@ -70,26 +70,14 @@ class Front(ThreadingHTTPServer):
         super().__init__(address, FrontHandler)
 
 
-class FrontHandler(BaseHTTPRequestHandler):
-    protocol_version, server_version, sys_version = "HTTP/1.1", "dogbreed-serve", ""
+class FrontHandler(HTTP11RequestHandler):
+    server_version, sys_version = "dogbreed-serve", ""
     disable_nagle_algorithm = True  # else the body waits for the delayed ACK of the headers (40 ms)
     timeout = 120  # a caller that stops sending mid-request gives up its thread
     server: Front
 
     def log_message(self, *args: object) -> None:
         pass  # MMS logs every request already
-
-    # Before a request line is parsed, answer as HTTP/1.1: http.server's default (HTTP/0.9)
-    # sends a garbage line's error as a bare body with no status line.
-    default_request_version = "HTTP/1.1"
-
-    def parse_request(self) -> bool:
-        if not super().parse_request():
-            return False
-        if len(self.requestline.split()) == 2:  # "GET /": HTTP/0.9, which has no status line
-            self.send_error(400, "HTTP/0.9 requests are not supported; send HTTP/1.1")
-            return False
-        return True
 
     def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:  # as JSON too
         kind = HTTPStatus(code).phrase.replace(" ", "")
