@@ -21,7 +21,9 @@ instead), starts one multi-model server on 127.0.0.1 and measures, with a 500x37
   the same thread count) on each engine: PyTorch eager (``in_process_torch``) and ONNX Runtime
   (``in_process_onnxruntime``), interleaved in rounds so a noisy machine hits all paths alike;
   the ratios server/in-process (same engine) and server/PyTorch eager;
-- requests/s with 4 concurrent clients (bounded by count and time);
+- requests/s with 4 concurrent clients (bounded by count and time), on one worker per model
+  (the server's default) and again on a server with ``--throughput-workers`` workers per model
+  (default: one per vCPU, the README's workers x threads = vCPUs rule for throughput);
 - cold loads again on a server without the zygote (``DOGBREED_SERVE_ZYGOTE=0``: MMS starts a
   plain Python worker per load), ``--cold-loads-without-zygote`` times per model;
 - ``explain=gradcam`` (issue 13): its own p50, and plain requests' p50 on the same worker
@@ -351,6 +353,9 @@ def targets(results: dict[str, dict]) -> dict:
                                   for name, r in results.items() if arch(r) in P50_VS_TORCH_EAGER_MAX},
         "throughput_ok": {name: r["throughput"]["requests_per_s"] >= THROUGHPUT_MIN[arch(r)]
                           for name, r in results.items() if arch(r) in THROUGHPUT_MIN},
+        "throughput_more_workers_ok": {name: r["throughput_more_workers"]["requests_per_s"] >= THROUGHPUT_MIN[arch(r)]
+                                       for name, r in results.items()
+                                       if arch(r) in THROUGHPUT_MIN and "throughput_more_workers" in r},
         "cold_load_ok": {name: r["cold_load_dir"]["first_answer_s"]["p50"]
                          <= COLD_LOAD_DIR_MAX_S.get(arch(r), COLD_LOAD_MAX_S) for name, r in results.items()},
     }
@@ -365,6 +370,8 @@ def summary(results: dict[str, dict]) -> dict[str, dict]:
         "served_p50_ms": r["server"]["p50_ms"],
         "served_vs_torch_eager": r["ratio_p50_server_vs_torch_eager"],
         "throughput_4_clients_per_s": r["throughput"]["requests_per_s"],
+        **({f"throughput_4_clients_{r['throughput_more_workers']['workers']}_workers_per_s":
+            r["throughput_more_workers"]["requests_per_s"]} if "throughput_more_workers" in r else {}),
         "cold_load_dir_s": r["cold_load_dir"]["first_answer_s"]["p50"],
     } for name, r in results.items()}
 
@@ -387,6 +394,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clients", type=int, default=4)
     parser.add_argument("--throughput-requests", type=int, default=200)
     parser.add_argument("--throughput-seconds", type=float, default=20.0)
+    parser.add_argument("--throughput-workers", type=int, default=os.cpu_count() or 1,
+                        help="workers per model for the second throughput figure (0: skip)")
     parser.add_argument("--explain-requests", type=int, default=40,
                         help="plain requests before, and explain + plain after, per model (0: skip)")
     parser.add_argument("--batch-images", type=int, default=100, help="local batch files (0: skip)")
@@ -426,6 +435,19 @@ def main(argv: list[str] | None = None) -> int:
                             for i in range(args.cold_loads_without_zygote)]
                     results[name]["cold_load_dir_without_zygote"] = {
                         stat: summarize([r[stat] for r in runs]) for stat in ("post_models_s", "first_answer_s")}
+        if args.throughput_workers:
+            with ModelServer(port=0, host="127.0.0.1", multi_model=True, run_dir=root / "run-workers",
+                             log_file=root / "server-workers.log", env=env,
+                             workers=args.throughput_workers) as server:
+                for name, path in model_dirs.items():
+                    cold_load(server, name, path, body)
+                    client = Client(server)
+                    for _ in range(args.warmup):
+                        client.invoke(name, body)
+                    results[name]["throughput_more_workers"] = {
+                        "workers": args.throughput_workers,
+                        **throughput(server, name, body, args.clients, args.throughput_requests,
+                                     args.throughput_seconds)}
         batch_result = (bench_batch(next(iter(model_dirs.values())), root, body, args)
                         if args.batch_images else None)
     report = {
