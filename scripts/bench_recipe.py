@@ -73,6 +73,38 @@ def summarise(runs: list[dict[str, Any]], hyperparameters: dict[str, str]) -> di
             "hyperparameters": hyperparameters, "runs": runs}
 
 
+def ranks(values: list[float]) -> list[float]:
+    """1-based ranks, ties given their average rank."""
+    order = sorted(range(len(values)), key=values.__getitem__)
+    result = [0.0] * len(values)
+    i = 0
+    while i < len(order):
+        j = i
+        while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
+            j += 1
+        for k in range(i, j + 1):
+            result[order[k]] = (i + j) / 2 + 1
+        i = j + 1
+    return result
+
+
+def valid_vs_test(trials: list[dict[str, Any]]) -> dict[str, Any]:
+    """Over the study's completed trials: Spearman's rank correlation of the objective (valid
+    accuracy) with test accuracy, and whether the best on valid is also the best on test."""
+    done = [t for t in trials if t.get("state") == "COMPLETE" and t.get("value") is not None
+            and t.get("test_accuracy") is not None]
+    if len(done) < 2:
+        return {"completed_trials": len(done), "spearman": None, "best_valid_is_best_test": None}
+    valid, test = ranks([t["value"] for t in done]), ranks([t["test_accuracy"] for t in done])
+    mean = (len(done) + 1) / 2
+    covariance = sum((v - mean) * (t - mean) for v, t in zip(valid, test))
+    spread = (sum((v - mean) ** 2 for v in valid) * sum((t - mean) ** 2 for t in test)) ** 0.5
+    best_valid = max(done, key=lambda t: t["value"])
+    return {"completed_trials": len(done),
+            "spearman": round(covariance / spread, 3) if spread else None,
+            "best_valid_is_best_test": best_valid["test_accuracy"] >= max(t["test_accuracy"] for t in done)}
+
+
 def run_study(data_dir: Path, work: Path, device: torch.device, static: dict[str, str],
               budget: float, epochs_max: int, space: str, trials: int | None = None) -> dict[str, Any]:
     """A study within ``budget`` seconds of wall clock: the CLI's budgeted tuner, in process."""
@@ -82,14 +114,15 @@ def run_study(data_dir: Path, work: Path, device: torch.device, static: dict[str
                                  base_hyperparameters=static, epochs_max=epochs_max,
                                  time_budget=budget, space=space)
     best = next(t for t in result["trials"] if t["number"] == result["best_trial"])
-    return {"budget_seconds": budget, "seconds": round(time.perf_counter() - started, 1),
+    return {"valid_vs_test": valid_vs_test(result["trials"]),
+            "budget_seconds": budget, "seconds": round(time.perf_counter() - started, 1),
             "space": result["space"], "pruner": result["pruner"], "trials_cap": trials,
             "storage": result["storage"], "counts": result["counts"],
             "best_trial": result["best_trial"],
             "best_valid_accuracy": result["best_objective"],
             "best_trial_test_accuracy": best.get("test_accuracy"),
             "best_hyperparameters": result["best_hyperparameters"],
-            "trials": [{k: t.get(k) for k in ("number", "state", "value", "epochs_completed",
+            "trials": [{k: t.get(k) for k in ("number", "state", "value", "test_accuracy", "epochs_completed",
                                               "seconds", "stopped", "origin", "hyperparameters")}
                        for t in result["trials"]]}
 
