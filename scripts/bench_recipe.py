@@ -46,7 +46,7 @@ import make_bench_data  # noqa: E402
 
 from dogbreed import contract, data, train  # noqa: E402
 from dogbreed.launcher import search_space  # noqa: E402
-from dogbreed.launcher.local_backend import tune_in_process  # noqa: E402
+from dogbreed.launcher.local.backend import tune_in_process  # noqa: E402
 
 SAMPLE = REPO.parent / "shared" / "data" / "dogs-sample"
 

@@ -32,8 +32,8 @@ instead), starts one multi-model server on 127.0.0.1 and measures, with a 500x37
   script run on the commits before and after (``server.p50_ms`` of both);
 - ``dogbreed batch --local`` throughput (``--batch-images`` files, the sample test photos
   repeated): images/s through the served path (single-model server, ``--batch-workers``
-  workers and concurrent requests, :func:`dogbreed.launcher.batch.served_batch`) against the
-  in-process ceiling (:func:`~dogbreed.launcher.batch.in_process_predictor`, same threads).
+  workers and concurrent requests, :func:`dogbreed.launcher.local.batch.served_batch`) against the
+  in-process ceiling (:func:`~dogbreed.launcher.local.batch.in_process_predictor`, same threads).
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ import torch
 from PIL import Image
 
 from dogbreed import artifacts, data, models, onnx_export
-from dogbreed.launcher import batch
+from dogbreed.launcher.local import batch
 from dogbreed.serve import ENGINE_ENV, TORCH_THREADS_ENV, inference
 from dogbreed.serve.client import ServeClient
 from dogbreed.serve.server import ModelServer

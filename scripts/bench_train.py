@@ -267,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
             report["scaling"] = {arch: bench_scaling(arch, args, data_dir, Path(tmp) / "scaling")
                                  for arch in args.models.split(",")}
         if args.tune_trials:
-            from dogbreed.launcher import local_backend
+            from dogbreed.launcher.local import backend as local_backend
 
             report["tuning"] = local_backend.tune_in_process(
                 data_dir, Path(tmp) / "tune", trials=args.tune_trials, device=device,

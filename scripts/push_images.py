@@ -15,7 +15,7 @@ on the command line. With ``--registry`` no AWS call is made and no login is don
 Prints one pushed reference a line (stdout). ``--record FILE`` also writes what was pushed —
 per image (``KIND=IMAGE`` names the kind, e.g. ``train=dogbreed-train``) the sha-tag reference
 and the registry's digest — where the ``dogbreed`` launcher finds it (default
-``.dogbreed/pushed-images.json``; format in ``dogbreed.launcher.images``); jobs then run exactly
+``.dogbreed/pushed-images.json``; format in ``dogbreed.launcher.sagemaker.images``); jobs then run exactly
 the bytes pushed, and ``:latest`` only when asked.
 """
 

@@ -6,7 +6,7 @@
 
 Everything binds and targets 127.0.0.1 and every loop is bounded in count and time. It writes
 two tiny models (ResNet18 and MobileNetV2, random weights, 64 px: serving cost does not depend
-on weight values) into a local model store, starts :class:`~dogbreed.launcher.local_endpoint.LocalEndpoint`
+on weight values) into a local model store, starts :class:`~dogbreed.launcher.local.endpoint.LocalEndpoint`
 (the router in front of a multi-model ``dogbreed-serve`` with the zygote), then:
 
 1. **hostile**: ``--hostile`` requests of over 50 kinds (bad content types, truncated and
@@ -459,8 +459,8 @@ def main(argv: list[str] | None = None) -> int:
     import logging
 
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
-    from dogbreed.launcher.local_endpoint import LocalEndpoint
-    from dogbreed.launcher.router import ModelStore, mms_model_name
+    from dogbreed.launcher.local.endpoint import LocalEndpoint
+    from dogbreed.launcher.local.router import ModelStore, mms_model_name
 
     with tempfile.TemporaryDirectory(prefix="dbsoak-", dir="/tmp") as tmp:
         work = args.workdir or Path(tmp)

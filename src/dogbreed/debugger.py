@@ -4,7 +4,7 @@ project's own; locally nothing unless asked.
 SageMaker writes ``debughookconfig.json`` into the input config dir when a training job has a
 ``DebugHookConfig`` (``--debugger-rules``; Debugger is closed to new customers), and
 ``SMDEBUG_CONFIG_FILE_PATH`` points elsewhere. A SageMaker job without one (``TRAINING_JOB_NAME``
-set) still saves the same collections (:func:`dogbreed.launcher.rules.hook_config`) into
+set) still saves the same collections (:func:`dogbreed.debugger_config.hook_config`) into
 ``/opt/ml/output/data/tensors``, which SageMaker uploads with the job's output.tar.gz (page
 ``your-algorithms-training-algo-output``), so ``dogbreed report JOB`` can evaluate the rules.
 ``USE_SMDEBUG=0`` turns the hook off. smdebug is imported lazily so runs without a hook pay
@@ -59,7 +59,7 @@ def in_job_config_path(paths: Paths, env: Mapping[str, str] | None = None) -> Pa
     env = os.environ if env is None else env
     if _hook_off(env) or not env.get(TRAINING_JOB_NAME_ENV):
         return None
-    from dogbreed.launcher.rules import hook_config  # torch-free constants shared with requests
+    from dogbreed.debugger_config import hook_config  # torch-free constants shared with requests
 
     config = hook_config(str(in_job_tensors_dir(paths)))
     handle, name = tempfile.mkstemp(prefix="dogbreed-debughookconfig-", suffix=".json")

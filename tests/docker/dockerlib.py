@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
-from dogbreed.launcher import local_backend
+from dogbreed.launcher.local import backend as local_backend
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DOCKER = os.environ.get("DOCKER") or ("/usr/bin/docker" if Path("/usr/bin/docker").exists() else "docker")

@@ -21,7 +21,8 @@ import psutil
 import pytest
 from servelib import TrainedModel, stalled_java, wait_for_start
 
-from dogbreed.launcher import batch, cli
+from dogbreed.launcher import cli
+from dogbreed.launcher.local import batch
 
 pytestmark = pytest.mark.slow
 

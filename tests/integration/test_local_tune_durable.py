@@ -25,14 +25,14 @@ from pathlib import Path
 import optuna
 import pytest
 
-from dogbreed.launcher import local_tuning
+from dogbreed.launcher.local import tuning as local_tuning
 from dogbreed.launcher.testing import FAKE_EPOCH_SECONDS_ENV
 
 pytestmark = pytest.mark.slow
 
 # The real CLI with the fake entry point as the trials' command.
 TUNE = [sys.executable, "-c",
-        "import sys; from dogbreed.launcher import cli, local_runs; "
+        "import sys; from dogbreed.launcher import cli; from dogbreed.launcher.local import runs as local_runs; "
         "local_runs.TRAIN_COMMAND = (sys.executable, '-m', 'dogbreed.launcher.testing'); "
         "sys.exit(cli.main(['tune', '--local', *sys.argv[1:]]))"]
 

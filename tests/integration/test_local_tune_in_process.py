@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from dogbreed import data
-from dogbreed.launcher import local_backend
+from dogbreed.launcher.local import backend as local_backend
 
 pytestmark = pytest.mark.slow
 

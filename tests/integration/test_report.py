@@ -21,7 +21,7 @@ from browser import CHROMIUM, colour_fraction, ink_fraction, render
 
 from dogbreed import contract, profiling, report, train
 from dogbreed.launcher import cli
-from dogbreed.report import rules
+from dogbreed.report import builtin_rules as rules
 
 pytestmark = pytest.mark.slow
 

@@ -47,7 +47,7 @@ def test_a_budget_that_cannot_finish_a_trial_says_so_and_keeps_its_best_model(
     assert trial["epochs_completed"] == 1
     assert answer["best_objective"] == pytest.approx(trial["intermediate"][0])
     # A retrain pins the layout the trial trained in, not the one the finishing run measured.
-    from dogbreed.launcher.local_tuning import logged_layout
+    from dogbreed.launcher.local.tuning import logged_layout
 
     layout = logged_layout(Path(trial["dir"]) / "train.log")
     assert layout in ("true", "false") and answer["best_hyperparameters"]["channels-last"] == layout

@@ -21,8 +21,8 @@ import psutil
 import pytest
 
 from dogbreed import artifacts, data, models
-from dogbreed.launcher.local_endpoint import LocalEndpoint
-from dogbreed.launcher.router import ModelStore, mms_model_name
+from dogbreed.launcher.local.endpoint import LocalEndpoint
+from dogbreed.launcher.local.router import ModelStore, mms_model_name
 from dogbreed.serve import WORKER_MEMORY_ENV
 
 pytestmark = pytest.mark.slow

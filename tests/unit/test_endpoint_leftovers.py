@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from dogbreed.launcher import local_endpoint
+from dogbreed.launcher.local import endpoint as local_endpoint
 
 SLEEPER = "import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); time.sleep(60)"
 

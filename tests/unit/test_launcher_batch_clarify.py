@@ -15,8 +15,10 @@ from moto import mock_aws
 from PIL import Image
 
 from dogbreed import artifacts, data, models
-from dogbreed.launcher import batch, clarify, cli
-from dogbreed.launcher.sagemaker_backend import SageMakerBackend
+from dogbreed.launcher import cli
+from dogbreed.launcher.local import batch
+from dogbreed.launcher.sagemaker import batch_transform, clarify
+from dogbreed.launcher.sagemaker.backend import SageMakerBackend
 from dogbreed.launcher.settings import Settings
 
 REGION = "eu-west-1"
@@ -67,7 +69,7 @@ def _sm(settings: Settings, dry_run: bool = False) -> SageMakerBackend:
 # --- SageMaker batch transform ----------------------------------------------------------------
 def test_transform_job_one_record_per_file_on_moto(aws, settings, model_tar):
     sm = _sm(settings)
-    result = batch.sagemaker_batch(sm, model=str(model_tar), input_uri=f"s3://{BUCKET}/test/",
+    result = batch_transform.sagemaker_batch(sm, model=str(model_tar), input_uri=f"s3://{BUCKET}/test/",
                                    output_uri=None, name="dogbreed-batch-1", max_concurrent=4)
     assert result["status"] == "Completed"
     client = boto3.client("sagemaker", region_name=REGION)
@@ -129,7 +131,7 @@ def test_analysis_config_for_image_classification():
 
 def test_clarify_job_on_moto(aws, settings, model_tar):
     sm = _sm(settings)
-    model_data = batch.model_data_uri(sm, str(model_tar), "clarify", "dogbreed-clarify-1")
+    model_data = batch_transform.model_data_uri(sm, str(model_tar), "clarify", "dogbreed-clarify-1")
     result = clarify.run_clarify(sm, model_data=model_data, class_names=CLASSES,
                                  data_uri=f"s3://{BUCKET}/test/", name="dogbreed-clarify-1")
     assert result["status"] == "Completed"

@@ -14,9 +14,11 @@ from pathlib import Path
 import pytest
 
 from dogbreed import train
-from dogbreed.launcher import cli, local_backend, local_runs, search_space
+from dogbreed.launcher import cli, search_space
 from dogbreed.launcher import settings as settings_mod
-from dogbreed.launcher.sagemaker_requests import validate_request
+from dogbreed.launcher.local import backend as local_backend
+from dogbreed.launcher.local import runs as local_runs
+from dogbreed.launcher.sagemaker.requests import validate_request
 from dogbreed.launcher.testing import FAKE_EPOCH_SECONDS_ENV
 
 SUBCOMMANDS = ["upload-data", "tune", "train", "deploy", "add-model", "invoke", "status",
@@ -394,7 +396,7 @@ def test_sigterm_stops_a_local_training_job_like_ctrl_c(sample_data: Path, tmp_p
     proc_dir = Path("/proc")
     if not (proc_dir / "self" / "stat").is_file():
         pytest.skip("finds the trainer through /proc")
-    launcher = ("import sys; from dogbreed.launcher import cli, local_runs; "
+    launcher = ("import sys; from dogbreed.launcher import cli; from dogbreed.launcher.local import runs as local_runs; "
                 "local_runs.TRAIN_COMMAND = (sys.executable, '-m', 'dogbreed.launcher.testing'); "
                 "sys.exit(cli.main(sys.argv[1:]))")
     env = {**os.environ, FAKE_EPOCH_SECONDS_ENV: "0.5"}  # 50 epochs: 25 s unless stopped

@@ -1,5 +1,5 @@
 """`dogbreed train`/`tune` refuse, before any request, an instance family whose documented NVIDIA
-driver cannot run the train image's CUDA (launcher/instances.py)."""
+driver cannot run the train image's CUDA (launcher/sagemaker/instances.py)."""
 
 from __future__ import annotations
 
@@ -9,9 +9,10 @@ from pathlib import Path
 import pytest
 
 from dogbreed import gpu
-from dogbreed.launcher import cli, instances
+from dogbreed.launcher import cli
 from dogbreed.launcher import settings as settings_mod
-from dogbreed.launcher.sagemaker_backend import SageMakerBackend
+from dogbreed.launcher.sagemaker import instances
+from dogbreed.launcher.sagemaker.backend import SageMakerBackend
 from dogbreed.launcher.settings import Settings, SettingsError
 
 AWS = ["--region", "us-west-2", "--role-arn", "arn:aws:iam::123456789012:role/sm", "--bucket", "b"]

@@ -11,8 +11,11 @@ from pathlib import Path
 import pytest
 
 from dogbreed import artifacts, contract, metrics, train
-from dogbreed.launcher import local_backend, local_runs, local_tuning, search_space
-from dogbreed.launcher.local_backend import LocalBackend, LocalError, TrainingRun
+from dogbreed.launcher import search_space
+from dogbreed.launcher.local import backend as local_backend
+from dogbreed.launcher.local import runs as local_runs
+from dogbreed.launcher.local import tuning as local_tuning
+from dogbreed.launcher.local.backend import LocalBackend, LocalError, TrainingRun
 from dogbreed.launcher.settings import Settings, SettingsError
 from dogbreed.launcher.testing import FAKE_FAIL_ENV, METADATA_FILE, WEIGHTS_FILE, fake_accuracy
 from dogbreed.metrics import parse_best, parse_metrics
@@ -240,7 +243,7 @@ def test_nproc_asks_the_entry_point_for_ranks(tmp_path: Path, sample_data: Path)
     """`dogbreed train --local --nproc 2`: the entry point runs 2 gloo ranks (see
     tests/integration/test_distributed_train.py for the real run)."""
     from dogbreed import contract
-    from dogbreed.launcher.local_runs import TrainingRun
+    from dogbreed.launcher.local.runs import TrainingRun
 
     run = TrainingRun(tmp_path / "job", {"epochs": "1"}, sample_data, nproc=2)
     _, env = run.command(run.prepare())

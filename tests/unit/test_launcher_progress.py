@@ -19,7 +19,7 @@ import pytest
 
 REPO_SRC = Path(__file__).resolve().parents[2] / "src"
 # The launcher's CLI with the fake entry point (same contract, milliseconds per epoch).
-RUN_CLI = ("import sys; from dogbreed.launcher import cli, local_runs; "
+RUN_CLI = ("import sys; from dogbreed.launcher import cli; from dogbreed.launcher.local import runs as local_runs; "
            "local_runs.TRAIN_COMMAND = (sys.executable, '-m', 'dogbreed.launcher.testing'); "
            "sys.exit(cli.main(sys.argv[1:]))")
 

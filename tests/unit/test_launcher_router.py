@@ -13,8 +13,8 @@ import boto3
 import pytest
 from botocore.config import Config
 
-from dogbreed.launcher import router as router_mod
-from dogbreed.launcher.router import ModelStore, Router, RouterError, mms_model_name
+from dogbreed.launcher.local import router as router_mod
+from dogbreed.launcher.local.router import ModelStore, Router, RouterError, mms_model_name
 from dogbreed.launcher.testing import FakeModelServer, make_archive
 
 ENDPOINT = "dogbreed-local"

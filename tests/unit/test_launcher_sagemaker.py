@@ -16,10 +16,10 @@ from botocore.response import StreamingBody
 from botocore.stub import Stubber
 from moto import mock_aws
 
-from dogbreed import contract, train
-from dogbreed.launcher import rules, search_space
-from dogbreed.launcher import sagemaker_requests as smr
-from dogbreed.launcher.sagemaker_backend import SageMakerBackend
+from dogbreed import contract, debugger_config, train
+from dogbreed.launcher import search_space
+from dogbreed.launcher.sagemaker import requests as smr
+from dogbreed.launcher.sagemaker.backend import SageMakerBackend
 from dogbreed.launcher.settings import Settings, SettingsError
 
 REGION = "eu-west-1"
@@ -209,7 +209,7 @@ def test_debugger_rules_opt_in_brings_rules_profiler_and_hook_parameters(setting
     debug = {r["RuleConfigurationName"] for r in request["DebugRuleConfigurations"]}
     profiler = {r["RuleConfigurationName"] for r in request["ProfilerRuleConfigurations"]}
     assert debug == SEED_RULES and profiler == SEED_PROFILER_RULES
-    image = f"{rules.RULE_EVALUATOR_ACCOUNTS[REGION]}.dkr.ecr.{REGION}.amazonaws.com/sagemaker-debugger-rules:latest"
+    image = f"{debugger_config.RULE_EVALUATOR_ACCOUNTS[REGION]}.dkr.ecr.{REGION}.amazonaws.com/sagemaker-debugger-rules:latest"
     for rule in request["DebugRuleConfigurations"] + request["ProfilerRuleConfigurations"]:
         assert rule["RuleEvaluatorImage"] == image
         assert rule["RuleParameters"]["rule_to_invoke"] == rule["RuleConfigurationName"]
@@ -245,13 +245,13 @@ def test_training_request_refuses_a_bad_hyperparameter(settings: Settings) -> No
 
 
 def test_rule_evaluator_image_per_region() -> None:
-    assert rules.rule_evaluator_image("us-east-1") == \
+    assert debugger_config.rule_evaluator_image("us-east-1") == \
         "503895931360.dkr.ecr.us-east-1.amazonaws.com/sagemaker-debugger-rules:latest"
-    assert rules.rule_evaluator_image("cn-north-1").endswith(".amazonaws.com.cn/sagemaker-debugger-rules:latest")
-    assert len(rules.RULE_EVALUATOR_ACCOUNTS) >= 20
-    with pytest.raises(rules.UnknownRegionError):
-        rules.rule_evaluator_image("mars-north-1")
-    assert rules.ALIASES["PoorWeightInit"] in rules.DEBUG_RULES
+    assert debugger_config.rule_evaluator_image("cn-north-1").endswith(".amazonaws.com.cn/sagemaker-debugger-rules:latest")
+    assert len(debugger_config.RULE_EVALUATOR_ACCOUNTS) >= 20
+    with pytest.raises(debugger_config.UnknownRegionError):
+        debugger_config.rule_evaluator_image("mars-north-1")
+    assert debugger_config.ALIASES["PoorWeightInit"] in debugger_config.DEBUG_RULES
 
 
 def test_train_with_moto(aws, settings: Settings) -> None:

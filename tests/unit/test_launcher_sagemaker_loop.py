@@ -15,10 +15,12 @@ import pytest
 from botocore.stub import ANY, Stubber
 from moto import mock_aws
 
-from dogbreed.launcher import cli, cloudwatch, rules
-from dogbreed.launcher import sagemaker_backend as smb
-from dogbreed.launcher import sagemaker_requests as smr
-from dogbreed.launcher.sagemaker_backend import SageMakerBackend
+from dogbreed import debugger_config
+from dogbreed.launcher import cli
+from dogbreed.launcher.sagemaker import backend as smb
+from dogbreed.launcher.sagemaker import cloudwatch
+from dogbreed.launcher.sagemaker import requests as smr
+from dogbreed.launcher.sagemaker.backend import SageMakerBackend
 from dogbreed.launcher.settings import Settings
 
 ROLE = "arn:aws:iam::123456789012:role/dogbreed-sagemaker"
@@ -88,8 +90,8 @@ def test_the_profiles_region_reaches_the_rule_images(tmp_path: Path, monkeypatch
 
 
 def test_a_region_without_rule_images_names_flags_that_exist() -> None:
-    with pytest.raises(rules.UnknownRegionError) as error:
-        rules.rule_evaluator_image("mars-north-1")
+    with pytest.raises(debugger_config.UnknownRegionError) as error:
+        debugger_config.rule_evaluator_image("mars-north-1")
     flags = re.findall(r"--[a-z][a-z-]+", str(error.value))
     train = next(a for a in cli.build_parser()._subparsers._group_actions[0].choices.items()
                  if a[0] == "train")[1]
@@ -97,9 +99,9 @@ def test_a_region_without_rule_images_names_flags_that_exist() -> None:
 
 
 def test_rules_table_is_the_sdks() -> None:
-    assert len(rules.RULE_EVALUATOR_ACCOUNTS) == 24
+    assert len(debugger_config.RULE_EVALUATOR_ACCOUNTS) == 24
     for region, (account, _) in REGION_GROUPS.items():
-        assert rules.RULE_EVALUATOR_ACCOUNTS[region] == account
+        assert debugger_config.RULE_EVALUATOR_ACCOUNTS[region] == account
 
 
 # --- endpoint update without downtime ----------------------------------------------------------------

@@ -13,9 +13,10 @@ from pathlib import Path
 import optuna
 import pytest
 
-from dogbreed.launcher import events, local_tuning
-from dogbreed.launcher.local_backend import LocalBackend
-from dogbreed.launcher.local_runs import LocalError
+from dogbreed.launcher import events
+from dogbreed.launcher.local import tuning as local_tuning
+from dogbreed.launcher.local.backend import LocalBackend
+from dogbreed.launcher.local.runs import LocalError
 from dogbreed.launcher.settings import Settings
 from dogbreed.launcher.testing import FAKE_EPOCH_SECONDS_ENV, FAKE_SECONDS_PER_IMAGE_ENV
 
@@ -178,7 +179,7 @@ def test_the_tune_answer_comes_first_with_exact_next_commands(backend: LocalBack
     import shlex
 
     from dogbreed.launcher import cli
-    from dogbreed.launcher.local_backend import tune_answer
+    from dogbreed.launcher.local.backend import tune_answer
 
     result = backend.tune(name="answer", data=sample_data, static_hyperparameters={}, trials=2,
                           epochs_max=2, space="seeds", pruner="none")

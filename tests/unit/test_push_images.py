@@ -172,7 +172,7 @@ def test_record_names_the_sha_tag_and_digest_the_launcher_uses(
     """`make push` records what it pushed; the launcher's default images are those, pinned."""
     import hashlib
 
-    from dogbreed.launcher.sagemaker_backend import SageMakerBackend
+    from dogbreed.launcher.sagemaker.backend import SageMakerBackend
     from dogbreed.launcher.settings import Settings, SettingsError
 
     record = tmp_path / "work" / "pushed-images.json"

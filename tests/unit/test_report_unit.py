@@ -16,7 +16,7 @@ from moto import mock_aws
 
 from dogbreed import profiling, report
 from dogbreed.launcher import cli
-from dogbreed.report import rules
+from dogbreed.report import builtin_rules as rules
 
 REGION = "eu-west-1"
 BUCKET = "dogbreed-test-bucket"
@@ -145,7 +145,7 @@ def test_required_collections_come_from_smdebug_rulesconfig():
     assert rules.required_collections("PoorWeightInitialization") == ["relu_input"]
     assert rules.required_collections("LossNotDecreasing") == ["losses"]
     # Every one the rules need is in the hook config a local run gets.
-    from dogbreed.launcher.rules import COLLECTIONS
+    from dogbreed.debugger_config import COLLECTIONS
 
     hooked = {c["CollectionName"] for c in COLLECTIONS}
     for name in rules.AWS_DEFAULTS:
@@ -196,7 +196,7 @@ def test_report_of_a_sagemaker_job_without_debugger_evaluates_its_in_job_tensors
     from torch import nn
 
     from dogbreed import contract, debugger
-    from dogbreed.launcher import sagemaker_requests as smr
+    from dogbreed.launcher.sagemaker import requests as smr
     from dogbreed.launcher.settings import Settings
 
     job = "dogbreed-train-260101-000000"

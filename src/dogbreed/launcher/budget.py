@@ -5,7 +5,7 @@ batch (:func:`dogbreed.metrics.timing_line`), and its first epoch line gives the
 (training + validation). :func:`epoch_seconds` turns the batches into an epoch,
 :func:`fit` says whether the epochs a trial needs fit in the budget left and, when they do not,
 which ``epochs-max`` or ``image-size`` would, and what budget the current settings need.
-Pure functions: the tuner (:mod:`dogbreed.launcher.local_tuning`) measures and decides.
+Pure functions: the tuner (:mod:`dogbreed.launcher.local.tuning`) measures and decides.
 """
 
 from __future__ import annotations

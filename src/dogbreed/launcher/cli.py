@@ -169,14 +169,14 @@ def _emit(payload: Any) -> None:
 
 
 def _sagemaker(settings: settings_mod.Settings, args: argparse.Namespace) -> Any:
-    from dogbreed.launcher.sagemaker_backend import SageMakerBackend
+    from dogbreed.launcher.sagemaker.backend import SageMakerBackend
 
     return SageMakerBackend(settings, dry_run=args.dry_run,
                             latest_images=getattr(args, "latest_images", False))
 
 
 def _local(settings: settings_mod.Settings, args: argparse.Namespace) -> Any:
-    from dogbreed.launcher.local_backend import LocalBackend
+    from dogbreed.launcher.local.backend import LocalBackend
 
     return LocalBackend(settings, docker_image=getattr(args, "docker", None))
 
@@ -279,8 +279,8 @@ def tune_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_tune(args: argparse.Namespace, settings: settings_mod.Settings, backend: str) -> Any:
-    from dogbreed.launcher.local_tuning import parse_duration
-    from dogbreed.launcher.sagemaker_requests import job_name
+    from dogbreed.launcher.local.tuning import parse_duration
+    from dogbreed.launcher.sagemaker.requests import job_name
 
     if args.resume and args.name and args.resume != args.name:
         raise CliError("--resume NAME names the study: drop --name or give the same name")
@@ -316,7 +316,7 @@ def cmd_tune(args: argparse.Namespace, settings: settings_mod.Settings, backend:
         return result
     _sagemaker_only(args, backend, "--warm-start-from", "--max-runtime", "--max-tuning-runtime",
                     "--spot", "--max-wait", "--instance-count", "--logs")
-    from dogbreed.launcher.local_runs import default_weights
+    from dogbreed.launcher.local.runs import default_weights
 
     local = _local(settings, args)
     static = default_weights(static, explicit="weights" in static)
@@ -328,7 +328,7 @@ def cmd_tune(args: argparse.Namespace, settings: settings_mod.Settings, backend:
                    prune_warmup_epochs=args.prune_warmup_epochs, in_process=args.in_process)
     if args.dry_run:
         return local.plan_tune(data=args.data, **options)
-    from dogbreed.launcher.local_backend import tune_answer
+    from dogbreed.launcher.local.backend import tune_answer
 
     result = local.tune(data=_require_data(args), output=args.output, **options)
     if result.get("interrupted"):
@@ -371,7 +371,7 @@ def train_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_train(args: argparse.Namespace, settings: settings_mod.Settings, backend: str) -> Any:
-    from dogbreed.launcher.sagemaker_requests import job_name
+    from dogbreed.launcher.sagemaker.requests import job_name
 
     name = args.name or job_name("train")
     flags = _hyperparameters(args)
@@ -387,7 +387,7 @@ def cmd_train(args: argparse.Namespace, settings: settings_mod.Settings, backend
         return sm.dry_run_output() if args.dry_run else result
     _sagemaker_only(args, backend, "--spot", "--max-wait", "--max-runtime", "--instance-count",
                     "--logs", "--debugger-rules")
-    from dogbreed.launcher.local_runs import default_weights
+    from dogbreed.launcher.local.runs import default_weights
 
     local = _local(settings, args)
     base = local.best_hyperparameters(args.from_tuning_job) if args.from_tuning_job else {}
@@ -420,7 +420,7 @@ def deploy_arguments(p: argparse.ArgumentParser) -> None:
 
 def cmd_deploy(args: argparse.Namespace, settings: settings_mod.Settings, backend: str) -> Any:
     if backend == "sagemaker":
-        from dogbreed.launcher.sagemaker_requests import parse_autoscale
+        from dogbreed.launcher.sagemaker.requests import parse_autoscale
 
         sm = _sagemaker(settings, args)
         result = sm.deploy(wait=args.wait, instance_count=args.instance_count,

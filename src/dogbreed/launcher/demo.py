@@ -34,7 +34,7 @@ def pick_test_image(data: Path) -> tuple[Path, str]:
 def run_demo(settings: Settings, *, data: Path, epochs: int = 2, image_size: int = 64,
              batch_size: int = 16, lr: float = 0.01, weights: str = "none") -> dict[str, Any]:
     from dogbreed.launcher.invoke import format_predictions, invoke_runtime, runtime_client
-    from dogbreed.launcher.local_backend import LocalBackend
+    from dogbreed.launcher.local.backend import LocalBackend
 
     started = time.monotonic()
     data = Path(data)

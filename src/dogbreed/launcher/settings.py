@@ -73,7 +73,7 @@ class Settings:
     # What `make push` recorded (default <workdir>/pushed-images.json): the default images.
     pushed_images: str | None = None
     # L4, NVIDIA driver 535 as AWS documents it: runs the default image's CUDA 12.x without the
-    # compat libraries (ml.g4dn's documented 470 does not; launcher/instances.py).
+    # compat libraries (ml.g4dn's documented 470 does not; launcher/sagemaker/instances.py).
     train_instance_type: str = "ml.g6.xlarge"
     train_instance_count: int = 1
     train_volume_gb: int = 30

@@ -62,7 +62,7 @@ def cmd_report(args: argparse.Namespace, settings: settings_mod.Settings, backen
 
     path = Path(args.run)
     if not path.exists():
-        from dogbreed.launcher.sagemaker_requests import is_name
+        from dogbreed.launcher.sagemaker.requests import is_name
 
         if not is_name(args.run):  # only a name is looked up under (or downloaded into) the workdir
             raise report.ReportError(f"{args.run}: no such run directory, and not a job or study "
@@ -71,7 +71,7 @@ def cmd_report(args: argparse.Namespace, settings: settings_mod.Settings, backen
         if local:
             path = local[0]
         elif backend == "sagemaker":
-            from dogbreed.launcher.sagemaker_backend import SageMakerBackend
+            from dogbreed.launcher.sagemaker.backend import SageMakerBackend
 
             dest = settings.workdir_path / "reports" / args.run
             if args.dry_run:
@@ -129,9 +129,9 @@ def _class_names(path: Path) -> list[str]:
 
 
 def cmd_clarify(args: argparse.Namespace, settings: settings_mod.Settings, backend: str) -> Any:
-    from dogbreed.launcher import batch, clarify
-    from dogbreed.launcher.sagemaker_backend import SageMakerBackend
-    from dogbreed.launcher.sagemaker_requests import job_name
+    from dogbreed.launcher.sagemaker import batch_transform, clarify
+    from dogbreed.launcher.sagemaker.backend import SageMakerBackend
+    from dogbreed.launcher.sagemaker.requests import job_name
 
     if backend == "local":
         raise ValueError("Clarify runs on SageMaker; locally use `dogbreed explain` (Grad-CAM)")
@@ -140,7 +140,7 @@ def cmd_clarify(args: argparse.Namespace, settings: settings_mod.Settings, backe
         raise ValueError("--labels-from MODEL_JSON_OR_TAR is needed when MODEL is not a local file")
     name = args.name or job_name("clarify")
     sm = SageMakerBackend(settings, dry_run=args.dry_run)
-    result = clarify.run_clarify(sm, model_data=batch.model_data_uri(sm, args.model, "clarify", name),
+    result = clarify.run_clarify(sm, model_data=batch_transform.model_data_uri(sm, args.model, "clarify", name),
                                  class_names=_class_names(labels), data_uri=args.data_uri,
                                  name=name, instance_type=args.instance_type,
                                  num_samples=args.num_samples, wait=args.wait)
@@ -148,9 +148,10 @@ def cmd_clarify(args: argparse.Namespace, settings: settings_mod.Settings, backe
 
 
 def cmd_batch(args: argparse.Namespace, settings: settings_mod.Settings, backend: str) -> Any:
-    from dogbreed.launcher import batch
-    from dogbreed.launcher.sagemaker_backend import SageMakerBackend
-    from dogbreed.launcher.sagemaker_requests import job_name
+    from dogbreed.launcher.local import batch
+    from dogbreed.launcher.sagemaker import batch_transform
+    from dogbreed.launcher.sagemaker.backend import SageMakerBackend
+    from dogbreed.launcher.sagemaker.requests import job_name
 
     if backend == "local":
         if args.output is None:
@@ -162,10 +163,10 @@ def cmd_batch(args: argparse.Namespace, settings: settings_mod.Settings, backend
                                   workers=args.workers, workdir=settings.workdir_path)
     name = args.name or job_name("batch")
     sm = SageMakerBackend(settings, dry_run=args.dry_run)
-    result = batch.sagemaker_batch(sm, model=args.model, input_uri=args.input,
-                                   output_uri=args.output, name=name,
-                                   instance_type=args.instance_type,
-                                   max_concurrent=args.workers, wait=args.wait)
+    result = batch_transform.sagemaker_batch(sm, model=args.model, input_uri=args.input,
+                                             output_uri=args.output, name=name,
+                                             instance_type=args.instance_type,
+                                             max_concurrent=args.workers, wait=args.wait)
     if args.dry_run:
         return sm.dry_run_output()
     if args.logs and result:

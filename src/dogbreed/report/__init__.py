@@ -9,7 +9,7 @@ A run directory is the ``/opt/ml`` layout a job leaves behind (a local job under
                                 its output.tar.gz, output/data/tensors/, or with
                                 --debugger-rules from DebugHookConfig's debug-output/)
 
-The seeds' debugger rules run on the tensors (:mod:`dogbreed.report.rules`), LowGPUUtilization
+The seeds' debugger rules run on the tensors (:mod:`dogbreed.report.builtin_rules`), LowGPUUtilization
 on the samples; everything lands in one HTML page with embedded PNG plots, by default
 ``output/data/report.html``. A tuning study (the local tuner's ``tuning/<study>.json``) gets a
 leaderboard and every trial's curve instead.
@@ -29,8 +29,8 @@ from typing import Any
 import numpy as np
 
 from dogbreed import artifacts, profiling, reports
+from dogbreed.report import builtin_rules as rules_mod
 from dogbreed.report import page
-from dogbreed.report import rules as rules_mod
 
 log = logging.getLogger(__name__)
 
@@ -151,7 +151,7 @@ def write_local_hook_config(paths: Any, save_interval: int = 5,
 
     SageMaker writes this file itself from ``DebugHookConfig`` (with save_interval 500, which
     suits hours-long jobs, not a local run of a few hundred steps)."""
-    from dogbreed.launcher.rules import COLLECTIONS
+    from dogbreed.debugger_config import COLLECTIONS
 
     collections = []
     for collection in COLLECTIONS:
@@ -208,7 +208,7 @@ def build_run_report(run_dir: Path, out: Path | None = None) -> dict[str, Any]:
                      + page.table(rows, ("rule", "verdict", "step", "detail", "parameters"),
                                   raw_columns=(1,))
                      + '<p class="note">Rules re-implemented on smdebug\'s Rule API with AWS\'s '
-                       'documented default parameters; see dogbreed/report/rules.py.</p>'))
+                       'documented default parameters; see dogbreed/report/builtin_rules.py.</p>'))
     if metrics and metrics.get("history"):
         curves = page.image("epoch-curves", page.epoch_curves(metrics["history"]), "training curves")
         sections.append(("Training curves", curves))

@@ -21,7 +21,8 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
-from dogbreed.launcher.sagemaker_requests import (
+from dogbreed.launcher.sagemaker import batch_transform
+from dogbreed.launcher.sagemaker.requests import (
     JOB_NAME_MAX,
     TAGS,
     check_name,
@@ -139,15 +140,13 @@ def run_clarify(sm: Any, *, model_data: str, class_names: Sequence[str], data_ur
                 instance_type: str | None = None, num_samples: int = DEFAULT_NUM_SAMPLES,
                 wait: bool = True) -> dict[str, Any] | None:
     """CreateModel (serve image, ``model_data``), the config to S3, CreateProcessingJob."""
-    from dogbreed.launcher import batch
-
     sm.require("role_arn", "bucket")
     if not data_uri.startswith("s3://"):
         raise ValueError(f"--data must be an S3 prefix of images, got {data_uri!r}")
     instance_type = instance_type or DEFAULT_INSTANCE_TYPE
     sm.send("sagemaker", "create_model",
-            batch.model_request(sm.settings, name=name, serve_image=sm.image_uri("serve"),
-                                model_data=model_data))
+            batch_transform.model_request(sm.settings, name=name, serve_image=sm.image_uri("serve"),
+                                          model_data=model_data))
     config = analysis_config(model_name=name, class_names=class_names,
                              instance_type=sm.settings.serve_instance_type or instance_type,
                              num_samples=num_samples)

@@ -21,7 +21,8 @@ import re
 from typing import Any
 
 from dogbreed import gpu
-from dogbreed.launcher import events, images
+from dogbreed.launcher import events
+from dogbreed.launcher.sagemaker import images
 from dogbreed.launcher.settings import SettingsError
 
 DRIVER_PAGE = "https://docs.aws.amazon.com/sagemaker/latest/dg/inference-gpu-drivers.html"

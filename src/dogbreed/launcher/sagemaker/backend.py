@@ -1,6 +1,6 @@
 """The SageMaker backend: plain boto3 requests (no SageMaker SDK).
 
-:class:`SageMakerBackend` sends the requests :mod:`~dogbreed.launcher.sagemaker_requests` builds
+:class:`SageMakerBackend` sends the requests :mod:`~dogbreed.launcher.sagemaker.requests` builds
 (pure functions, so tests and ``--dry-run`` see exactly what would be sent), or — in a dry run —
 records them without touching AWS after checking each one against botocore's service model; it
 waits for jobs and endpoints, follows their logs, uploads data and cleans up. The region is
@@ -22,10 +22,11 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from dogbreed import contract
-from dogbreed.launcher import cloudwatch, events, images, instances, rules
+from dogbreed import contract, debugger_config
+from dogbreed.launcher import events
 from dogbreed.launcher.invoke import content_type_for, invoke_request, top_k_attributes  # noqa: F401
-from dogbreed.launcher.sagemaker_requests import (
+from dogbreed.launcher.sagemaker import cloudwatch, images, instances
+from dogbreed.launcher.sagemaker.requests import (
     JOB_NAME_MAX,
     SCALING_DIMENSION,
     SCALING_METRIC,
@@ -235,7 +236,7 @@ class SageMakerBackend:
         if configured:
             return configured
         repository = TRAIN_REPOSITORY if kind == "train" else SERVE_REPOSITORY
-        host = f"{{account}}.dkr.ecr.{self.region}.{rules.ecr_domain(self.region)}"
+        host = f"{{account}}.dkr.ecr.{self.region}.{debugger_config.ecr_domain(self.region)}"
         if not self.latest_images:
             path = images.record_path(self.settings)
             record = images.load_record(path)

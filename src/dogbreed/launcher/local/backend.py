@@ -2,12 +2,12 @@
 
 One object per concern, composed here:
 
-* runs (:mod:`~dogbreed.launcher.local_runs`): ``python -m dogbreed.train`` (or the train image
+* runs (:mod:`~dogbreed.launcher.local.runs`): ``python -m dogbreed.train`` (or the train image
   in docker) against a fresh ``/opt/ml`` layout, as a SageMaker job or HPO trial would;
   ``model/`` is packed into ``output/model.tar.gz`` as SageMaker does.
-* tuning (:mod:`~dogbreed.launcher.local_tuning`): an Optuna study (TPE + Hyperband pruning on
+* tuning (:mod:`~dogbreed.launcher.local.tuning`): an Optuna study (TPE + Hyperband pruning on
   the per-epoch metric lines) in RDB storage, within a trial count or a wall-clock budget.
-* endpoint (:mod:`~dogbreed.launcher.local_endpoint`): the router in front of a multi-model
+* endpoint (:mod:`~dogbreed.launcher.local.endpoint`): the router in front of a multi-model
   ``dogbreed-serve`` (MMS) over a model store folder of ``<name>/model.tar.gz``.
 
 Each ``plan_*`` method renders what the command would do (``--dry-run``) from the objects it
@@ -33,21 +33,21 @@ from typing import Any
 from dogbreed import contract
 from dogbreed.artifacts import ARCHIVE_NAME, validate_model_archive
 from dogbreed.launcher import events
-from dogbreed.launcher.local_endpoint import (  # noqa: F401 - re-exported (tests, docker tests)
+from dogbreed.launcher.local.endpoint import (  # noqa: F401 - re-exported (tests, docker tests)
     STATE_FILE,
     EndpointDaemon,
     LocalEndpoint,
     free_port,
 )
-from dogbreed.launcher.local_runs import (  # noqa: F401 - re-exported
+from dogbreed.launcher.local.router import ModelStore
+from dogbreed.launcher.local.runs import (  # noqa: F401 - re-exported
     TRAIN_LOG,
     LocalError,
     TrainingRun,
     default_weights,
 )
-from dogbreed.launcher.local_tuning import LocalTuning
-from dogbreed.launcher.router import ModelStore
-from dogbreed.launcher.sagemaker_requests import JOB_NAME_MAX, TUNING_JOB_NAME_MAX, check_name
+from dogbreed.launcher.local.tuning import LocalTuning
+from dogbreed.launcher.sagemaker.requests import JOB_NAME_MAX, TUNING_JOB_NAME_MAX, check_name
 from dogbreed.launcher.settings import Settings, SettingsError, check_model_name
 from dogbreed.metrics import OBJECTIVE_METRIC
 

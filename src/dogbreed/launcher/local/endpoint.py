@@ -22,8 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from dogbreed.launcher import events
-from dogbreed.launcher.local_runs import LocalError
-from dogbreed.launcher.router import ModelStore, Router, listen
+from dogbreed.launcher.local.router import ModelStore, Router, listen
+from dogbreed.launcher.local.runs import LocalError
 from dogbreed.processes import signals_held
 
 STATE_FILE = "state.json"

@@ -1,8 +1,8 @@
 """Every SageMaker request the launcher sends, built by a pure function (``*_request``), and
 :func:`validate_request`, which checks one against botocore's service model as a real client
 does first. Tests and ``--dry-run`` see exactly what would be sent;
-:class:`~dogbreed.launcher.sagemaker_backend.SageMakerBackend` sends them. Batch transform and
-Clarify build theirs in :mod:`~dogbreed.launcher.batch` and :mod:`~dogbreed.launcher.clarify`
+:class:`~dogbreed.launcher.sagemaker.backend.SageMakerBackend` sends them. Batch transform and
+Clarify build theirs in :mod:`~dogbreed.launcher.local.batch` and :mod:`~dogbreed.launcher.sagemaker.clarify`
 from the same helpers (:func:`check_name`, :func:`role_arn`, :data:`TAGS`).
 """
 
@@ -14,8 +14,8 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from dogbreed import contract
-from dogbreed.launcher import rules, search_space
+from dogbreed import contract, debugger_config
+from dogbreed.launcher import search_space
 from dogbreed.launcher.settings import Settings, SettingsError, check_model_name
 from dogbreed.metrics import METRIC_DEFINITIONS, OBJECTIVE_METRIC
 
@@ -280,12 +280,12 @@ def training_request(
             raise SettingsError("--debugger-rules reads the smdebug hook's tensors: drop --no-debugger")
         request["Environment"] = {contract.USE_SMDEBUG_ENV: "0"}
     if debugger_rules:
-        request["DebugHookConfig"] = rules.debug_hook_config(settings.s3_uri("debug"))
-        request["DebugRuleConfigurations"] = rules.debug_rule_configurations(region)
-        request["ProfilerConfig"] = rules.profiler_config(settings.s3_uri("profiler"))
-        request["ProfilerRuleConfigurations"] = rules.profiler_rule_configurations(region)
+        request["DebugHookConfig"] = debugger_config.debug_hook_config(settings.s3_uri("debug"))
+        request["DebugRuleConfigurations"] = debugger_config.debug_rule_configurations(region)
+        request["ProfilerConfig"] = debugger_config.profiler_config(settings.s3_uri("profiler"))
+        request["ProfilerRuleConfigurations"] = debugger_config.profiler_rule_configurations(region)
     else:
-        request["ProfilerConfig"] = rules.profiler_off()
+        request["ProfilerConfig"] = debugger_config.profiler_off()
     return request
 
 

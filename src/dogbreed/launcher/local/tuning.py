@@ -24,8 +24,8 @@
   it is the best so far, and its model is finished from it (the trainer resumes the checkpoint
   with no epoch left to train: its best epoch's weights, evaluated and exported as any run's).
 
-Each trial is a :class:`~dogbreed.launcher.local_runs.TrainingRun` (its own process, as a
-SageMaker HPO trial is) or, ``in_process``, an :class:`~dogbreed.launcher.local_runs.InProcessRun`
+Each trial is a :class:`~dogbreed.launcher.local.runs.TrainingRun` (its own process, as a
+SageMaker HPO trial is) or, ``in_process``, an :class:`~dogbreed.launcher.local.runs.InProcessRun`
 sharing one decoded image cache. :meth:`LocalTuning.plan` renders the study (``--dry-run``) from
 the very sampler and pruner objects :meth:`LocalTuning.run` uses.
 """
@@ -48,7 +48,7 @@ from typing import Any
 
 from dogbreed import contract
 from dogbreed.launcher import budget, events, search_space
-from dogbreed.launcher.local_runs import TRAIN_LOG, InProcessRun, LocalError, TrainingRun
+from dogbreed.launcher.local.runs import TRAIN_LOG, InProcessRun, LocalError, TrainingRun
 from dogbreed.launcher.settings import SettingsError
 from dogbreed.metrics import OBJECTIVE_METRIC
 

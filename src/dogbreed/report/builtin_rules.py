@@ -9,7 +9,7 @@ Why these classes exist: the built-in rules' code ships only inside AWS's closed
 :func:`smdebug.rules.rule_invoker.invoke_rule` — the same machinery the evaluator image runs —
 implementing the behaviour and **default parameters documented by AWS** ("List of Debugger
 built-in rules", SageMaker Developer Guide), overridden by the project's own rule parameters
-(:data:`dogbreed.launcher.rules.DEBUG_RULES`, e.g. ``LossNotDecreasing mode=TRAIN``).
+(:data:`dogbreed.debugger_config.DEBUG_RULES`, e.g. ``LossNotDecreasing mode=TRAIN``).
 
 Verdicts use SageMaker's ``RuleEvaluationStatus`` words: ``IssuesFound``, ``NoIssuesFound``,
 ``Error``; plus ``NotApplicable`` where the run has nothing the rule can look at (e.g.
@@ -69,7 +69,7 @@ class Verdict:
 def rule_parameters(name: str, overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """AWS's defaults for ``name`` with the project's rule parameters (strings, as SageMaker
     passes them) and ``overrides`` on top."""
-    from dogbreed.launcher.rules import DEBUG_RULES, PROFILER_RULES
+    from dogbreed.debugger_config import DEBUG_RULES, PROFILER_RULES
 
     params = dict(AWS_DEFAULTS[name])
     project = {**DEBUG_RULES, **PROFILER_RULES}.get(name, {})
