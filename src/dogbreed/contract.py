@@ -296,10 +296,6 @@ def resolve_splits(paths: Paths, env: Mapping[str, str] | None = None) -> dict[s
     return splits
 
 
-def num_hosts(paths: Paths) -> int:
-    return len(resource_config(paths).get("hosts", [])) or 1
-
-
 def cluster_hosts(paths: Paths, env: Mapping[str, str] | None = None) -> tuple[list[str], str]:
     """(every host of the job, this host): ``SM_HOSTS``/``SM_CURRENT_HOST`` (set by the toolkit),
     else ``resourceconfig.json``, else one host. Hosts keep SageMaker's order (algo-1, algo-2...):

@@ -412,18 +412,6 @@ def eval_transform(
     return normalize(TF.center_crop(batch, [image_size, image_size]), mean, std)
 
 
-def train_transform(
-    batch: torch.Tensor,
-    image_size: int,
-    generator: torch.Generator | None = None,
-    mean: Sequence[float] = IMAGENET_MEAN,
-    std: Sequence[float] = IMAGENET_STD,
-) -> torch.Tensor:
-    """Random resized crop + horizontal flip + normalise, for a whole batch in one sampling op
-    (``augment=flip``; :mod:`dogbreed.recipe` adds the other augmentations)."""
-    return normalize(random_resized_crop_flip(batch, image_size, generator), mean, std)
-
-
 def random_resized_crop_flip(
     batch: torch.Tensor,
     image_size: int,

@@ -78,11 +78,11 @@ def test_eval_transform_is_centre_crop_and_normalise():
     assert data.eval_transform(batch[0], 64).shape == (1, 3, 64, 64)
 
 
-def test_train_transform_random_crops_are_seeded_and_varied():
+def test_random_resized_crop_flip_random_crops_are_seeded_and_varied():
     batch = torch.randint(0, 256, (8, 3, 74, 74), dtype=torch.uint8)
-    a = data.train_transform(batch, 64, torch.Generator().manual_seed(1))
-    b = data.train_transform(batch, 64, torch.Generator().manual_seed(1))
-    c = data.train_transform(batch, 64, torch.Generator().manual_seed(2))
+    a = data.normalize(data.random_resized_crop_flip(batch, 64, torch.Generator().manual_seed(1)), data.IMAGENET_MEAN, data.IMAGENET_STD)
+    b = data.normalize(data.random_resized_crop_flip(batch, 64, torch.Generator().manual_seed(1)), data.IMAGENET_MEAN, data.IMAGENET_STD)
+    c = data.normalize(data.random_resized_crop_flip(batch, 64, torch.Generator().manual_seed(2)), data.IMAGENET_MEAN, data.IMAGENET_STD)
     assert a.shape == (8, 3, 64, 64)
     assert torch.equal(a, b) and not torch.equal(a, c)
     # Values stay within the normalised range of real pixels (reflection padding adds none).
@@ -91,16 +91,16 @@ def test_train_transform_random_crops_are_seeded_and_varied():
     assert a.min() >= low - 1e-4 and a.max() <= high + 1e-4
 
 
-def test_train_transform_full_crop_without_flip_is_identity_resample():
+def test_random_resized_crop_flip_full_crop_without_flip_is_identity_resample():
     # With scale (1,1), ratio (1,1) and no flip the affine map is the identity.
     batch = torch.randint(0, 256, (1, 3, 32, 32), dtype=torch.uint8)
     original = (data.CROP_SCALE, data.CROP_RATIO)
     try:
         data.CROP_SCALE, data.CROP_RATIO = (1.0, 1.0), (1.0, 1.0)
-        # train_transform draws 5 numbers per sample; the 5th < 0.5 means "flip": avoid it.
+        # random_resized_crop_flip draws 5 numbers per sample; the 5th < 0.5 means "flip": avoid it.
         seed = next(s for s in range(100) if torch.rand(1, 5, generator=torch.Generator().manual_seed(s))[0, 4] >= 0.5)
         gen = torch.Generator().manual_seed(seed)
-        out = data.train_transform(batch, 32, gen)
+        out = data.normalize(data.random_resized_crop_flip(batch, 32, gen), data.IMAGENET_MEAN, data.IMAGENET_STD)
     finally:
         data.CROP_SCALE, data.CROP_RATIO = original
     assert torch.allclose(out, data.eval_transform(batch, 32), atol=1e-4)

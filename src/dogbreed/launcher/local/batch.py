@@ -366,7 +366,3 @@ def in_process_predictor(model_path: Path, top_k: int = 5, device: str = "cpu") 
 
     return predict
 
-
-def summarise_rows(path: Path) -> Sequence[dict[str, str]]:
-    with open(path, newline="", encoding="utf-8") as handle:
-        return list(csv.DictReader(handle))

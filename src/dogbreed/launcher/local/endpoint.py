@@ -7,7 +7,6 @@ found again through ``<workdir>/endpoint/state.json`` by ``invoke``, ``status`` 
 
 from __future__ import annotations
 
-import inspect
 import json
 import os
 import shutil
@@ -195,11 +194,8 @@ class LocalEndpoint:
                 stop_leftovers(mms_dir)  # a killed endpoint's MMS + zygote: before the rmtree
                 if mms_dir.exists():
                     shutil.rmtree(mms_dir)
-                options: dict[str, Any] = {}
-                if "log_file" in inspect.signature(ModelServer).parameters:
-                    options["log_file"] = self.run_dir / "model-server.log"
                 self.server = ModelServer(port=free_port(), host="127.0.0.1", run_dir=mms_dir,
-                                          multi_model=True, **options)
+                                          multi_model=True, log_file=self.run_dir / "model-server.log")
                 started = time.monotonic()
                 self._check_cancel()
                 self.server.start()

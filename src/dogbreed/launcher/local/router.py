@@ -378,7 +378,9 @@ class _HTTPServer(ThreadingHTTPServer):
 
 
 class Router:
-    """The HTTP front. ``Router(store_dir, model_server_url, work_dir).start()``; ``.url``.
+    """What SageMaker's front-end does for a multi-model endpoint, on this machine: routes each
+    ``TargetModel`` request to the model server, loading the model first.
+    ``Router(store_dir, model_server_url, work_dir).start()``; ``.url``.
 
     ``sock``: a socket already listening (:func:`listen`), which the router then owns;
     without one, ``start`` binds ``host:port`` itself (a :class:`ListenError` if it cannot)."""
