@@ -2,7 +2,7 @@
 one study through a real PostgreSQL server.
 
 The tune processes are the real CLI; their trials run the fake entry point
-(``dogbreed.launcher.testing``: the real metric lines and files in milliseconds per epoch), so
+(``tests/fakes.py``: the real metric lines and files in milliseconds per epoch), so
 the storage, signals and scheduling are what is tested, in seconds.
 """
 
@@ -24,16 +24,16 @@ from pathlib import Path
 
 import optuna
 import pytest
+from fakes import FAKE_EPOCH_SECONDS_ENV, FAKE_TRAIN_COMMAND
 
 from dogbreed.launcher.local import tuning as local_tuning
-from dogbreed.launcher.testing import FAKE_EPOCH_SECONDS_ENV
 
 pytestmark = pytest.mark.slow
 
 # The real CLI with the fake entry point as the trials' command.
 TUNE = [sys.executable, "-c",
         "import sys; from dogbreed.launcher import cli; from dogbreed.launcher.local import runs as local_runs; "
-        "local_runs.TRAIN_COMMAND = (sys.executable, '-m', 'dogbreed.launcher.testing'); "
+        f"local_runs.TRAIN_COMMAND = {FAKE_TRAIN_COMMAND!r}; "
         "sys.exit(cli.main(['tune', '--local', *sys.argv[1:]]))"]
 
 

@@ -23,10 +23,10 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "unit"))  # the fake MMS and models
+from fakes import FakeModelServer, make_archive  # noqa: E402
 from test_serve_front import FakeHandler, FakeMMS, call, good_model, register, setup  # noqa: E402,F401
 
 from dogbreed.launcher.local.router import ModelStore, Router  # noqa: E402
-from dogbreed.launcher.testing import FakeModelServer, make_archive  # noqa: E402
 from dogbreed.serve import inference, lifecycle  # noqa: E402
 
 

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+from fakes import FAKE_EPOCH_SECONDS_ENV, FAKE_TRAIN_COMMAND
 
 from dogbreed import train
 from dogbreed.launcher import cli, search_space
@@ -19,7 +20,6 @@ from dogbreed.launcher import settings as settings_mod
 from dogbreed.launcher.local import backend as local_backend
 from dogbreed.launcher.local import runs as local_runs
 from dogbreed.launcher.sagemaker.requests import validate_request
-from dogbreed.launcher.testing import FAKE_EPOCH_SECONDS_ENV
 
 SUBCOMMANDS = ["upload-data", "tune", "train", "deploy", "add-model", "invoke", "status",
                "cleanup", "demo"]
@@ -289,7 +289,7 @@ def test_backend_choice(run, monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_local_train_add_model_and_status(run, sample_data: Path,
                                           tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(local_runs, "TRAIN_COMMAND", (sys.executable, "-m", "dogbreed.launcher.testing"))
+    monkeypatch.setattr(local_runs, "TRAIN_COMMAND", FAKE_TRAIN_COMMAND)
     # The fake trainer's weights are placeholders; add-model's validation of real archives is
     # tested in tests/reliability/test_archive_attacks.py.
     monkeypatch.setattr(local_backend, "validate_model_archive", lambda archive: None)
@@ -311,7 +311,7 @@ def test_local_train_add_model_and_status(run, sample_data: Path,
 
 def test_local_tune_then_train_from_it(run, sample_data: Path,
                                        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(local_runs, "TRAIN_COMMAND", (sys.executable, "-m", "dogbreed.launcher.testing"))
+    monkeypatch.setattr(local_runs, "TRAIN_COMMAND", FAKE_TRAIN_COMMAND)
     work = str(tmp_path / "work")
     out = tmp_path / "best.json"
     code, result, err = run("tune", "--local", "--data", str(sample_data), "--trials", "4",
@@ -375,7 +375,7 @@ def test_local_names_never_reach_outside_the_workdir(argv: list[str], says: str,
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     """The bug: `train --local --name ../victim` deleted <workdir>/victim (the job dir is
     rmtree'd before a run), `--name .` every job, and tune wrote outside tuning/."""
-    monkeypatch.setattr(local_runs, "TRAIN_COMMAND", (sys.executable, "-m", "dogbreed.launcher.testing"))
+    monkeypatch.setattr(local_runs, "TRAIN_COMMAND", FAKE_TRAIN_COMMAND)
     work = tmp_path / "work"
     for kept in (work / "victim" / "keep", work / "jobs" / "a" / "keep"):
         kept.parent.mkdir(parents=True)
@@ -397,7 +397,7 @@ def test_sigterm_stops_a_local_training_job_like_ctrl_c(sample_data: Path, tmp_p
     if not (proc_dir / "self" / "stat").is_file():
         pytest.skip("finds the trainer through /proc")
     launcher = ("import sys; from dogbreed.launcher import cli; from dogbreed.launcher.local import runs as local_runs; "
-                "local_runs.TRAIN_COMMAND = (sys.executable, '-m', 'dogbreed.launcher.testing'); "
+                f"local_runs.TRAIN_COMMAND = {FAKE_TRAIN_COMMAND!r}; "
                 "sys.exit(cli.main(sys.argv[1:]))")
     env = {**os.environ, FAKE_EPOCH_SECONDS_ENV: "0.5"}  # 50 epochs: 25 s unless stopped
     with open(tmp_path / "launcher.err", "w") as err:
@@ -412,7 +412,7 @@ def test_sigterm_stops_a_local_training_job_like_ctrl_c(sample_data: Path, tmp_p
             for stat in proc_dir.glob("[0-9]*/stat"):
                 with contextlib.suppress(OSError):
                     ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
-                    if ppid == proc.pid and b"dogbreed.launcher.testing" in (
+                    if ppid == proc.pid and FAKE_TRAIN_COMMAND[1].encode() in (
                             stat.parent / "cmdline").read_bytes():
                         trainer = int(stat.parent.name)
             time.sleep(0.1)

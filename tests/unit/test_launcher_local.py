@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from fakes import FAKE_FAIL_ENV, FAKE_TRAIN_COMMAND, METADATA_FILE, WEIGHTS_FILE, fake_accuracy
 
 from dogbreed import artifacts, contract, metrics, train
 from dogbreed.launcher import search_space
@@ -17,10 +18,9 @@ from dogbreed.launcher.local import runs as local_runs
 from dogbreed.launcher.local import tuning as local_tuning
 from dogbreed.launcher.local.backend import LocalBackend, LocalError, TrainingRun
 from dogbreed.launcher.settings import Settings, SettingsError
-from dogbreed.launcher.testing import FAKE_FAIL_ENV, METADATA_FILE, WEIGHTS_FILE, fake_accuracy
 from dogbreed.metrics import parse_best, parse_metrics
 
-FAKE_TRAIN = [sys.executable, "-m", "dogbreed.launcher.testing"]
+FAKE_TRAIN = list(FAKE_TRAIN_COMMAND)
 
 
 @pytest.fixture
@@ -190,7 +190,8 @@ import json, os, sys
 json.dump(sys.argv[1:], open({str(record)!r}, "w"))
 base = sys.argv[sys.argv.index("-v") + 1].split(":")[0]
 os.environ["SAGEMAKER_BASE_DIR"] = base
-from dogbreed.launcher.testing import fake_train_main
+sys.path.insert(0, {str(Path(FAKE_TRAIN_COMMAND[1]).parent)!r})
+from fakes import fake_train_main
 sys.exit(fake_train_main())
 """)
     fake.chmod(fake.stat().st_mode | stat.S_IEXEC)

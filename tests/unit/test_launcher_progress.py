@@ -16,11 +16,12 @@ import time
 from pathlib import Path
 
 import pytest
+from fakes import FAKE_TRAIN_COMMAND
 
 REPO_SRC = Path(__file__).resolve().parents[2] / "src"
 # The launcher's CLI with the fake entry point (same contract, milliseconds per epoch).
 RUN_CLI = ("import sys; from dogbreed.launcher import cli; from dogbreed.launcher.local import runs as local_runs; "
-           "local_runs.TRAIN_COMMAND = (sys.executable, '-m', 'dogbreed.launcher.testing'); "
+           f"local_runs.TRAIN_COMMAND = {FAKE_TRAIN_COMMAND!r}; "
            "sys.exit(cli.main(sys.argv[1:]))")
 
 

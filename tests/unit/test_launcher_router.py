@@ -12,10 +12,10 @@ from pathlib import Path
 import boto3
 import pytest
 from botocore.config import Config
+from fakes import FakeModelServer, make_archive
 
 from dogbreed.launcher.local import router as router_mod
 from dogbreed.launcher.local.router import ModelStore, Router, RouterError, mms_model_name
-from dogbreed.launcher.testing import FakeModelServer, make_archive
 
 ENDPOINT = "dogbreed-local"
 

@@ -1,6 +1,6 @@
 """The local tuner's study: pruning decisions, Hyperband rungs, curves in storage, the budget.
 
-Trials run the fake entry point (``dogbreed.launcher.testing``: the real metric lines in
+Trials run the fake entry point (``tests/fakes.py``: the real metric lines in
 milliseconds), so these tests exercise the study machinery, not torch.
 """
 
@@ -12,15 +12,15 @@ from pathlib import Path
 
 import optuna
 import pytest
+from fakes import FAKE_EPOCH_SECONDS_ENV, FAKE_SECONDS_PER_IMAGE_ENV, FAKE_TRAIN_COMMAND
 
 from dogbreed.launcher import events
 from dogbreed.launcher.local import tuning as local_tuning
 from dogbreed.launcher.local.backend import LocalBackend
 from dogbreed.launcher.local.runs import LocalError
 from dogbreed.launcher.settings import Settings
-from dogbreed.launcher.testing import FAKE_EPOCH_SECONDS_ENV, FAKE_SECONDS_PER_IMAGE_ENV
 
-FAKE_TRAIN = ["python", "-m", "dogbreed.launcher.testing"]
+FAKE_TRAIN = ["python", FAKE_TRAIN_COMMAND[1]]
 
 
 @pytest.fixture

@@ -1,11 +1,12 @@
-"""Test doubles for the launcher: a tiny MMS management/inference server and fake model archives.
-
-Used by the launcher tests (no Java, no torch); kept in the package so other suites can too.
+"""Test doubles for the launcher: a tiny MMS management/inference server, fake model archives
+and a fake training entry point (run as ``FAKE_TRAIN_COMMAND``: the real metric lines and files
+in milliseconds per epoch). No Java, no torch.
 """
 
 from __future__ import annotations
 
 import json
+import sys
 import threading
 import urllib.parse
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -124,6 +125,8 @@ class FakeModelServer:
 
 
 # --- a fake training entry point ---------------------------------------------------------------------
+# The entry point as a command (this file run by path: tests/ is not a package).
+FAKE_TRAIN_COMMAND = (sys.executable, str(Path(__file__).resolve()))
 FAKE_EPOCH_SECONDS_ENV = "DOGBREED_FAKE_EPOCH_SECONDS"
 FAKE_FAIL_ENV = "DOGBREED_FAKE_FAIL"  # set: fail every run with this reason
 # Set: the first epoch starts with the trainer's timing line, this many seconds per image.
@@ -188,6 +191,4 @@ def fake_train_main() -> int:
 
 
 if __name__ == "__main__":
-    import sys
-
     sys.exit(fake_train_main())
