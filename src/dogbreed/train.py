@@ -519,6 +519,173 @@ class TrainResult:
     model_dir: Path
 
 
+@dataclasses.dataclass
+class Splits:
+    """The decoded channels: train at the training cache size, valid/test at the evaluation's."""
+    class_names: list[str]
+    train: data.DecodedSplit
+    valid: data.DecodedSplit
+    test: data.DecodedSplit | None
+    eval_size: int  # the evaluation (and serving) crop
+    eval_cache_size: int
+    indexed: tuple[int, int, int]  # images listed per split (train, valid, test), skipped ones too
+    skipped: int
+    decode_seconds: float
+
+
+def load_splits(hp: Hyperparameters, paths: Paths, runtime: Runtime, world: World,
+                cache: data.DecodeCache) -> Splits:
+    """Index the channels, log the job's start and decode every split once (on the device when
+    the whole set fits there)."""
+    splits = contract.resolve_splits(paths)
+    train_index = data.index_split(splits["train"])
+    valid_index = data.index_split(splits["valid"], train_index.class_names)
+    test_index = data.index_split(splits["test"], train_index.class_names) if "test" in splits else None
+    cache_size = data.resize_size_for(hp.image_size)
+    # Evaluation (valid/test, and serving through model.json) may use a larger size (FixRes).
+    eval_size, eval_cache_size = data.eval_geometry(hp.image_size, hp.eval_image_size)
+    test_images = len(test_index) if test_index else 0
+    total_images = len(train_index) + len(valid_index) + test_images
+    on_device = data.fits_on_device(total_images, max(cache_size, eval_cache_size), runtime.device)
+    cuda = runtime.device.type == "cuda"
+    # Which driver, CUDA runtime and compat libraries this job runs on (the entry script switched
+    # the compat libraries on or off before torch loaded libcuda).
+    log.info(gpu.event_line(cuda, torch.version.cuda, gpu.host_driver_version() if cuda else None))
+    log.info("event=start model=%s device=%s gpus=%d world_size=%d rank=%d amp=%s classes=%d "
+             "train_images=%d valid_images=%d test_images=%d cache_size=%d cache_on_device=%s",
+             hp.model, runtime.device, torch.cuda.device_count() if cuda else 0, world.size,
+             world.rank, runtime.amp_dtype or "off", len(train_index.class_names), len(train_index),
+             len(valid_index), test_images, cache_size, on_device)
+    started = time.perf_counter()
+
+    def decode(index: data.SplitIndex, size: int) -> data.DecodedSplit:
+        return cache.get(index, size, runtime.device, hp.num_workers, on_device)
+
+    train, valid = decode(train_index, cache_size), decode(valid_index, eval_cache_size)
+    test = decode(test_index, eval_cache_size) if test_index else None
+    skipped = train.skipped + valid.skipped + (test.skipped if test else 0)
+    seconds = time.perf_counter() - started
+    log.info("event=decoded seconds=%.2f per_sec=%.1f skipped_images=%d",  # not a metric name
+             seconds, total_images / max(seconds, 1e-9), skipped)
+    return Splits(train_index.class_names, train, valid, test, eval_size, eval_cache_size,
+                  (len(train_index), len(valid_index), test_images), skipped, seconds)
+
+
+def place_model(hp: Hyperparameters, num_classes: int, runtime: Runtime,
+                world: World) -> tuple[nn.Module, Runtime]:
+    """The model on the device, in the memory layout this run uses (``channels-last=auto`` on a
+    CPU: rank 0 measures both and every rank uses its answer, as DDP needs one layout)."""
+    model = models.build_model(hp.model, num_classes, hp.weights, hp.freeze_backbone).to(runtime.device)
+    if hp.channels_last == "auto" and runtime.device.type == "cpu":
+        faster, timings = faster_layout_on_cpu(model, hp, num_classes) if world.is_main else (False, {})
+        runtime = dataclasses.replace(runtime, channels_last=world.broadcast_object(faster))
+        log.info("event=cpu_layout channels_last=%s ms_per_step=%s", runtime.channels_last, timings or "rank0")
+    if runtime.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model, runtime
+
+
+@dataclasses.dataclass
+class Progress:
+    """What the epochs so far decided: kept in every checkpoint, restored on resume."""
+    history: list[EpochResult] = dataclasses.field(default_factory=list)
+    best: dict[str, Any] = dataclasses.field(
+        default_factory=lambda: {"epoch": 0, "valid_accuracy": -1.0, "valid_loss": math.inf})
+    best_state: dict[str, torch.Tensor] | None = None  # the best epoch's (eval) weights, on the CPU
+
+    @property
+    def epochs_without_improvement(self) -> int:
+        return len(self.history) - self.best["epoch"] if self.history else 0
+
+    def record(self, result: EpochResult, sane: bool, eval_model: nn.Module) -> bool:
+        """Add an epoch; True when it is the best so far (a diverged epoch never is)."""
+        self.history.append(result)
+        if not sane or (result.valid_accuracy, -result.valid_loss) <= (
+                self.best["valid_accuracy"], -self.best["valid_loss"]):
+            return False
+        self.best = {"epoch": result.epoch, "valid_accuracy": result.valid_accuracy,
+                     "valid_loss": result.valid_loss}
+        self.best_state = {k: v.detach().cpu().clone() for k, v in eval_model.state_dict().items()}
+        return True
+
+
+def check_valid_loss(valid_loss: float, epoch: int, hp: Hyperparameters, num_classes: int) -> bool:
+    """Whether an epoch's weights may be kept (checkpointed, saved): ``NonFiniteLoss`` when the
+    loss is not finite; False, with a warning, when it is absurd (over ``divergence_limit``)."""
+    if not math.isfinite(valid_loss):
+        # The last steps can ruin the weights after the last finite training loss (lr=10:
+        # train_loss 16042, then valid_loss nan); nothing diverged may be checkpointed or saved.
+        raise NonFiniteLoss(
+            f"validation loss is not finite after epoch {epoch} (lr={hp.lr}, optimizer="
+            f"{hp.optimizer}, amp={hp.amp}): the weights diverged, so no model was saved; lower lr")
+    if valid_loss <= divergence_limit(num_classes):
+        return True
+    log.warning("event=diverged_epoch epoch=%d loss=%.4g limit=%.4g note=neither checkpointed nor "
+                "a candidate for the saved model", epoch, valid_loss, divergence_limit(num_classes))
+    return False
+
+
+def diverged(progress: Progress, hp: Hyperparameters, num_classes: int) -> Diverged:
+    """The failure of a run none of whose epochs could be kept."""
+    lowest = min(progress.history, key=lambda r: r.valid_loss)
+    count = len(progress.history)
+    return Diverged(
+        f"validation loss {lowest.valid_loss:.4g} after epoch {lowest.epoch}"
+        f"{f' (the lowest of {count} epochs)' if count > 1 else ''} is over "
+        f"{DIVERGED_LOSS_FACTOR}x a uniform guess's ({math.log(max(num_classes, 2)):.3g} for "
+        f"{num_classes} classes; lr={hp.lr}, optimizer={hp.optimizer}, amp={hp.amp}): the "
+        "weights diverged, so no model was saved; lower lr")
+
+
+def write_outputs(hp: Hyperparameters, paths: Paths, model: nn.Module, progress: Progress,
+                  splits: Splits, runtime: Runtime, loss_fn: nn.Module, world: World,
+                  run_started: float) -> TrainResult:
+    """Rank 0's end of a run: the best epoch's weights scored on valid and test, then model.pt +
+    model.json + model.onnx (checked) and the reports under output/data."""
+    if progress.best_state:  # the artifact is the best epoch's weights, not the last one's
+        model.load_state_dict(progress.best_state)
+    if broken := [name for name, tensor in model.state_dict().items()
+                  if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())]:
+        raise Diverged(f"the weights hold inf or NaN ({', '.join(broken[:3])}"
+                       f"{', ...' if len(broken) > 3 else ''}; lr={hp.lr}, optimizer={hp.optimizer}, "
+                       f"amp={hp.amp}): no model was saved; lower lr")
+    best_epoch = progress.best["epoch"]
+    final_valid = evaluate(model, splits.valid, hp, runtime, loss_fn)
+    # The saved model's score, under names no MetricDefinitions regex reads: a tuner's objective
+    # gets exactly one value per epoch (Hyperband counts them as epochs).
+    print(best_line(best_epoch, final_valid.loss, final_valid.accuracy), flush=True)
+    metrics: dict[str, Any] = {
+        "best_epoch": best_epoch, "valid_loss": final_valid.loss,
+        "valid_accuracy": final_valid.accuracy, "epochs_completed": len(progress.history),
+        "skipped_images": splits.skipped, "decode_seconds": round(splits.decode_seconds, 3),
+        "device": str(runtime.device), "world_size": world.size,
+        "channels_last": runtime.channels_last,
+    }
+    test_report: dict[str, Any] | None = None
+    if splits.test is not None:
+        test = evaluate(model, splits.test, hp, runtime, loss_fn)
+        print(f"test_loss={test.loss:.4f} test_accuracy={test.accuracy:.4f}", flush=True)
+        metrics.update(test_loss=test.loss, test_accuracy=test.accuracy)
+        test_report = reports.classification_report(test.labels, test.predictions, splits.class_names)
+    metrics["wall_seconds"] = round(time.perf_counter() - run_started, 3)
+
+    metadata = artifacts.ModelMetadata(
+        # The evaluation geometry: serving decodes at resize_size and centre-crops image_size.
+        arch=hp.model, class_names=splits.class_names, image_size=splits.eval_size,
+        resize_size=splits.eval_cache_size, mean=list(data.IMAGENET_MEAN), std=list(data.IMAGENET_STD),
+        metrics=metrics, hyperparameters=hp.to_dict(), versions=artifacts.library_versions())
+    artifacts.save_model_dir(paths.model_dir, model, metadata)
+    # model.onnx for CPU serving, checked against model.pt on the test split (a mismatch fails
+    # the job with the reason).
+    onnx_export.export_and_verify(paths.model_dir, splits.test.images if splits.test is not None else None)
+    reports.write_reports(paths.output_data_dir, [dataclasses.asdict(h) for h in progress.history],
+                          metrics, test_report, splits.class_names)
+    log.info("event=done model_dir=%s output_data_dir=%s wall_seconds=%.1f", paths.model_dir,
+             paths.output_data_dir, metrics["wall_seconds"])
+    return TrainResult(history=progress.history, best_epoch=best_epoch, metrics=metrics,
+                       model_dir=paths.model_dir)
+
+
 def run(hp: Hyperparameters, paths: Paths, stop: StopFlag | None = None,
         on_epoch: Callable[[EpochResult], None] | None = None,
         device: torch.device | None = None, cache: data.DecodeCache | None = None,
@@ -533,75 +700,29 @@ def run(hp: Hyperparameters, paths: Paths, stop: StopFlag | None = None,
     """
     world = world or World()
     stop = stop or StopFlag()
-    cache = cache or data.DecodeCache()
     run_started = time.perf_counter()
     runtime = select_runtime(hp, device)
     seed_everything(hp.seed)
     if world.is_main:
         paths.create_output_dirs()
+    splits = load_splits(hp, paths, runtime, world, cache or data.DecodeCache())
+    num_classes = len(splits.class_names)
 
-    splits = contract.resolve_splits(paths)
-    train_index = data.index_split(splits["train"])
-    valid_index = data.index_split(splits["valid"], train_index.class_names)
-    test_index = data.index_split(splits["test"], train_index.class_names) if "test" in splits else None
-    class_names = train_index.class_names
-    cache_size = data.resize_size_for(hp.image_size)
-    # Evaluation (valid/test, and serving through model.json) may use a larger size (FixRes).
-    eval_size, eval_cache_size = data.eval_geometry(hp.image_size, hp.eval_image_size)
-    total_images = len(train_index) + len(valid_index) + (len(test_index) if test_index else 0)
-    on_device = data.fits_on_device(total_images, max(cache_size, eval_cache_size), runtime.device)
-    gpus = torch.cuda.device_count() if runtime.device.type == "cuda" else 0
-    # Which driver, CUDA runtime and compat libraries this job runs on (the entry script switched
-    # the compat libraries on or off before torch loaded libcuda).
-    log.info(gpu.event_line(runtime.device.type == "cuda", torch.version.cuda,
-                            gpu.host_driver_version() if runtime.device.type == "cuda" else None))
-    log.info("event=start model=%s device=%s gpus=%d world_size=%d rank=%d amp=%s classes=%d "
-             "train_images=%d valid_images=%d test_images=%d cache_size=%d cache_on_device=%s",
-             hp.model, runtime.device, gpus, world.size, world.rank,
-             runtime.amp_dtype or "off", len(class_names), len(train_index), len(valid_index),
-             len(test_index) if test_index else 0, cache_size, on_device)
-
-    decode_started = time.perf_counter()
-
-    def decode(index: data.SplitIndex, size: int) -> data.DecodedSplit:
-        return cache.get(index, size, runtime.device, hp.num_workers, on_device)
-
-    train_split, valid_split = decode(train_index, cache_size), decode(valid_index, eval_cache_size)
-    test_split = decode(test_index, eval_cache_size) if test_index else None
-    skipped = train_split.skipped + valid_split.skipped + (test_split.skipped if test_split else 0)
-    decode_seconds = time.perf_counter() - decode_started
-    log.info("event=decoded seconds=%.2f per_sec=%.1f skipped_images=%d",  # not a metric name
-             decode_seconds, total_images / max(decode_seconds, 1e-9), skipped)
-
-    model = models.build_model(hp.model, len(class_names), hp.weights, hp.freeze_backbone)
-    model = model.to(runtime.device)
-    if hp.channels_last == "auto" and runtime.device.type == "cpu":
-        # Rank 0 measures, every rank uses its answer (DDP needs one layout everywhere).
-        faster, timings = (faster_layout_on_cpu(model, hp, len(class_names)) if world.is_main
-                           else (False, {}))
-        faster = world.broadcast_object(faster)
-        runtime = dataclasses.replace(runtime, channels_last=faster)
-        log.info("event=cpu_layout channels_last=%s ms_per_step=%s", faster, timings or "rank0")
-    if runtime.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = make_optimizer(hp, trainable, runtime.device)
+    model, runtime = place_model(hp, num_classes, runtime, world)
+    optimizer = make_optimizer(hp, [p for p in model.parameters() if p.requires_grad], runtime.device)
     scheduler = make_scheduler(hp, optimizer)
     scaler = torch.amp.GradScaler("cuda") if runtime.amp_dtype is torch.float16 else None
     loss_fn = nn.CrossEntropyLoss(label_smoothing=hp.label_smoothing)
     generator = torch.Generator().manual_seed(hp.seed)
     # Ranks share the epoch order (same seed) but not the augmentation draws.
     order_generator = torch.Generator().manual_seed(hp.seed) if world.distributed else generator
-    batch_recipe = recipe.Recipe(hp, model, len(class_names))
+    batch_recipe = recipe.Recipe(hp, model, num_classes)
 
     checkpoint_path = checkpoint_file(paths)
     if world.is_main:
         remove_partial_checkpoints(checkpoint_path, every_job=not contract.is_tuning_trial(paths))
-    key = _resume_key(hp, class_names)
-    history: list[EpochResult] = []
-    best = {"epoch": 0, "valid_accuracy": -1.0, "valid_loss": math.inf}
-    best_state: dict[str, torch.Tensor] | None = None
-    start_epoch = 1
+    key = _resume_key(hp, splits.class_names)
+    progress = Progress()
     # Rank 0 reads it and hands it to the others: resumable on any world size, any host.
     resumed, resumed_from = world.broadcast_object(
         find_checkpoint(checkpoint_path, key, adopt_others=not contract.is_tuning_trial(paths))
@@ -619,12 +740,11 @@ def run(hp: Hyperparameters, paths: Paths, stop: StopFlag | None = None,
         generator.set_state(resumed["generator"])
         order_generator.set_state(resumed.get("order_generator", resumed["generator"]))
         batch_recipe.load_state_dict(resumed["recipe"])
-        history = [EpochResult(**h) for h in resumed["history"]]
-        best = resumed["best"]
-        best_state = resumed["best_model"]
-        start_epoch = int(resumed["epoch"]) + 1
+        progress = Progress([EpochResult(**h) for h in resumed["history"]], resumed["best"],
+                            resumed["best_model"])
         log.info("event=resume checkpoint=%s completed_epochs=%d from=%s", checkpoint_path,
-                 start_epoch - 1, resumed_from)
+                 int(resumed["epoch"]), resumed_from)
+    start_epoch = int(resumed["epoch"]) + 1 if resumed is not None else 1
     if world.distributed:
         generator.manual_seed(hp.seed + 7919 * (world.rank + 1) + start_epoch)
 
@@ -641,16 +761,12 @@ def run(hp: Hyperparameters, paths: Paths, stop: StopFlag | None = None,
         return {"version": CHECKPOINT_VERSION, "key": json.dumps(key), "epoch": epoch, "epochs": hp.epochs,
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "generator": generator.get_state(),
-                "order_generator": order_generator.get_state(),
-                "recipe": batch_recipe.state_dict(),
-                "history": [dataclasses.asdict(h) for h in history], "best": best,
-                "best_model": best_state or {}}
-
-    epochs_without_improvement = len(history) - best["epoch"] if history else 0
+                "order_generator": order_generator.get_state(), "recipe": batch_recipe.state_dict(),
+                "history": [dataclasses.asdict(h) for h in progress.history], "best": progress.best,
+                "best_model": progress.best_state or {}}
 
     def report_timing(batches: int, images: int, seconds: float, warmup_included: bool) -> None:
-        line = timing_line(batches, images, seconds, warmup_included, len(train_index),
-                           len(valid_index), len(test_index) if test_index else 0, hp.image_size)
+        line = timing_line(batches, images, seconds, warmup_included, *splits.indexed, hp.image_size)
         log.info(line)
         if on_timing:
             on_timing(parse_timing(line) or {})
@@ -659,102 +775,39 @@ def run(hp: Hyperparameters, paths: Paths, stop: StopFlag | None = None,
         epoch_started = time.perf_counter()
         debugger.set_mode(hook, train=True)
         train_loss, train_acc, images_per_sec = train_one_epoch(
-            train_model, train_split, hp, runtime, optimizer, loss_fn, generator, scaler, stop,
+            train_model, splits.train, hp, runtime, optimizer, loss_fn, generator, scaler, stop,
             world, order_generator, epoch=epoch, steps=steps.epoch(epoch), batch_recipe=batch_recipe,
             on_timing=report_timing if epoch == start_epoch and world.is_main else None)
         debugger.set_mode(hook, train=False)
-        valid = evaluate(batch_recipe.eval_model(step_model), valid_split, hp, runtime, loss_fn, world)
+        valid = evaluate(batch_recipe.eval_model(step_model), splits.valid, hp, runtime, loss_fn, world)
         lr = optimizer.param_groups[0]["lr"]
         scheduler.step()
         result = EpochResult(epoch, train_loss, train_acc, valid.loss, valid.accuracy,
                              images_per_sec, time.perf_counter() - epoch_started, lr)
-        history.append(result)
         if world.is_main:
             print(result.log_line(), flush=True)
             print(seed_objective_line(valid.loss, valid.accuracy), flush=True)
-        if not math.isfinite(valid.loss):
-            # The last steps can ruin the weights after the last finite training loss (lr=10:
-            # train_loss 16042, then valid_loss nan); nothing diverged may be checkpointed or saved.
-            raise NonFiniteLoss(
-                f"validation loss is not finite after epoch {epoch} (lr={hp.lr}, optimizer="
-                f"{hp.optimizer}, amp={hp.amp}): the weights diverged, so no model was saved; lower lr")
-        sane = valid.loss <= divergence_limit(len(class_names))
-        if not sane:
-            log.warning("event=diverged_epoch epoch=%d loss=%.4g limit=%.4g note=neither "
-                        "checkpointed nor a candidate for the saved model", epoch, valid.loss,
-                        divergence_limit(len(class_names)))
-        improved = sane and (valid.accuracy, -valid.loss) > (best["valid_accuracy"], -best["valid_loss"])
-        if improved:
-            best = {"epoch": epoch, "valid_accuracy": valid.accuracy, "valid_loss": valid.loss}
-            best_state = {k: v.detach().cpu().clone()
-                          for k, v in batch_recipe.eval_model(model).state_dict().items()}
-            epochs_without_improvement = 0
-        else:
-            epochs_without_improvement += 1
+        sane = check_valid_loss(valid.loss, epoch, hp, num_classes)
+        progress.record(result, sane, batch_recipe.eval_model(model))
         if world.is_main and sane:
             save_checkpoint(checkpoint_path, checkpoint_state(epoch))
         if on_epoch:
             on_epoch(result)
         _check_stop(stop, world, runtime.device, checkpointed_epochs=epoch)
-        if hp.early_stopping_patience and epochs_without_improvement >= hp.early_stopping_patience:
-            log.info("event=early_stop epoch=%d best_epoch=%d patience=%d", epoch, best["epoch"],
+        if hp.early_stopping_patience and progress.epochs_without_improvement >= hp.early_stopping_patience:
+            log.info("event=early_stop epoch=%d best_epoch=%d patience=%d", epoch, progress.best["epoch"],
                      hp.early_stopping_patience)
             break
     debugger.close(hook)
-    if history and not best_state:
-        lowest = min(history, key=lambda r: r.valid_loss)
-        raise Diverged(
-            f"validation loss {lowest.valid_loss:.4g} after epoch {lowest.epoch}"
-            f"{f' (the lowest of {len(history)} epochs)' if len(history) > 1 else ''} is over "
-            f"{DIVERGED_LOSS_FACTOR}x a uniform guess's ({math.log(max(len(class_names), 2)):.3g} for "
-            f"{len(class_names)} classes; lr={hp.lr}, optimizer={hp.optimizer}, amp={hp.amp}): the "
-            "weights diverged, so no model was saved; lower lr")
+    if progress.history and not progress.best_state:
+        raise diverged(progress, hp, num_classes)
     if not world.is_main:
         # Every rank holds the same weights; rank 0 alone evaluates them and writes the files.
         log.info("event=done rank=%d note=rank 0 writes the model", world.rank)
-        return TrainResult(history=history, best_epoch=best["epoch"], metrics={}, model_dir=paths.model_dir)
+        return TrainResult(history=progress.history, best_epoch=progress.best["epoch"], metrics={},
+                           model_dir=paths.model_dir)
     steps.write(paths.output_data_dir)
-
-    # The artifact is the best epoch's weights, not the last one's.
-    if best_state:
-        model.load_state_dict(best_state)
-    if broken := [name for name, tensor in model.state_dict().items()
-                  if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())]:
-        raise Diverged(f"the weights hold inf or NaN ({', '.join(broken[:3])}"
-                       f"{', ...' if len(broken) > 3 else ''}; lr={hp.lr}, optimizer={hp.optimizer}, "
-                       f"amp={hp.amp}): no model was saved; lower lr")
-    final_valid = evaluate(model, valid_split, hp, runtime, loss_fn)
-    # The saved model's score, under names no MetricDefinitions regex reads: a tuner's objective
-    # gets exactly one value per epoch (Hyperband counts them as epochs).
-    print(best_line(best["epoch"], final_valid.loss, final_valid.accuracy), flush=True)
-    metrics: dict[str, Any] = {
-        "best_epoch": best["epoch"], "valid_loss": final_valid.loss,
-        "valid_accuracy": final_valid.accuracy, "epochs_completed": len(history),
-        "skipped_images": skipped, "decode_seconds": round(decode_seconds, 3),
-        "device": str(runtime.device), "world_size": world.size,
-        "channels_last": runtime.channels_last,
-    }
-    test_report: dict[str, Any] | None = None
-    if test_split is not None:
-        test = evaluate(model, test_split, hp, runtime, loss_fn)
-        print(f"test_loss={test.loss:.4f} test_accuracy={test.accuracy:.4f}", flush=True)
-        metrics.update(test_loss=test.loss, test_accuracy=test.accuracy)
-        test_report = reports.classification_report(test.labels, test.predictions, class_names)
-    metrics["wall_seconds"] = round(time.perf_counter() - run_started, 3)
-
-    metadata = artifacts.ModelMetadata(
-        # The evaluation geometry: serving decodes at resize_size and centre-crops image_size.
-        arch=hp.model, class_names=class_names, image_size=eval_size, resize_size=eval_cache_size,
-        mean=list(data.IMAGENET_MEAN), std=list(data.IMAGENET_STD), metrics=metrics,
-        hyperparameters=hp.to_dict(), versions=artifacts.library_versions())
-    artifacts.save_model_dir(paths.model_dir, model, metadata)
-    # model.onnx for CPU serving, checked against model.pt on the test split (a mismatch fails
-    # the job with the reason).
-    onnx_export.export_and_verify(paths.model_dir, test_split.images if test_split is not None else None)
-    reports.write_reports(paths.output_data_dir, [dataclasses.asdict(h) for h in history], metrics,
-                          test_report, class_names)
-    log.info("event=done model_dir=%s output_data_dir=%s wall_seconds=%.1f", paths.model_dir,
-             paths.output_data_dir, metrics["wall_seconds"])
+    result = write_outputs(hp, paths, model, progress, splits, runtime, loss_fn, world, run_started)
     if contract.is_tuning_trial(paths):
         # The trials of a tuning job share one checkpoint prefix, and SageMaker copies all of it
         # into every trial at start (model-checkpoints). Nothing resumes a finished trial, and a
@@ -762,8 +815,7 @@ def run(hp: Hyperparameters, paths: Paths, stop: StopFlag | None = None,
         with contextlib.suppress(FileNotFoundError):
             checkpoint_path.unlink()
             log.info("event=checkpoint_removed path=%s reason=tuning_trial_finished", checkpoint_path)
-    return TrainResult(history=history, best_epoch=best["epoch"], metrics=metrics,
-                       model_dir=paths.model_dir)
+    return result
 
 
 configure_logging = stopping.configure_logging
