@@ -2,7 +2,7 @@
 """Launcher start-up: wall and CPU seconds of `dogbreed tune --dry-run` (SageMaker and local),
 `dogbreed status --local` and `dogbreed --help`, median of N runs each; prints JSON.
 
-Target (issue 12): `tune --dry-run` and `status` under 1.5 s. Run on an idle machine: wall time on
+Target: `tune --dry-run` and `status` under 1.5 s. Run on an idle machine: wall time on
 a loaded one is the CPU time times the load.
 """
 

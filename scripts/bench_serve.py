@@ -26,7 +26,7 @@ instead), starts one multi-model server on 127.0.0.1 and measures, with a 500x37
   (default: one per vCPU, the README's workers x threads = vCPUs rule for throughput);
 - cold loads again on a server without the zygote (``DOGBREED_SERVE_ZYGOTE=0``: MMS starts a
   plain Python worker per load), ``--cold-loads-without-zygote`` times per model;
-- ``explain=gradcam`` (issue 13): its own p50, and plain requests' p50 on the same worker
+- ``explain=gradcam``: its own p50, and plain requests' p50 on the same worker
   before any explain request (Captum not yet imported) and after them (``--explain-requests``),
   interleaved over rounds; the "with the feature's code present or not" comparison is this
   script run on the commits before and after (``server.p50_ms`` of both);

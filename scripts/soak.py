@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Soak and fault run of the local multi-model endpoint (router + dogbreed-serve), JSON out.
 
-    python scripts/soak.py                                  # 10 minutes, 8 clients (issue 11)
+    python scripts/soak.py                                  # 10 minutes, 8 clients
     python scripts/soak.py --seconds 30 --clients 4 --unload-every 8 --kill-every 12 --hostile 150
 
 Everything binds and targets 127.0.0.1 and every loop is bounded in count and time. It writes
@@ -26,7 +26,7 @@ on weight values) into a local model store, starts :class:`~dogbreed.launcher.lo
    outage (first failed answer to the next 200) and whether it serves at the end, and RSS
    growth per server process.
 
-Exit 0 when the acceptance figures of issue 11 hold (``"ok": true`` in the JSON), else 1.
+Exit 0 when the reliability acceptance figures hold (``"ok": true`` in the JSON), else 1.
 """
 
 from __future__ import annotations

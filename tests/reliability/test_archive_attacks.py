@@ -1,4 +1,4 @@
-"""Fault 8 (issue 11, non-server parts): hostile model archives, generated and hand-made.
+"""Hostile model archives, generated and hand-made (the parts outside the server).
 
 - ``safe_extract`` refuses tar-slip, links, devices, sparse files, deep paths, huge declared
   sizes and huge member counts (100,000 empty members used to take 39.8 s to load), leaves

@@ -1,4 +1,4 @@
-"""Item 4 / fault 9 (issue 11): `make audit` says when it could not audit, never a false all-clear.
+"""`make audit` says when it could not audit, never a false all-clear.
 
 Behind a mirror without PyPI's per-release JSON pages (this machine), pip-audit alone prints
 "No known vulnerabilities found" and exits 0; the audit script must exit 2 and say why.

@@ -1,4 +1,4 @@
-"""Fault 5 (issue 11): non-finite or out-of-range hyperparameters are refused before training.
+"""Non-finite or out-of-range hyperparameters are refused before training.
 
 ``lr=nan`` used to train "successfully" into all-NaN weights. Every numeric hyperparameter —
 including ones added later — must be a finite number inside its declared range, and the error

@@ -1,4 +1,4 @@
-"""Generated hostile requests against ``dogbreed.serve.inference.input_fn`` (issue 11, item 2).
+"""Generated hostile requests against ``dogbreed.serve.inference.input_fn``.
 
 Property: ``input_fn`` either returns a request or raises ``RequestError`` with a 4xx status and
 a JSON body — never another exception (which MMS turns into a 500). Image headers vary in

@@ -1,4 +1,4 @@
-"""Generated hostile requests against the live server (issue 11, item 2): the Hypothesis
+"""Generated hostile requests against the live server: the Hypothesis
 strategies of ``test_input_fn_properties.py`` (image modes, formats, declared sizes, aspect
 ratios, bit depths, truncation and corruption; content types; JSON shapes) sent through the HTTP
 front to real MMS workers. Every answer is a 200 with finite probabilities or a 4xx JSON error;

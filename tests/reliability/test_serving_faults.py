@@ -1,5 +1,5 @@
 # ruff: noqa: F811 - the fixtures imported from test_serve_front are arguments here
-"""Serving faults found in issue 11, each reproduced without Java (fast): the HTTP front before a
+"""Serving faults found by the reliability pass, each reproduced without Java (fast): the HTTP front before a
 fake MMS, the router before a fake model server, and the inference functions. The faults that
 need real MMS (a killed worker, the soak) are in ``test_soak.py``."""
 

@@ -1,4 +1,4 @@
-"""The short soak (issue 11): ``scripts/soak.py`` against the real local endpoint (router +
+"""The short soak: ``scripts/soak.py`` against the real local endpoint (router +
 dogbreed-serve + MMS + the zygote), about 70 s on a 2-core machine. The 10-minute run with the
 acceptance figures is ``python scripts/soak.py`` (README, "Security and reliability").
 

@@ -1,4 +1,4 @@
-"""Faults 5 and 6 (issue 11) on the training side.
+"""Training-side faults: bad hyperparameters and diverging runs.
 
 - A non-finite loss fails the job naming the epoch and the batch, and saves no model.
 - A class whose training images are all undecodable fails the job naming the class.

@@ -129,7 +129,7 @@ def test_oversized_body_is_413(endpoint: Router, monkeypatch: pytest.MonkeyPatch
 
 def test_failed_load_is_a_model_error_remembered_until_the_archive_changes(
         endpoint: Router, fake_server: FakeModelServer, store: ModelStore) -> None:
-    """(Changed by issue 11: a refused load used to be retried on every request.)"""
+    """(A refused load used to be retried on every request.)"""
     fake_server.fail_load_with = 400
     status, _, body = invoke(endpoint.url, "resnet/model.tar.gz")
     assert status == 424 and body["OriginalStatusCode"] == 400

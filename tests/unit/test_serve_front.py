@@ -231,7 +231,7 @@ def test_resolve_refuses(tmp_path: Path, good_model: Path, url: str, error: type
 
 # --- register / unregister -------------------------------------------------------------------------------------
 def test_register_a_dir_forwards_sagemakers_request(setup: dict, good_model: Path) -> None:
-    # (Changed by issue 11: MMS's own parameters used to be forwarded, or dropped silently.)
+    # (MMS's own parameters used to be forwarded, or dropped silently.)
     assert register(setup, "m1", str(good_model), handler="evil.module", initial_workers=1)[0] == 400
     status, body = register(setup, "m1", str(good_model))
     assert status == 200, body
