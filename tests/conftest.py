@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from collections.abc import Callable, Mapping
@@ -19,6 +20,15 @@ SAMPLE_DATA = Path(os.environ.get("DOGBREED_SAMPLE_DATA", REPO_ROOT.parent / "sh
 # Small and fast on a 2-core CPU; every test that trains starts from these.
 TINY_HYPERPARAMETERS = {"model": "resnet18", "epochs": "1", "batch-size": "16", "lr": "0.01",
                         "image-size": "64", "weights": "none"}
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Ctrl-C as a terminal sends it, whatever started pytest: a shell without job control starts
+    its background jobs with SIGINT ignored, an ignored signal stays ignored across exec, and the
+    Ctrl-C tests (this process raising SIGINT, or sending it to a `dogbreed` it started) would
+    see nothing arrive."""
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
