@@ -32,7 +32,7 @@ def lines_above_bars(stream: TextIO | None = None) -> Iterator[None]:
     if not _isatty(stream or sys.stderr):
         yield
         return
-    from tqdm.contrib.logging import logging_redirect_tqdm
+    from tqdm.contrib.logging import logging_redirect_tqdm  # tqdm only with a terminal
 
     with logging_redirect_tqdm(loggers=[logging.getLogger()]):
         yield
@@ -116,7 +116,7 @@ class Progress:
         without a total it shows the count and the elapsed time (a job's status)."""
         if not self.enabled:
             return Bar()
-        from tqdm import tqdm
+        from tqdm import tqdm  # tqdm only with a terminal
 
         bar_format = None if total is not None else "{desc} [{elapsed}{postfix}]"
         return Bar(tqdm(total=total, desc=description, unit="B" if bytes_ else unit,

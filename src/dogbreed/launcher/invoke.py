@@ -23,7 +23,7 @@ def top_k_attributes(top_k: int) -> str:
 
 def runtime_client(endpoint_url: str | None, region: str | None) -> Any:
     """boto3's own sagemaker-runtime client; pointed at a local endpoint with dummy credentials."""
-    import boto3
+    import boto3  # boto3 only when a request is sent
 
     if endpoint_url:
         return boto3.client("sagemaker-runtime", region_name=region or "us-east-1",

@@ -151,7 +151,11 @@ def to_sagemaker(space: Sequence[Parameter]) -> dict[str, list[dict[str, Any]]]:
 
 def to_sdk(space: Sequence[Parameter] = SEARCH_SPACE) -> dict[str, Any]:
     """The space as the SageMaker Python SDK's ``hyperparameter_ranges`` (imports ``sagemaker``)."""
-    from sagemaker.tuner import CategoricalParameter, ContinuousParameter, IntegerParameter
+    from sagemaker.tuner import (  # the SageMaker SDK is optional
+        CategoricalParameter,
+        ContinuousParameter,
+        IntegerParameter,
+    )
 
     ranges: dict[str, Any] = {}
     for param in space:

@@ -16,6 +16,8 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from dogbreed.contract import ContractError, validate_model_name
+
 ENV_PREFIX = "DOGBREED_"
 CONFIG_ENV = "DOGBREED_CONFIG"
 DEFAULT_CONFIG_FILES = ("dogbreed.toml", "dogbreed.json")
@@ -29,8 +31,6 @@ class SettingsError(ValueError):
 
 def check_model_name(name: str) -> str:
     """``name`` if valid under the one model-name rule (:func:`dogbreed.contract.validate_model_name`)."""
-    from dogbreed.contract import ContractError, validate_model_name
-
     try:
         return validate_model_name(name)
     except ContractError as exc:

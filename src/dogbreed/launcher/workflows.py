@@ -7,11 +7,18 @@ has the CLI's ``(args, settings, backend) -> result`` shape.
 from __future__ import annotations
 
 import argparse
+import json
+import tarfile
 from pathlib import Path
 from typing import Any
 
+from dogbreed import artifacts
 from dogbreed.launcher import events
 from dogbreed.launcher import settings as settings_mod
+from dogbreed.launcher.local import batch
+from dogbreed.launcher.sagemaker import batch_transform, clarify
+from dogbreed.launcher.sagemaker.backend import SageMakerBackend
+from dogbreed.launcher.sagemaker.requests import is_name, job_name
 from dogbreed.launcher.settings import positive_int
 
 
@@ -58,12 +65,10 @@ def _local_candidates(name: str, workdir: Path) -> list[Path]:
 
 
 def cmd_report(args: argparse.Namespace, settings: settings_mod.Settings, backend: str) -> Any:
-    from dogbreed import report
+    from dogbreed import report  # report imports torch and smdebug
 
     path = Path(args.run)
     if not path.exists():
-        from dogbreed.launcher.sagemaker.requests import is_name
-
         if not is_name(args.run):  # only a name is looked up under (or downloaded into) the workdir
             raise report.ReportError(f"{args.run}: no such run directory, and not a job or study "
                                      "name (letters, digits and single dashes)")
@@ -71,8 +76,6 @@ def cmd_report(args: argparse.Namespace, settings: settings_mod.Settings, backen
         if local:
             path = local[0]
         elif backend == "sagemaker":
-            from dogbreed.launcher.sagemaker.backend import SageMakerBackend
-
             dest = settings.workdir_path / "reports" / args.run
             if args.dry_run:
                 return {"backend": "sagemaker", "training_job": args.run, "download_to": str(dest),
@@ -96,7 +99,7 @@ def cmd_report(args: argparse.Namespace, settings: settings_mod.Settings, backen
 
 
 def cmd_explain(args: argparse.Namespace, settings: settings_mod.Settings, backend: str) -> Any:
-    from dogbreed import explain
+    from dogbreed import explain  # explain imports torch and Captum
 
     if not args.model.exists():
         raise ValueError(f"no such model {args.model}")
@@ -112,11 +115,6 @@ def cmd_explain(args: argparse.Namespace, settings: settings_mod.Settings, backe
 
 
 def _class_names(path: Path) -> list[str]:
-    import json
-    import tarfile
-
-    from dogbreed import artifacts
-
     if path.suffix == ".json":
         return artifacts.ModelMetadata.from_mapping(json.loads(path.read_text()), str(path)).class_names
     if path.is_dir():
@@ -129,10 +127,6 @@ def _class_names(path: Path) -> list[str]:
 
 
 def cmd_clarify(args: argparse.Namespace, settings: settings_mod.Settings, backend: str) -> Any:
-    from dogbreed.launcher.sagemaker import batch_transform, clarify
-    from dogbreed.launcher.sagemaker.backend import SageMakerBackend
-    from dogbreed.launcher.sagemaker.requests import job_name
-
     if backend == "local":
         raise ValueError("Clarify runs on SageMaker; locally use `dogbreed explain` (Grad-CAM)")
     labels = args.labels_from or (Path(args.model) if Path(args.model).exists() else None)
@@ -148,11 +142,6 @@ def cmd_clarify(args: argparse.Namespace, settings: settings_mod.Settings, backe
 
 
 def cmd_batch(args: argparse.Namespace, settings: settings_mod.Settings, backend: str) -> Any:
-    from dogbreed.launcher.local import batch
-    from dogbreed.launcher.sagemaker import batch_transform
-    from dogbreed.launcher.sagemaker.backend import SageMakerBackend
-    from dogbreed.launcher.sagemaker.requests import job_name
-
     if backend == "local":
         if args.output is None:
             raise ValueError("--local needs OUTPUT (a folder)")

@@ -26,11 +26,12 @@ import json
 import shlex
 import shutil
 import sys
+import urllib.request
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from dogbreed import contract
+from dogbreed import artifacts, contract
 from dogbreed.artifacts import ARCHIVE_NAME, validate_model_archive
 from dogbreed.launcher import events
 from dogbreed.launcher.local.endpoint import (  # noqa: F401 - re-exported (tests, docker tests)
@@ -120,7 +121,6 @@ class LocalBackend:
             raise LocalError(f"training job {name} failed (exit {result.returncode}): "
                              f"{result.failure() or 'no failure file'}; log: {base / TRAIN_LOG}")
         paths = result.paths
-        from dogbreed import artifacts
 
         archive = artifacts.pack(paths.model_dir, paths.output_dir / artifacts.ARCHIVE_NAME)
         out = {"training_job": name, "status": "Completed", "model_data": str(archive),
@@ -333,8 +333,6 @@ def tune_answer(result: Mapping[str, Any]) -> dict[str, Any]:
 
 def _loaded_models(url: str) -> list[str]:
     """``GET <router>/models``'s ``loaded`` list: TargetModels the local endpoint holds loaded."""
-    import urllib.request
-
     with urllib.request.urlopen(url + "/models", timeout=5) as reply:
         return list(json.loads(reply.read())["loaded"])
 

@@ -37,6 +37,8 @@ from dogbreed import artifacts
 from dogbreed.launcher import events
 from dogbreed.launcher.sagemaker.batch_transform import CONTENT_TYPE
 from dogbreed.launcher.sagemaker.requests import is_name
+from dogbreed.serve.client import ServeClient
+from dogbreed.serve.server import ModelServer, ServerError
 
 Predict = Callable[[bytes], Mapping[str, Any]]
 
@@ -264,8 +266,6 @@ def run_local(predict: Predict, input_dir: Path, output_dir: Path, *, workers: i
 def http_predictor(url: str, timeout: float = 120.0) -> Predict:
     """``predict(bytes)`` as ``POST /invocations`` to a serve endpoint (one keep-alive
     connection per thread); an HTTP error becomes the record ``{"error", "status"}``."""
-    from dogbreed.serve.client import ServeClient
-
     local = threading.local()
 
     def predict(body: bytes) -> dict[str, Any]:
@@ -307,8 +307,6 @@ def served_batch(model: Path, input_dir: Path, output_dir: Path, *, workers: int
     name, found under ``workdir``) served by the serve image's server on 127.0.0.1 with
     ``workers`` model workers, then :func:`run_local` over ``input_dir`` with as many
     concurrent requests as its ``/execution-parameters`` allow."""
-    from dogbreed.serve.server import ModelServer, ServerError
-
     model = local_model(model, workdir)
     files = input_files(Path(input_dir), Path(output_dir))  # a bad folder fails before a server starts
     model_id = model_identity(model)
@@ -345,9 +343,9 @@ def served_batch(model: Path, input_dir: Path, output_dir: Path, *, workers: int
 def in_process_predictor(model_path: Path, top_k: int = 5, device: str = "cpu") -> Predict:
     """``predict(bytes)`` with the serving preprocessing, in this process: the same JSON
     fields the server answers (model, arch, predictions[label, class_name, index, probability])."""
-    import torch
+    import torch  # the in-process predictor alone needs torch
 
-    from dogbreed import data, explain
+    from dogbreed import data, explain  # both import torch
 
     model, metadata = explain.load(Path(model_path), device)
     name = Path(model_path).name

@@ -20,10 +20,12 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from dogbreed.artifacts import atomic_write
 from dogbreed.launcher import events
 from dogbreed.launcher.local.router import ModelStore, Router, listen
 from dogbreed.launcher.local.runs import LocalError
 from dogbreed.processes import signals_held
+from dogbreed.serve.server import ModelServer
 
 STATE_FILE = "state.json"
 ENDPOINT_LOG = "endpoint.log"
@@ -139,8 +141,6 @@ def stop_leftovers(run_dir: Path, grace: float = 5.0) -> list[dict[str, Any]]:
 
 
 def _write_json(path: Path, payload: Mapping[str, Any]) -> None:
-    from dogbreed.artifacts import atomic_write
-
     atomic_write(path, (json.dumps(payload, indent=2) + "\n").encode())
 
 
@@ -184,8 +184,6 @@ class LocalEndpoint:
         sock = listen("127.0.0.1", self.port)
         try:
             if self.model_server_url is None:
-                from dogbreed.serve.server import ModelServer
-
                 mms_dir = self.run_dir / MMS_DIR
                 owner = running_front(mms_dir)
                 if owner is not None:

@@ -171,7 +171,7 @@ class TrainingRun:
             link.unlink()
             link.mkdir()
         if self.debugger:  # smdebug on, as SageMaker's DebugHookConfig turns it on: `dogbreed report`
-            from dogbreed.report import write_local_hook_config
+            from dogbreed.report import write_local_hook_config  # report imports torch and smdebug
 
             config = write_local_hook_config(paths)
             if self.docker_image:  # the container sees the job dir at /opt/ml

@@ -46,7 +46,8 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from dogbreed import contract
+from dogbreed import artifacts, contract
+from dogbreed.artifacts import METADATA_FILE
 from dogbreed.launcher import budget, events, search_space
 from dogbreed.launcher.local.runs import TRAIN_LOG, InProcessRun, LocalError, TrainingRun
 from dogbreed.launcher.settings import SettingsError
@@ -119,7 +120,7 @@ class LocalTuning:
                  storage: str | None = None, resume: bool = False, default_trial: bool = True,
                  in_process: bool = False, docker_image: str | None = None,
                  train_command: Sequence[str] | None = None) -> None:
-        import optuna
+        import optuna  # optuna: ~0.5 s, only for a study
 
         if in_process and docker_image:
             raise SettingsError("--in-process and --docker exclude each other")
@@ -223,14 +224,14 @@ class LocalTuning:
 
     # -- the study -------------------------------------------------------------------------------
     def storage(self) -> Any:
-        import optuna
+        import optuna  # optuna: ~0.5 s, only for a study
 
         url = self.storage_url
         if url.startswith("sqlite:///"):
             Path(url[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
         # SQLite: wait for a writer up to 60 s instead of failing at once (several local workers).
         engine = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {"pool_pre_ping": True}
-        from sqlalchemy.exc import IntegrityError, ProgrammingError
+        from sqlalchemy.exc import IntegrityError, ProgrammingError  # with optuna's storage
 
         for attempt in range(SCHEMA_ATTEMPTS):
             try:
@@ -251,7 +252,7 @@ class LocalTuning:
     def open_study(self) -> Any:
         """Create the study, or join it (``resume``, or the same name in a shared storage) after
         checking it searches the same space with the same static hyperparameters."""
-        import optuna
+        import optuna  # optuna: ~0.5 s, only for a study
 
         storage = self.storage()
         exists = self.name in {s.study_name for s in optuna.study.get_all_study_summaries(storage)}
@@ -277,7 +278,7 @@ class LocalTuning:
     def run(self, data: Path, *, progress: events.Progress, device: Any = None) -> dict[str, Any]:
         """Run trials until the count or the budget is spent; return the study's result (best so
         far). Interrupted (Ctrl-C, SIGTERM), the result so far is returned with ``interrupted``."""
-        import optuna
+        import optuna  # optuna: ~0.5 s, only for a study
 
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         started, wall_started = time.monotonic(), time.time()
@@ -285,7 +286,7 @@ class LocalTuning:
         self.root.mkdir(parents=True, exist_ok=True)
         cache = None
         if self.in_process:
-            from dogbreed.data import DecodeCache
+            from dogbreed.data import DecodeCache  # dogbreed.data imports torch
 
             cache = DecodeCache()
         self._deadline = started + self.time_budget if self.time_budget else None
@@ -465,7 +466,6 @@ class LocalTuning:
                            failure=result.failure() or f"exit {result.returncode}",
                            log=result.base / TRAIN_LOG)
             return None
-        from dogbreed import artifacts
 
         archive = artifacts.pack(model_dir, trial_dir / "output" / artifacts.ARCHIVE_NAME)
         # The layout the trial trained in (the finishing run measures its own, and trains nothing).
@@ -479,7 +479,7 @@ class LocalTuning:
 
     def _trial(self, study: Any, trial: Any, data: Path, cache: Any, device: Any,
                progress: events.Progress) -> float:
-        import optuna
+        import optuna  # optuna: ~0.5 s, only for a study
 
         trial_dir = self.root / f"trial-{trial.number:03d}"
         trial.set_user_attr("dir", str(trial_dir.resolve()))
@@ -598,7 +598,6 @@ class LocalTuning:
         best = _best(study)
         if best is None or score > best.value:
             # A new best: its model is packed now, so a study stopped any time later has one.
-            from dogbreed import artifacts
 
             archive = artifacts.pack(trial_dir / "model", trial_dir / "output" / artifacts.ARCHIVE_NAME)
             trial.set_user_attr("model_data", str(archive.resolve()))
@@ -689,8 +688,6 @@ class LocalTuning:
 def trained_layout(model_dir: Path) -> str | None:
     """The memory layout a finished run trained in (``"true"``: channels_last), from its
     model.json; None when it does not say."""
-    from dogbreed.artifacts import METADATA_FILE
-
     try:
         metrics = json.loads((Path(model_dir) / METADATA_FILE).read_text())["metrics"]
     except (OSError, ValueError, KeyError, TypeError):

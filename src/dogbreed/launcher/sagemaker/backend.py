@@ -101,7 +101,7 @@ class SageMakerBackend:
     def client(self, service: str) -> Any:
         if service not in self._clients:
             if self._session is None:
-                import boto3
+                import boto3  # boto3 on the first real call: --dry-run never loads it
 
                 self._session = boto3.session.Session(region_name=self.settings.region)
             if not (self.settings.region or self._session.region_name):
@@ -118,7 +118,7 @@ class SageMakerBackend:
             return self.settings.region
         if self.dry_run:
             if self._session is None:
-                import boto3
+                import boto3  # boto3 on the first real call: --dry-run never loads it
 
                 self._session = boto3.session.Session()
             if self._session.region_name:
@@ -141,7 +141,10 @@ class SageMakerBackend:
             validate_request(service, record.operation, request)
             return None
         events.event("aws_request", service=service, operation=record.operation)
-        from botocore.exceptions import BotoCoreError, ClientError
+        from botocore.exceptions import (  # botocore with the first real call
+            BotoCoreError,
+            ClientError,
+        )
 
         try:
             return getattr(self.client(service), operation)(**request)

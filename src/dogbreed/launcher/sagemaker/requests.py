@@ -384,13 +384,13 @@ def target_model_key(settings: Settings, model_name: str) -> tuple[str, str, str
 # --- the backend -------------------------------------------------------------------------------
 @functools.cache
 def _service_model(service: str) -> Any:
-    import botocore.session
+    import botocore.session  # botocore's service models load on the first check only
 
     return botocore.session.get_session().get_service_model(service)
 
 
 def validate_request(service: str, operation: str, request: Mapping[str, Any]) -> None:
     """Check ``request`` against botocore's service model (what a real client does first)."""
-    from botocore.validate import validate_parameters
+    from botocore.validate import validate_parameters  # with the models above
 
     validate_parameters(dict(request), _service_model(service).operation_model(operation).input_shape)
