@@ -62,6 +62,8 @@ DEFAULT_BIND_PORT = 8080
 # SageMaker real-time limits and headers: one constant each, for the server, router and clients.
 MAX_PAYLOAD_BYTES = 6 * 1024 * 1024  # "6 MB" request/response payload of InvokeEndpoint
 CUSTOM_ATTRIBUTES_HEADER = "X-Amzn-SageMaker-Custom-Attributes"
+# What a batch transform sends with every record, on SageMaker and locally: the server sniffs JPEG/PNG.
+BATCH_RECORD_CONTENT_TYPE = "application/x-image"
 TARGET_MODEL_HEADER = "X-Amzn-SageMaker-Target-Model"
 SINGLE_MODEL_NAME = "model"  # what sagemaker-inference calls the model of a single-model endpoint
 # The container API of a SageMaker (multi-model) endpoint: (method, path shape) pairs, "*" one

@@ -35,18 +35,6 @@ from dogbreed import contract
 from dogbreed.contract import ContractError
 from dogbreed.launcher import events, workflows
 from dogbreed.launcher import settings as settings_mod
-from dogbreed.launcher.demo import run_demo
-from dogbreed.launcher.invoke import (
-    format_predictions,
-    invoke_result,
-    invoke_runtime,
-    runtime_client,
-)
-from dogbreed.launcher.local.backend import LocalBackend, tune_answer
-from dogbreed.launcher.local.runs import default_weights
-from dogbreed.launcher.local.tuning import parse_duration
-from dogbreed.launcher.sagemaker.backend import SageMakerBackend
-from dogbreed.launcher.sagemaker.requests import job_name, parse_autoscale
 from dogbreed.launcher.settings import non_negative_int, port_number, positive_float, positive_int
 
 EXIT_ERROR = 1
@@ -182,11 +170,17 @@ def _emit(payload: Any) -> None:
 
 
 def _sagemaker(settings: settings_mod.Settings, args: argparse.Namespace) -> Any:
+    from dogbreed.launcher.sagemaker.backend import (
+        SageMakerBackend,  # lazy: each command loads its half
+    )
+
     return SageMakerBackend(settings, dry_run=args.dry_run,
                             latest_images=getattr(args, "latest_images", False))
 
 
 def _local(settings: settings_mod.Settings, args: argparse.Namespace) -> Any:
+    from dogbreed.launcher.local.backend import LocalBackend  # lazy: each command loads its half
+
     return LocalBackend(settings, docker_image=getattr(args, "docker", None))
 
 
@@ -288,6 +282,9 @@ def tune_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_tune(args: argparse.Namespace, settings: settings_mod.Settings, backend: str) -> Any:
+    from dogbreed.launcher.local.tuning import parse_duration  # lazy: each command loads its half
+    from dogbreed.launcher.sagemaker.requests import job_name  # lazy: each command loads its half
+
     if args.resume and args.name and args.resume != args.name:
         raise CliError("--resume NAME names the study: drop --name or give the same name")
     name = args.resume or args.name or job_name("tune", limit=32)
@@ -322,6 +319,7 @@ def cmd_tune(args: argparse.Namespace, settings: settings_mod.Settings, backend:
         return result
     _sagemaker_only(args, backend, "--warm-start-from", "--max-runtime", "--max-tuning-runtime",
                     "--spot", "--max-wait", "--instance-count", "--logs")
+    from dogbreed.launcher.local.runs import default_weights  # lazy: each command loads its half
 
     local = _local(settings, args)
     static = default_weights(static, explicit="weights" in static)
@@ -333,6 +331,7 @@ def cmd_tune(args: argparse.Namespace, settings: settings_mod.Settings, backend:
                    prune_warmup_epochs=args.prune_warmup_epochs, in_process=args.in_process)
     if args.dry_run:
         return local.plan_tune(data=args.data, **options)
+    from dogbreed.launcher.local.backend import tune_answer  # lazy: each command loads its half
 
     result = local.tune(data=_require_data(args), output=args.output, **options)
     if result.get("interrupted"):
@@ -375,6 +374,8 @@ def train_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_train(args: argparse.Namespace, settings: settings_mod.Settings, backend: str) -> Any:
+    from dogbreed.launcher.sagemaker.requests import job_name  # lazy: each command loads its half
+
     name = args.name or job_name("train")
     flags = _hyperparameters(args)
     if backend == "sagemaker":
@@ -389,6 +390,7 @@ def cmd_train(args: argparse.Namespace, settings: settings_mod.Settings, backend
         return sm.dry_run_output() if args.dry_run else result
     _sagemaker_only(args, backend, "--spot", "--max-wait", "--max-runtime", "--instance-count",
                     "--logs", "--debugger-rules")
+    from dogbreed.launcher.local.runs import default_weights  # lazy: each command loads its half
 
     local = _local(settings, args)
     base = local.best_hyperparameters(args.from_tuning_job) if args.from_tuning_job else {}
@@ -421,6 +423,10 @@ def deploy_arguments(p: argparse.ArgumentParser) -> None:
 
 def cmd_deploy(args: argparse.Namespace, settings: settings_mod.Settings, backend: str) -> Any:
     if backend == "sagemaker":
+        from dogbreed.launcher.sagemaker.requests import (
+            parse_autoscale,  # lazy: each command loads its half
+        )
+
         sm = _sagemaker(settings, args)
         result = sm.deploy(wait=args.wait, instance_count=args.instance_count,
                            autoscale=parse_autoscale(args.autoscale) if args.autoscale else None,
@@ -471,6 +477,13 @@ def invoke_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_invoke(args: argparse.Namespace, settings: settings_mod.Settings, backend: str) -> Any:
+    from dogbreed.launcher.invoke import (  # lazy: invoke only
+        format_predictions,
+        invoke_result,
+        invoke_runtime,
+        runtime_client,
+    )
+
     if not args.image.is_file():
         raise CliError(f"no such image {args.image}")
     if backend == "sagemaker":
@@ -546,6 +559,8 @@ def demo_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_demo(args: argparse.Namespace, settings: settings_mod.Settings, backend: str) -> Any:
+    from dogbreed.launcher.demo import run_demo  # lazy: each command loads its half
+
     if args.dry_run:
         return {"backend": "local", "demo": "train resnet18 + mobilenet_v2, serve, invoke",
                 "data": str(args.data), "epochs": args.epochs, "image_size": args.image_size}
@@ -640,11 +655,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     events.configure()
-    from botocore.exceptions import (  # botocore: ~0.2 s, here only once a command runs
-        BotoCoreError,
-        ClientError,
-    )
-
+    from botocore.exceptions import BotoCoreError, ClientError  # lazy: ~0.2 s
 
     command = COMMANDS[args.command]
     try:

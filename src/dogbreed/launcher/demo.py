@@ -16,8 +16,6 @@ from pathlib import Path
 from typing import Any
 
 from dogbreed.launcher import events
-from dogbreed.launcher.invoke import format_predictions, invoke_runtime, runtime_client
-from dogbreed.launcher.local.backend import LocalBackend
 from dogbreed.launcher.settings import Settings, SettingsError
 
 MODELS = (("resnet18", "dog-breed-classifier"), ("mobilenet_v2", "dog-breed-mobilenet"))
@@ -35,6 +33,13 @@ def pick_test_image(data: Path) -> tuple[Path, str]:
 
 def run_demo(settings: Settings, *, data: Path, epochs: int = 2, image_size: int = 64,
              batch_size: int = 16, lr: float = 0.01, weights: str = "none") -> dict[str, Any]:
+    from dogbreed.launcher.invoke import (  # lazy: demo only
+        format_predictions,
+        invoke_runtime,
+        runtime_client,
+    )
+    from dogbreed.launcher.local.backend import LocalBackend  # lazy: demo only
+
     started = time.monotonic()
     data = Path(data)
     image, true_class = pick_test_image(data)

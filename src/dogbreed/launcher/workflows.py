@@ -15,10 +15,6 @@ from typing import Any
 from dogbreed import artifacts
 from dogbreed.launcher import events
 from dogbreed.launcher import settings as settings_mod
-from dogbreed.launcher.local import batch
-from dogbreed.launcher.sagemaker import batch_transform, clarify
-from dogbreed.launcher.sagemaker.backend import SageMakerBackend
-from dogbreed.launcher.sagemaker.requests import is_name, job_name
 from dogbreed.launcher.settings import positive_int
 
 
@@ -65,10 +61,14 @@ def _local_candidates(name: str, workdir: Path) -> list[Path]:
 
 
 def cmd_report(args: argparse.Namespace, settings: settings_mod.Settings, backend: str) -> Any:
-    from dogbreed import report  # report imports torch and smdebug
+    from dogbreed import report  # torch and smdebug
 
     path = Path(args.run)
     if not path.exists():
+        from dogbreed.launcher.sagemaker.requests import (
+            is_name,  # lazy: each command loads its half
+        )
+
         if not is_name(args.run):  # only a name is looked up under (or downloaded into) the workdir
             raise report.ReportError(f"{args.run}: no such run directory, and not a job or study "
                                      "name (letters, digits and single dashes)")
@@ -76,6 +76,10 @@ def cmd_report(args: argparse.Namespace, settings: settings_mod.Settings, backen
         if local:
             path = local[0]
         elif backend == "sagemaker":
+            from dogbreed.launcher.sagemaker.backend import (
+                SageMakerBackend,  # lazy: each command loads its half
+            )
+
             dest = settings.workdir_path / "reports" / args.run
             if args.dry_run:
                 return {"backend": "sagemaker", "training_job": args.run, "download_to": str(dest),
@@ -99,7 +103,7 @@ def cmd_report(args: argparse.Namespace, settings: settings_mod.Settings, backen
 
 
 def cmd_explain(args: argparse.Namespace, settings: settings_mod.Settings, backend: str) -> Any:
-    from dogbreed import explain  # explain imports torch and Captum
+    from dogbreed import explain  # torch and Captum
 
     if not args.model.exists():
         raise ValueError(f"no such model {args.model}")
@@ -127,6 +131,15 @@ def _class_names(path: Path) -> list[str]:
 
 
 def cmd_clarify(args: argparse.Namespace, settings: settings_mod.Settings, backend: str) -> Any:
+    from dogbreed.launcher.sagemaker import (  # lazy: each command loads its half
+        batch_transform,
+        clarify,
+    )
+    from dogbreed.launcher.sagemaker.backend import (
+        SageMakerBackend,  # lazy: each command loads its half
+    )
+    from dogbreed.launcher.sagemaker.requests import job_name  # lazy: each command loads its half
+
     if backend == "local":
         raise ValueError("Clarify runs on SageMaker; locally use `dogbreed explain` (Grad-CAM)")
     labels = args.labels_from or (Path(args.model) if Path(args.model).exists() else None)
@@ -142,6 +155,13 @@ def cmd_clarify(args: argparse.Namespace, settings: settings_mod.Settings, backe
 
 
 def cmd_batch(args: argparse.Namespace, settings: settings_mod.Settings, backend: str) -> Any:
+    from dogbreed.launcher.local import batch  # lazy: each command loads its half
+    from dogbreed.launcher.sagemaker import batch_transform  # lazy: each command loads its half
+    from dogbreed.launcher.sagemaker.backend import (
+        SageMakerBackend,  # lazy: each command loads its half
+    )
+    from dogbreed.launcher.sagemaker.requests import job_name  # lazy: each command loads its half
+
     if backend == "local":
         if args.output is None:
             raise ValueError("--local needs OUTPUT (a folder)")

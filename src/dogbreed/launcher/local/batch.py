@@ -33,9 +33,8 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from dogbreed import artifacts
+from dogbreed import artifacts, contract
 from dogbreed.launcher import events
-from dogbreed.launcher.sagemaker.batch_transform import CONTENT_TYPE
 from dogbreed.launcher.sagemaker.requests import is_name
 from dogbreed.serve.client import ServeClient
 from dogbreed.serve.server import ModelServer, ServerError
@@ -272,7 +271,7 @@ def http_predictor(url: str, timeout: float = 120.0) -> Predict:
         client = getattr(local, "client", None)
         if client is None:
             client = local.client = ServeClient(url, timeout, keep_alive=True)
-        reply = client.invoke(None, body, CONTENT_TYPE, {"Accept": "application/json"})
+        reply = client.invoke(None, body, contract.BATCH_RECORD_CONTENT_TYPE, {"Accept": "application/json"})
         if reply.status != 200:
             return {"error": f"HTTP {reply.status}: {reply.message()}", "status": reply.status}
         return reply.json()

@@ -21,7 +21,6 @@ from dogbreed.launcher.sagemaker.requests import (
     split_s3_uri,
 )
 
-CONTENT_TYPE = "application/x-image"  # one type for every record; the server sniffs JPEG/PNG
 MAX_PAYLOAD_MB = contract.MAX_PAYLOAD_BYTES // 1024**2  # what the server accepts per request
 LOG_GROUP = "/aws/sagemaker/TransformJobs"
 
@@ -46,7 +45,7 @@ def transform_request(settings: Any, *, name: str, model_name: str, input_uri: s
         "MaxPayloadInMB": MAX_PAYLOAD_MB,
         "TransformInput": {
             "DataSource": {"S3DataSource": {"S3DataType": "S3Prefix", "S3Uri": input_uri}},
-            "ContentType": CONTENT_TYPE, "CompressionType": "None", "SplitType": "None"},
+            "ContentType": contract.BATCH_RECORD_CONTENT_TYPE, "CompressionType": "None", "SplitType": "None"},
         "TransformOutput": {"S3OutputPath": output_uri, "Accept": "application/json",
                             "AssembleWith": "None"},
         "TransformResources": {"InstanceType": instance_type or settings.serve_instance_type,
