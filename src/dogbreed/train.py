@@ -597,16 +597,14 @@ class Progress:
     def epochs_without_improvement(self) -> int:
         return len(self.history) - self.best["epoch"] if self.history else 0
 
-    def record(self, result: EpochResult, sane: bool, eval_model: nn.Module) -> bool:
-        """Add an epoch; True when it is the best so far (a diverged epoch never is)."""
+    def record(self, result: EpochResult, sane: bool, eval_model: nn.Module) -> None:
+        """Add an epoch; keep its weights when it is the best so far (a diverged one never is)."""
         self.history.append(result)
-        if not sane or (result.valid_accuracy, -result.valid_loss) <= (
+        if sane and (result.valid_accuracy, -result.valid_loss) > (
                 self.best["valid_accuracy"], -self.best["valid_loss"]):
-            return False
-        self.best = {"epoch": result.epoch, "valid_accuracy": result.valid_accuracy,
-                     "valid_loss": result.valid_loss}
-        self.best_state = {k: v.detach().cpu().clone() for k, v in eval_model.state_dict().items()}
-        return True
+            self.best = {"epoch": result.epoch, "valid_accuracy": result.valid_accuracy,
+                         "valid_loss": result.valid_loss}
+            self.best_state = {k: v.detach().cpu().clone() for k, v in eval_model.state_dict().items()}
 
 
 def check_valid_loss(valid_loss: float, epoch: int, hp: Hyperparameters, num_classes: int) -> bool:

@@ -94,6 +94,15 @@ def clear_run_dir(base: Path, inside: Path | None) -> None:
         shutil.rmtree(base)
 
 
+def fresh_job(base: Path, inside: Path | None, hyperparameters: Mapping[str, str], data: Path,
+              resume_checkpoint: Path | None) -> contract.Paths:
+    """A run's /opt/ml layout, rebuilt from nothing, with the checkpoint to resume if any."""
+    clear_run_dir(base, inside)
+    paths = contract.prepare_local_job(base, hyperparameters, {contract.TRAINING_CHANNEL: data})
+    place_checkpoint(resume_checkpoint, paths)
+    return paths
+
+
 @dataclasses.dataclass
 class RunResult:
     returncode: int
@@ -161,10 +170,7 @@ class TrainingRun:
     def prepare(self) -> contract.Paths:
         if not (self.data / "train").is_dir():
             raise SettingsError(f"{self.data} has no train/ folder (expected train/ valid/ test/)")
-        clear_run_dir(self.base, self.inside)
-        paths = contract.prepare_local_job(self.base, self.hyperparameters,
-                                           {contract.TRAINING_CHANNEL: self.data})
-        place_checkpoint(self.resume_checkpoint, paths)
+        paths = fresh_job(self.base, self.inside, self.hyperparameters, self.data, self.resume_checkpoint)
         if self.docker_image:
             # A link to a host path means nothing in the container: the data is mounted there.
             link = contract.channel_dir(contract.TRAINING_CHANNEL, paths, {})
@@ -315,10 +321,7 @@ class InProcessRun:
     def run(self) -> RunResult:
         from dogbreed import train  # in-process trials train here: torch is needed anyway
 
-        clear_run_dir(self.base, self.inside)
-        paths = contract.prepare_local_job(self.base, self.hyperparameters,
-                                           {contract.TRAINING_CHANNEL: self.data})
-        place_checkpoint(self.resume_checkpoint, paths)
+        paths = fresh_job(self.base, self.inside, self.hyperparameters, self.data, self.resume_checkpoint)
         started = time.monotonic()
         epochs: list[dict[str, float]] = []
         final: dict[str, float] = {}
