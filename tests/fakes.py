@@ -6,6 +6,7 @@ in milliseconds per epoch). No Java, no torch.
 from __future__ import annotations
 
 import json
+import socket
 import sys
 import threading
 import urllib.parse
@@ -16,6 +17,19 @@ from typing import Any
 from dogbreed import artifacts
 from dogbreed.artifacts import METADATA_FILE, WEIGHTS_FILE  # noqa: F401 - re-exported for tests
 from dogbreed.metrics import best_line
+
+
+def raw_exchange(host: str, port: int, request: bytes) -> bytes:
+    """Send ``request`` as is; all the server answers until it closes (or 5 s pass)."""
+    with socket.create_connection((host, port), timeout=5) as sock:
+        sock.sendall(request)
+        chunks = []
+        try:
+            while chunk := sock.recv(65536):
+                chunks.append(chunk)
+        except TimeoutError:
+            chunks.append(b"<still open>")
+        return b"".join(chunks)
 
 
 def make_archive(tmp: Path, name: str, classes: list[str] | None = None) -> Path:

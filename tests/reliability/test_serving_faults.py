@@ -23,6 +23,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "unit"))  # the fake MMS and models
+import fakes  # noqa: E402
 from fakes import FakeModelServer, make_archive  # noqa: E402
 from test_serve_front import FakeHandler, FakeMMS, call, good_model, register, setup  # noqa: E402,F401
 
@@ -151,17 +152,7 @@ def test_a_model_json_nested_100k_deep_is_a_400_load_failure(tmp_path: Path) -> 
 
 def raw_exchange(setup: dict, request: bytes) -> bytes:
     """Send ``request`` as is; everything the front answers until it closes (or 5 s pass)."""
-    import socket
-
-    with socket.create_connection(("127.0.0.1", setup["port"]), timeout=5) as sock:
-        sock.sendall(request)
-        chunks = []
-        try:
-            while chunk := sock.recv(65536):
-                chunks.append(chunk)
-        except TimeoutError:
-            chunks.append(b"<still open>")
-        return b"".join(chunks)
+    return fakes.raw_exchange("127.0.0.1", setup["port"], request)
 
 
 def test_two_different_content_lengths_are_400(setup: dict) -> None:

@@ -10,6 +10,7 @@ import socket
 from pathlib import Path
 
 import boto3
+import fakes
 import pytest
 from botocore.config import Config
 from fakes import FakeModelServer, make_archive
@@ -292,15 +293,7 @@ def test_router_port_errors_are_one_line(store: ModelStore, tmp_path: Path) -> N
 def raw_exchange(url: str, request: bytes) -> bytes:
     """Send ``request`` as is; all the router answers until it closes (or 5 s pass)."""
     host, port = url.removeprefix("http://").split(":")
-    with socket.create_connection((host, int(port)), timeout=5) as sock:
-        sock.sendall(request)
-        chunks = []
-        try:
-            while chunk := sock.recv(65536):
-                chunks.append(chunk)
-        except TimeoutError:
-            chunks.append(b"<still open>")
-        return b"".join(chunks)
+    return fakes.raw_exchange(host, int(port), request)
 
 
 def test_ambiguous_body_framing_is_400_and_closes(endpoint: Router) -> None:
