@@ -57,7 +57,7 @@ from dogbreed.distributed import World
 
 # The metric lines and their SageMaker MetricDefinitions live in the torch-free dogbreed.metrics
 # (the launcher reads them without importing torch); re-exported here, where DESIGN names them.
-from dogbreed.metrics import (  # noqa: F401, E402  # noqa: E402
+from dogbreed.metrics import (  # noqa: F401, E402
     METRIC_DEFINITIONS,
     METRIC_NAMES,
     OBJECTIVE_METRIC,
