@@ -9,11 +9,12 @@ many processes run on this host:
 * more than one host: one node per host, ranked by the host's position in ``SM_HOSTS``, with
   the first host as the rendezvous (``MASTER_ADDR``).
 
-When the world has more than one process, the entry process becomes this host's agent: it
-starts the local ranks with ``torch.multiprocessing`` (spawn), forwards SIGTERM to them and
-exits with the first failing rank's code. Each rank finds its place in torchrun's variables
+When the world has more than one process, the entry process hands this host's ranks to
+``torch.distributed.run`` (torchrun, started as SageMaker's own PyTorch containers start it:
+``--nnodes --nproc-per-node --master-addr --master-port --node-rank``), which forwards SIGTERM
+and SIGINT to them and reports the first failing rank. Each rank reads torchrun's variables
 (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``, ``MASTER_PORT``), so running the
-entry point under ``torchrun`` works too.
+entry point under a torchrun of one's own works the same.
 
 Training semantics (see README "Distributed training"): ``batch-size`` is the *global* batch.
 Every rank draws the same epoch permutation, splits each global batch into ``world_size``
@@ -32,7 +33,6 @@ import os
 import select
 import signal
 import socket
-import sys
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -49,13 +49,16 @@ log = logging.getLogger(__name__)
 
 # torchrun's variable names: a rank started by torchrun and one started by us look the same.
 RANK_ENV, WORLD_SIZE_ENV, LOCAL_RANK_ENV = "RANK", "WORLD_SIZE", "LOCAL_RANK"
-LOCAL_WORLD_SIZE_ENV, MASTER_ADDR_ENV, MASTER_PORT_ENV = "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"
+MASTER_ADDR_ENV, MASTER_PORT_ENV = "MASTER_ADDR", "MASTER_PORT"
 # A fixed port on the first host for multi-host jobs (torchrun's default); one host picks a free one.
 DEFAULT_MASTER_PORT = 29500
 # Collectives wait this long for a peer before failing the job instead of hanging it forever.
 COLLECTIVE_TIMEOUT = datetime.timedelta(minutes=10)
-# How long the agent lets the other ranks stop by themselves once one has exited non-zero.
-SHUTDOWN_GRACE_SECONDS = 20.0
+# How long torchrun lets the ranks stop by themselves (checkpoint, failure file) after it
+# forwarded a signal, or once one rank has failed, before it kills them.
+SHUTDOWN_GRACE_SECONDS = 30
+# What torchrun starts in each rank: the signal handler first, then torch (dogbreed-train).
+RANK_MODULE = "dogbreed.stopping"
 # Ranks agree on "stop?" every this many steps (one tiny all-reduce); a SIGTERM stops every
 # rank at the same step within this many steps.
 STOP_CHECK_EVERY_STEPS = 4
@@ -90,19 +93,25 @@ class WorldPlan:
     def backend(self) -> str:
         return "nccl" if self.use_gpu else "gloo"
 
-    def rank_env(self, local_rank: int) -> dict[str, str]:
-        """The torchrun variables for ``local_rank`` on this host."""
-        env = {
-            RANK_ENV: str(self.node_rank * self.procs_per_host + local_rank),
-            WORLD_SIZE_ENV: str(self.world_size), LOCAL_RANK_ENV: str(local_rank),
-            LOCAL_WORLD_SIZE_ENV: str(self.procs_per_host), MASTER_ADDR_ENV: self.master_addr,
-            MASTER_PORT_ENV: str(self.master_port),
-        }
+    def launch_env(self, cpu_count: int | None = None) -> dict[str, str]:
+        """What this host's ranks inherit besides torchrun's own variables."""
+        env = {}
         if self.socket_ifname:
             # gloo and NCCL otherwise pick the interface the host name resolves to.
-            env["GLOO_SOCKET_IFNAME"] = self.socket_ifname
-            env["NCCL_SOCKET_IFNAME"] = self.socket_ifname
+            env["GLOO_SOCKET_IFNAME"] = env["NCCL_SOCKET_IFNAME"] = self.socket_ifname
+        if not self.use_gpu:
+            # N CPU ranks share this host's cores (torchrun would give each rank one thread).
+            cores = cpu_count or os.cpu_count() or 1
+            env["OMP_NUM_THREADS"] = str(max(1, cores // self.procs_per_host))
         return env
+
+    def torchrun_args(self, argv: Sequence[str]) -> list[str]:
+        """torchrun's command line for this host: static rendezvous on the first host, no restarts
+        (a SageMaker job that fails is failed; the checkpoint is what carries it on)."""
+        return ["--nnodes", str(len(self.hosts)), "--nproc-per-node", str(self.procs_per_host),
+                "--node-rank", str(self.node_rank), "--master-addr", self.master_addr,
+                "--master-port", str(self.master_port), "--max-restarts", "0",
+                "--shutdown-timeout", str(SHUTDOWN_GRACE_SECONDS), "--module", RANK_MODULE, *argv]
 
 
 def _free_port() -> int:
@@ -135,7 +144,7 @@ def plan_world(paths: Paths, env: Mapping[str, str] | None = None) -> WorldPlan:
 
 
 def is_rank_process(env: Mapping[str, str] | None = None) -> bool:
-    """True inside a rank started by :func:`launch` or by torchrun."""
+    """True inside a rank started by torchrun (:func:`launch` or one's own)."""
     env = os.environ if env is None else env
     return WORLD_SIZE_ENV in env and RANK_ENV in env
 
@@ -206,49 +215,36 @@ def check_gpu(env: Mapping[str, str] | None = None, dev: Path = Path("/dev"),
 
 
 # --- the agent: one per host ----------------------------------------------------------------------
-def _rank_main(local_rank: int, plan: WorldPlan, entry: Callable[[Sequence[str]], int],
-               argv: Sequence[str]) -> None:
-    os.environ.update(plan.rank_env(local_rank))
-    sys.exit(entry(argv))
+def launch(plan: WorldPlan, argv: Sequence[str], on_sigterm: Callable[[], None], exit_code: int = 143) -> int:
+    """Run this host's ranks of the entry point with ``argv`` under torchrun; return the job's
+    exit code: 0, the first failing rank's code (128 + N for a rank killed by signal N), or
+    128 + N when this process got signal N (torchrun forwards it and waits for the ranks).
 
+    ``on_sigterm``: called if SIGTERM arrives while torchrun waits for the other hosts (before
+    any rank starts), before the process exits with ``exit_code``."""
+    from torch.distributed import run as torchrun
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
-def launch(plan: WorldPlan, entry: Callable[[Sequence[str]], int], argv: Sequence[str]) -> int:
-    """Run ``entry(argv)`` in ``plan.procs_per_host`` local ranks; return the job's exit code.
-
-    SIGTERM (or SIGINT) to this agent is forwarded to every rank (they agree to stop at the same step and
-    exit 143). When a rank exits non-zero the others get :data:`SHUTDOWN_GRACE_SECONDS` to
-    notice (a broken collective, or the stop agreement) before they are terminated.
-    """
-    import torch.multiprocessing as mp
-
-    log.info("event=launch hosts=%d node_rank=%d procs_per_host=%d world_size=%d backend=%s "
-             "master=%s:%d", len(plan.hosts), plan.node_rank, plan.procs_per_host,
-             plan.world_size, plan.backend, plan.master_addr, plan.master_port)
-    context = mp.start_processes(_rank_main, args=(plan, entry, list(argv)),
-                                 nprocs=plan.procs_per_host, join=False, start_method="spawn")
-
-    def forward(signum: int, _frame: Any) -> None:
-        for pid in context.pids():
-            try:
-                os.kill(pid, signum)
-            except ProcessLookupError:
-                pass
-
-    # SIGINT too: the agent's own start-up handler would otherwise exit and orphan the ranks.
-    previous = {signum: signal.signal(signum, forward) for signum in (signal.SIGTERM, signal.SIGINT)}
+    for key, value in plan.launch_env().items():
+        os.environ.setdefault(key, value)
     try:
-        while not context.join(timeout=1.0, grace_period=SHUTDOWN_GRACE_SECONDS):
-            pass
-    except mp.ProcessExitedException as exc:
-        code = exc.exit_code if exc.exit_code > 0 else 128 - exc.exit_code
-        log.error("event=rank_failed local_rank=%d exit_code=%d", exc.error_index, code)
+        # torchrun installs its own handlers just before it starts the ranks; until then a
+        # SIGTERM during the rendezvous with the other hosts ends this process at once.
+        with sigterm_ends_the_wait(on_sigterm, exit_code):
+            log.info("event=launch launcher=torchrun hosts=%d node_rank=%d procs_per_host=%d "
+                     "world_size=%d backend=%s master=%s:%d", len(plan.hosts), plan.node_rank,
+                     plan.procs_per_host, plan.world_size, plan.backend, plan.master_addr,
+                     plan.master_port)
+            torchrun.run(torchrun.parse_args(plan.torchrun_args(argv)))
+    except ChildFailedError as exc:
+        rank, failure = exc.get_first_failure()
+        code = failure.exitcode if failure.exitcode > 0 else 128 - failure.exitcode
+        log.error("event=rank_failed rank=%d exit_code=%d", rank, code)
         return code
-    except mp.ProcessRaisedException as exc:  # entry() returns codes; this is a crash
-        log.error("event=rank_failed local_rank=%d error=%s", exc.error_index, exc)
-        return 1
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
+    except SignalException as exc:
+        log.warning("event=signal signal=%s action=ranks_stopped", signal.Signals(exc.sigval).name)
+        return 128 + int(exc.sigval)
     return 0
 
 
@@ -340,26 +336,33 @@ class World:
 ONE_PROCESS = World()
 
 
+def _deferred(_signum: int, _frame: Any) -> None:
+    """The Python-level SIGTERM handler while :func:`sigterm_ends_the_wait` owns the signal: the
+    watcher thread acts on it (the handler must exist so the C-level one sees the signal)."""
+
+
 @contextlib.contextmanager
 def sigterm_ends_the_wait(on_sigterm: Callable[[], None], exit_code: int) -> Iterator[None]:
     """While the main thread waits inside C++, a SIGTERM still ends the process promptly.
 
-    ``init_process_group`` retries its rendezvous through EINTR, and a Python signal handler
-    runs only once the call returns: a host whose peer never came kept waiting 10 minutes
-    after a SIGTERM (SageMaker's StopTrainingJob then SIGKILLs it, without a failure file). The
-    C-level handler writes each signal number to ``set_wakeup_fd`` at once; a thread reading it
-    calls ``on_sigterm`` (the failure file) and exits. Needs a Python-level SIGTERM handler
-    (the trainer's StopFlag) so the signal is caught at all.
+    A rendezvous (``init_process_group``, torchrun's with the other hosts) retries through
+    EINTR, and a Python signal handler runs only once the call returns: a host whose peer never
+    came kept waiting 10 minutes after a SIGTERM (SageMaker's StopTrainingJob then SIGKILLs it,
+    without a failure file). Inside this block SIGTERM belongs to a watcher thread: the C-level
+    handler writes the signal number to ``set_wakeup_fd`` at once, and the thread calls
+    ``on_sigterm`` (the failure file) and exits. Code that installs its own SIGTERM handler
+    inside the block (torchrun, once its ranks start) takes the signal back from the watcher.
     """
     reader, writer = socket.socketpair()
     writer.setblocking(False)
-    previous = signal.set_wakeup_fd(writer.fileno(), warn_on_full_buffer=False)
+    previous_handler = signal.signal(signal.SIGTERM, _deferred)
+    previous_fd = signal.set_wakeup_fd(writer.fileno(), warn_on_full_buffer=False)
     done = threading.Event()
 
     def watch() -> None:
         while not done.is_set():
             if select.select([reader], [], [], 0.5)[0] and signal.SIGTERM in reader.recv(64):
-                if not done.is_set():
+                if not done.is_set() and signal.getsignal(signal.SIGTERM) is _deferred:
                     log.warning("event=signal signal=SIGTERM action=exit during=rendezvous")
                     on_sigterm()
                     os._exit(exit_code)
@@ -370,7 +373,8 @@ def sigterm_ends_the_wait(on_sigterm: Callable[[], None], exit_code: int) -> Ite
         yield
     finally:
         done.set()
-        signal.set_wakeup_fd(previous)
+        signal.set_wakeup_fd(previous_fd)
+        signal.signal(signal.SIGTERM, previous_handler)
         watcher.join(2.0)
         reader.close()
         writer.close()
@@ -390,14 +394,10 @@ def init_rank(env: Mapping[str, str] | None = None,
     if torch.cuda.is_available():
         device = torch.device("cuda", local_rank % torch.cuda.device_count())
         torch.cuda.set_device(device)
-    elif "OMP_NUM_THREADS" not in env:
-        # N ranks share this host's cores: N x all-cores threads would oversubscribe them.
-        local_size = int(env.get(LOCAL_WORLD_SIZE_ENV, "1"))
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(local_size, 1)))
     backend = "nccl" if device is not None else "gloo"
-    log.info("event=rendezvous rank=%d world_size=%d master=%s:%s timeout_s=%d", rank, size,
-             env.get(MASTER_ADDR_ENV), env.get(MASTER_PORT_ENV), COLLECTIVE_TIMEOUT.total_seconds())
     with sigterm_ends_the_wait(on_sigterm, exit_code) if on_sigterm else contextlib.nullcontext():
+        log.info("event=rendezvous rank=%d world_size=%d master=%s:%s timeout_s=%d", rank, size,
+                 env.get(MASTER_ADDR_ENV), env.get(MASTER_PORT_ENV), COLLECTIVE_TIMEOUT.total_seconds())
         dist.init_process_group(backend=backend, rank=rank, world_size=size,
                                 timeout=COLLECTIVE_TIMEOUT, device_id=device)
     host = env.get(contract.SM_CURRENT_HOST) or socket.gethostname()

@@ -114,3 +114,7 @@ def main() -> int:
     from dogbreed import train
 
     return train.main()
+
+
+if __name__ == "__main__":  # how torchrun starts each rank (dogbreed.distributed.RANK_MODULE)
+    sys.exit(main())

@@ -822,8 +822,8 @@ configure_logging = stopping.configure_logging
 def main(argv: Sequence[str] | None = None) -> int:
     """Console entry point. Returns the process exit code (also used by ``sys.exit``).
 
-    With a world of more than one process this process becomes the host's agent and starts
-    the ranks, each of which runs this function again (see :mod:`dogbreed.distributed`).
+    With a world of more than one process this process becomes the host's agent: torchrun
+    starts the ranks, each of which runs this function again (see :mod:`dogbreed.distributed`).
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     if any(a in ("-h", "--help") for a in argv):
@@ -845,23 +845,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         where = f"{world.describe()}: " if world.distributed else ""
         contract.write_failure(where + reason, paths, first_wins=world.distributed)
 
+    def waited_for_peers() -> None:
+        contract.write_failure("SIGTERM while waiting for the other ranks to join: nothing was trained",
+                               paths, first_wins=True)
+
     try:
         device = None
         if not is_rank:
             distributed.check_gpu()
             plan = distributed.plan_world(paths)
-            if plan.procs_per_host > 1:
-                code = distributed.launch(plan, main, argv)
+            if plan.world_size > 1:  # this process is the host's agent: torchrun starts the ranks
+                code = distributed.launch(plan, argv, on_sigterm=waited_for_peers, exit_code=EXIT_SIGTERM)
                 if code and not paths.failure_file.exists():
                     contract.write_failure(f"a training rank on {plan.current_host} exited with code {code}", paths)
                 return code
-            if plan.world_size > 1:  # one rank on each of several hosts: this process is it
-                os.environ.update(plan.rank_env(0))
-                is_rank = True
         if is_rank:
-            world, device = distributed.init_rank(on_sigterm=lambda: contract.write_failure(
-                "SIGTERM while waiting for the other ranks to join: nothing was trained", paths,
-                first_wins=True), exit_code=EXIT_SIGTERM)
+            world, device = distributed.init_rank(on_sigterm=waited_for_peers, exit_code=EXIT_SIGTERM)
         hp = contract.load_hyperparameters(argv, paths)
         if hp.batch_size < 2 * world.size:  # each rank trains on 1/N of a batch
             raise ContractError(f"hyperparameter batch-size={hp.batch_size} gives a rank fewer than 2 "

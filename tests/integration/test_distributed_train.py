@@ -46,7 +46,7 @@ def test_two_gloo_ranks_train_one_model_like_one_process(make_job):
 
     # Both ranks trained (gloo), rank 0 alone wrote: one artifact, one set of metric lines.
     assert "world_size=2 rank=0" in double.stderr and "world_size=2 rank=1" in double.stderr
-    assert "backend=gloo" in double.stderr
+    assert "backend=gloo" in double.stderr and "event=launch launcher=torchrun" in double.stderr
     assert sorted(p.name for p in two.model_dir.iterdir()) == ["model.json", "model.onnx", "model.pt"]
     assert double.stderr.count("event=done model_dir=") == 1
     lines = EPOCH_LINE.findall(double.stdout)
@@ -67,8 +67,9 @@ def test_two_gloo_ranks_train_one_model_like_one_process(make_job):
     assert not model.training
 
 
-def test_sigterm_to_one_rank_stops_every_rank_and_the_rerun_resumes(make_job):
-    paths = make_job({**DDP_HPS, "epochs": "40"})
+def _sigterm_after_the_first_epoch(paths: contract.Paths, to_rank: int | None) -> tuple[int, str, dict[int, int]]:
+    """Start 2 ranks, SIGTERM rank ``to_rank`` (None: the agent, as SageMaker and `docker stop`
+    signal the container's main process) once epoch 1 is printed; the agent's exit code and output."""
     env = {**os.environ, contract.BASE_DIR_ENV: str(paths.base), contract.NPROC_PER_HOST_ENV: "2"}
     agent = subprocess.Popen([sys.executable, "-m", "dogbreed.train"], env=env, text=True,
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
@@ -81,15 +82,30 @@ def test_sigterm_to_one_rank_stops_every_rank_and_the_rerun_resumes(make_job):
                 break
         assert set(pids) == {0, 1}
         signalled = time.monotonic()
-        os.kill(pids[1], signal.SIGTERM)
+        os.kill(agent.pid if to_rank is None else pids[to_rank], signal.SIGTERM)
         rest, _ = agent.communicate(timeout=60)
-        stopped_in = time.monotonic() - signalled
+        assert time.monotonic() - signalled < 30
     finally:
         agent.kill()
-    assert agent.returncode == train.EXIT_SIGTERM, rest[-3000:]
-    assert stopped_in < 30
     for pid in pids.values():  # every rank is gone
         assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text()
+    return agent.returncode, rest, pids
+
+
+def test_sigterm_to_the_agent_stops_every_rank_with_a_checkpoint(make_job):
+    paths = make_job({**DDP_HPS, "epochs": "40"})
+    code, output, _ = _sigterm_after_the_first_epoch(paths, to_rank=None)
+    assert code == train.EXIT_SIGTERM, output[-3000:]
+    failure = paths.failure_file.read_text()
+    assert "SIGTERM" in failure and "received by rank" in failure, failure
+    state = torch.load(paths.checkpoints_dir / "checkpoint.pt", weights_only=True)
+    assert int(state["epoch"]) >= 1 and not (paths.model_dir / "model.pt").exists()
+
+
+def test_sigterm_to_one_rank_stops_every_rank_and_the_rerun_resumes(make_job):
+    paths = make_job({**DDP_HPS, "epochs": "40"})
+    code, rest, _ = _sigterm_after_the_first_epoch(paths, to_rank=1)
+    assert code == train.EXIT_SIGTERM, rest[-3000:]
     failure = paths.failure_file.read_text()
     assert "SIGTERM" in failure and "received by rank 1 of 2" in failure
     assert not (paths.model_dir / "model.pt").exists()
@@ -128,16 +144,10 @@ def test_gpu_requested_but_unusable_fails_fast_with_the_reason(make_job, tmp_pat
     assert not (paths.model_dir / "model.pt").exists()
 
 
-def test_sigterm_while_waiting_for_a_peer_that_never_comes_ends_the_job_at_once(make_job):
-    """A multi-host rank whose master never answers waits in init_process_group's C++ retry
-    loop, where a Python signal handler cannot run: SIGTERM used to be ignored for the whole
-    10-minute rendezvous timeout. Now it exits 143 at once with a failure file."""
-    paths = make_job(DDP_HPS, name="lonely")
-    with socket.socket() as probe:  # a port nobody listens on: the master never comes
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    env = {**os.environ, contract.BASE_DIR_ENV: str(paths.base), "RANK": "1", "WORLD_SIZE": "2",
-           "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+def _sigterm_once_waiting(paths: contract.Paths, env: dict[str, str], waiting_line: str) -> None:
+    """Start the entry point; SIGTERM it once it logs ``waiting_line`` (from that line on the
+    signal belongs to the rendezvous watcher); it must exit 143 at once with the failure file."""
+    env = {**os.environ, contract.BASE_DIR_ENV: str(paths.base), **env}
     env.pop(contract.SM_HPS, None)
     process = subprocess.Popen([sys.executable, "-m", "dogbreed.train"], env=env, text=True,
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -145,11 +155,10 @@ def test_sigterm_while_waiting_for_a_peer_that_never_comes_ends_the_job_at_once(
         seen = []
         for line in process.stderr:
             seen.append(line)
-            if "event=rendezvous rank=1 world_size=2" in line:
+            if waiting_line in line:
                 break
         else:
             pytest.fail("".join(seen)[-3000:])
-        time.sleep(1.0)  # inside init_process_group by now
         signalled = time.monotonic()
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=30) == train.EXIT_SIGTERM
@@ -158,3 +167,30 @@ def test_sigterm_while_waiting_for_a_peer_that_never_comes_ends_the_job_at_once(
         process.kill()
         process.wait()
     assert "SIGTERM while waiting for the other ranks to join" in paths.failure_file.read_text()
+
+
+def _unused_port() -> int:
+    with socket.socket() as probe:  # a port nobody listens on: the master never comes
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_sigterm_while_a_rank_waits_for_a_peer_that_never_comes_ends_the_job_at_once(make_job):
+    """A rank whose master never answers waits in init_process_group's C++ retry loop, where a
+    Python signal handler cannot run: SIGTERM used to be ignored for the whole 10-minute
+    rendezvous timeout. Now it exits 143 at once with a failure file."""
+    paths = make_job(DDP_HPS, name="lonely")
+    env = {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1",
+           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_unused_port())}
+    _sigterm_once_waiting(paths, env, "event=rendezvous rank=1 world_size=2")
+
+
+def test_sigterm_while_torchrun_waits_for_the_first_host_ends_the_job_at_once(make_job):
+    """The second host of a two-host job: its torchrun waits for the first host's rendezvous
+    store, which never comes up; StopTrainingJob's SIGTERM still ends it at once."""
+    paths = make_job(DDP_HPS, name="second-host")
+    paths.input_config_dir.mkdir(parents=True, exist_ok=True)
+    paths.resource_config_file.write_text(json.dumps({
+        "current_host": "127.0.0.1", "hosts": ["localhost", "127.0.0.1"], "network_interface_name": "lo"}))
+    env = {contract.MASTER_PORT_ENV: str(_unused_port())}
+    _sigterm_once_waiting(paths, env, "event=launch launcher=torchrun hosts=2 node_rank=1")

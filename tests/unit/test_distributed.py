@@ -25,12 +25,35 @@ def test_one_host_without_config_is_one_process(tmp_path):
     assert plan.master_addr == "127.0.0.1" and plan.socket_ifname == "lo"
 
 
+def _option(args: list[str], name: str) -> str:
+    return args[args.index(name) + 1]
+
+
 def test_nproc_per_host_starts_cpu_ranks_on_the_loopback(tmp_path):
     plan = distributed.plan_world(_paths(tmp_path), env={contract.NPROC_PER_HOST_ENV: "2"})
     assert plan.world_size == 2 and plan.backend == "gloo" and plan.master_port > 0
-    env = plan.rank_env(1)
-    assert env["RANK"] == "1" and env["WORLD_SIZE"] == "2" and env["LOCAL_RANK"] == "1"
-    assert env["MASTER_ADDR"] == "127.0.0.1" and env["GLOO_SOCKET_IFNAME"] == "lo"
+    args = plan.torchrun_args(["--epochs", "3"])
+    assert [_option(args, o) for o in ("--nnodes", "--nproc-per-node", "--node-rank", "--master-addr")] == [
+        "1", "2", "0", "127.0.0.1"]
+    assert _option(args, "--master-port") == str(plan.master_port) and _option(args, "--max-restarts") == "0"
+    assert args[-4:] == ["--module", distributed.RANK_MODULE, "--epochs", "3"]
+    env = plan.launch_env(cpu_count=8)
+    assert env["GLOO_SOCKET_IFNAME"] == "lo" and env["OMP_NUM_THREADS"] == "4"  # the cores, shared
+    assert plan.launch_env(cpu_count=1)["OMP_NUM_THREADS"] == "1"
+
+
+def test_torchrun_reads_our_command_line_as_sagemaker_starts_it(tmp_path):
+    """torchrun's own parser takes what the plan writes, as SageMaker's toolkit passes it
+    (--nnodes, --nproc_per_node, --master_addr, --master_port, --node_rank)."""
+    from torch.distributed.run import parse_args
+
+    paths = _paths(tmp_path, {"current_host": "algo-2", "hosts": ["algo-1", "algo-2"]})
+    plan = distributed.plan_world(paths, env={contract.NPROC_PER_HOST_ENV: "3"})
+    args = parse_args(plan.torchrun_args(["--lr", "0.1"]))
+    assert (args.nnodes, args.nproc_per_node, args.node_rank) == ("2", "3", 1)
+    assert (args.master_addr, args.master_port, args.max_restarts) == ("algo-1", 29500, 0)
+    assert args.module and args.training_script == distributed.RANK_MODULE
+    assert args.training_script_args == ["--lr", "0.1"]
 
 
 def test_multi_host_ranks_follow_sm_hosts_and_rendezvous_on_the_first(tmp_path):
@@ -38,12 +61,14 @@ def test_multi_host_ranks_follow_sm_hosts_and_rendezvous_on_the_first(tmp_path):
                               "network_interface_name": "eth0"})
     plan = distributed.plan_world(paths, env={contract.MASTER_PORT_ENV: "29611"})
     assert (plan.world_size, plan.node_rank, plan.master_addr, plan.master_port) == (2, 1, "algo-1", 29611)
-    assert plan.rank_env(0)["RANK"] == "1" and plan.rank_env(0)["NCCL_SOCKET_IFNAME"] == "eth0"
+    assert _option(plan.torchrun_args([]), "--node-rank") == "1"
+    assert plan.launch_env()["NCCL_SOCKET_IFNAME"] == "eth0"
     # The toolkit's SM_* variables win over the file.
     env = {contract.SM_HOSTS: '["algo-1", "algo-2", "algo-3"]', contract.SM_CURRENT_HOST: "algo-3",
            contract.NPROC_PER_HOST_ENV: "2"}
     plan = distributed.plan_world(paths, env=env)
-    assert (plan.world_size, plan.node_rank, plan.rank_env(1)["RANK"]) == (6, 2, "5")
+    assert (plan.world_size, plan.node_rank) == (6, 2)
+    assert _option(plan.torchrun_args([]), "--nnodes") == "3"
     assert plan.master_port == distributed.DEFAULT_MASTER_PORT
 
 
