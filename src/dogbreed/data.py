@@ -17,6 +17,7 @@ import io
 import logging
 import math
 import os
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -148,8 +149,6 @@ def check_image_header(image: bytes, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
     refuses them), more than ``max_pixels`` or :data:`MAX_IMAGE_SIDE` per
     side, an aspect ratio over :data:`MAX_ASPECT_RATIO`, or (given ``resize_size``) a short-side
     resize to it over ``max_pixels``."""
-    import warnings
-
     from PIL import Image, UnidentifiedImageError
 
     if not image:
@@ -198,8 +197,6 @@ def check_png(data: bytes) -> None:
     every chunk's). PIL raises for these files. Costs one extra decode per PNG; JPEGs are not
     affected.
     """
-    import io
-
     from PIL import Image
 
     try:

@@ -44,6 +44,6 @@ TOP_K_PROPERTY = "top_k"
 
 def error_body(status: int, error_type: str, message: str) -> bytes:
     """The JSON error every layer of the server answers with (MMS's own shape)."""
-    import json
+    import json  # not at the top: the worker shim imports this package on every cold load
 
     return json.dumps({"code": status, "type": error_type, "message": message}).encode()

@@ -21,14 +21,22 @@ space (RLIMIT_AS, set in the child right after the fork). It is single-threaded
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import io
 import json
 import os
+import random
+import resource
 import runpy
 import selectors
 import signal
 import socket
+import stat
 import sys
 import time
+import traceback
+
+from dogbreed.serve import WORKER_MEMORY_ENV
 
 SOCKET_NAME = "zygote.sock"
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
@@ -62,8 +70,6 @@ def limit_address_space(megabytes: str | None) -> None:
     """In a new worker: at most ``megabytes`` more address space than it has now (RLIMIT_AS)."""
     if not megabytes or not megabytes.strip():
         return
-    import resource
-
     extra = int(megabytes) * 2**20
     if extra <= 0:
         raise ValueError(f"worker memory limit must be a positive number of MB, got {megabytes!r}")
@@ -99,8 +105,6 @@ def record_fifos(record: str) -> None:
 
 def remove_worker_files(sock_name: str) -> None:
     """Remove a dead worker's socket and the FIFOs it recorded (only sockets and FIFOs)."""
-    import stat
-
     record = sock_name + FIFO_RECORD_SUFFIX
     try:
         with open(record, encoding="utf-8") as handle:
@@ -167,9 +171,7 @@ def shim_main(socket_path: str, python: str) -> None:
 
 def warm_up(architectures: tuple[str, ...] = WARM_ARCHITECTURES, size: int = 224) -> None:
     """One thread only: no OpenMP pool may exist when the zygote forks."""
-    import io
-
-    import torch
+    import torch  # here, in the zygote process: the server imports this module without torch
 
     from dogbreed import models
 
@@ -331,13 +333,9 @@ class Zygote:
         code = 1
         try:
             os.setpgid(0, 0)  # its own group, so it can be killed with whatever it forks
-            from dogbreed.serve import WORKER_MEMORY_ENV
-
             limit_address_space(request["env"].get(WORKER_MEMORY_ENV))
             if sock_name := argv_value(request["argv"], "--sock-name"):
                 record_fifos(sock_name + FIFO_RECORD_SUFFIX)
-            import ctypes
-
             libc = ctypes.CDLL(None)
             libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)  # dies with the zygote
             # ...and so does whatever it forks (MMS's worker forks one process per connection,
@@ -360,16 +358,12 @@ class Zygote:
             sys.argv = request["argv"][1:]  # [worker script, args...]
             extra = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
             sys.path[:0] = [os.path.dirname(os.path.abspath(sys.argv[0])), *extra]
-            import random
-
             random.seed()
             runpy.run_path(sys.argv[0], run_name="__main__")
             code = 0
         except SystemExit as exc:
             code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
         except BaseException:  # noqa: B036 - the child must never return into the zygote's loop
-            import traceback
-
             traceback.print_exc()
         finally:
             try:
