@@ -5,6 +5,8 @@ VENV ?= .venv
 PYTHON ?= $(VENV)/bin/python
 SAMPLE_DATA ?= ../shared/data/dogs-sample
 PYTEST_ARGS ?=
+# make test's pytest processes (pytest-xdist); each test file stays on one (its servers are shared).
+TEST_WORKERS ?= 2
 
 .DEFAULT_GOAL := help
 .PHONY: help install test test-all lint format audit demo bench-train bench-serve soak clean
@@ -22,7 +24,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 test: install ## run the test suite (CPU; real MMS and Java; docker tests run in test-docker)
-	$(PYTHON) -m pytest $(PYTEST_ARGS)
+	$(PYTHON) -m pytest -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 lint: install ## ruff over src, scripts and tests
 	$(PYTHON) -m ruff check src scripts tests

@@ -22,17 +22,29 @@ TINY_HYPERPARAMETERS = {"model": "resnet18", "epochs": "1", "batch-size": "16", 
                         "image-size": "64", "weights": "none"}
 
 
+# The longest test file (minutes): first in line, so under `make test`'s workers the others
+# fill the time beside it instead of waiting for it at the end.
+LONGEST_FIRST = "tests/integration/test_readme_walk.py"
+
+
 def pytest_configure(config: pytest.Config) -> None:
     """Ctrl-C as a terminal sends it, whatever started pytest: a shell without job control starts
     its background jobs with SIGINT ignored, an ignored signal stays ignored across exec, and the
     Ctrl-C tests (this process raising SIGINT, or sending it to a `dogbreed` it started) would
-    see nothing arrive."""
+    see nothing arrive.
+
+    Under pytest-xdist each worker, and what it starts, gets one OpenMP thread: N workers each
+    spinning a thread per core would slow every one of them down."""
     if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
         signal.signal(signal.SIGINT, signal.default_int_handler)
+    if hasattr(config, "workerinput"):  # an xdist worker, before any test imports torch
+        os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Docker tests need an engine and ~10 minutes: they run only under `make test-docker`."""
+    """The longest file first (:data:`LONGEST_FIRST`). Docker tests need an engine and ~10
+    minutes: they run only under `make test-docker`."""
+    items.sort(key=lambda item: item.nodeid.split("::")[0] != LONGEST_FIRST)  # stable
     if os.environ.get("DOGBREED_DOCKER_TESTS") == "1":
         return
     skip = pytest.mark.skip(reason="docker tests run with `make test-docker` "

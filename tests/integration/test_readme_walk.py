@@ -116,7 +116,7 @@ def test_the_walk_covers_every_flow_of_the_readme() -> None:
 def checkout(sample_data: Path) -> Iterator[Path]:
     """A folder laid out as the README expects: ``.venv`` and ``../shared/data/dogs-sample``.
     Under a short /tmp path: the local endpoint's unix sockets live in ``.dogbreed/endpoint``
-    (at most 80 characters), too deep under pytest's tmp_path."""
+    (at most 91 characters), too deep under pytest's tmp_path."""
     top = Path(tempfile.mkdtemp(prefix="rw-"))
     try:
         root = top / "c"

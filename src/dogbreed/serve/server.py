@@ -50,7 +50,9 @@ log = logging.getLogger("dogbreed.serve")
 HANDLER_MODULE = "dogbreed.serve.handler"
 SINGLE_MODEL_NAME = contract.SINGLE_MODEL_NAME
 PID_FILE = "dogbreed-serve.pid"
-MAX_RUN_DIR_LENGTH = 80  # a unix socket path fits in 108 bytes; MMS adds "/.mms.sock.NNNN"
+# A unix socket path is at most 107 bytes (sun_path, NUL included); the longest socket in the run
+# dir is an MMS worker's, "/.mms.sock.<port>" (16 with a 5-digit port).
+MAX_RUN_DIR_LENGTH = 107 - len("/.mms.sock.65535")
 
 
 class ServerError(RuntimeError):
