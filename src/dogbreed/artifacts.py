@@ -207,7 +207,7 @@ def load_state(model_dir: Path) -> tuple[dict[str, torch.Tensor], ModelMetadata]
 
 def load_model(model_dir: Path, device: torch.device | str = "cpu") -> tuple[nn.Module, ModelMetadata]:
     """Rebuild the trained model from a model dir (weights_only load), in eval mode."""
-    from dogbreed.models import build_for_inference
+    from dogbreed.models import build_for_inference  # imports torch
 
     state, metadata = load_state(model_dir)
     weights = find_model_dir(Path(model_dir)) / WEIGHTS_FILE
@@ -227,7 +227,7 @@ def validate_model_archive(archive: Path) -> ModelMetadata:
     a ``model.onnx`` answering as the weights do.
     Raises :class:`ArtifactError` saying what is wrong; nothing is kept.
     """
-    from dogbreed import onnx_export
+    from dogbreed import onnx_export  # imports this module, and torch
 
     archive = Path(archive)
     if not archive.is_file():
@@ -249,7 +249,7 @@ def pack(model_dir: Path, archive: Path) -> Path:
     A ``model.onnx`` must answer as ``model.pt`` does (:func:`dogbreed.onnx_export.check_model_dir`):
     a graph that disagrees with its weights is refused, naming the difference.
     """
-    from dogbreed import onnx_export
+    from dogbreed import onnx_export  # imports this module, and torch
 
     model_dir = Path(model_dir)
     for required in (WEIGHTS_FILE, METADATA_FILE):

@@ -31,6 +31,7 @@ from dogbreed.contract import (
     ContractError,
     Paths,
 )
+from dogbreed.debugger_config import hook_config
 
 log = logging.getLogger(__name__)
 
@@ -59,8 +60,6 @@ def in_job_config_path(paths: Paths, env: Mapping[str, str] | None = None) -> Pa
     env = os.environ if env is None else env
     if _hook_off(env) or not env.get(TRAINING_JOB_NAME_ENV):
         return None
-    from dogbreed.debugger_config import hook_config  # torch-free constants shared with requests
-
     config = hook_config(str(in_job_tensors_dir(paths)))
     handle, name = tempfile.mkstemp(prefix="dogbreed-debughookconfig-", suffix=".json")
     with os.fdopen(handle, "w", encoding="utf-8") as file:

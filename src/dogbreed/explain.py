@@ -25,11 +25,14 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torchvision.transforms.functional as TF
+from PIL import Image
 from torch import nn
 
 from dogbreed import artifacts, contract, data
+from dogbreed.reports import _pyplot
 from dogbreed.serve import MAX_IMAGE_PIXELS_ENV
 
 ALPHA = 0.45  # heat map opacity over the photo
@@ -62,6 +65,7 @@ def explain(model: nn.Module, image_tensor: torch.Tensor, target_classes: int | 
     [0, 1] on the CPU, each map scaled by its own maximum (all zeros when no pixel argues for
     the class).
     """
+    # Captum: the explain extra's; load() users (the launcher's in-process predictor) go without
     from captum.attr import LayerAttribution, LayerGradCam
 
     if image_tensor.dim() == 3:
@@ -88,9 +92,7 @@ def explain(model: nn.Module, image_tensor: torch.Tensor, target_classes: int | 
 
 def overlay(image: torch.Tensor, heatmap: torch.Tensor, alpha: float = ALPHA) -> Any:
     """The photo (``uint8[3,H,W]``) under the heat map (``[H,W]`` in [0,1], 'jet'): a PIL image."""
-    import matplotlib
-    import numpy as np
-    from PIL import Image
+    import matplotlib  # optional; load() users go without
 
     colours = matplotlib.colormaps["jet"](heatmap.numpy())[..., :3]
     photo = image.permute(1, 2, 0).cpu().numpy().astype(np.float32) / 255
@@ -167,8 +169,6 @@ def explain_files(model_path: Path, images: Sequence[Path], out_dir: Path, top_k
     (``ca/x.jpg cb/x.jpg``) get ``x.gradcam.png``, ``x-2.gradcam.png``, … in the order given
     (see :func:`overlay_names`). Returns what was written. ``ValueError`` (one line) for an image
     serving would refuse, one that does not decode, or an ``out_dir`` that cannot be written."""
-    from dogbreed.reports import _pyplot
-
     out_dir = Path(out_dir)
     try:
         out_dir.mkdir(parents=True, exist_ok=True)

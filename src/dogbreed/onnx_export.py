@@ -28,12 +28,16 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from dogbreed import artifacts
+import numpy
+import torch
+from torch import nn
 
+from dogbreed import artifacts, data
+
+# onnxruntime and onnx are optional (GPU serving and torch-only installs go without them):
+# imported where they are used.
 if TYPE_CHECKING:
     import onnxruntime
-    import torch
-    from torch import nn
 
 log = logging.getLogger("dogbreed.onnx")
 
@@ -105,8 +109,6 @@ class GraphCheck:
 def export(model: nn.Module, image_size: int, path: Path) -> None:
     """Write ``model`` (eval mode, CPU, float32) as an ONNX graph taking a normalised
     ``float32[batch, 3, image_size, image_size]`` and answering logits; atomically."""
-    import torch
-
     model = model.eval()
     example = torch.zeros(1, 3, image_size, image_size)
     buffer = io.BytesIO()
@@ -153,8 +155,6 @@ def check_output_shape(ort_session: onnxruntime.InferenceSession, num_classes: i
 
 def run(ort_session: onnxruntime.InferenceSession, inputs: torch.Tensor) -> torch.Tensor:
     """Logits for a normalised float32 batch."""
-    import torch
-
     array = inputs.detach().to("cpu", torch.float32).contiguous().numpy()
     return torch.from_numpy(ort_session.run([OUTPUT_NAME], {INPUT_NAME: array})[0])
 
@@ -163,10 +163,6 @@ def fixed_inputs(metadata: artifacts.ModelMetadata, count: int = FIXED_INPUT_COU
                  seed: int = FIXED_INPUT_SEED) -> torch.Tensor:
     """``count`` seeded uint8 images at the serving crop, normalised as serving does: the
     check's inputs where there is no test split (same on every machine)."""
-    import torch
-
-    from dogbreed import data
-
     generator = torch.Generator().manual_seed(seed)
     size = metadata.image_size
     pixels = torch.randint(0, 256, (count, 3, size, size), generator=generator, dtype=torch.uint8)
@@ -176,8 +172,6 @@ def fixed_inputs(metadata: artifacts.ModelMetadata, count: int = FIXED_INPUT_COU
 def compare(model: nn.Module, ort_session: onnxruntime.InferenceSession,
             batches: Iterable[torch.Tensor], inputs: str) -> GraphCheck:
     """Run PyTorch (CPU, float32) and ONNX Runtime on each normalised batch."""
-    import torch
-
     model = model.eval()
     images = disagreements = 0
     max_diff = 0.0
@@ -202,8 +196,6 @@ def compare(model: nn.Module, ort_session: onnxruntime.InferenceSession,
 def split_batches(images: torch.Tensor, metadata: artifacts.ModelMetadata,
                  batch_size: int = CHECK_BATCH) -> Iterator[torch.Tensor]:
     """The test split's decoded ``uint8[N,3,S,S]`` images through the serving transform."""
-    from dogbreed import data
-
     for start in range(0, images.shape[0], batch_size):
         chunk = images[start:start + batch_size].cpu()
         yield data.eval_transform(chunk, metadata.image_size, metadata.mean, metadata.std)
@@ -267,7 +259,6 @@ def warm_up_runtime(size: int = 224) -> bool:
     with the ``onnx`` package's helpers (no torch export: that starts a thread); False if
     either package is missing. Runs on one thread and leaves none behind."""
     try:
-        import numpy
         from onnx import TensorProto, helper, numpy_helper
     except ImportError:
         return False

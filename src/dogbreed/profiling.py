@@ -44,7 +44,7 @@ class _Sampler(threading.Thread):
         self._handle: Any = None
         if device.type == "cuda":
             try:
-                import pynvml
+                import pynvml  # optional (nvidia-ml-py, train extra)
 
                 pynvml.nvmlInit()
                 index = device.index if device.index is not None else torch.cuda.current_device()
@@ -55,7 +55,7 @@ class _Sampler(threading.Thread):
             except Exception as exc:  # noqa: BLE001 - no NVML: the report says so, training goes on
                 log.warning("event=nvml_unavailable error=%s", exc)
         try:
-            import psutil
+            import psutil  # optional: the report imports this module without it
 
             self._process = psutil.Process()
             self._process.cpu_percent(None)  # the first call only primes the counter

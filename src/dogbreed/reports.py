@@ -33,6 +33,7 @@ def classification_report(labels: torch.Tensor, predictions: torch.Tensor,
 
 
 def _pyplot():
+    # Optional (not in the serve extra) and slow to import; pyplot only after choosing Agg.
     import matplotlib
 
     matplotlib.use("Agg")  # headless: containers and CI have no display

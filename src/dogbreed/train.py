@@ -16,6 +16,7 @@ alone writes the model, reports, debugger output and checkpoints.
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import io
 import json
@@ -209,8 +210,6 @@ def faster_layout_on_cpu(model: nn.Module, hp: Hyperparameters, num_classes: int
     times a few steps of both on a copy of the model (the real one's BatchNorm stats stay
     untouched) and keeps the faster one. Returns (use channels_last, ms per step by layout).
     """
-    import copy
-
     probe = copy.deepcopy(model).train()
     # Its own generator, and the global RNG restored after (dropout draws from it): probing
     # must not change what the run draws, or a run pinned to the chosen layout would differ.

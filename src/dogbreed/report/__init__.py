@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from dogbreed import artifacts, profiling, reports
+from dogbreed.debugger_config import COLLECTIONS
 from dogbreed.report import builtin_rules as rules_mod
 from dogbreed.report import page
 
@@ -111,7 +112,7 @@ def smdebug_logs_to_stderr() -> Iterator[None]:
     come before the JSON ``dogbreed report`` prints on stdout. ``SMDEBUG_LOG_LEVEL`` still sets
     how much it says; unset, only its warnings show (its INFO lines are set-up chatter such as
     ``RULE_JOB_STOP_SIGNAL_FILENAME: None``, ~23 per report)."""
-    from smdebug.core.logger import get_logger
+    from smdebug.core.logger import get_logger  # seconds to import: only where tensors are read
 
     logger = get_logger()
     level = logger.level
@@ -151,8 +152,6 @@ def write_local_hook_config(paths: Any, save_interval: int = 5,
 
     SageMaker writes this file itself from ``DebugHookConfig`` (with save_interval 500, which
     suits hours-long jobs, not a local run of a few hundred steps)."""
-    from dogbreed.debugger_config import COLLECTIONS
-
     collections = []
     for collection in COLLECTIONS:
         if collection["CollectionName"] == "weights":

@@ -28,6 +28,8 @@ from typing import Any
 
 import numpy as np
 
+from dogbreed.debugger_config import DEBUG_RULES, PROFILER_RULES
+
 log = logging.getLogger(__name__)
 
 ISSUES = "IssuesFound"
@@ -69,8 +71,6 @@ class Verdict:
 def rule_parameters(name: str, overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """AWS's defaults for ``name`` with the project's rule parameters (strings, as SageMaker
     passes them) and ``overrides`` on top."""
-    from dogbreed.debugger_config import DEBUG_RULES, PROFILER_RULES
-
     params = dict(AWS_DEFAULTS[name])
     project = {**DEBUG_RULES, **PROFILER_RULES}.get(name, {})
     for key, value in {**project, **(overrides or {})}.items():
@@ -82,23 +82,11 @@ def rule_parameters(name: str, overrides: Mapping[str, Any] | None = None) -> di
 
 def required_collections(name: str) -> list[str]:
     """The hook collections smdebug-rulesconfig pairs with the built-in rule ``name``."""
-    import smdebug_rulesconfig
+    import smdebug_rulesconfig  # optional (launcher extra); only this message needs it
 
     snake = re.sub(r"(?<!^)(?=[A-Z])", "_", name).lower()
     config = getattr(smdebug_rulesconfig, snake)()
     return [c["CollectionName"] for c in config.get("CollectionConfigurations", [])]
-
-
-def _rule_base() -> Any:
-    from smdebug.rules.rule import Rule
-
-    return Rule
-
-
-def _mode(name: str | None) -> Any:
-    from smdebug.core.modes import ModeKeys
-
-    return None if name in (None, "") else ModeKeys[str(name).upper()]
 
 
 def _loss_names(trial: Any, regex: str | None = None) -> list[str]:
@@ -115,16 +103,15 @@ def _loss_series(trial: Any, name: str, mode: Any) -> list[tuple[int, float]]:
             for s in tensor.steps(mode=mode)]
 
 
-def _eval_passes(trial: Any, name: str) -> list[dict[str, Any]]:
+def _eval_passes(trial: Any, name: str, modes: Any) -> list[dict[str, Any]]:
     """Each evaluation pass (consecutive EVAL steps) with the mean TRAIN loss since the one before.
 
     One pass is one evaluation of the validation split, so its mean is the epoch's validation
-    loss; per-batch values only differ by which images the batch holds.
+    loss; per-batch values only differ by which images the batch holds. ``modes``: smdebug's
+    ``ModeKeys`` (imported by :func:`make_rules`).
     """
-    from smdebug.core.modes import ModeKeys
-
-    points = sorted([(g, "train", v) for g, v in _loss_series(trial, name, ModeKeys.TRAIN)]
-                    + [(g, "eval", v) for g, v in _loss_series(trial, name, ModeKeys.EVAL)])
+    points = sorted([(g, "train", v) for g, v in _loss_series(trial, name, modes.TRAIN)]
+                    + [(g, "eval", v) for g, v in _loss_series(trial, name, modes.EVAL)])
     passes: list[dict[str, Any]] = []
     train_losses: list[float] = []
     current: list[tuple[int, float]] = []
@@ -154,7 +141,10 @@ class _DogbreedRule:
 
 def make_rules(trial: Any, overrides: Mapping[str, Mapping[str, Any]] | None = None) -> dict[str, Any]:
     """The five debugger rules as smdebug ``Rule`` objects over ``trial``."""
-    Rule = _rule_base()
+    # smdebug takes seconds to import: only a report with tensors to read loads it.
+    from smdebug.core.modes import ModeKeys
+    from smdebug.rules.rule import Rule
+
     overrides = overrides or {}
 
     class VanishingGradient(_DogbreedRule, Rule):
@@ -186,7 +176,7 @@ def make_rules(trial: Any, overrides: Mapping[str, Mapping[str, Any]] | None = N
             super().__init__(base_trial, action_str="")
             self.start_step, self.patience, self.ratio_threshold = start_step, patience, ratio_threshold
             self.passes = {p["end_step"]: p for name in _loss_names(base_trial, tensor_regex)
-                           for p in _eval_passes(base_trial, name) if p["train_loss"]}
+                           for p in _eval_passes(base_trial, name, ModeKeys) if p["train_loss"]}
             self.exceeded = 0
 
         def invoke_at_step(self, step: int) -> bool:
@@ -210,14 +200,12 @@ def make_rules(trial: Any, overrides: Mapping[str, Mapping[str, Any]] | None = N
 
         def __init__(self, base_trial: Any, patience_train: int, patience_validation: int,
                      delta: float) -> None:
-            from smdebug.core.modes import ModeKeys
-
             super().__init__(base_trial, action_str="")
             self.patience_train, self.patience_validation, self.delta = (
                 patience_train, patience_validation, delta)
             names = _loss_names(base_trial)
             self.train = dict(_loss_series(base_trial, names[0], ModeKeys.TRAIN)) if names else {}
-            self.passes = ({p["end_step"]: p for p in _eval_passes(base_trial, names[0])
+            self.passes = ({p["end_step"]: p for p in _eval_passes(base_trial, names[0], ModeKeys)
                             if p["train_loss"] is not None} if names else {})
             self.best_train = self.best_valid = float("inf")
             self.train_stall = self.valid_stall = 0
@@ -255,8 +243,6 @@ def make_rules(trial: Any, overrides: Mapping[str, Mapping[str, Any]] | None = N
 
         def __init__(self, base_trial: Any, activation_inputs_regex: str, threshold: float,
                      distribution_range: float, patience: int, steps: int) -> None:
-            from smdebug.core.modes import ModeKeys
-
             super().__init__(base_trial, action_str="")
             self.threshold, self.distribution_range = threshold, distribution_range
             self.patience, self.steps = patience, steps
@@ -320,13 +306,12 @@ def make_rules(trial: Any, overrides: Mapping[str, Mapping[str, Any]] | None = N
         def __init__(self, base_trial: Any, num_steps: int, diff_percent: float,
                      increase_threshold_percent: float, mode: str | None = None,
                      tensor_regex: str | None = None) -> None:
-            from smdebug.core.modes import ModeKeys
-
             super().__init__(base_trial, action_str="")
             self.num_steps, self.diff_percent = int(num_steps), diff_percent
             self.increase_threshold_percent = increase_threshold_percent
             names = _loss_names(base_trial, tensor_regex)
-            candidates = [_mode(mode)] if mode else [ModeKeys.EVAL, ModeKeys.TRAIN, ModeKeys.GLOBAL]
+            candidates = ([ModeKeys[str(mode).upper()]] if mode
+                          else [ModeKeys.EVAL, ModeKeys.TRAIN, ModeKeys.GLOBAL])
             self.mode, self.series = None, []
             longest = 0
             for candidate in candidates:
@@ -376,6 +361,7 @@ def evaluate_debugger_rules(tensors_dir: str, overrides: Mapping[str, Mapping[st
                             ) -> list[Verdict]:
     """Run every seed debugger rule over the smdebug trial at ``tensors_dir`` with
     :func:`smdebug.rules.rule_invoker.invoke_rule`; one :class:`Verdict` per rule."""
+    # smdebug: see make_rules; imported inside the caller's smdebug_logs_to_stderr().
     from smdebug.exceptions import RuleEvaluationConditionMet
     from smdebug.rules.rule_invoker import invoke_rule
     from smdebug.trials import create_trial

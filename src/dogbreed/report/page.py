@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from dogbreed.reports import _pyplot
+from dogbreed.reports import _pyplot, plot_confusion
 
 STATUS_COLOURS = {"IssuesFound": "#c62828", "NoIssuesFound": "#2e7d32", "Error": "#6d4c41",
                   "NotApplicable": "#757575", "NotEnoughData": "#9e9d24", "NoTensors": "#757575"}
@@ -62,8 +62,6 @@ def step_losses(series: Mapping[str, Sequence[tuple[int, float]]]) -> bytes:
 
 
 def confusion(matrix: Sequence[Sequence[int]], class_names: Sequence[str]) -> bytes:
-    from dogbreed.reports import plot_confusion
-
     buffer = io.BytesIO()
     plot_confusion(matrix, class_names, buffer)
     return buffer.getvalue()

@@ -238,7 +238,7 @@ class ModelServer:
             (self.run_dir / "zygote.pid").write_text(f"{self.zygote.pid}\n")
             threading.Thread(target=self._follow_zygote, args=(self.zygote,), name="dogbreed-zygote-reports",
                              daemon=True).start()
-        import mms
+        import mms  # serve extra: the launcher imports this module without it
 
         home = Path(mms.__file__).resolve().parent.parent
         cmd = [java, f"-Dmodel_server_home={home}", f"-Dlog4j.configurationFile=file://{self.run_dir / 'log4j2.properties'}",

@@ -171,9 +171,10 @@ def shim_main(socket_path: str, python: str) -> None:
 
 def warm_up(architectures: tuple[str, ...] = WARM_ARCHITECTURES, size: int = 224) -> None:
     """One thread only: no OpenMP pool may exist when the zygote forks."""
-    import torch  # here, in the zygote process: the server imports this module without torch
+    # Here, in the zygote process: the server and the shim import this module without torch.
+    import torch
 
-    from dogbreed import models
+    from dogbreed import models, onnx_export
 
     torch.set_num_threads(1)
     for arch in architectures:
@@ -183,8 +184,6 @@ def warm_up(architectures: tuple[str, ...] = WARM_ARCHITECTURES, size: int = 224
         model = models.build_for_inference(arch, 2, torch.load(buffer, weights_only=True))
         with torch.inference_mode():
             model(torch.zeros(1, 3, size, size))
-    from dogbreed import onnx_export
-
     onnx_export.warm_up_runtime(size)  # ONNX Runtime's one-time set-up, once for all workers
 
 
