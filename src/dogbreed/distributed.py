@@ -54,9 +54,6 @@ MASTER_ADDR_ENV, MASTER_PORT_ENV = "MASTER_ADDR", "MASTER_PORT"
 DEFAULT_MASTER_PORT = 29500
 # Collectives wait this long for a peer before failing the job instead of hanging it forever.
 COLLECTIVE_TIMEOUT = datetime.timedelta(minutes=10)
-# How long torchrun lets the ranks stop by themselves (checkpoint, failure file) after it
-# forwarded a signal, or once one rank has failed, before it kills them.
-SHUTDOWN_GRACE_SECONDS = 30
 # What torchrun starts in each rank: the signal handler first, then torch (dogbreed-train).
 RANK_MODULE = "dogbreed.stopping"
 # Ranks agree on "stop?" every this many steps (one tiny all-reduce); a SIGTERM stops every
@@ -107,11 +104,13 @@ class WorldPlan:
 
     def torchrun_args(self, argv: Sequence[str]) -> list[str]:
         """torchrun's command line for this host: static rendezvous on the first host, no restarts
-        (a SageMaker job that fails is failed; the checkpoint is what carries it on)."""
+        (a SageMaker job that fails is failed; the checkpoint is what carries it on). Only options
+        every torch 2 torchrun takes: the images may pin an older torch than the dev venv. After a
+        forwarded signal or a failed rank, torchrun gives the ranks 30 s before it kills them."""
         return ["--nnodes", str(len(self.hosts)), "--nproc-per-node", str(self.procs_per_host),
                 "--node-rank", str(self.node_rank), "--master-addr", self.master_addr,
                 "--master-port", str(self.master_port), "--max-restarts", "0",
-                "--shutdown-timeout", str(SHUTDOWN_GRACE_SECONDS), "--module", RANK_MODULE, *argv]
+                "--module", RANK_MODULE, *argv]
 
 
 def _free_port() -> int:
