@@ -42,7 +42,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from dogbreed import contract, gpu
+from dogbreed import contract, gpu, stopping
 from dogbreed.contract import ContractError, Paths
 
 log = logging.getLogger(__name__)
@@ -238,12 +238,12 @@ def launch(plan: WorldPlan, argv: Sequence[str], on_sigterm: Callable[[], None],
             torchrun.run(torchrun.parse_args(plan.torchrun_args(argv)))
     except ChildFailedError as exc:
         rank, failure = exc.get_first_failure()
-        code = failure.exitcode if failure.exitcode > 0 else 128 - failure.exitcode
+        code = failure.exitcode if failure.exitcode > 0 else stopping.exit_code(-failure.exitcode)
         log.error("event=rank_failed rank=%d exit_code=%d", rank, code)
         return code
     except SignalException as exc:
         log.warning("event=signal signal=%s action=ranks_stopped", signal.Signals(exc.sigval).name)
-        return 128 + int(exc.sigval)
+        return stopping.exit_code(exc.sigval)
     return 0
 
 

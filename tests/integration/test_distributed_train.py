@@ -7,7 +7,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,6 +16,7 @@ import pytest
 import torch
 
 from dogbreed import artifacts, contract, train
+from dogbreed.launcher.local.endpoint import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -169,19 +169,13 @@ def _sigterm_once_waiting(paths: contract.Paths, env: dict[str, str], waiting_li
     assert "SIGTERM while waiting for the other ranks to join" in paths.failure_file.read_text()
 
 
-def _unused_port() -> int:
-    with socket.socket() as probe:  # a port nobody listens on: the master never comes
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def test_sigterm_while_a_rank_waits_for_a_peer_that_never_comes_ends_the_job_at_once(make_job):
     """A rank whose master never answers waits in init_process_group's C++ retry loop, where a
     Python signal handler cannot run: SIGTERM used to be ignored for the whole 10-minute
     rendezvous timeout. Now it exits 143 at once with a failure file."""
     paths = make_job(DDP_HPS, name="lonely")
     env = {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1",
-           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_unused_port())}
+           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}  # nobody listens: no master
     _sigterm_once_waiting(paths, env, "event=rendezvous rank=1 world_size=2")
 
 
@@ -192,5 +186,5 @@ def test_sigterm_while_torchrun_waits_for_the_first_host_ends_the_job_at_once(ma
     paths.input_config_dir.mkdir(parents=True, exist_ok=True)
     paths.resource_config_file.write_text(json.dumps({
         "current_host": "127.0.0.1", "hosts": ["localhost", "127.0.0.1"], "network_interface_name": "lo"}))
-    env = {contract.MASTER_PORT_ENV: str(_unused_port())}
+    env = {contract.MASTER_PORT_ENV: str(free_port())}  # nobody listens there: no first host
     _sigterm_once_waiting(paths, env, "event=launch launcher=torchrun hosts=2 node_rank=1")

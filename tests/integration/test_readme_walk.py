@@ -22,7 +22,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -30,6 +29,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from dogbreed.launcher.local.endpoint import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -94,12 +95,6 @@ def walk_script(text: str, serve_port: int) -> str:
     return "\n".join(out) + "\n"
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def test_the_walk_covers_every_flow_of_the_readme() -> None:
     kinds = [kind for kind, _ in walk_blocks(README.read_text())]
     assert kinds.count("sagemaker") == 1 and kinds.count("local") >= 5
@@ -131,7 +126,7 @@ def checkout(sample_data: Path) -> Iterator[Path]:
 
 def test_the_readme_commands_run_as_written(checkout: Path) -> None:
     root = checkout
-    script = walk_script(README.read_text(), _free_port())
+    script = walk_script(README.read_text(), free_port())
     (root / "walk.sh").write_text(script)
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("DOGBREED_", "SAGEMAKER_", "SM_", "AWS_", "VIRTUAL_ENV"))}

@@ -50,8 +50,8 @@ log = logging.getLogger("dogbreed.serve")
 HANDLER_MODULE = "dogbreed.serve.handler"
 SINGLE_MODEL_NAME = contract.SINGLE_MODEL_NAME
 PID_FILE = "dogbreed-serve.pid"
-# A unix socket path is at most 107 bytes (sun_path, NUL included); the longest socket in the run
-# dir is an MMS worker's, "/.mms.sock.<port>" (16 with a 5-digit port).
+# A unix socket path is at most 107 bytes (sun_path holds 108, the NUL included); the longest
+# socket in the run dir is an MMS worker's, "/.mms.sock.<port>" (16 with a 5-digit port).
 MAX_RUN_DIR_LENGTH = 107 - len("/.mms.sock.65535")
 
 
