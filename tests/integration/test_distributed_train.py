@@ -67,7 +67,7 @@ def test_two_gloo_ranks_train_one_model_like_one_process(make_job):
     assert not model.training
 
 
-def _sigterm_after_the_first_epoch(paths: contract.Paths, to_rank: int | None) -> tuple[int, str, dict[int, int]]:
+def _sigterm_after_the_first_epoch(paths: contract.Paths, to_rank: int | None) -> tuple[int, str]:
     """Start 2 ranks, SIGTERM rank ``to_rank`` (None: the agent, as SageMaker and `docker stop`
     signal the container's main process) once epoch 1 is printed; the agent's exit code and output."""
     env = {**os.environ, contract.BASE_DIR_ENV: str(paths.base), contract.NPROC_PER_HOST_ENV: "2"}
@@ -89,12 +89,12 @@ def _sigterm_after_the_first_epoch(paths: contract.Paths, to_rank: int | None) -
         agent.kill()
     for pid in pids.values():  # every rank is gone
         assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text()
-    return agent.returncode, rest, pids
+    return agent.returncode, rest
 
 
 def test_sigterm_to_the_agent_stops_every_rank_with_a_checkpoint(make_job):
     paths = make_job({**DDP_HPS, "epochs": "40"})
-    code, output, _ = _sigterm_after_the_first_epoch(paths, to_rank=None)
+    code, output = _sigterm_after_the_first_epoch(paths, to_rank=None)
     assert code == train.EXIT_SIGTERM, output[-3000:]
     failure = paths.failure_file.read_text()
     assert "SIGTERM" in failure and "received by rank" in failure, failure
@@ -104,7 +104,7 @@ def test_sigterm_to_the_agent_stops_every_rank_with_a_checkpoint(make_job):
 
 def test_sigterm_to_one_rank_stops_every_rank_and_the_rerun_resumes(make_job):
     paths = make_job({**DDP_HPS, "epochs": "40"})
-    code, rest, _ = _sigterm_after_the_first_epoch(paths, to_rank=1)
+    code, rest = _sigterm_after_the_first_epoch(paths, to_rank=1)
     assert code == train.EXIT_SIGTERM, rest[-3000:]
     failure = paths.failure_file.read_text()
     assert "SIGTERM" in failure and "received by rank 1 of 2" in failure
