@@ -15,7 +15,11 @@ Rule parameters follow ``smdebug_rulesconfig``'s built-in rule configs.
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
+
+from dogbreed.contract import Paths
 
 RULES_REPOSITORY = "sagemaker-debugger-rules"
 RULES_TAG = "latest"
@@ -149,6 +153,32 @@ def hook_config(local_path: str) -> dict[str, Any]:
     ``/opt/ml/output/data`` so the tensors are uploaded with the job's output."""
     return {"LocalPath": local_path, "HookParameters": dict(HOOK_PARAMETERS),
             "CollectionConfigurations": [dict(c) for c in COLLECTIONS]}
+
+
+def write_local_hook_config(paths: Paths, save_interval: int = 5,
+                            losses_interval: int = 1) -> Path:
+    """Turn smdebug on for a local job laid out at ``paths``: the seeds' collections (what the
+    five rules read; weights are left out, no rule reads them and they are the largest), saved
+    every ``save_interval`` steps, losses every ``losses_interval``, into ``output/tensors``.
+
+    SageMaker writes this file itself from ``DebugHookConfig`` (with save_interval 500, which
+    suits hours-long jobs, not a local run of a few hundred steps)."""
+    collections = []
+    for collection in COLLECTIONS:
+        if collection["CollectionName"] == "weights":
+            continue
+        # Plain intervals only: the per-mode ones (train.save_interval...) are sized for
+        # SageMaker jobs of thousands of steps and would win over these.
+        params = {k: v for k, v in collection["CollectionParameters"].items() if k == "include_regex"}
+        params["save_interval"] = str(losses_interval if collection["CollectionName"] == "losses"
+                                      else save_interval)
+        collections.append({"CollectionName": collection["CollectionName"],
+                            "CollectionParameters": params})
+    config = {"LocalPath": str(Path(paths.output_dir) / "tensors"),
+              "CollectionConfigurations": collections}
+    paths.input_config_dir.mkdir(parents=True, exist_ok=True)
+    paths.debug_hook_config_file.write_text(json.dumps(config, indent=2))
+    return paths.debug_hook_config_file
 
 
 def profiler_config(s3_output_path: str) -> dict[str, Any]:

@@ -7,7 +7,8 @@ PyTorch on the same inputs (the test split, or :func:`fixed_inputs` when there i
 records the comparison in ``model.json`` (``graph``). A graph whose top-1 differs from
 PyTorch's on any image (but for ties within :data:`TIE_TOLERANCE`), or whose probabilities differ by more than :data:`MAX_PROB_DIFF`, is a
 :class:`GraphMismatch` (the job fails with that reason); nothing falls back silently.
-:func:`check_model_dir` repeats the check on fixed inputs when a model dir is packed.
+:func:`check_model_dir` repeats the check on fixed inputs when a model dir is packed whose files
+are not the ones checked (``graph.sha256``).
 
 The exporter is torch's TorchScript-based one (``dynamo=False``): it needs only the ``onnx``
 package, whose 1.17 release still accepts the protobuf 3.20 that smdebug pins; the
@@ -219,7 +220,8 @@ def export_and_verify(model_dir: Path, test_images: torch.Tensor | None = None) 
     if not check.passed:
         graph_path.unlink(missing_ok=True)
         raise GraphMismatch(f"{graph_path} was not kept: {check.reason()}")
-    graph = {**check.to_metadata(), "bytes": graph_path.stat().st_size}
+    graph = {**check.to_metadata(), "bytes": graph_path.stat().st_size,
+             "sha256": artifacts.checked_files_digest(model_dir)}
     artifacts.atomic_write(model_dir / artifacts.METADATA_FILE,
                            dataclasses.replace(metadata, graph=graph).to_json().encode())
     log.info("event=graph_exported file=%s bytes=%d checked_on=%s images=%d max_prob_diff=%.3g "

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from browser import CHROMIUM, colour_fraction, ink_fraction, render
 
-from dogbreed import contract, profiling, report, train
+from dogbreed import contract, debugger_config, profiling, report, train
 from dogbreed.launcher import cli
 from dogbreed.report import builtin_rules as rules
 
@@ -32,7 +32,7 @@ ALL_RULES = {"VanishingGradient", "Overfit", "Overtraining", "PoorWeightInitiali
 def _train(base: Path, data: Path, **hyperparameters: str) -> Path:
     hps = {"model": "resnet18", "image-size": "32", "weights": "none", **hyperparameters}
     paths = contract.prepare_local_job(base, hps, {contract.TRAINING_CHANNEL: data})
-    report.write_local_hook_config(paths)
+    debugger_config.write_local_hook_config(paths)
     train.run(contract.load_hyperparameters([], paths), paths)
     return base
 

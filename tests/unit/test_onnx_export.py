@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+import subprocess
 import tarfile
 from pathlib import Path
 
@@ -54,6 +55,7 @@ def test_export_writes_the_graph_and_what_it_was_checked_against(exported: Path)
     assert 0 <= graph["max_prob_diff"] <= onnx_export.MAX_PROB_DIFF
     assert graph["runtime"] == "onnxruntime"
     assert graph["runtime_version"] == onnx_export.runtime_version()
+    assert graph["sha256"] == artifacts.checked_files_digest(exported)
 
 
 def test_export_checks_on_the_test_images_when_given(tmp_path: Path) -> None:
@@ -69,6 +71,22 @@ def test_pack_carries_the_checked_graph(exported: Path, tmp_path: Path) -> None:
     archive = artifacts.pack(exported, tmp_path / artifacts.ARCHIVE_NAME)
     with tarfile.open(archive) as tar:
         assert artifacts.GRAPH_FILE in tar.getnames()
+
+
+def test_pack_trusts_the_recorded_check_of_the_same_files_and_gzip_reads_the_archive(
+        exported: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def check_again(model_dir: Path) -> None:
+        raise AssertionError("the graph was checked again although its files are the checked ones")
+
+    monkeypatch.setattr(onnx_export, "check_model_dir", check_again)
+    archive = artifacts.pack(exported, tmp_path / artifacts.ARCHIVE_NAME)
+    # The system's gzip and tar (what a SageMaker host or a user unpacks with) read it whole.
+    subprocess.run(["gzip", "--test", str(archive)], check=True)
+    listed = subprocess.run(["tar", "-tzf", str(archive)], check=True, capture_output=True, text=True)
+    assert sorted(listed.stdout.split()) == sorted(p.name for p in exported.iterdir())
+    unpacked = artifacts.safe_extract(archive, tmp_path / "unpacked")
+    for name in (artifacts.WEIGHTS_FILE, artifacts.GRAPH_FILE, artifacts.METADATA_FILE):
+        assert (unpacked / name).read_bytes() == (exported / name).read_bytes()
 
 
 def test_pack_refuses_a_graph_that_disagrees_with_its_weights(exported: Path, tmp_path: Path) -> None:

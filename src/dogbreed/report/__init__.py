@@ -29,7 +29,6 @@ from typing import Any
 import numpy as np
 
 from dogbreed import artifacts, profiling, reports
-from dogbreed.debugger_config import COLLECTIONS
 from dogbreed.report import builtin_rules as rules_mod
 from dogbreed.report import page
 
@@ -142,32 +141,6 @@ def _loss_points(tensors: Path) -> dict[str, list[tuple[int, float]]]:
             return {}
         return {mode.name: rules_mod._loss_series(trial, names[0], mode)
                 for mode in (ModeKeys.TRAIN, ModeKeys.EVAL)}
-
-
-def write_local_hook_config(paths: Any, save_interval: int = 5,
-                            losses_interval: int = 1) -> Path:
-    """Turn smdebug on for a local job laid out at ``paths``: the seeds' collections (what the
-    five rules read; weights are left out, no rule reads them and they are the largest), saved
-    every ``save_interval`` steps, losses every ``losses_interval``, into ``output/tensors``.
-
-    SageMaker writes this file itself from ``DebugHookConfig`` (with save_interval 500, which
-    suits hours-long jobs, not a local run of a few hundred steps)."""
-    collections = []
-    for collection in COLLECTIONS:
-        if collection["CollectionName"] == "weights":
-            continue
-        # Plain intervals only: the per-mode ones (train.save_interval...) are sized for
-        # SageMaker jobs of thousands of steps and would win over these.
-        params = {k: v for k, v in collection["CollectionParameters"].items() if k == "include_regex"}
-        params["save_interval"] = str(losses_interval if collection["CollectionName"] == "losses"
-                                      else save_interval)
-        collections.append({"CollectionName": collection["CollectionName"],
-                            "CollectionParameters": params})
-    config = {"LocalPath": str(Path(paths.output_dir) / "tensors"),
-              "CollectionConfigurations": collections}
-    paths.input_config_dir.mkdir(parents=True, exist_ok=True)
-    paths.debug_hook_config_file.write_text(json.dumps(config, indent=2))
-    return paths.debug_hook_config_file
 
 
 # --- the run report --------------------------------------------------------------------------------

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from dogbreed import contract
+from dogbreed.debugger_config import write_local_hook_config
 from dogbreed.launcher import events
 from dogbreed.launcher.settings import SettingsError
 from dogbreed.metrics import (
@@ -177,8 +178,6 @@ class TrainingRun:
             link.unlink()
             link.mkdir()
         if self.debugger:  # smdebug on, as SageMaker's DebugHookConfig turns it on: `dogbreed report`
-            from dogbreed.report import write_local_hook_config  # report imports torch and smdebug
-
             config = write_local_hook_config(paths)
             if self.docker_image:  # the container sees the job dir at /opt/ml
                 config.write_text(config.read_text().replace(str(paths.base), str(contract.Paths.from_env({}).base)))
