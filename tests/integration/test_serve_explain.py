@@ -45,12 +45,18 @@ def test_explain_gradcam_through_the_server(serve_endpoint: ServeEndpoint, serve
         serve_endpoint.unload_model(name)
 
 
-def test_execution_parameters_come_from_the_server_settings(serve_endpoint: ServeEndpoint) -> None:
+def test_execution_parameters_come_from_the_server_settings(serve_endpoint: ServeEndpoint,
+                                                           serve_models: dict[str, TrainedModel]) -> None:
     """What SageMaker batch transform asks first; the front answers it from the server's
-    workers per model and the contract's one payload limit (here a multi-model server)."""
+    workers per model (as many as MMS runs for a model) and the contract's one payload limit."""
     reply = serve_endpoint.request("GET", "/execution-parameters")
     assert reply.status == 200 and reply.headers["content-type"] == "application/json"
-    workers = serve_endpoint.server.effective_workers if serve_endpoint.server else reply.json()["MaxConcurrentTransforms"]
+    name = serve_endpoint.unique("execution-parameters")
+    assert serve_endpoint.load(name, serve_models["mobilenet_v2"].model_dir).status == 200
+    try:
+        workers = len(serve_endpoint.describe_model(name).json()["workers"])
+    finally:
+        serve_endpoint.unload_model(name)
     assert reply.json() == {"MaxConcurrentTransforms": workers, "BatchStrategy": "SINGLE_RECORD",
                             "MaxPayloadInMB": contract.MAX_PAYLOAD_BYTES // 1024**2}
     assert serve_endpoint.request("POST", "/execution-parameters").status != 200  # GET only

@@ -35,7 +35,7 @@ def test_settings_come_from_the_sagemaker_environment(tmp_path: Path) -> None:
     assert s.url == "http://127.0.0.1:9090"
     s = ModelServer(env={contract.BIND_HOST_ENV: "127.0.0.1"})
     assert (s.port, s.host, s.multi_model, s.workers, s.timeout) == (contract.DEFAULT_BIND_PORT, "127.0.0.1",
-                                                                     False, None, None)
+                                                                     False, server.DEFAULT_WORKERS_PER_MODEL, None)
     assert s.model_dir == Path(contract.DEFAULT_BASE_DIR) / "model"
     assert ModelServer(port=1, host="::1", env={}).url == "http://[::1]:1"
     assert ModelServer(env={"DOGBREED_SERVE_ZYGOTE": "0"}).use_zygote is False

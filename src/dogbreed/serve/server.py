@@ -53,6 +53,11 @@ PID_FILE = "dogbreed-serve.pid"
 # A unix socket path is at most 107 bytes (sun_path holds 108, the NUL included); the longest
 # socket in the run dir is an MMS worker's, "/.mms.sock.<port>" (16 with a 5-digit port).
 MAX_RUN_DIR_LENGTH = 107 - len("/.mms.sock.65535")
+# Workers per model without SAGEMAKER_MODEL_SERVER_WORKERS. Not MMS's own default (one per vCPU):
+# each worker of a multi-model endpoint holds its own copy of every model it serves, so one per
+# model keeps an endpoint at one copy a model; the variable buys throughput (README: workers x
+# threads <= vCPUs).
+DEFAULT_WORKERS_PER_MODEL = 1
 
 
 class ServerError(RuntimeError):
@@ -87,7 +92,8 @@ class ModelServer:
         try:
             self.port = int(contract.env_int(env, contract.SAGEMAKER_BIND_TO_PORT, 0, contract.DEFAULT_BIND_PORT)
                             if port is None else port)
-            self.workers = workers or contract.env_int(env, contract.SAGEMAKER_MODEL_SERVER_WORKERS, 1, None)
+            self.workers = (workers or contract.env_int(env, contract.SAGEMAKER_MODEL_SERVER_WORKERS, 1, None)
+                            or DEFAULT_WORKERS_PER_MODEL)
             self.timeout = timeout or contract.env_int(env, contract.SAGEMAKER_MODEL_SERVER_TIMEOUT, 1, None)
             # Checked here: every worker reads it after its fork, where a bad value only fails loads.
             self.worker_memory_mb = contract.env_int(env, WORKER_MEMORY_ENV, 1, None)
@@ -118,11 +124,6 @@ class ModelServer:
         """Base URL to reach the front (127.0.0.1 when bound to every interface)."""
         host = {"0.0.0.0": "127.0.0.1", "::": "127.0.0.1", "": "127.0.0.1"}.get(self.host, self.host)
         return f"http://{f'[{host}]' if ':' in host else host}:{self.port}"
-
-    @property
-    def effective_workers(self) -> int:
-        """Workers per model: the setting, else MMS's CPU default (one per core)."""
-        return self.workers or os.cpu_count() or 1
 
     @property
     def mms_socket(self) -> Path:
@@ -216,7 +217,7 @@ class ModelServer:
                                 response_timeout=(self.timeout or 60) + 30, load_timeout=LOAD_TIMEOUT,
                                 multi_model=self.multi_model)
         try:  # listen first: a taken port fails the start before anything else runs
-            self.front = front.Front((self.host, self.port), models, self.effective_workers)
+            self.front = front.Front((self.host, self.port), models, self.workers)
         except OSError as exc:
             raise ServerError(f"cannot listen on {self.host}:{self.port}: {exc}") from None
         self.port = self.front.server_address[1]

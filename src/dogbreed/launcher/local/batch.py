@@ -323,7 +323,7 @@ def served_batch(model: Path, input_dir: Path, output_dir: Path, *, workers: int
         # (KeyboardInterrupt / SystemExit) or a failure at any point, start-up included, stops
         # MMS and the zygote before the temp dir goes (stop() is idempotent).
         try:
-            events.event("batch_server_starting", model=model, workers=server.effective_workers)
+            events.event("batch_server_starting", model=model, workers=server.workers)
             server.start()
             server.wait_ready(timeout=180)
             reply = server.client.request("GET", "/execution-parameters")
