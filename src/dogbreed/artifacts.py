@@ -54,6 +54,13 @@ MAX_IMAGE_SIZE = 1024
 MAX_RESIZE_SIZE = -(-MAX_IMAGE_SIZE * 256 // 224)
 
 
+def breed_name(class_name: str) -> str:
+    """A class name's label: ``"016.Beagle"`` (a dogImages folder) → ``"Beagle"``; other names
+    are kept as they are."""
+    prefix, dot, rest = class_name.partition(".")
+    return rest if dot and prefix.isdigit() and rest else class_name
+
+
 class ArtifactError(ValueError):
     """An artifact is missing files, malformed or unsafe to unpack."""
 

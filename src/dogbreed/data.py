@@ -46,12 +46,6 @@ def resize_size_for(image_size: int) -> int:
     return int(math.ceil(image_size * 256 / 224))
 
 
-def breed_name(class_name: str) -> str:
-    """``"016.Beagle"`` → ``"Beagle"``; other folder names are kept as they are."""
-    prefix, dot, rest = class_name.partition(".")
-    return rest if dot and prefix.isdigit() and rest else class_name
-
-
 @dataclasses.dataclass(frozen=True)
 class SplitIndex:
     root: Path

@@ -114,7 +114,7 @@ def served_explanation(model: nn.Module, batch: torch.Tensor, metadata: artifact
     heatmap = explain(model, batch, [index], metadata.arch)[0]
     mean, std = (torch.tensor(v).view(3, 1, 1) for v in (metadata.mean, metadata.std))
     photo = ((batch[0].detach().float().cpu() * std + mean) * 255).round().clamp(0, 255).to(torch.uint8)
-    return {"method": "gradcam", "label": data.breed_name(metadata.class_names[index]),
+    return {"method": "gradcam", "label": artifacts.breed_name(metadata.class_names[index]),
             "class_name": metadata.class_names[index], "index": index,
             "probability": round(float(probabilities[index]), 6),
             "png_base64": base64.b64encode(overlay_png(photo, heatmap)).decode("ascii")}
@@ -199,7 +199,7 @@ def explain_files(model_path: Path, images: Sequence[Path], out_dir: Path, top_k
         predictions = []
         for rank, (ax, index, probability, heatmap) in enumerate(
                 zip(axes[1:], classes, top.values.tolist(), heatmaps), 1):
-            label = data.breed_name(metadata.class_names[index])
+            label = artifacts.breed_name(metadata.class_names[index])
             ax.imshow(overlay(photo, heatmap))
             ax.set_title(f"{rank}. {label} {probability:.2f}", fontsize=8)
             predictions.append({"label": label, "class_name": metadata.class_names[index],

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from dogbreed.data import breed_name
+from dogbreed.artifacts import breed_name
 
 METRICS_FILE = "metrics.json"
 CURVES_FILE = "training_curves.png"

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from dogbreed import artifacts, contract, data
+from dogbreed import artifacts, contract
 from dogbreed.serve.client import Response, ServeClient
 
 SERVE_URL_ENV = "DOGBREED_SERVE_URL"
@@ -37,7 +37,7 @@ class TrainedModel:
 
     @property
     def labels(self) -> list[str]:
-        return [data.breed_name(c) for c in self.class_names]
+        return [artifacts.breed_name(c) for c in self.class_names]
 
 
 def server_processes(run_dir: Path) -> list[Any]:

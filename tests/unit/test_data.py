@@ -5,7 +5,7 @@ import pytest
 import torch
 from PIL import Image
 
-from dogbreed import data
+from dogbreed import artifacts, data
 
 
 def test_index_uses_sorted_class_folders(sample_data: Path):
@@ -18,8 +18,8 @@ def test_index_uses_sorted_class_folders(sample_data: Path):
 
 
 def test_breed_name():
-    assert data.breed_name("016.Beagle") == "Beagle"
-    assert data.breed_name("Labrador_retriever") == "Labrador_retriever"
+    assert artifacts.breed_name("016.Beagle") == "Beagle"
+    assert artifacts.breed_name("Labrador_retriever") == "Labrador_retriever"
 
 
 def test_empty_class_folder_and_unknown_class_fail(sample_copy: Path):

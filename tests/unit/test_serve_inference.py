@@ -291,7 +291,7 @@ def test_predict_and_output(served: inference.ServedModel) -> None:
     assert [p["class_name"] for p in answer["predictions"]] == [
         served.metadata.class_names[p["index"]] for p in answer["predictions"]]
     assert [p["label"] for p in answer["predictions"]] == [
-        data.breed_name(p["class_name"]) for p in answer["predictions"]]
+        artifacts.breed_name(p["class_name"]) for p in answer["predictions"]]
     assert len(answer["predictions"]) == 3
     probabilities = [p["probability"] for p in answer["predictions"]]
     assert probabilities == sorted(probabilities, reverse=True)

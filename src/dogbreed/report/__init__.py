@@ -133,9 +133,8 @@ def smdebug_logs_to_stderr() -> Iterator[None]:
 def _loss_points(tensors: Path) -> dict[str, list[tuple[int, float]]]:
     with smdebug_logs_to_stderr():  # importing smdebug.trials logs a line already
         from smdebug.core.modes import ModeKeys
-        from smdebug.trials import create_trial
 
-        trial = create_trial(str(tensors), name="dogbreed-report-losses")
+        trial = rules_mod.open_trial(str(tensors), name="dogbreed-report-losses")
         names = trial.tensor_names(collection="losses")
         if not names:
             return {}

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import re
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -357,6 +358,27 @@ def make_rules(trial: Any, overrides: Mapping[str, Mapping[str, Any]] | None = N
     return rules
 
 
+# smdebug's own setting (smdebug/core/config_constants.py): seconds a trial waits, once it sees the
+# end-of-training marker, before a last look for late files (default 1, per trial). That suits a
+# trial read while a job still uploads; a report reads an ended run, whose hook wrote the marker
+# after closing its writers.
+TRAINING_END_DELAY_ENV = "SMDEBUG_TRAINING_END_DELAY_REFRESH"
+
+
+def open_trial(tensors_dir: str, name: str) -> Any:
+    """smdebug's trial over a run's tensors, without the end-of-training wait unless
+    :data:`TRAINING_END_DELAY_ENV` asks for one."""
+    from smdebug.trials import create_trial  # smdebug: see make_rules
+
+    delay = os.environ.get(TRAINING_END_DELAY_ENV)
+    os.environ[TRAINING_END_DELAY_ENV] = delay or "0"  # read by the trial's constructor only
+    try:
+        return create_trial(str(tensors_dir), name=name)
+    finally:
+        if delay is None:
+            os.environ.pop(TRAINING_END_DELAY_ENV, None)
+
+
 def evaluate_debugger_rules(tensors_dir: str, overrides: Mapping[str, Mapping[str, Any]] | None = None
                             ) -> list[Verdict]:
     """Run every seed debugger rule over the smdebug trial at ``tensors_dir`` with
@@ -364,9 +386,8 @@ def evaluate_debugger_rules(tensors_dir: str, overrides: Mapping[str, Mapping[st
     # smdebug: see make_rules; imported inside the caller's smdebug_logs_to_stderr().
     from smdebug.exceptions import RuleEvaluationConditionMet
     from smdebug.rules.rule_invoker import invoke_rule
-    from smdebug.trials import create_trial
 
-    trial = create_trial(str(tensors_dir), name="dogbreed-report")
+    trial = open_trial(str(tensors_dir), name="dogbreed-report")
     steps = trial.steps()
     verdicts = []
     for name, (cls, params) in make_rules(trial, overrides).items():

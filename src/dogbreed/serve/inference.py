@@ -261,7 +261,7 @@ def model_fn(model_dir: str | Path, context: Any = None) -> ServedModel:
     metadata = artifacts.read_metadata(directory)
     engine = choose_engine(metadata, device)
     name = getattr(context, "model_name", None) or Path(model_dir).name
-    labels = tuple(data.breed_name(c) for c in metadata.class_names)
+    labels = tuple(artifacts.breed_name(c) for c in metadata.class_names)
     if engine == ENGINE_ONNXRUNTIME:
         graph = directory / artifacts.GRAPH_FILE
         if not graph.is_file():

@@ -357,7 +357,7 @@ def in_process_predictor(model_path: Path, top_k: int = 5, device: str = "cpu") 
             probabilities = model(inputs).float().softmax(1)[0].cpu()
         top = probabilities.topk(min(top_k, len(metadata.class_names)))
         return {"model": name, "arch": metadata.arch, "predictions": [
-            {"label": data.breed_name(metadata.class_names[i]), "class_name": metadata.class_names[i],
+            {"label": artifacts.breed_name(metadata.class_names[i]), "class_name": metadata.class_names[i],
              "index": i, "probability": round(p, 6)}
             for i, p in zip(top.indices.tolist(), top.values.tolist())]}
 

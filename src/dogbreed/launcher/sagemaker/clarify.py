@@ -21,6 +21,7 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
+from dogbreed.artifacts import breed_name
 from dogbreed.launcher.sagemaker import batch_transform
 from dogbreed.launcher.sagemaker.requests import (
     JOB_NAME_MAX,
@@ -83,8 +84,6 @@ def analysis_config(*, model_name: str, class_names: Sequence[str], instance_typ
                     num_segments: int = DEFAULT_SEGMENTS, num_samples: int = DEFAULT_NUM_SAMPLES,
                     content_type: str = "image/jpeg") -> dict[str, Any]:
     """Clarify's analysis config for SHAP explanations of an image classifier."""
-    from dogbreed.data import breed_name  # dogbreed.data imports torch
-
     return {
         "dataset_type": "application/x-image",
         "methods": {
