@@ -728,6 +728,14 @@ def load_hyperparameters(
     return parse_hyperparameters(*sources)
 
 
+def print_help_if_asked(argv: Sequence[str]) -> bool:
+    """``-h``/``--help`` among ``argv``: print the trainer's help (no torch needed) and say so."""
+    if not any(arg in ("-h", "--help") for arg in argv):
+        return False
+    build_arg_parser_help().print_help()
+    return True
+
+
 def build_arg_parser_help() -> argparse.ArgumentParser:
     """An argparse parser used only to render ``--help`` with every hyperparameter."""
     parser = argparse.ArgumentParser(

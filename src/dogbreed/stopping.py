@@ -110,6 +110,8 @@ def install_early() -> StopFlag:
 
 def main() -> int:
     """``dogbreed-train`` and the train image's program: catch signals, then load the trainer."""
+    if contract.print_help_if_asked(sys.argv[1:]):  # before torch: help in a fraction of a second
+        return 0
     install_early()
     from dogbreed import train
 

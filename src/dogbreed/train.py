@@ -825,8 +825,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     starts the ranks, each of which runs this function again (see :mod:`dogbreed.distributed`).
     """
     argv = list(sys.argv[1:] if argv is None else argv)
-    if any(a in ("-h", "--help") for a in argv):
-        contract.build_arg_parser_help().print_help()
+    if contract.print_help_if_asked(argv):
         return 0
     is_rank = distributed.is_rank_process()
     # First of all: from here until the loop starts, SIGTERM/SIGINT writes the failure and exits.

@@ -1,4 +1,6 @@
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -44,6 +46,17 @@ def test_every_hyperparameter_has_a_meaning_in_help(capsys):
     text = " ".join(contract.build_arg_parser_help().format_help().split())
     for name, meaning in contract.HYPERPARAMETER_HELP.items():
         assert " ".join(meaning.split()) in text, name
+
+
+def test_the_entry_points_help_needs_no_torch():
+    """`dogbreed-train --help` (the console script and the image's program) answers before the
+    trainer, and torch, are imported."""
+    probe = ("import sys; sys.argv = ['dogbreed-train', '--help']; from dogbreed import stopping; "
+             "code = stopping.main(); print('torch imported:', 'torch' in sys.modules); sys.exit(code)")
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.startswith("usage: dogbreed-train") and "--lr" in result.stdout
+    assert result.stdout.rstrip().endswith("torch imported: False")
 
 
 def test_sagemaker_added_keys_are_ignored():
