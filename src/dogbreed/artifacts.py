@@ -296,14 +296,14 @@ def pack(model_dir: Path, archive: Path) -> Path:
     for required in (WEIGHTS_FILE, METADATA_FILE):
         if not (model_dir / required).is_file():
             raise ArtifactError(f"cannot pack {model_dir}: {required} is missing")
-    graph = model_dir / GRAPH_FILE
-    if graph.is_file() and read_metadata(model_dir).graph.get("sha256") != checked_files_digest(model_dir):
-        from dogbreed import onnx_export  # imports this module, and torch: only when it must run
+    try:
+        graph = model_dir / GRAPH_FILE
+        if graph.is_file() and read_metadata(model_dir).graph.get("sha256") != checked_files_digest(model_dir):
+            from dogbreed import onnx_export  # and torch: imported only when the check must run
 
-        try:
             onnx_export.check_model_dir(model_dir)
-        except ArtifactError as exc:
-            raise type(exc)(f"cannot pack {model_dir}: {exc}") from None  # GraphMismatch stays one
+    except ArtifactError as exc:
+        raise type(exc)(f"cannot pack {model_dir}: {exc}") from None  # GraphMismatch stays one
     archive.parent.mkdir(parents=True, exist_ok=True)
     tmp = archive.with_name(archive.name + ".partial")
     def readable(info: tarfile.TarInfo) -> tarfile.TarInfo:
