@@ -6,6 +6,8 @@ PYTHON ?= $(VENV)/bin/python
 SAMPLE_DATA ?= ../shared/data/dogs-sample
 PYTEST_ARGS ?=
 # make test's pytest processes (pytest-xdist); each test file stays on one (its servers are shared).
+# xdist hands out the files with most tests first, so the few long files mostly run beside short
+# ones; long files first was slower (two of them side by side slow each other down).
 TEST_WORKERS ?= 2
 
 .DEFAULT_GOAL := help

@@ -22,11 +22,6 @@ TINY_HYPERPARAMETERS = {"model": "resnet18", "epochs": "1", "batch-size": "16", 
                         "image-size": "64", "weights": "none"}
 
 
-# The longest test file (minutes): first in line, so under `make test`'s workers the others
-# fill the time beside it instead of waiting for it at the end.
-LONGEST_FIRST = "tests/integration/test_readme_walk.py"
-
-
 def pytest_configure(config: pytest.Config) -> None:
     """Ctrl-C as a terminal sends it, whatever started pytest: a shell without job control starts
     its background jobs with SIGINT ignored, an ignored signal stays ignored across exec, and the
@@ -42,9 +37,7 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """The longest file first (:data:`LONGEST_FIRST`). Docker tests need an engine and ~10
-    minutes: they run only under `make test-docker`."""
-    items.sort(key=lambda item: item.nodeid.split("::")[0] != LONGEST_FIRST)  # stable
+    """Docker tests need an engine and ~10 minutes: they run only under `make test-docker`."""
     if os.environ.get("DOGBREED_DOCKER_TESTS") == "1":
         return
     skip = pytest.mark.skip(reason="docker tests run with `make test-docker` "
