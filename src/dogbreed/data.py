@@ -152,10 +152,12 @@ def check_image_header(image: bytes, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(io.BytesIO(image)) as opened:  # lazy: parses the header only
                 fmt, size = opened.format, opened.size
-                frames = getattr(opened, "n_frames", 1)  # APNG: from its acTL chunk, before any IDAT
+                # APNG: from its acTL chunk, before any IDAT. Other formats are refused below
+                # unread: counting a TIFF's frames parses every IFD (a corrupt one: TypeError).
+                frames = getattr(opened, "n_frames", 1) if fmt == "PNG" else 1
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise ImageRejected(413, f"image too large: {exc}") from None
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError):
+    except (UnidentifiedImageError, OSError, ValueError, TypeError, SyntaxError, EOFError):
         raise ImageRejected(400, "not a readable image (JPEG or PNG expected)") from None
     if fmt not in IMAGE_FORMATS:
         raise ImageRejected(415, f"image format {fmt} is not supported; send JPEG or PNG")

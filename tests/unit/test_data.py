@@ -17,6 +17,19 @@ def test_index_uses_sorted_class_folders(sample_data: Path):
     assert valid.class_names == index.class_names and len(valid) == 20
 
 
+def test_a_corrupt_multi_frame_tiff_is_refused_not_a_crash():
+    """Found by tests/reliability/test_input_fn_properties.py: a 1x1 palette TIFF with one bit
+    flipped; counting its frames made PIL raise TypeError ("Missing dimensions"), which a server
+    would have answered with a 500."""
+    buffer = io.BytesIO()
+    Image.new("P", (1, 1)).save(buffer, format="TIFF")
+    body = bytearray(buffer.getvalue())
+    body[130] ^= 1
+    with pytest.raises(data.ImageRejected) as refused:
+        data.check_image_header(bytes(body), data.DEFAULT_MAX_IMAGE_PIXELS)
+    assert refused.value.status == 415 and "TIFF" in str(refused.value)
+
+
 def test_breed_name():
     assert artifacts.breed_name("016.Beagle") == "Beagle"
     assert artifacts.breed_name("Labrador_retriever") == "Labrador_retriever"
