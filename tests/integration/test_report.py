@@ -67,6 +67,20 @@ def test_every_rule_gets_a_verdict_and_the_healthy_run_keeps_decreasing(runs):
     assert loss_rule["message"].startswith("checked ")  # it really compared windows
 
 
+def test_an_ended_runs_trial_skips_smdebugs_end_of_training_wait_unless_asked(runs, monkeypatch):
+    """smdebug waits SMDEBUG_TRAINING_END_DELAY_REFRESH seconds (default 1) per trial for late
+    files after the end marker; on an ended run the report asks for 0, and leaves the setting as
+    it found it. A user's own value still wins."""
+    tensors = str(report.tensors_dir(runs["healthy"]))
+    monkeypatch.delenv(rules.TRAINING_END_DELAY_ENV, raising=False)
+    with report.smdebug_logs_to_stderr():
+        assert rules.open_trial(tensors, "unset")._training_end_delay_refresh == 0
+        assert rules.TRAINING_END_DELAY_ENV not in os.environ
+        monkeypatch.setenv(rules.TRAINING_END_DELAY_ENV, "3")
+        assert rules.open_trial(tensors, "set")._training_end_delay_refresh == 3
+        assert os.environ[rules.TRAINING_END_DELAY_ENV] == "3"
+
+
 def test_a_run_made_to_overfit_trips_overfit_or_overtraining(runs):
     verdicts = report.build_run_report(runs["overfit"])["verdicts"]
     assert set(verdicts) == ALL_RULES

@@ -370,13 +370,13 @@ def open_trial(tensors_dir: str, name: str) -> Any:
     :data:`TRAINING_END_DELAY_ENV` asks for one."""
     from smdebug.trials import create_trial  # smdebug: see make_rules
 
-    delay = os.environ.get(TRAINING_END_DELAY_ENV)
-    os.environ[TRAINING_END_DELAY_ENV] = delay or "0"  # read by the trial's constructor only
+    if TRAINING_END_DELAY_ENV in os.environ:
+        return create_trial(str(tensors_dir), name=name)
+    os.environ[TRAINING_END_DELAY_ENV] = "0"  # read by the trial's constructor only
     try:
         return create_trial(str(tensors_dir), name=name)
     finally:
-        if delay is None:
-            os.environ.pop(TRAINING_END_DELAY_ENV, None)
+        del os.environ[TRAINING_END_DELAY_ENV]
 
 
 def evaluate_debugger_rules(tensors_dir: str, overrides: Mapping[str, Mapping[str, Any]] | None = None
