@@ -5,9 +5,9 @@ the way it does. Prints JSON.
     python scripts/bench_pack.py                     # ResNet18 and MobileNetV2, 133 classes
     python scripts/bench_pack.py --archs resnet50 --repeats 1
 
-Per architecture it writes a model dir as training does (random weights: their bytes deflate
-like trained ones, both are float32 tensors), exports and checks its graph, then times, median
-of ``--repeats``:
+Per architecture it writes a model dir as training does (``bench_serve.make_artifact``: random
+weights, whose bytes deflate like trained ones, both float32 tensors; 133 classes; its graph
+exported and checked), then times, median of ``--repeats``:
 
 - ``digest_s``: the sha256 of model.pt and model.onnx that lets ``pack`` trust training's check;
 - ``check_s``: the graph check ``pack`` runs when the files are not the checked ones (ONNX
@@ -30,23 +30,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from bench_serve import make_artifact  # scripts/ is sys.path[0] when this script runs
 
-from dogbreed import artifacts, data, models, onnx_export
+from dogbreed import artifacts, onnx_export
 
-NUM_CLASSES = 133
-
-
-def model_dir(arch: str, root: Path) -> Path:
-    torch.manual_seed(0)
-    model = models.build_model(arch, NUM_CLASSES, models.WEIGHTS_NONE).eval()
-    metadata = artifacts.ModelMetadata(
-        arch=arch, class_names=[f"{i + 1:03d}.Breed_{i + 1}" for i in range(NUM_CLASSES)],
-        image_size=64, resize_size=data.resize_size_for(64),
-        mean=list(data.IMAGENET_MEAN), std=list(data.IMAGENET_STD))
-    directory = root / arch / "model"
-    artifacts.save_model_dir(directory, model, metadata)
-    onnx_export.export_and_verify(directory)
-    return directory
+IMAGE_SIZE = 64  # the graph's input size; the weights, and so the files, do not depend on it
 
 
 def timed(function: Callable[[], object], repeats: int) -> float:
@@ -67,11 +55,11 @@ def tarfile_gzip(level: int) -> Callable[[Path, Path], None]:
 
 
 def bench(arch: str, root: Path, repeats: int) -> dict:
-    directory = model_dir(arch, root)
+    directory = make_artifact(arch, IMAGE_SIZE, root)  # as training writes it (graph checked)
     result: dict = {"arch": arch, "model_dir_mb": round(sum(p.stat().st_size for p in directory.iterdir()) / 1e6, 1),
                     "digest_s": timed(lambda: artifacts.checked_files_digest(directory), repeats),
                     "check_s": timed(lambda: onnx_export.check_model_dir(directory), repeats)}
-    packers = {"pack_huffman_only": lambda d, a: artifacts.pack(d, a),
+    packers = {"pack_huffman_only": artifacts.pack,
                "tarfile_default_level_9": tarfile_gzip(9), "stored_level_0": tarfile_gzip(0)}
     for name, packer in packers.items():
         archive = root / arch / f"{name}.tar.gz"
