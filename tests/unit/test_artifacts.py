@@ -229,3 +229,8 @@ def test_resolve_model_dir_uses_dirs_and_unpacks_archives_once(model_dir: Path, 
     with pytest.raises(artifacts.ArtifactError, match="not a tar archive"):
         artifacts.resolve_model_dir(tmp_path / "fake.tar.gz", staging)
     assert len(list(staging.iterdir())) == 2  # a refused source leaves nothing behind
+
+
+def test_breed_name():
+    assert artifacts.breed_name("016.Beagle") == "Beagle"
+    assert artifacts.breed_name("Labrador_retriever") == "Labrador_retriever"

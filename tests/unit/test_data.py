@@ -5,7 +5,7 @@ import pytest
 import torch
 from PIL import Image
 
-from dogbreed import artifacts, data
+from dogbreed import data
 
 
 def test_index_uses_sorted_class_folders(sample_data: Path):
@@ -28,11 +28,6 @@ def test_a_corrupt_multi_frame_tiff_is_refused_not_a_crash():
     with pytest.raises(data.ImageRejected) as refused:
         data.check_image_header(bytes(body), data.DEFAULT_MAX_IMAGE_PIXELS)
     assert refused.value.status == 415 and "TIFF" in str(refused.value)
-
-
-def test_breed_name():
-    assert artifacts.breed_name("016.Beagle") == "Beagle"
-    assert artifacts.breed_name("Labrador_retriever") == "Labrador_retriever"
 
 
 def test_empty_class_folder_and_unknown_class_fail(sample_copy: Path):
