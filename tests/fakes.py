@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import socket
 import sys
+import tempfile
 import threading
 import urllib.parse
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -30,6 +31,13 @@ def raw_exchange(host: str, port: int, request: bytes) -> bytes:
         except TimeoutError:
             chunks.append(b"<still open>")
         return b"".join(chunks)
+
+
+def read_model_json(url: Path) -> dict[str, Any]:
+    """The model.json of a model dir or model.tar.gz, as a server finds it (unpacked once)."""
+    with tempfile.TemporaryDirectory() as staging:
+        model_dir, _ = artifacts.resolve_model_dir(url, Path(staging))
+        return json.loads((model_dir / METADATA_FILE).read_text())
 
 
 def make_archive(tmp: Path, name: str, classes: list[str] | None = None) -> Path:
@@ -86,8 +94,10 @@ class FakeModelServer:
                                                                     "message": "cannot load"})
                         if name in fake.loaded:
                             return self.reply(409, {"code": 409, "message": f"{name} exists"})
-                        meta = json.loads((Path(url) / METADATA_FILE).read_text())
-                        fake.loaded[name] = meta
+                        try:
+                            fake.loaded[name] = read_model_json(Path(url))
+                        except artifacts.ArtifactError as exc:  # as the real server answers it
+                            return self.reply(400, {"code": 400, "type": "ArtifactError", "message": str(exc)})
                     return self.reply(200, {"status": f"Model {name} registered"})
                 parts = parsed.path.strip("/").split("/")
                 if len(parts) == 3 and parts[0] == "models" and parts[2] == "invoke":

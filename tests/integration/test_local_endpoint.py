@@ -109,6 +109,8 @@ def test_local_endpoint_routes_by_target_model_with_lru(demo: tuple[Path, str], 
         jpeg = image.read_bytes()
         assert invoke(TARGETS[1], jpeg)["arch"] == "mobilenet_v2"
         assert loaded() == [TARGETS[1]]  # max 1 loaded: the ResNet was unloaded
+        # The model server unpacked each archive once and removed the unloaded one's copy.
+        assert len(list((work / "endpoint" / "mms" / "models").iterdir())) == 1
         answer = invoke(TARGETS[0], jpeg)
         assert answer["arch"] == "resnet18" and len(answer["predictions"]) == 3
         labels = {p["class_name"] for p in answer["predictions"]}

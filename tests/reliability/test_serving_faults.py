@@ -346,7 +346,7 @@ def test_mms_hanging_up_is_a_502_json_not_a_dropped_connection(setup: dict, good
 def test_a_failed_load_is_shared_by_concurrent_callers_and_remembered(tmp_path: Path) -> None:
     store = ModelStore(tmp_path / "store")
     store.add("broken", make_archive(tmp_path / "archives", "broken"))
-    with FakeModelServer() as server, Router(store.root, server.url, tmp_path / "work") as router:
+    with FakeModelServer() as server, Router(store.root, server.url) as router:
         server.fail_load_with = 400
         body = b"jpeg"
         headers = {"Content-Type": "image/jpeg", "X-Amzn-SageMaker-Target-Model": "broken/model.tar.gz"}

@@ -9,9 +9,7 @@ closed (RFC 9112 6.1); the model life MMS lacks (:mod:`dogbreed.serve.lifecycle`
 
 from __future__ import annotations
 
-import http.client
 import json
-import logging
 import re
 import socket
 from http import HTTPStatus
@@ -20,9 +18,7 @@ from urllib.parse import unquote, urlsplit
 
 from dogbreed import contract
 from dogbreed.serve.client import HTTP11RequestHandler, Response, framing_error
-from dogbreed.serve.lifecycle import ModelLifecycle
-
-log = logging.getLogger("dogbreed.serve")
+from dogbreed.serve.lifecycle import ModelLifecycle, answer
 
 HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-connection", "te", "trailer", "upgrade",  # RFC 9110
                         "transfer-encoding", "content-length", "host", "expect", "date", "server"})  # 7.6.1
@@ -89,20 +85,11 @@ class FrontHandler(HTTP11RequestHandler):
         except OSError:
             self.close_connection = True  # the caller went away mid-request
             return
-        close = isinstance(body, Response)  # a bad or too long body, the rest of it unread
-        try:
-            reply = body if isinstance(body, Response) else self._reply(body)
-        except (ConnectionRefusedError, FileNotFoundError):
-            reply = Response.error(503, "ServiceUnavailable", "the model server (MMS) is not running")
-        except TimeoutError:
-            reply, close = Response.error(504, "GatewayTimeout", "the model server did not answer in time"), True
-        except (OSError, http.client.HTTPException) as exc:  # MMS hung up: never a dropped caller
-            log.warning("event=mms_disconnected path=%s error=%s", self.path, type(exc).__name__)
-            reply = Response.error(502, "BadGateway", f"the model server closed the connection ({type(exc).__name__})")
-        except Exception as exc:  # the front outlives anything a request does
-            log.exception("event=front_error path=%s", self.path)
-            reply = Response.error(500, "InternalServerError", f"{type(exc).__name__}: {exc}")
-        self._send(reply, close=close)
+        if isinstance(body, Response):  # a bad or too long body, the rest of it unread
+            self._send(body, close=True)
+            return
+        reply = answer(lambda: self._reply(body), self.path)
+        self._send(reply, close=reply.status == 504)
 
     do_POST = do_PUT = do_DELETE = do_HEAD = do_OPTIONS = do_PATCH = do_GET
 

@@ -32,10 +32,10 @@ import shutil
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qsl
+from urllib.parse import parse_qsl, quote
 
 from dogbreed import artifacts, contract
 from dogbreed.serve import LOAD_STATUS_HEADER
@@ -54,6 +54,24 @@ MAX_IDLE_CONNECTIONS = 16
 MMS_WORKER_DIED = "Worker died."  # MMS 1.1's 500 to the requests a dying worker held
 DEATH_REPORT_SECONDS = 2.0  # how long an invoke MMS answered "Worker died." waits for the zygote's report
 OUT_OF_MEMORY = "OUT_OF_MEMORY"
+
+
+def answer(call: Callable[[], Response], what: str) -> Response:
+    """``call()``, a request through to MMS, as the answer a caller gets whatever happens
+    (``what``: the request, for the log): MMS not running is a 503, too slow a 504, hanging up a
+    502, anything else a 500; never an exception, never a dropped caller."""
+    try:
+        return call()
+    except (ConnectionRefusedError, FileNotFoundError):
+        return Response.error(503, "ServiceUnavailable", "the model server (MMS) is not running")
+    except TimeoutError:
+        return Response.error(504, "GatewayTimeout", "the model server did not answer in time")
+    except (OSError, http.client.HTTPException) as exc:
+        log.warning("event=mms_disconnected path=%s error=%s", what, type(exc).__name__)
+        return Response.error(502, "BadGateway", f"the model server closed the connection ({type(exc).__name__})")
+    except Exception as exc:  # the server outlives anything a request does
+        log.exception("event=front_error path=%s", what)
+        return Response.error(500, "InternalServerError", f"{type(exc).__name__}: {exc}")
 
 
 class ModelLifecycle:
@@ -370,3 +388,26 @@ class ModelLifecycle:
             else:
                 log.error("event=worker_recovery_failed model=%s status=%d reason=%s", name, reply.status,
                           reply.message())
+
+
+class DirectClient:
+    """The container API of a :class:`ModelLifecycle` in this process, called without HTTP: what
+    the front would answer, one hop fewer. The local endpoint's router (SageMaker's front-end
+    stand-in) drives its in-process server through it; it has :class:`ServeClient`'s calls."""
+
+    def __init__(self, models: ModelLifecycle, timeout: float) -> None:
+        self.models, self.timeout = models, timeout
+
+    def load_model(self, name: str, url: str) -> Response:
+        body = json.dumps({"model_name": name, "url": str(url)}).encode()
+        return answer(lambda: self.models.register(body, ""), "/models")
+
+    def unload_model(self, name: str) -> Response:
+        path = f"/models/{quote(name, safe='')}"
+        return answer(lambda: self.models.unload(name, path), path)
+
+    def invoke(self, name: str, body: bytes, content_type: str | None = "application/x-image",
+               headers: Mapping[str, str] | None = None) -> Response:
+        path = f"/models/{quote(name, safe='')}/invoke"
+        headers = {**(headers or {}), **({"Content-Type": content_type} if content_type else {})}
+        return answer(lambda: self.models.invoke(name, "POST", path, body, headers), path)

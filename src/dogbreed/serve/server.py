@@ -43,7 +43,7 @@ from dogbreed import artifacts, contract
 from dogbreed.processes import signals_held
 from dogbreed.serve import JVM_OPTS_ENV, RUN_DIR_ENV, WORKER_MEMORY_ENV, ZYGOTE_ENV, front, zygote
 from dogbreed.serve.client import LOAD_TIMEOUT, ServeClient
-from dogbreed.serve.lifecycle import ModelLifecycle
+from dogbreed.serve.lifecycle import DirectClient, ModelLifecycle
 
 log = logging.getLogger("dogbreed.serve")
 
@@ -133,6 +133,13 @@ class ModelServer:
     @property
     def client(self) -> ServeClient:
         return ServeClient(self.url)
+
+    @property
+    def direct_client(self) -> DirectClient:
+        """The container API without the HTTP hop to the front, for a caller in this process."""
+        if self.front is None:
+            raise ServerError("server is not started")
+        return DirectClient(self.front.models, LOAD_TIMEOUT)
 
     def pids(self) -> dict[str, int | None]:
         return {"front": os.getpid(), "java": self.java and self.java.pid, "zygote": self.zygote and self.zygote.pid}

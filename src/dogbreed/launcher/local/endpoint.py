@@ -202,10 +202,9 @@ class LocalEndpoint:
                 self.model_server_url = self.server.url
                 events.event("model_server_ready", url=self.model_server_url,
                              seconds=round(time.monotonic() - started, 1))
-            work = self.run_dir / "router-models"
-            if work.exists():
-                shutil.rmtree(work)
-            self.router = Router(self.store_dir, self.model_server_url, work,
+            # A server of our own is driven in-process (no HTTP hop); another one over HTTP.
+            server = self.server.direct_client if self.server is not None else self.model_server_url
+            self.router = Router(self.store_dir, server,
                                  endpoint_name=self.endpoint_name, max_loaded=self.max_loaded,
                                  port=self.port, sock=sock).start()
         except BaseException:

@@ -36,9 +36,9 @@ from collections.abc import Callable, Mapping
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
-from dogbreed import artifacts, contract
+from dogbreed import contract
 from dogbreed.artifacts import ARCHIVE_NAME
 from dogbreed.contract import CUSTOM_ATTRIBUTES_HEADER
 from dogbreed.launcher import events
@@ -121,9 +121,23 @@ def mms_model_name(target: str) -> str:
 
 
 # --- the MMS side ------------------------------------------------------------------------------
+class ModelServerAPI(Protocol):
+    """The container API the router drives: :class:`ModelServerClient` over HTTP, or
+    :class:`dogbreed.serve.lifecycle.DirectClient` for a server in the router's own process."""
+
+    timeout: float
+
+    def load_model(self, name: str, url: str) -> Response: ...
+
+    def unload_model(self, name: str) -> Response: ...
+
+    def invoke(self, name: str, body: bytes, content_type: str | None = ...,
+               headers: Mapping[str, str] | None = None) -> Response: ...
+
+
 class ModelServerClient(ServeClient):
-    """The container API (``POST /models``, ``DELETE``, ``/invoke``) through the serving client;
-    an unreachable model server is a 503 for the router's caller."""
+    """The container API (``POST /models``, ``DELETE``, ``/invoke``) over HTTP; an unreachable
+    model server is a 503 for the router's caller."""
 
     def request(self, method: str, path: str, body: bytes | None = None,
                 headers: Mapping[str, str] | None = None, timeout: float | None = None) -> Response:
@@ -139,7 +153,6 @@ class ModelServerClient(ServeClient):
 class _Entry:
     target: str
     name: str
-    directory: Path
     ready: bool = False
     in_flight: int = 0
     unloaded: threading.Event = dataclasses.field(default_factory=threading.Event)
@@ -184,13 +197,11 @@ class ModelCache:
     the first time a request to that target notices the change (mtime or size), once per change.
     """
 
-    def __init__(self, store: ModelStore, server: ModelServerClient, work_dir: Path,
-                 max_loaded: int = 4) -> None:
+    def __init__(self, store: ModelStore, server: ModelServerAPI, max_loaded: int = 4) -> None:
         if max_loaded < 1:
             raise ValueError("max_loaded must be at least 1")
         self.store = store
         self.server = server
-        self.work_dir = Path(work_dir)
         self.max_loaded = max_loaded
         self._cond = threading.Condition()
         self._entries: collections.OrderedDict[str, _Entry] = collections.OrderedDict()
@@ -227,7 +238,7 @@ class ModelCache:
                 if entry is None:
                     break
                 self._cond.wait()  # another request is loading it
-            entry = _Entry(target, mms_model_name(target), self.work_dir / mms_model_name(target))
+            entry = _Entry(target, mms_model_name(target))
             entry.in_flight = 1
             self._entries[target] = entry
             previous = self._unloading.get(target)
@@ -244,7 +255,6 @@ class ModelCache:
                 if isinstance(exc, RouterError) and _refused_by_the_model(exc):
                     self._failed[target] = (stat, exc)
                 self._cond.notify_all()
-            shutil.rmtree(entry.directory, ignore_errors=True)
             raise
         with self._cond:
             entry.archive_stat = stat
@@ -277,7 +287,6 @@ class ModelCache:
             if self._entries.get(entry.target) is entry:
                 del self._entries[entry.target]
             self._cond.notify_all()
-        shutil.rmtree(entry.directory, ignore_errors=True)
 
     def _pick_victims(self) -> list[_Entry]:
         """Idle ready entries to unload, LRU first, until at most ``max_loaded`` remain. Locked."""
@@ -303,23 +312,20 @@ class ModelCache:
             except RouterError as exc:
                 events.warning("model_unload_failed", target=entry.target, error=exc.message)
             finally:
-                shutil.rmtree(entry.directory, ignore_errors=True)
                 with self._cond:
                     if self._unloading.get(entry.target) is entry:
                         del self._unloading[entry.target]
                 entry.unloaded.set()
 
     def _load(self, entry: _Entry, archive: Path) -> None:
-        try:
-            model_dir = artifacts.safe_extract(archive, entry.directory)
-        except artifacts.ArtifactError as exc:
-            raise model_error(400, f"cannot unpack {entry.target}: {exc}", "model store") from None
-        reply = self.server.load_model(entry.name, str(model_dir))
+        """``POST /models`` with the archive itself: the model server unpacks it (once, and
+        removes it at unload), where SageMaker's front-end would hand over the unpacked dir."""
+        reply = self.server.load_model(entry.name, str(archive))
         if reply.status == 507:  # the server is out of memory: make room once and retry
             with self._cond:
                 victims = self._pick_victims_beyond(1)
             self._unload_all(victims)
-            reply = self.server.load_model(entry.name, str(model_dir))
+            reply = self.server.load_model(entry.name, str(archive))
         # 409: the server already holds it (e.g. a router restart): that is a load too.
         if reply.status >= 300 and reply.status != 409:
             raise model_error(reply.status, reply.message(), f"model server loading {entry.target}")
@@ -332,14 +338,6 @@ class ModelCache:
             return self._pick_victims()
         finally:
             self.max_loaded = saved
-
-    def close(self) -> None:
-        with self._cond:
-            victims = [e for e in self._entries.values() if e.ready]
-            self._entries.clear()
-        for entry in victims:
-            shutil.rmtree(entry.directory, ignore_errors=True)
-
 
 class ListenError(RuntimeError):
     """The router cannot listen on the address asked for (taken, invalid, not allowed)."""
@@ -380,17 +378,19 @@ class _HTTPServer(ThreadingHTTPServer):
 class Router:
     """What SageMaker's front-end does for a multi-model endpoint, on this machine: routes each
     ``TargetModel`` request to the model server, loading the model first.
-    ``Router(store_dir, model_server_url, work_dir).start()``; ``.url``.
+    ``Router(store_dir, model_server).start()``; ``.url``. ``model_server``: the container's URL,
+    or a :class:`ModelServerAPI` (a server in this process: no HTTP hop to it).
 
     ``sock``: a socket already listening (:func:`listen`), which the router then owns;
     without one, ``start`` binds ``host:port`` itself (a :class:`ListenError` if it cannot)."""
 
-    def __init__(self, store_dir: Path, model_server_url: str, work_dir: Path, *,
+    def __init__(self, store_dir: Path, model_server: str | ModelServerAPI, *,
                  endpoint_name: str | None = None, max_loaded: int = 4, host: str = "127.0.0.1",
                  port: int = 0, timeout: float = 120.0, sock: socket.socket | None = None) -> None:
         self.store = ModelStore(store_dir)
-        self.server = ModelServerClient(model_server_url, timeout)
-        self.cache = ModelCache(self.store, self.server, work_dir, max_loaded)
+        self.server = (ModelServerClient(model_server, timeout) if isinstance(model_server, str)
+                       else model_server)
+        self.cache = ModelCache(self.store, self.server, max_loaded)
         self.endpoint_name = endpoint_name
         self.host, self.port = host, port
         self._socket = sock
@@ -433,7 +433,6 @@ class Router:
         if self._thread is not None:
             self._thread.join(timeout=10)
             self._thread = None
-        self.cache.close()
 
     def __enter__(self) -> Router:
         return self.start()
