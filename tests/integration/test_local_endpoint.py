@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import boto3
+import psutil
 import pytest
 from botocore.config import Config
 from servelib import stalled_java, wait_for_start
@@ -209,41 +210,34 @@ def test_a_busy_port_is_one_error_line_before_anything_starts(short_workdir: Pat
 
 def test_a_killed_daemon_leaves_nothing_behind_the_next_deploy_or_cleanup(short_workdir: Path) -> None:
     """SIGKILL the daemon: its MMS + zygote (own sessions) used to run on, invisible to status,
-    untouched by cleanup, their run dir deleted under them by the next deploy."""
+    untouched by cleanup, their run dir deleted under them by the next deploy. Now the kernel
+    kills them with it (PR_SET_PDEATHSIG) and drops its lock: nothing to find or stop later."""
     work = str(short_workdir)
-    mms_dir = short_workdir / "endpoint" / "mms"
 
-    def deploy_then_kill() -> dict[str, int]:
+    def deploy_then_kill() -> list[psutil.Process]:
         deployed = dogbreed("deploy", "--local", "--port", "0", "--workdir", work, timeout=300)
         assert deployed.returncode == 0, deployed.stderr
-        os.kill(json.loads(deployed.stdout)["pid"], signal.SIGKILL)
-        orphans = {name: int((mms_dir / f"{name}.pid").read_text()) for name in ("mms", "zygote")}
-        time.sleep(0.5)
-        assert all(Path(f"/proc/{pid}").exists() for pid in orphans.values())  # still running
-        return orphans
+        daemon = psutil.Process(json.loads(deployed.stdout)["pid"])
+        family = daemon.children(recursive=True)
+        roles = {"zygote" if "dogbreed.serve.zygote" in p.cmdline() else p.name() for p in family}
+        assert {"java", "zygote"} <= roles, roles
+        daemon.kill()
+        gone, alive = psutil.wait_procs([daemon, *family], timeout=30)
+        assert alive == [], f"outlived the SIGKILLed daemon: {[(p.pid, p.cmdline()[:3]) for p in alive]}"
+        return family
 
-    first = deploy_then_kill()
+    deploy_then_kill()
+    assert json.loads(dogbreed("status", "--local", "--workdir", work).stdout)["endpoint"] is None
+    assert processes_mentioning(work) == []
     again = dogbreed("deploy", "--local", "--port", "0", "--workdir", work, timeout=300)
     assert again.returncode == 0, again.stderr
-    for name, pid in first.items():
-        assert f"event=endpoint_leftover_stopped process={name} pid={pid} " in again.stderr
-        assert not _running(pid)
     cleanup = dogbreed("cleanup", "--local", "--workdir", work)
     assert cleanup.returncode == 0 and json.loads(cleanup.stdout)["stopped"]["pid"] == json.loads(again.stdout)["pid"]
     assert processes_mentioning(work) == []
 
-    second = deploy_then_kill()
-    assert json.loads(dogbreed("status", "--local", "--workdir", work).stdout)["endpoint"] is None
+    deploy_then_kill()
     cleanup = dogbreed("cleanup", "--local", "--workdir", work)
     assert cleanup.returncode == 0, cleanup.stderr
-    stopped = json.loads(cleanup.stdout)["stopped"]
-    assert sorted((s["process"], s["pid"]) for s in stopped["leftovers"]) == sorted(second.items())
+    assert json.loads(cleanup.stdout)["stopped"] is None  # nothing was left to stop
+    assert not (short_workdir / "endpoint" / "state.json").exists()  # the dead daemon's is gone too
     assert processes_mentioning(work) == []
-
-
-def _running(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"

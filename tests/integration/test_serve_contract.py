@@ -31,7 +31,7 @@ import pytest
 from servelib import SERVE_URL_ENV, ServeEndpoint, TrainedModel, server_processes
 
 from dogbreed import artifacts, contract
-from dogbreed.launcher.local.backend import free_port
+from dogbreed.distributed import free_port
 from dogbreed.serve import RUN_DIR_ENV
 
 pytestmark = pytest.mark.slow
@@ -430,11 +430,11 @@ def test_single_model_invocations_and_sigterm(single_model_server: dict, serve_m
     assert_prediction(reply, "model", serve_models["resnet18"], k=5)
     assert_json_error(endpoint.request("POST", "/invocations", b"", {"Content-Type": "image/jpeg"}), 400)
 
-    # Config, sockets and pid files live in the run dir; nothing in the cwd; MMS is not on TCP.
+    # Config, sockets and the lock live in the run dir; nothing in the cwd; MMS is not on TCP.
     config = (run_dir / "mms.properties").read_text()
     assert f"inference_address=unix:{run_dir}/mms.sock" in config
     assert "default_response_timeout_seconds=30" in config and "default_workers_per_model=1" in config
-    assert {"mms.pid", "dogbreed-serve.pid", "mms.sock"} <= {p.name for p in run_dir.iterdir()}
+    assert {"dogbreed-serve.lock", "mms.sock"} <= {p.name for p in run_dir.iterdir()}
     assert list(single_model_server["cwd"].iterdir()) == []
     assert server_processes(run_dir), "the server's processes carry its run dir"
 

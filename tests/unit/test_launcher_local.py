@@ -17,6 +17,7 @@ from dogbreed.launcher.local import backend as local_backend
 from dogbreed.launcher.local import runs as local_runs
 from dogbreed.launcher.local import tuning as local_tuning
 from dogbreed.launcher.local.backend import LocalBackend, LocalError, TrainingRun
+from dogbreed.launcher.local.endpoint import STATE_FILE
 from dogbreed.launcher.settings import Settings, SettingsError
 from dogbreed.metrics import parse_best, parse_metrics
 
@@ -226,7 +227,7 @@ def test_a_stale_endpoint_state_is_ignored(backend: LocalBackend) -> None:
     """A state file whose pid is dead, or now belongs to another program, is never signalled."""
     import subprocess
 
-    state_file = backend.endpoint_dir / local_backend.STATE_FILE
+    state_file = backend.endpoint_dir / STATE_FILE
     state_file.parent.mkdir(parents=True)
     other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
     try:

@@ -308,6 +308,16 @@ def test_ambiguous_body_framing_is_400_and_closes(endpoint: Router) -> None:
         assert b'"ValidationError"' in answer and not answer.endswith(b"<still open>")
 
 
+def test_a_chunked_body_is_read_as_the_model_server_reads_it(endpoint: Router) -> None:
+    """The router and the serving front read bodies one way: chunked ones too (curl -T -)."""
+    head = (b"POST /invocations HTTP/1.1\r\nHost: x\r\nX-Amzn-SageMaker-Target-Model: resnet/model.tar.gz\r\n"
+            b"Content-Type: image/jpeg\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n")
+    answer = raw_exchange(endpoint.url, head + b"4\r\njpeg\r\n0\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 200 ") and b'"artifact": "resnet"' in answer, answer
+    answer = raw_exchange(endpoint.url, head + b"2\r\nba\r\n1;ext=1\r\nd\r\n0\r\n\r\n")  # "bad"
+    assert answer.startswith(b"HTTP/1.1 424 ") and b'"OriginalStatusCode": 400' in answer, answer
+
+
 @pytest.mark.parametrize("line", [b"hello", b"GET /ping", b"\x16\x03\x01\x02\x00\x01", b"GET / HTTP/9.9"])
 def test_a_garbage_request_line_gets_a_status_line_and_json(endpoint: Router, line: bytes) -> None:
     head, _, body = raw_exchange(endpoint.url, line + b"\r\n\r\n").partition(b"\r\n\r\n")

@@ -4,6 +4,7 @@ writes, and the refusals that happen before anything starts."""
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -12,8 +13,13 @@ import pytest
 from test_artifacts import tiny_model_dir
 
 from dogbreed import contract
+from dogbreed.processes import DirLock
 from dogbreed.serve import RUN_DIR_ENV, server
 from dogbreed.serve.server import ModelServer, ServerError
+
+# Another process holding a lock until it is killed (prints "locked" once it holds it).
+HOLD_LOCK = ("import sys, time; from dogbreed.processes import DirLock\n"
+             "assert DirLock(sys.argv[1]).acquire(); print('locked', flush=True); time.sleep(120)")
 
 
 @pytest.fixture
@@ -67,17 +73,25 @@ def test_mms_config_is_the_packaged_base_plus_this_start(run_dir: Path) -> None:
     assert props["max_request_size"] == props["max_response_size"] == str(contract.MAX_PAYLOAD_BYTES)
     assert vmargs == ["-Xmx256m", "-Dx=1"]
     assert (run_dir / "log4j2.properties").read_text().startswith("#")
-    assert (run_dir / server.PID_FILE).read_text().strip() == str(os.getpid())
+    assert DirLock(run_dir / server.LOCK_FILE).holder() == os.getpid()  # held while the server lives
     s2 = ModelServer(port=0, run_dir=run_dir, multi_model=True, env={})
     _, vmargs = s2._write_config()
     assert "-Xmx1g" in vmargs  # the base file's
+    s.stop()
 
 
-def test_a_run_dir_in_use_is_refused(run_dir: Path) -> None:
-    (run_dir / server.PID_FILE).write_text(f"{os.getppid()}\n")  # alive, and not us
-    with pytest.raises(ServerError, match="in use"):
-        ModelServer(port=0, run_dir=run_dir, multi_model=True, env={}).start()
-    (run_dir / server.PID_FILE).write_text("999999999\n")  # stale: taken over
+def test_a_run_dir_in_use_is_refused_and_free_again_once_its_owner_ends(run_dir: Path) -> None:
+    """The run dir's lock, held by another live process: refused, naming it. Once that process
+    is SIGKILLed the kernel has dropped the lock: taken over, no stale pid to weigh."""
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(run_dir / server.LOCK_FILE)],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "locked\n"
+        with pytest.raises(ServerError, match=f"in use by process {holder.pid}"):
+            ModelServer(port=0, run_dir=run_dir, multi_model=True, env={}).start()
+    finally:
+        holder.kill()
+        holder.wait()
     ModelServer(port=0, run_dir=run_dir, multi_model=True, env={})._make_run_dir()
 
 
@@ -92,7 +106,7 @@ def test_single_model_mode_checks_the_model_before_starting(tmp_path: Path, run_
     (tmp_path / "empty").mkdir()
     with pytest.raises(ServerError, match="neither model.json nor model.tar.gz"):
         ModelServer(port=0, run_dir=run_dir, multi_model=False, model_dir=tmp_path / "empty", env={}).start()
-    assert not (run_dir / server.PID_FILE).exists()
+    assert DirLock(run_dir / server.LOCK_FILE).holder() is None  # a failed start lets go of the run dir
 
 
 def test_java_is_required(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import http.client
 import json
+import re
 import socket
 from collections.abc import Mapping
 from http.server import BaseHTTPRequestHandler
@@ -36,9 +37,18 @@ def framing_error(headers: Any) -> str | None:
     return None
 
 
+class BodyError(Exception):
+    """A request body that cannot be read: ``status`` (400 or 413) and why. The rest of the body
+    is unread, so the connection must close after the answer."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status, self.message = status, message
+
+
 class HTTP11RequestHandler(BaseHTTPRequestHandler):
-    """Request-line rules both of the project's HTTP servers (the serving front, the local
-    router) share: HTTP/1.1 answers, and no HTTP/0.9 (its answers have no status line)."""
+    """What both of the project's HTTP servers (the serving front, the local router) share:
+    HTTP/1.1 answers, no HTTP/0.9 (its answers have no status line), one way to read a body."""
 
     protocol_version = "HTTP/1.1"
     # Before a request line is parsed, answer as HTTP/1.1: http.server's default (HTTP/0.9)
@@ -52,6 +62,35 @@ class HTTP11RequestHandler(BaseHTTPRequestHandler):
             self.send_error(400, "HTTP/0.9 requests are not supported; send HTTP/1.1")
             return False
         return True
+
+    def read_body(self, max_bytes: int) -> bytes:
+        """The request body, sent with Content-Length or chunked (RFC 9112 7.1, trailers
+        skipped), of at most ``max_bytes``; else a :class:`BodyError` with the connection
+        marked to close."""
+        try:
+            return self._read_body(max_bytes)
+        except BodyError:
+            self.close_connection = True
+            raise
+
+    def _read_body(self, max_bytes: int) -> bytes:
+        if ambiguous := framing_error(self.headers):
+            raise BodyError(400, ambiguous)
+        chunked, body = "chunked" in self.headers.get("Transfer-Encoding", "").lower(), b""
+        while True:
+            text = self.rfile.readline(1024).split(b";")[0].strip() if chunked else (
+                self.headers.get("Content-Length") or "0").strip().encode()
+            if not re.fullmatch(rb"[0-9a-fA-F]{1,16}" if chunked else rb"[0-9]{1,16}", text):
+                raise BodyError(400, f"bad body length {text[:20]!r}")
+            size = int(text, 16 if chunked else 10)
+            if len(body) + size > max_bytes:
+                raise BodyError(413, f"request body over the {max_bytes} byte limit")
+            body += self.rfile.read(size)
+            if not chunked or size == 0:
+                while chunked and self.rfile.readline(1024) not in (b"\r\n", b"\n", b""):
+                    pass  # trailers
+                return body
+            self.rfile.readline(1024)  # the CRLF after a chunk
 
 
 @dataclasses.dataclass(frozen=True)

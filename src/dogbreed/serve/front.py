@@ -17,7 +17,7 @@ from http.server import ThreadingHTTPServer
 from urllib.parse import unquote, urlsplit
 
 from dogbreed import contract
-from dogbreed.serve.client import HTTP11RequestHandler, Response, framing_error
+from dogbreed.serve.client import BodyError, HTTP11RequestHandler, Response
 from dogbreed.serve.lifecycle import ModelLifecycle, answer
 
 HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-connection", "te", "trailer", "upgrade",  # RFC 9110
@@ -81,12 +81,12 @@ class FrontHandler(HTTP11RequestHandler):
 
     def do_GET(self) -> None:
         try:
-            body = self._body()
+            body = self.read_body(self.server.max_request_bytes)
+        except BodyError as exc:  # answered with Connection: close, the rest of it unread
+            self._send(Response.error(exc.status, HTTPStatus(exc.status).phrase.replace(" ", ""), exc.message), close=True)
+            return
         except OSError:
             self.close_connection = True  # the caller went away mid-request
-            return
-        if isinstance(body, Response):  # a bad or too long body, the rest of it unread
-            self._send(body, close=True)
             return
         reply = answer(lambda: self._reply(body), self.path)
         self._send(reply, close=reply.status == 504)
@@ -112,26 +112,6 @@ class FrontHandler(HTTP11RequestHandler):
         if len(path) == 2:
             return models.describe(path[1], self.path, headers)
         return self.server.mms.request(method, self.path, body, headers)
-
-    def _body(self) -> bytes | Response:
-        """The request body (Content-Length or chunked), or the 400/413 refusing it."""
-        if ambiguous := framing_error(self.headers):
-            return Response.error(400, "BadRequest", ambiguous)  # answered with Connection: close
-        chunked, body = "chunked" in self.headers.get("Transfer-Encoding", "").lower(), b""
-        while True:
-            text = self.rfile.readline(1024).split(b";")[0].strip() if chunked else (
-                self.headers.get("Content-Length") or "0").encode()
-            if not re.fullmatch(rb"[0-9a-fA-F]{1,16}" if chunked else rb"[0-9]{1,16}", text):
-                return Response.error(400, "BadRequest", f"bad body length {text[:20]!r}")
-            size = int(text, 16 if chunked else 10)
-            if len(body) + size > self.server.max_request_bytes:
-                return Response.error(413, "RequestEntityTooLarge", f"body over {self.server.max_request_bytes} bytes")
-            body += self.rfile.read(size)
-            if not chunked or size == 0:
-                while chunked and self.rfile.readline(1024) not in (b"\r\n", b"\n", b""):
-                    pass  # trailers
-                return body
-            self.rfile.readline(1024)
 
     def _send(self, reply: Response, close: bool = False) -> None:
         try:

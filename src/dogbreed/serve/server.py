@@ -12,10 +12,13 @@ The process stays in the foreground; SIGTERM or SIGINT stops everything it start
     ├── zygote          torch imported once; forks, owns and kills every backend worker (zygote.py)
     └── java            MMS, on a unix socket in the run dir; runs a shim per worker
 
-Each child leads its own session, killed as a group at stop. ``DOGBREED_SERVE_ZYGOTE=0``: MMS
+Each child leads its own session, killed as a group at stop, and, started from the main thread,
+dies with this process whatever ends it (``PR_SET_PDEATHSIG``: nothing is left to hunt down after
+a SIGKILL). ``DOGBREED_SERVE_ZYGOTE=0``: MMS
 starts plain Python workers (seconds per cold load; ``scripts/bench_serve.py`` measures both).
 The run dir (``DOGBREED_RUN_DIR``, else a temp dir removed at stop) holds ``mms.properties``,
-``log4j2.properties``, the sockets, the shim, ``*.pid`` and ``models/`` (unpacked archives).
+``log4j2.properties``, the sockets, the shim, ``models/`` (unpacked archives) and the lock that
+keeps a second server out of it while this one lives.
 
     with ModelServer(port=0, host="127.0.0.1", multi_model=True) as server:
         server.client.load_model("resnet18", "/path/to/model.tar.gz")
@@ -40,7 +43,7 @@ from pathlib import Path
 from typing import IO
 
 from dogbreed import artifacts, contract
-from dogbreed.processes import signals_held
+from dogbreed.processes import DirLock, dying_with_this_process, signals_held
 from dogbreed.serve import JVM_OPTS_ENV, RUN_DIR_ENV, WORKER_MEMORY_ENV, ZYGOTE_ENV, front, zygote
 from dogbreed.serve.client import LOAD_TIMEOUT, ServeClient
 from dogbreed.serve.lifecycle import DirectClient, ModelLifecycle
@@ -49,7 +52,7 @@ log = logging.getLogger("dogbreed.serve")
 
 HANDLER_MODULE = "dogbreed.serve.handler"
 SINGLE_MODEL_NAME = contract.SINGLE_MODEL_NAME
-PID_FILE = "dogbreed-serve.pid"
+LOCK_FILE = "dogbreed-serve.lock"
 # A unix socket path is at most 107 bytes (sun_path holds 108, the NUL included); the longest
 # socket in the run dir is an MMS worker's, "/.mms.sock.<port>" (16 with a 5-digit port).
 MAX_RUN_DIR_LENGTH = 107 - len("/.mms.sock.65535")
@@ -117,6 +120,8 @@ class ModelServer:
         self._stopped = False
         self._zygote_ready = threading.Event()
         self._zygote_command: tuple[list[str], dict[str, str]] = ([], {})  # to start it again
+        self._lock: DirLock | None = None
+        self._children_die_with_us = False  # set at start (see _popen)
         self.single_model_source: Path | None = None  # single-model: the dir it loads
 
     @property
@@ -188,16 +193,10 @@ class ModelServer:
         if len(str(self.run_dir)) > MAX_RUN_DIR_LENGTH:
             raise ServerError(f"run dir {self.run_dir} is too long for unix sockets (at most {MAX_RUN_DIR_LENGTH} characters)")
         self.run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        pid_file = self.run_dir / PID_FILE
-        try:
-            other = int(pid_file.read_text().split()[0])
-            os.kill(other, 0)
-        except (OSError, ValueError, IndexError):
-            pass  # no pid file, or its process is gone: ours now
-        else:
-            if other != os.getpid():
-                raise ServerError(f"run dir {self.run_dir} is in use by process {other}")
-        pid_file.write_text(f"{os.getpid()}\n")
+        lock = DirLock(self.run_dir / LOCK_FILE)
+        if not lock.acquire():
+            raise ServerError(f"run dir {self.run_dir} is in use by process {lock.holder()}")
+        self._lock = lock
 
     def _write_config(self) -> tuple[Path, list[str]]:
         """The packaged base file + this start's settings; the JVM options."""
@@ -236,14 +235,15 @@ class ModelServer:
             self._log = open(self.log_file, "ab")  # noqa: SIM115 - closed in stop()
         out = {"stdout": self._log, "stderr": subprocess.STDOUT} if self._log else {}
         python = sys.executable
+        # The kernel kills a PR_SET_PDEATHSIG child when the thread that started it ends: only
+        # the main thread lives as long as the process (the zygote's restarts run on its reader).
+        self._children_die_with_us = threading.current_thread() is threading.main_thread()
         if self.use_zygote:  # its stdout is its report channel (see zygote.py); the rest goes to the log
             sock = str(self.run_dir / zygote.SOCKET_NAME)
             python = zygote.write_shim(str(self.run_dir / zygote.SHIM_NAME), sock)
-            with signals_held():  # a Ctrl-C now must find the zygote in self.zygote to stop it
-                self.zygote = subprocess.Popen([sys.executable, "-m", "dogbreed.serve.zygote", sock], cwd=self.run_dir,
-                                               env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=self._log)
             self._zygote_command = ([sys.executable, "-m", "dogbreed.serve.zygote", sock], env)
-            (self.run_dir / "zygote.pid").write_text(f"{self.zygote.pid}\n")
+            with signals_held():  # a Ctrl-C now must find the zygote in self.zygote to stop it
+                self.zygote = self._start_zygote()
             threading.Thread(target=self._follow_zygote, args=(self.zygote,), name="dogbreed-zygote-reports",
                              daemon=True).start()
         import mms  # serve extra: the launcher imports this module without it
@@ -255,43 +255,60 @@ class ModelServer:
         self.single_model_source, self.front.single_model = single_model_dir, single_model_dir is not None
         log.info("event=start_mms run_dir=%s cmd=%s", self.run_dir, " ".join(cmd))
         with signals_held():
-            self.java = subprocess.Popen(cmd, cwd=self.run_dir, env=env, start_new_session=True, **out)
-        (self.run_dir / "mms.pid").write_text(f"{self.java.pid}\n")
+            self.java = self._popen(cmd, cwd=self.run_dir, env=env, **out)
         serving = threading.Thread(target=self.front.serve_forever, kwargs={"poll_interval": 0.2},
                                    name="dogbreed-front", daemon=True)
         serving.start()
         self._front_thread = serving
         log.info("event=front_listening url=%s multi_model=%s", self.url, self.multi_model)
 
-    def _follow_zygote(self, proc: subprocess.Popen) -> None:
-        assert proc.stdout is not None and self.front is not None
-        reports = iter(proc.stdout.readline, b"")
-        for line in reports:
-            if line.startswith(b'{"ready"'):
-                self._zygote_ready.set()
-                break
-        self.front.models.watch(reports)  # returns when the zygote's stdout closes: it ended
-        if not self._stopped:
-            self._restart_zygote(proc)
+    def _popen(self, cmd: list[str], **kwargs: object) -> subprocess.Popen:
+        """A child in a session of its own (stopped as a group), dying with this process when
+        started from the main thread."""
+        if self._children_die_with_us:
+            cmd = dying_with_this_process(cmd)
+        return subprocess.Popen(cmd, start_new_session=True, **kwargs)  # type: ignore[call-overload]
 
-    def _restart_zygote(self, dead: subprocess.Popen) -> None:
-        """The zygote died while serving: reap it (no zombie), start a new one and reload every
-        model, whose workers died with it (each worker, and what it forked, has PR_SET_PDEATHSIG):
-        without this, no worker death would be noticed again and new workers would start cold."""
+    def _start_zygote(self) -> subprocess.Popen:
+        command, env = self._zygote_command
+        return self._popen(command, cwd=self.run_dir, env=env, stdout=subprocess.PIPE, stderr=self._log)
+
+    def _follow_zygote(self, proc: subprocess.Popen) -> None:
+        """Read the zygote's reports while the server runs. A zygote that dies is restarted from
+        this thread, which then follows the new one: a child's PR_SET_PDEATHSIG follows the
+        thread that started it, and this one lives as long as the zygote it reads."""
+        restarted = False
+        while True:
+            assert proc.stdout is not None and self.front is not None
+            reports = iter(proc.stdout.readline, b"")
+            for line in reports:
+                if line.startswith(b'{"ready"'):
+                    self._zygote_ready.set()
+                    if restarted:  # off this thread: reloading needs the reports it reads
+                        threading.Thread(target=self._reload_all, name="dogbreed-zygote-reload", daemon=True).start()
+                    break
+            self.front.models.watch(reports)  # returns when the zygote's stdout closes: it ended
+            if self._stopped:
+                return
+            proc, restarted = self._restart_zygote(proc), True
+
+    def _restart_zygote(self, dead: subprocess.Popen) -> subprocess.Popen:
+        """The zygote died while serving: reap it (no zombie) and start a new one; once it is
+        ready every model is reloaded (:meth:`_reload_all`), as their workers died with it (each
+        worker, and what it forked, has PR_SET_PDEATHSIG). Without this, no worker death would be
+        noticed again and new workers would start cold."""
         code = dead.wait()
         log.error("event=zygote_died pid=%d exit=%d action=restart", dead.pid, code)
-        assert self.run_dir is not None and self.front is not None
-        command, env = self._zygote_command
         self._zygote_ready.clear()
-        self.zygote = subprocess.Popen(command, cwd=self.run_dir, env=env, start_new_session=True,
-                                       stdout=subprocess.PIPE, stderr=self._log)
-        (self.run_dir / "zygote.pid").write_text(f"{self.zygote.pid}\n")
-        threading.Thread(target=self._follow_zygote, args=(self.zygote,), name="dogbreed-zygote-reports",
-                         daemon=True).start()
-        if not self._zygote_ready.wait(LOAD_TIMEOUT) or self._stopped:
-            return
+        self.zygote = self._start_zygote()
+        return self.zygote
+
+    def _reload_all(self) -> None:
+        assert self.front is not None and self.zygote is not None
         log.info("event=zygote_restarted pid=%d models=%d", self.zygote.pid, len(self.front.models.registered))
         for name in list(self.front.models.registered):
+            if self._stopped:
+                return
             try:
                 self.front.models.recover(name)
             except Exception:  # one model's failure must not keep the others down
@@ -368,8 +385,9 @@ class ModelServer:
             if self._own_run_dir:
                 shutil.rmtree(self.run_dir, ignore_errors=True)
             else:
-                (self.run_dir / PID_FILE).unlink(missing_ok=True)
                 shutil.rmtree(self.run_dir / "models", ignore_errors=True)
+        if self._lock is not None:
+            self._lock.release()
         log.info("event=stopped")
 
 

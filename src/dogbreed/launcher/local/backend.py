@@ -34,12 +34,7 @@ from typing import Any
 from dogbreed import artifacts, contract
 from dogbreed.artifacts import ARCHIVE_NAME, validate_model_archive
 from dogbreed.launcher import events
-from dogbreed.launcher.local.endpoint import (  # noqa: F401 - re-exported (tests, docker tests)
-    STATE_FILE,
-    EndpointDaemon,
-    LocalEndpoint,
-    free_port,
-)
+from dogbreed.launcher.local.endpoint import EndpointDaemon, LocalEndpoint
 from dogbreed.launcher.local.router import ModelStore
 from dogbreed.launcher.local.runs import (  # noqa: F401 - re-exported
     TRAIN_LOG,

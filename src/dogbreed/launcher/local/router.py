@@ -42,7 +42,7 @@ from dogbreed import contract
 from dogbreed.artifacts import ARCHIVE_NAME
 from dogbreed.contract import CUSTOM_ATTRIBUTES_HEADER
 from dogbreed.launcher import events
-from dogbreed.serve.client import HTTP11RequestHandler, Response, ServeClient, framing_error
+from dogbreed.serve.client import BodyError, HTTP11RequestHandler, Response, ServeClient
 
 TARGET_HEADER = contract.TARGET_MODEL_HEADER
 VARIANT_HEADER = "X-Amzn-Invoked-Production-Variant"
@@ -518,25 +518,6 @@ def _make_handler(router: Router) -> Callable[..., BaseHTTPRequestHandler]:
             self._send(error.status, body, {"Content-Type": "application/json",
                                             ERROR_TYPE_HEADER: error.code}, request_id)
 
-        def _read_body(self) -> bytes:
-            if ambiguous := framing_error(self.headers):
-                self.close_connection = True  # RFC 9112 6.1: never read on after such a request
-                raise RouterError(400, "ValidationError", ambiguous)
-            if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
-                self.close_connection = True
-                raise RouterError(411, "ValidationError", "chunked bodies are not supported; "
-                                  "send Content-Length")
-            try:
-                length = int(self.headers.get("Content-Length") or 0)
-            except ValueError:
-                self.close_connection = True
-                raise RouterError(400, "ValidationError", "bad Content-Length") from None
-            if length > MAX_BODY_BYTES:
-                self.close_connection = True  # the body is not read: do not reuse the socket
-                raise RouterError(413, "ValidationError",
-                                  f"request body of {length} bytes is over the {MAX_BODY_BYTES} byte limit")
-            return self.rfile.read(length) if length else b""
-
         def _handle(self, method: str) -> None:
             request_id = router.request_id()
             path = urllib.parse.urlsplit(self.path).path
@@ -554,7 +535,10 @@ def _make_handler(router: Router) -> Callable[..., BaseHTTPRequestHandler]:
                         raise RouterError(404, "UnknownOperationException", f"no route for {method} {path}")
                     if method != "POST":
                         raise RouterError(405, "ValidationError", f"{path} takes POST")
-                    body = self._read_body()
+                    try:
+                        body = self.read_body(MAX_BODY_BYTES)
+                    except BodyError as exc:
+                        raise RouterError(exc.status, "ValidationError", exc.message) from None
                     headers = {k.lower(): v for k, v in self.headers.items()}
                     endpoint = urllib.parse.unquote(match.group(1)) if match else None
                     response = router.invoke(endpoint, headers, body)
