@@ -17,6 +17,7 @@ import math
 import os
 import re
 import shutil
+import socket
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -343,6 +344,14 @@ def env_int(env: Mapping[str, str], name: str, minimum: int = 0, default: int | 
 def num_gpus(env: Mapping[str, str] | None = None) -> int:
     """GPUs the toolkit counted on this host (``SM_NUM_GPUS``; 0 when unset)."""
     return env_int(os.environ if env is None else env, SM_NUM_GPUS) or 0
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port free on ``host`` now: the rendezvous's on one host without
+    ``DOGBREED_MASTER_PORT``, or a local model server's."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
 
 
 def procs_per_host(env: Mapping[str, str] | None = None) -> int:

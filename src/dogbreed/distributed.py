@@ -113,13 +113,6 @@ class WorldPlan:
                 "--module", RANK_MODULE, *argv]
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port free on ``host`` now (the rendezvous's, or a test server's)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
-
-
 def plan_world(paths: Paths, env: Mapping[str, str] | None = None) -> WorldPlan:
     """The job's shape from the SageMaker contract (see the module docstring)."""
     env = os.environ if env is None else env
@@ -137,7 +130,7 @@ def plan_world(paths: Paths, env: Mapping[str, str] | None = None) -> WorldPlan:
         ifname = env.get("GLOO_SOCKET_IFNAME") or contract.network_interface_name(paths, env)
     else:
         addr = "127.0.0.1"
-        port = int(env.get(contract.MASTER_PORT_ENV) or 0) or free_port()
+        port = int(env.get(contract.MASTER_PORT_ENV) or 0) or contract.free_port()
         ifname = env.get("GLOO_SOCKET_IFNAME") or "lo"  # one host: never leave the loopback
     return WorldPlan(hosts=tuple(hosts), current_host=current, procs_per_host=procs,
                      use_gpu=use_gpu, master_addr=addr, master_port=port, socket_ifname=ifname)

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
-from dogbreed import distributed
+from dogbreed import contract
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DOCKER = os.environ.get("DOCKER") or ("/usr/bin/docker" if Path("/usr/bin/docker").exists() else "docker")
@@ -64,7 +64,7 @@ def inspect(image: str) -> dict:
     return json.loads(docker("image", "inspect", image).stdout)[0]
 
 
-free_port = distributed.free_port
+free_port = contract.free_port
 
 
 def unique(prefix: str) -> str:

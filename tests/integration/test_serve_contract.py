@@ -31,7 +31,7 @@ import pytest
 from servelib import SERVE_URL_ENV, ServeEndpoint, TrainedModel, server_processes
 
 from dogbreed import artifacts, contract
-from dogbreed.distributed import free_port
+from dogbreed.contract import free_port
 from dogbreed.serve import RUN_DIR_ENV
 
 pytestmark = pytest.mark.slow

@@ -12,7 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from dogbreed.distributed import free_port
+from dogbreed.contract import free_port
 
 SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "audit_deps.py"
 

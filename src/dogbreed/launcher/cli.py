@@ -418,11 +418,15 @@ def deploy_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-loaded-models", type=positive_int,
                    help="local: models kept loaded (default 4)")
     p.add_argument("--foreground", action="store_true", help="local: serve until Ctrl-C")
+    p.add_argument("--docker", metavar="IMAGE", nargs="?", const="dogbreed-serve:latest",
+                   help="local: the model server is the serve image, `docker run -d` "
+                        "(default dogbreed-serve:latest)")
     _job_flags(p)
 
 
 def cmd_deploy(args: argparse.Namespace, settings: settings_mod.Settings, backend: str) -> Any:
     if backend == "sagemaker":
+        _local_only(args, "--docker")
         from dogbreed.launcher.sagemaker.requests import (
             parse_autoscale,  # lazy: each command loads its half
         )

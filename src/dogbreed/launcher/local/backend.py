@@ -247,7 +247,8 @@ class LocalBackend:
         return EndpointDaemon(self.store, self.endpoint_dir, workdir=self.workdir,
                               endpoint_name=self.settings.endpoint_name,
                               port=self.settings.port if port is None else port,
-                              max_loaded=max_loaded or self.settings.max_loaded_models)
+                              max_loaded=max_loaded or self.settings.max_loaded_models,
+                              docker_image=self.docker_image)
 
     def endpoint(self, port: int | None = None, max_loaded: int | None = None) -> LocalEndpoint:
         return self.daemon(port, max_loaded).endpoint()
@@ -256,7 +257,9 @@ class LocalBackend:
         daemon = self.daemon(port, max_loaded)
         return {"backend": "local", "endpoint_name": daemon.endpoint_name,
                 "store": str(daemon.store.root), "port": daemon.port,
-                "max_loaded_models": daemon.max_loaded, "running": daemon.state()}
+                "max_loaded_models": daemon.max_loaded, "running": daemon.state(),
+                "model_server": f"docker run -d {daemon.docker_image} serve" if daemon.docker_image
+                else "dogbreed-serve (in the endpoint process)"}
 
     def state(self) -> dict[str, Any] | None:
         return self.daemon().state()

@@ -27,6 +27,7 @@ from dogbreed.artifacts import atomic_write
 from dogbreed.launcher import events
 from dogbreed.launcher.local.router import ModelStore, Router, listen
 from dogbreed.launcher.local.runs import LocalError
+from dogbreed.launcher.local.serve_container import ServeContainer
 from dogbreed.processes import DirLock, signals_held
 from dogbreed.serve.server import LOCK_FILE as LOCK_FILE_OF_SERVER
 from dogbreed.serve.server import ModelServer
@@ -63,7 +64,10 @@ class LocalEndpoint:
 
     def __init__(self, store_dir: Path, run_dir: Path, *, endpoint_name: str | None = None,
                  port: int = 0, max_loaded: int = 4, model_server_url: str | None = None,
-                 ready_timeout: float = 120.0, cancel: threading.Event | None = None) -> None:
+                 ready_timeout: float = 120.0, cancel: threading.Event | None = None,
+                 docker_image: str | None = None) -> None:
+        self.docker_image = docker_image
+        self.container: ServeContainer | None = None
         self.store_dir = Path(store_dir)
         self.run_dir = Path(run_dir)
         self.endpoint_name = endpoint_name
@@ -87,7 +91,16 @@ class LocalEndpoint:
         # has started (a ListenError: "cannot listen on 127.0.0.1:8090: address already in use").
         sock = listen("127.0.0.1", self.port)
         try:
-            if self.model_server_url is None:
+            if self.docker_image and self.model_server_url is None:
+                self.container = ServeContainer(self.docker_image, self.store_dir, self.run_dir)
+                self._check_cancel()
+                started, url = time.monotonic(), self.container.start()
+                self.container.wait_ready(max(self.ready_timeout, 240.0), self.cancel)  # a cold image
+                self._check_cancel()  # wait_ready returns early when cancelled
+                self.model_server_url = url
+                events.event("model_server_ready", url=url, container=self.container.name,
+                             seconds=round(time.monotonic() - started, 1))
+            elif self.model_server_url is None:
                 mms_dir = self.run_dir / MMS_DIR
                 owner = DirLock(mms_dir / LOCK_FILE_OF_SERVER).holder()
                 if owner is not None:
@@ -129,6 +142,9 @@ class LocalEndpoint:
             self.server.stop()
             self.server = None
             events.event("model_server_stopped")
+        if self.container is not None:
+            self.container.stop()
+            self.container = None
 
     def __enter__(self) -> LocalEndpoint:
         return self.start()
@@ -143,7 +159,8 @@ class EndpointDaemon:
     """``dogbreed deploy --local`` in the background: start, find (state file), stop."""
 
     def __init__(self, store: ModelStore, run_dir: Path, *, workdir: Path, endpoint_name: str,
-                 port: int, max_loaded: int) -> None:
+                 port: int, max_loaded: int, docker_image: str | None = None) -> None:
+        self.docker_image = docker_image
         self.store = store
         self.endpoint_dir = Path(run_dir)
         self.workdir = Path(workdir)
@@ -155,7 +172,8 @@ class EndpointDaemon:
                  cancel: threading.Event | None = None) -> LocalEndpoint:
         return LocalEndpoint(self.store.root, self.endpoint_dir, endpoint_name=self.endpoint_name,
                              port=self.port if port is None else port,
-                             max_loaded=max_loaded or self.max_loaded, cancel=cancel)
+                             max_loaded=max_loaded or self.max_loaded, cancel=cancel,
+                             docker_image=self.docker_image)
 
     @property
     def lock(self) -> DirLock:
@@ -199,6 +217,7 @@ class EndpointDaemon:
                 state = {"pid": os.getpid(), "url": endpoint.url,
                          "endpoint_name": self.endpoint_name,
                          "model_server_url": endpoint.model_server_url,
+                         "container": endpoint.container and endpoint.container.name,
                          "store": str(self.store.root)}
                 _write_json(state_file, state)
                 events.event("endpoint_ready", **state)
@@ -227,7 +246,8 @@ class EndpointDaemon:
         log_path = self.endpoint_dir / ENDPOINT_LOG
         command = [sys.executable, "-m", "dogbreed.launcher.cli", "deploy", "--local", "--foreground",
                    "--workdir", str(self.workdir), "--endpoint-name", self.endpoint_name,
-                   "--port", str(port), "--max-loaded-models", str(max_loaded or self.max_loaded)]
+                   "--port", str(port), "--max-loaded-models", str(max_loaded or self.max_loaded),
+                   *(["--docker", self.docker_image] if self.docker_image else [])]
         process: subprocess.Popen[bytes] | None = None
         try:
             # Signals held until `process` is bound, so the except below can cancel what started.
@@ -270,7 +290,7 @@ class EndpointDaemon:
         state, pid = self.state(), self.owner()
         if pid is None:
             (self.endpoint_dir / STATE_FILE).unlink(missing_ok=True)  # a killed endpoint's
-            return None
+            return {"container_removed": name} if (name := self._remove_container_left()) else None
         for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 10.0)):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, sig)
@@ -280,4 +300,14 @@ class EndpointDaemon:
             if self.owner() != pid:
                 break
         events.event("endpoint_stopped", pid=pid, url=state["url"] if state else None)
+        self._remove_container_left()  # it stops its container, unless it was SIGKILLed first
         return {**(state or {}), "pid": pid}
+
+    def _remove_container_left(self) -> str | None:
+        """The serve container a killed ``deploy --local --docker`` left (docker owns it, so it
+        outlives the endpoint process): removed, its name returned. Asked of docker only where
+        there is a Docker client."""
+        if not shutil.which("docker"):
+            return None
+        container = ServeContainer(self.docker_image or "", self.store.root, self.endpoint_dir)
+        return container.name if container.remove_leftover() else None
