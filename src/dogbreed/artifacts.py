@@ -126,7 +126,7 @@ class ModelMetadata:
 
 
 def library_versions() -> dict[str, str]:
-    import torch
+    import torch  # not at the top: the launcher and the server's front use this module torch-free
     import torchvision
 
     return {"python": platform.python_version(), "torch": torch.__version__,
@@ -135,7 +135,7 @@ def library_versions() -> dict[str, str]:
 
 def save_model_dir(model_dir: Path, model: nn.Module, metadata: ModelMetadata) -> None:
     """Write model.pt and model.json (each atomically, so a reader never sees half a file)."""
-    import torch
+    import torch  # torch-free module (see library_versions)
 
     model_dir.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
@@ -191,7 +191,7 @@ def find_model_dir(root: Path) -> Path:
 def load_state(model_dir: Path) -> tuple[dict[str, torch.Tensor], ModelMetadata]:
     """A model dir's checked ``model.json`` and ``model.pt`` state_dict (weights_only load,
     every tensor finite), without building the module."""
-    import torch
+    import torch  # torch-free module (see library_versions)
 
     model_dir = find_model_dir(Path(model_dir))
     metadata = read_metadata(model_dir)

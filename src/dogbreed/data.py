@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 import torchvision.io
 import torchvision.transforms.v2.functional as TF
+from PIL import Image, UnidentifiedImageError
 
 log = logging.getLogger(__name__)
 
@@ -143,8 +144,6 @@ def check_image_header(image: bytes, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
     refuses them), more than ``max_pixels`` or :data:`MAX_IMAGE_SIDE` per
     side, an aspect ratio over :data:`MAX_ASPECT_RATIO`, or (given ``resize_size``) a short-side
     resize to it over ``max_pixels``."""
-    from PIL import Image, UnidentifiedImageError
-
     if not image:
         raise ImageRejected(400, "empty image: send a JPEG or PNG image")
     try:
@@ -193,8 +192,6 @@ def check_png(data: bytes) -> None:
     every chunk's). PIL raises for these files. Costs one extra decode per PNG; JPEGs are not
     affected.
     """
-    from PIL import Image
-
     try:
         with Image.open(io.BytesIO(data)) as image:
             image.verify()  # every chunk's CRC
@@ -236,8 +233,6 @@ EXIF_ORIENTATION_TAG = 0x0112
 def exif_orientation(jpeg: torch.Tensor) -> int:
     """The EXIF orientation (1-8) in a JPEG's header, 1 when there is none (PIL reads the
     header only)."""
-    from PIL import Image, UnidentifiedImageError
-
     try:
         with Image.open(io.BytesIO(jpeg.numpy().tobytes())) as image:
             value = int(image.getexif().get(EXIF_ORIENTATION_TAG, 1))

@@ -119,7 +119,7 @@ def set_aside_finished_run(config: Path) -> Path | None:
 def set_mode(hook: Any, train: bool) -> None:
     if hook is None:
         return
-    import smdebug.pytorch as smd
+    import smdebug.pytorch as smd  # seconds to import: only a run with a hook loads it
 
     hook.set_mode(smd.modes.TRAIN if train else smd.modes.EVAL)
 

@@ -215,6 +215,7 @@ def launch(plan: WorldPlan, argv: Sequence[str], on_sigterm: Callable[[], None],
 
     ``on_sigterm``: called if SIGTERM arrives while torchrun waits for the other hosts (before
     any rank starts), before the process exits with ``exit_code``."""
+    # torchrun's modules load only for a job with more than one rank.
     from torch.distributed import run as torchrun
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
@@ -320,7 +321,7 @@ class World:
         """DDP around ``model`` when there is more than one rank, else ``model`` itself."""
         if self.size == 1:
             return model
-        from torch.nn.parallel import DistributedDataParallel
+        from torch.nn.parallel import DistributedDataParallel  # one rank never needs it
 
         ids = [device.index] if device.type == "cuda" else None
         return DistributedDataParallel(model, device_ids=ids)

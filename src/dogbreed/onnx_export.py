@@ -72,7 +72,7 @@ def runtime_available() -> bool:
 
 
 def runtime_version() -> str:
-    import onnxruntime
+    import onnxruntime  # optional (the serve extra): only where a graph is checked or served
 
     return onnxruntime.__version__
 
@@ -125,7 +125,7 @@ def export(model: nn.Module, image_size: int, path: Path) -> None:
 def session(graph: Path | bytes, threads: int = 1) -> onnxruntime.InferenceSession:
     """An ONNX Runtime CPU session for one serving worker (or a check): ``threads`` intra-op
     threads, one inter-op thread (the graph is a chain; MMS runs several workers side by side)."""
-    import onnxruntime
+    import onnxruntime  # optional: see runtime_version
 
     options = onnxruntime.SessionOptions()
     options.intra_op_num_threads = threads
@@ -261,7 +261,7 @@ def warm_up_runtime(size: int = 224) -> bool:
     with the ``onnx`` package's helpers (no torch export: that starts a thread); False if
     either package is missing. Runs on one thread and leaves none behind."""
     try:
-        from onnx import TensorProto, helper, numpy_helper
+        from onnx import TensorProto, helper, numpy_helper  # optional, like onnxruntime
     except ImportError:
         return False
     if not runtime_available():

@@ -113,7 +113,7 @@ def main() -> int:
     if contract.print_help_if_asked(sys.argv[1:]):  # before torch: help in a fraction of a second
         return 0
     install_early()
-    from dogbreed import train
+    from dogbreed import train  # torch: after the handlers, so a signal meanwhile is not lost
 
     return train.main()
 

@@ -142,7 +142,7 @@ def read_config_file(path: Path) -> dict[str, Any]:
         raise SettingsError(f"cannot read config file {path}: {exc}") from None
     if path.suffix == ".toml":
         try:
-            import tomllib
+            import tomllib  # only for a .toml config
         except ModuleNotFoundError:  # Python 3.10
             raise SettingsError(f"{path}: TOML config files need Python 3.11; use JSON") from None
         try:

@@ -1,11 +1,15 @@
-"""The local multi-model endpoint: ``dogbreed-serve`` (MMS) behind the TargetModel router.
+"""The local multi-model endpoint: the TargetModel router in front of a model server.
 
-:class:`LocalEndpoint` starts MMS and the router in front of it (a context manager), in one
-process. :class:`EndpointDaemon` runs one in the background for ``dogbreed deploy --local``, in a
-session of its own. The kernel keeps the books: the daemon holds ``<workdir>/endpoint/endpoint.lock``
-(an ``flock``) while it lives, so ``invoke``, ``status`` and ``cleanup`` find it through the lock
-and ``state.json`` and never take a dead or reused pid for it; MMS and the zygote die with it
-(``PR_SET_PDEATHSIG``, their workers with them), so a SIGKILLed daemon leaves nothing running.
+:class:`LocalEndpoint` starts the model server and the router (a context manager). The model
+server is ``dogbreed-serve`` in the same process, which the router calls directly (router → MMS),
+or with ``docker_image`` the serve image (:mod:`~dogbreed.launcher.local.serve_container`), which
+the router calls over HTTP. :class:`EndpointDaemon` runs one in the background for ``dogbreed
+deploy --local``, in a session of its own. The kernel keeps the books: the daemon holds
+``<workdir>/endpoint/endpoint.lock`` (an ``flock``) while it lives, so ``invoke``, ``status`` and
+``cleanup`` find it through the lock and ``state.json`` and never take a dead or reused pid for
+it; MMS and the zygote die with it (``PR_SET_PDEATHSIG``, their workers with them), so a
+SIGKILLed daemon leaves nothing running but a serve container, which docker owns and ``cleanup``
+removes by name.
 """
 
 from __future__ import annotations
@@ -54,9 +58,10 @@ class StartCancelled(KeyboardInterrupt):
 
 
 class LocalEndpoint:
-    """A multi-model ``dogbreed-serve`` (MMS) on a free port + the router in front of it.
+    """A multi-model ``dogbreed-serve`` (MMS; with ``docker_image``, that image's) + the router in
+    front of it.
 
-    ``model_server_url`` skips starting MMS and routes to a server that is already running
+    ``model_server_url`` skips starting one and routes to a server that is already running
     (tests use a fake one). Usable as a context manager; ``stop`` stops what ``start`` started.
     ``cancel``: an event (set by a signal handler) that makes a ``start`` in progress stop what
     it started and raise :class:`StartCancelled` instead of waiting for MMS to be ready.
