@@ -83,7 +83,7 @@ class FrontHandler(HTTP11RequestHandler):
         try:
             body = self.read_body(self.server.max_request_bytes)
         except BodyError as exc:  # answered with Connection: close, the rest of it unread
-            self._send(Response.error(exc.status, HTTPStatus(exc.status).phrase.replace(" ", ""), exc.message), close=True)
+            self.send_error(exc.status, exc.message)
             return
         except OSError:
             self.close_connection = True  # the caller went away mid-request
