@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from dogbreed import artifacts, contract, train
-from dogbreed.launcher.local.endpoint import free_port
+from dogbreed.contract import free_port
 
 pytestmark = pytest.mark.slow
 

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import pytest
 
-from dogbreed.launcher.local.endpoint import free_port
+from dogbreed.contract import free_port
 
 pytestmark = pytest.mark.slow
 
