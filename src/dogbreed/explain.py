@@ -32,7 +32,7 @@ from PIL import Image
 from torch import nn
 
 from dogbreed import artifacts, contract, data
-from dogbreed.reports import _pyplot
+from dogbreed.output_data import _pyplot
 from dogbreed.serve import MAX_IMAGE_PIXELS_ENV
 
 ALPHA = 0.45  # heat map opacity over the photo

@@ -8,7 +8,7 @@ through NVML (``nvidia-ml-py``) when training on CUDA, and the process's CPU use
 (psutil) everywhere, every :data:`SAMPLE_SECONDS` — the interval the seeds' SageMaker profiler
 config uses (500 ms).
 
-``dogbreed report`` reads the file (see :mod:`dogbreed.report`).
+``dogbreed report`` reads the file (see :mod:`dogbreed.debugger_report`).
 """
 
 from __future__ import annotations

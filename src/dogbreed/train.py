@@ -48,9 +48,9 @@ from dogbreed import (
     gpu,
     models,
     onnx_export,
+    output_data,
     profiling,
     recipe,
-    reports,
     stopping,
 )
 from dogbreed.contract import ContractError, Hyperparameters, Paths
@@ -663,7 +663,7 @@ def write_outputs(hp: Hyperparameters, paths: Paths, model: nn.Module, progress:
         test = evaluate(model, splits.test, hp, runtime, loss_fn)
         print(f"test_loss={test.loss:.4f} test_accuracy={test.accuracy:.4f}", flush=True)
         metrics.update(test_loss=test.loss, test_accuracy=test.accuracy)
-        test_report = reports.classification_report(test.labels, test.predictions, splits.class_names)
+        test_report = output_data.classification_report(test.labels, test.predictions, splits.class_names)
     metrics["wall_seconds"] = round(time.perf_counter() - run_started, 3)
 
     metadata = artifacts.ModelMetadata(
@@ -675,8 +675,8 @@ def write_outputs(hp: Hyperparameters, paths: Paths, model: nn.Module, progress:
     # model.onnx for CPU serving, checked against model.pt on the test split (a mismatch fails
     # the job with the reason).
     onnx_export.export_and_verify(paths.model_dir, splits.test.images if splits.test is not None else None)
-    reports.write_reports(paths.output_data_dir, [dataclasses.asdict(h) for h in progress.history],
-                          metrics, test_report, splits.class_names)
+    output_data.write_reports(paths.output_data_dir, [dataclasses.asdict(h) for h in progress.history],
+                              metrics, test_report, splits.class_names)
     log.info("event=done model_dir=%s output_data_dir=%s wall_seconds=%.1f", paths.model_dir,
              paths.output_data_dir, metrics["wall_seconds"])
     return TrainResult(history=progress.history, best_epoch=best_epoch, metrics=metrics,

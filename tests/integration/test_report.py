@@ -19,9 +19,9 @@ from pathlib import Path
 import pytest
 from browser import CHROMIUM, colour_fraction, ink_fraction, render
 
-from dogbreed import contract, debugger_config, profiling, report, train
+from dogbreed import contract, debugger_config, debugger_report, profiling, train
+from dogbreed.debugger_report import builtin_rules as rules
 from dogbreed.launcher import cli
-from dogbreed.report import builtin_rules as rules
 
 pytestmark = pytest.mark.slow
 
@@ -52,7 +52,7 @@ def runs(sample_data, tmp_path_factory):
 
 
 def test_every_rule_gets_a_verdict_and_the_healthy_run_keeps_decreasing(runs):
-    result = report.build_run_report(runs["healthy"])
+    result = debugger_report.build_run_report(runs["healthy"])
     assert set(result["verdicts"]) == ALL_RULES
     assert all(v in (rules.ISSUES, rules.NO_ISSUES, rules.NOT_APPLICABLE)
                for v in result["verdicts"].values()), result["verdicts"]
@@ -60,7 +60,7 @@ def test_every_rule_gets_a_verdict_and_the_healthy_run_keeps_decreasing(runs):
     assert result["verdicts"]["VanishingGradient"] == rules.NO_ISSUES
     # CPU run: no GPU samples, said so rather than guessed.
     assert result["verdicts"]["LowGPUUtilization"] == rules.NOT_APPLICABLE
-    saved = json.loads((runs["healthy"] / "output/data" / report.VERDICTS_FILE).read_text())
+    saved = json.loads((runs["healthy"] / "output/data" / debugger_report.VERDICTS_FILE).read_text())
     loss_rule = next(v for v in saved if v["rule"] == "LossNotDecreasing")
     assert loss_rule["parameters"]["mode"] == "TRAIN"  # the project's rule parameter
     assert loss_rule["parameters"]["num_steps"] == 10  # AWS's default
@@ -71,9 +71,9 @@ def test_an_ended_runs_trial_skips_smdebugs_end_of_training_wait_unless_asked(ru
     """smdebug waits SMDEBUG_TRAINING_END_DELAY_REFRESH seconds (default 1) per trial for late
     files after the end marker; on an ended run the report asks for 0, and leaves the setting as
     it found it. A user's own value still wins."""
-    tensors = str(report.tensors_dir(runs["healthy"]))
+    tensors = str(debugger_report.tensors_dir(runs["healthy"]))
     monkeypatch.delenv(rules.TRAINING_END_DELAY_ENV, raising=False)
-    with report.smdebug_logs_to_stderr():
+    with debugger_report.smdebug_logs_to_stderr():
         assert rules.open_trial(tensors, "unset")._training_end_delay_refresh == 0
         assert rules.TRAINING_END_DELAY_ENV not in os.environ
         monkeypatch.setenv(rules.TRAINING_END_DELAY_ENV, "3")
@@ -82,7 +82,7 @@ def test_an_ended_runs_trial_skips_smdebugs_end_of_training_wait_unless_asked(ru
 
 
 def test_a_run_made_to_overfit_trips_overfit_or_overtraining(runs):
-    verdicts = report.build_run_report(runs["overfit"])["verdicts"]
+    verdicts = debugger_report.build_run_report(runs["overfit"])["verdicts"]
     assert set(verdicts) == ALL_RULES
     assert rules.ISSUES in (verdicts["Overfit"], verdicts["Overtraining"]), verdicts
     history = json.loads((runs["overfit"] / "output/data/metrics.json").read_text())["history"]
@@ -92,9 +92,9 @@ def test_a_run_made_to_overfit_trips_overfit_or_overtraining(runs):
 def test_a_run_shorter_than_a_rules_window_is_not_enough_data_not_an_error(runs):
     """The overfit run trains 8 steps (5 images, batch 5, 8 epochs); LossNotDecreasing compares
     means of 10 steps. It used to say Error: "the tensors this rule reads were not saved"."""
-    result = report.build_run_report(runs["overfit"])
+    result = debugger_report.build_run_report(runs["overfit"])
     assert result["verdicts"]["LossNotDecreasing"] == rules.NOT_ENOUGH_DATA
-    saved = json.loads((runs["overfit"] / "output/data" / report.VERDICTS_FILE).read_text())
+    saved = json.loads((runs["overfit"] / "output/data" / debugger_report.VERDICTS_FILE).read_text())
     loss_rule = next(v for v in saved if v["rule"] == "LossNotDecreasing")
     assert loss_rule["message"] == "not enough data (8 steps, rule needs 10)"
     assert rules.ERROR not in result["verdicts"].values(), result["verdicts"]
@@ -105,7 +105,7 @@ def test_profiler_summary_splits_step_time_into_data_and_compute(runs):
     assert len(profile["steps"]) == 30  # 80 images / batch 8 x 3 epochs
     assert {s["epoch"] for s in profile["steps"]} == {1, 2, 3}
     assert all(s["data_s"] > 0 and s["compute_s"] > 0 for s in profile["steps"])
-    summary = report.profiler_summary(profile)
+    summary = debugger_report.profiler_summary(profile)
     assert summary["images"] == 240
     assert summary["images_per_sec"] > 0 and 0 < summary["data_fraction"] < 1
     assert summary["rss_peak_mb"] > 100  # psutil samples of a process holding torch

@@ -119,7 +119,7 @@ def test_a_sagemaker_job_without_debug_hook_config_saves_tensors_with_its_output
     assert trial.tensor(relu[0]).steps(mode=modes.EVAL) == []
     assert not trial.tensor_names(collection="weights")
     # The rules' own step counts: what `dogbreed report JOB` evaluates offline.
-    from dogbreed.report import builtin_rules as report_rules
+    from dogbreed.debugger_report import builtin_rules as report_rules
 
     verdicts = {v.rule: v.status for v in report_rules.evaluate_debugger_rules(str(tensors))}
     assert set(verdicts) >= {"VanishingGradient", "LossNotDecreasing", "PoorWeightInitialization"}

@@ -14,9 +14,9 @@ import boto3
 from botocore.stub import Stubber
 from moto import mock_aws
 
-from dogbreed import profiling, report
+from dogbreed import debugger_report, profiling
+from dogbreed.debugger_report import builtin_rules as rules
 from dogbreed.launcher import cli
-from dogbreed.report import builtin_rules as rules
 
 REGION = "eu-west-1"
 BUCKET = "dogbreed-test-bucket"
@@ -48,7 +48,7 @@ def test_study_report_leaderboard_and_every_trial_curve(tmp_path, capsys):
     result = json.loads(capsys.readouterr().out)
     assert result["pruned"] == [1] and result["best_trial"] == 2
     html = Path(result["report"]).read_text()
-    assert Path(result["report"]) == study.parent / "study-a" / report.REPORT_FILE
+    assert Path(result["report"]) == study.parent / "study-a" / debugger_report.REPORT_FILE
     rows = re.findall(r"<tr><td>(\d+)</td><td>(\d+)</td><td>(\w+)</td>", html)
     assert rows == [("1", "2", "COMPLETE"), ("2", "0", "COMPLETE"), ("3", "1", "PRUNED"),
                     ("4", "3", "FAIL")]  # best first; pruned and failed after
@@ -64,7 +64,7 @@ def test_a_run_trained_without_the_hook_says_so_for_every_debugger_rule(tmp_path
     verdicts = json.loads(capsys.readouterr().out)["verdicts"]
     assert verdicts.pop("LowGPUUtilization") == rules.NOT_APPLICABLE
     assert set(verdicts.values()) == {rules.NO_TENSORS}
-    saved = json.loads((data_dir / report.VERDICTS_FILE).read_text())
+    saved = json.loads((data_dir / debugger_report.VERDICTS_FILE).read_text())
     assert all("trained without the smdebug hook" in v["message"] and "--debugger" in v["message"]
                for v in saved if v["rule"] != "LowGPUUtilization")
 
@@ -111,13 +111,13 @@ def test_sagemaker_job_outputs_are_downloaded_into_the_run_layout(tmp_path, monk
                                    f"s3://{BUCKET}/dogbreed/output/training/{job}/output/model.tar.gz"},
                 "DebugHookConfig": {"S3OutputPath": f"s3://{BUCKET}/dogbreed/debug"},
             }, {"TrainingJobName": job})
-            run = report.download_training_job(sagemaker, s3, job, tmp_path / job)
+            run = debugger_report.download_training_job(sagemaker, s3, job, tmp_path / job)
     assert json.loads((run / "output/data/metrics.json").read_text())["metrics"]["valid_accuracy"] == 0.5
     assert (run / "output/data/profile.json").is_file()
     downloaded = sorted(str(p.relative_to(run / "output/tensors"))
                         for p in (run / "output/tensors").rglob("*") if p.is_file())
     assert downloaded == sorted(tensor_keys)  # this job's tensors only
-    assert report.tensors_dir(run) == run / "output/tensors"
+    assert debugger_report.tensors_dir(run) == run / "output/tensors"
     assert json.loads((run / "input/config/hyperparameters.json").read_text()) == {"model": "resnet18"}
 
 
@@ -168,7 +168,7 @@ def test_step_recorder_and_profiler_summary(tmp_path):
     path = recorder.write(tmp_path)
     profile = json.loads(path.read_text())
     assert [s["epoch"] for s in profile["steps"]] == [1, 1, 1, 2, 2, 2]
-    summary = report.profiler_summary(profile)
+    summary = debugger_report.profiler_summary(profile)
     assert summary["steps"] == 6 and summary["images"] == 48
     assert summary["step_ms_p50"] > 0 and 0 < summary["data_fraction"] < 1
     assert not recorder._sampler.is_alive()  # write() stopped it
@@ -252,7 +252,7 @@ def test_report_of_a_sagemaker_job_without_debugger_evaluates_its_in_job_tensors
     assert code == 0, out
     result = json.loads(out)
     run = tmp_path / "work" / "reports" / job
-    assert report.tensors_dir(run) == run / "output" / "data" / "tensors"
+    assert debugger_report.tensors_dir(run) == run / "output" / "data" / "tensors"
     verdicts = result["verdicts"]
     for rule in ("VanishingGradient", "Overfit", "Overtraining", "PoorWeightInitialization",
                  "LossNotDecreasing"):

@@ -61,7 +61,7 @@ def _local_candidates(name: str, workdir: Path) -> list[Path]:
 
 
 def cmd_report(args: argparse.Namespace, settings: settings_mod.Settings, backend: str) -> Any:
-    from dogbreed import report  # torch and smdebug
+    from dogbreed import debugger_report  # torch and smdebug
 
     path = Path(args.run)
     if not path.exists():
@@ -70,7 +70,7 @@ def cmd_report(args: argparse.Namespace, settings: settings_mod.Settings, backen
         )
 
         if not is_name(args.run):  # only a name is looked up under (or downloaded into) the workdir
-            raise report.ReportError(f"{args.run}: no such run directory, and not a job or study "
+            raise debugger_report.ReportError(f"{args.run}: no such run directory, and not a job or study "
                                      "name (letters, digits and single dashes)")
         local = [c for c in _local_candidates(args.run, settings.workdir_path) if c.exists()]
         if local:
@@ -89,15 +89,15 @@ def cmd_report(args: argparse.Namespace, settings: settings_mod.Settings, backen
                                      "s3 ListObjectsV2 + GetObject <DebugHookConfig>/<job>/debug-output/ "
                                      "(a job trained with --debugger-rules)"]}
             sm = SageMakerBackend(settings)
-            path = report.download_training_job(sm.client("sagemaker"), sm.client("s3"), args.run, dest)
+            path = debugger_report.download_training_job(sm.client("sagemaker"), sm.client("s3"), args.run, dest)
             events.event("report_downloaded", training_job=args.run, to=path)
         else:
-            raise report.ReportError(f"{args.run}: no such run directory, local job or study "
+            raise debugger_report.ReportError(f"{args.run}: no such run directory, local job or study "
                                      f"(looked in {settings.workdir_path}); for a SageMaker job "
                                      "pass --sagemaker")
     if args.dry_run:
         return {"backend": "local", "report": str(path), "out": str(args.out or "")}
-    result = report.build_report(path, args.out)
+    result = debugger_report.build_report(path, args.out)
     events.event("report_written", path=result["report"])
     return result
 

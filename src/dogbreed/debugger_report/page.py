@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from dogbreed.reports import _pyplot, plot_confusion
+from dogbreed.output_data import _pyplot, plot_confusion
 
 STATUS_COLOURS = {"IssuesFound": "#c62828", "NoIssuesFound": "#2e7d32", "Error": "#6d4c41",
                   "NotApplicable": "#757575", "NotEnoughData": "#9e9d24", "NoTensors": "#757575"}

@@ -9,7 +9,7 @@ A run directory is the ``/opt/ml`` layout a job leaves behind (a local job under
                                 its output.tar.gz, output/data/tensors/, or with
                                 --debugger-rules from DebugHookConfig's debug-output/)
 
-The seeds' debugger rules run on the tensors (:mod:`dogbreed.report.builtin_rules`), LowGPUUtilization
+The seeds' debugger rules run on the tensors (:mod:`dogbreed.debugger_report.builtin_rules`), LowGPUUtilization
 on the samples; everything lands in one HTML page with embedded PNG plots, by default
 ``output/data/report.html``. A tuning study (the local tuner's ``tuning/<study>.json``) gets a
 leaderboard and every trial's curve instead.
@@ -28,9 +28,9 @@ from typing import Any
 
 import numpy as np
 
-from dogbreed import artifacts, profiling, reports
-from dogbreed.report import builtin_rules as rules_mod
-from dogbreed.report import page
+from dogbreed import artifacts, output_data, profiling
+from dogbreed.debugger_report import builtin_rules as rules_mod
+from dogbreed.debugger_report import page
 
 log = logging.getLogger(__name__)
 
@@ -147,11 +147,11 @@ def build_run_report(run_dir: Path, out: Path | None = None) -> dict[str, Any]:
     """Evaluate the rules, summarise the profile and write the HTML page; returns a summary."""
     run_dir = Path(run_dir)
     data_dir = output_data_dir(run_dir)
-    metrics = _read_json(data_dir / reports.METRICS_FILE)
+    metrics = _read_json(data_dir / output_data.METRICS_FILE)
     profile = _read_json(data_dir / profiling.PROFILE_FILE)
     tensors = tensors_dir(run_dir)
     if metrics is None and profile is None and tensors is None:
-        raise ReportError(f"{run_dir} is not a training run: no output/data/{reports.METRICS_FILE}, "
+        raise ReportError(f"{run_dir} is not a training run: no output/data/{output_data.METRICS_FILE}, "
                           f"output/data/{profiling.PROFILE_FILE} or smdebug tensors "
                           f"({' or '.join(TENSORS_DIRS)})")
     hyperparameters = _read_json(run_dir / "input" / "config" / "hyperparameters.json") or {}
@@ -179,7 +179,7 @@ def build_run_report(run_dir: Path, out: Path | None = None) -> dict[str, Any]:
                      + page.table(rows, ("rule", "verdict", "step", "detail", "parameters"),
                                   raw_columns=(1,))
                      + '<p class="note">Rules re-implemented on smdebug\'s Rule API with AWS\'s '
-                       'documented default parameters; see dogbreed/report/builtin_rules.py.</p>'))
+                       'documented default parameters; see dogbreed/debugger_report/builtin_rules.py.</p>'))
     if metrics and metrics.get("history"):
         curves = page.image("epoch-curves", page.epoch_curves(metrics["history"]), "training curves")
         sections.append(("Training curves", curves))
@@ -192,9 +192,9 @@ def build_run_report(run_dir: Path, out: Path | None = None) -> dict[str, Any]:
         sections.append(("Test confusion matrix", page.image(
             "confusion-matrix", page.confusion(metrics["test_confusion_matrix"],
                                                metrics["class_names"]), "confusion matrix")))
-    elif (data_dir / reports.CONFUSION_FILE).is_file():
+    elif (data_dir / output_data.CONFUSION_FILE).is_file():
         sections.append(("Test confusion matrix", page.image(
-            "confusion-matrix", (data_dir / reports.CONFUSION_FILE).read_bytes(), "confusion matrix")))
+            "confusion-matrix", (data_dir / output_data.CONFUSION_FILE).read_bytes(), "confusion matrix")))
     if profile:
         content = page.table(list(summary.items()))
         if profile.get("steps"):
