@@ -12,7 +12,7 @@ The SageMaker environment names live in :mod:`dogbreed.contract`; these are serv
 heavy is imported here: the worker shim imports this package.
 """
 
-# Where the server keeps its MMS config, sockets, pid file, logs and unpacked models.
+# Where the server keeps its MMS config, sockets, lock, logs and unpacked models.
 RUN_DIR_ENV = "DOGBREED_RUN_DIR"
 # Comma-separated hosts an ``{"url": ...}`` request may fetch from; unset = URL input disabled.
 ALLOW_URL_HOSTS_ENV = "DOGBREED_ALLOW_URL_HOSTS"

@@ -4,7 +4,9 @@ SageMaker's runtime receives ``InvokeEndpoint`` with a ``TargetModel`` (a path r
 model's S3 prefix), downloads and unpacks that ``model.tar.gz`` on first use, loads it into the
 container with ``POST /models``, forwards the request to ``POST /models/{name}/invoke`` and
 unloads the least recently used model when the instance runs out of room. :class:`Router` does
-the same against a local model store folder (``<store>/<name>/model.tar.gz``) and an MMS server:
+the same against a local model store folder (``<store>/<name>/model.tar.gz``) and the serve
+image's model server (in this process, called directly, or a container over HTTP), which
+unpacks each archive it is handed:
 
 * ``POST /endpoints/{EndpointName}/invocations`` — what boto3's ``sagemaker-runtime`` client
   sends (point it here with ``endpoint_url``) — and ``POST /invocations``; the target comes from
@@ -186,7 +188,7 @@ class ModelCache:
     424 for the model server's 4xx: a broken archive, a model the handler cannot load) is
     remembered with its reason until the archive in the store changes (mtime or size): every
     request in the meantime, and every request that waited on that load, gets the same answer
-    at once instead of unpacking and loading it again one caller at a time. A load that failed
+    at once instead of loading it again one caller at a time. A load that failed
     on the server's side (its 5xx) is not remembered: one worker dying during a reload must not
     take the model out of service until a restart.
 
