@@ -15,7 +15,6 @@ record it, then delivers them, so the caller's cleanup sees the child.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import fcntl
 import os
 import signal
@@ -33,11 +32,6 @@ _DIE_WITH_PARENT = ("import ctypes, os, signal, sys\n"
                     f"ctypes.CDLL(None).prctl({PR_SET_PDEATHSIG}, signal.SIGKILL, 0, 0, 0)\n"
                     "if os.getppid() != int(sys.argv[1]): sys.exit(137)\n"
                     "os.execvp(sys.argv[2], sys.argv[2:])\n")
-
-
-def die_with_parent() -> None:
-    """Have the kernel SIGKILL this process when its parent (the thread that forked it) ends."""
-    ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
 
 
 def dying_with_this_process(command: Sequence[str]) -> list[str]:
