@@ -3,9 +3,9 @@ so from the first timed batches (not at the budget's end), stops the trial, and 
 best trial so far with a model that `add-model` and `train --from-tuning-job` take.
 
 The trial is set up for 5000 epochs at 32 px on the sample (80 training images): no CPU finishes
-that in 3 minutes, so the verdict does not depend on the machine's speed; the study ends after
-the first epoch (the sample's epoch is two batches: the timing line comes with the last one, and
-the trainer only looks at a stop request between batches and after the epoch's checkpoint).
+that in 3 minutes, so the verdict does not depend on the machine's speed. The verdict comes from
+the first timed batches, mid-epoch; no trial has an epoch yet and one fits in the time left, so
+the trial finishes its first epoch (the study's model) and the study ends there.
 """
 
 from __future__ import annotations

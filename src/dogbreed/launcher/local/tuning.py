@@ -19,7 +19,8 @@
   that cannot reach what it needs before the budget ends (the first trial: all its epochs, since
   a lone trial is never pruned; later ones: the pruner's next rung) is stopped at once, with an
   ``event=time_budget_short`` line naming the ``--epochs-max``/``--image-size``/``--time-budget``
-  that would fit. A study the budget ended names its best trial so far, pruned or not (the best
+  that would fit (when no trial has an epoch yet and one fits in the time left, that first epoch
+  finishes first, so the study has a model to name). A study the budget ended names its best trial so far, pruned or not (the best
   objective at its last reported epoch), with a model: a pruned trial's checkpoint is kept while
   it is the best so far, and its model is finished from it (the trainer resumes the checkpoint
   with no epoch left to train: its best epoch's weights, evaluated and exported as any run's).
@@ -186,6 +187,10 @@ class LocalTuning:
         its range (a name whose value does not is left to the sampler)."""
         searched = {p.name for p in self.space}
         fixed = {**self.static, **{k: v for k, v in (overrides or {}).items() if k in searched}}
+        if "lr" in searched and "optimizer" not in searched and "optimizer" not in fixed:
+            # Every trial gives an lr, and an lr given alone keeps SGD from scratch: a study of
+            # this space trains that optimizer, so its defaults point is that optimizer's.
+            fixed["optimizer"] = contract.parse_hyperparameters({**fixed, "lr": "1"}).optimizer
         defaults = contract.parse_hyperparameters(fixed).to_dict()
         point: dict[str, Any] = {}
         for param in self.space:
@@ -413,6 +418,14 @@ class LocalTuning:
                                   "suggestions": suggestions}
         return True
 
+    def _first_epoch_fits(self, study: Any, number: int, epoch_seconds: float) -> bool:
+        """Whether trial ``number``, which the budget check has just ended the study on, should
+        finish its first epoch before it stops: no trial has an epoch (so no model to name) and
+        one epoch fits in the time left (the budget's timer still stops it at the deadline)."""
+        if self._deadline is None or epoch_seconds > self._deadline - time.monotonic():
+            return False
+        return not any(t.user_attrs.get("curve") for t in study.get_trials(deepcopy=False) if t.number != number)
+
     def _keep_if_best_so_far(self, study: Any, trial: Any, checkpoints: Path,
                              curve: Sequence[Mapping[str, float]]) -> None:
         """A pruned trial's checkpoint stays while its last score is the study's best so far (a
@@ -510,6 +523,8 @@ class LocalTuning:
                 if score is None:
                     return False
                 trial.report(score, epoch)
+                if decided.get("stop_after_epoch"):
+                    return epoch < epochs
                 # The last epoch's work is done: the trial is complete, whatever a pruner would
                 # say (asking there recorded full 10-epoch runs as pruned).
                 if epoch < epochs and trial.should_prune():
@@ -528,7 +543,10 @@ class LocalTuning:
                 estimate = budget.epoch_seconds(per_image, int(timing["train_images"]),
                                                 int(timing["valid_images"]))
                 if self._short_of_budget(study, trial.number, epochs, 0, estimate, cost, decided):
-                    run.stop()
+                    if self._first_epoch_fits(study, trial.number, estimate):
+                        decided["stop_after_epoch"] = True  # the study's one chance of a model
+                    else:
+                        run.stop()
 
             run: TrainingRun | InProcessRun
             if self.in_process:
