@@ -112,7 +112,13 @@ def test_a_new_study_starts_from_the_defaults_then_the_seeds_point(backend: Loca
     first, second, third = result["trials"]
     assert (first["origin"], second["origin"], third.get("origin")) == ("defaults", "seeds", None)
     assert {k: second["hyperparameters"][k] for k in tuning.plan()["seeds_trial"]} == tuning.plan()["seeds_trial"]
-    assert first["hyperparameters"]["optimizer"] == "sgd" and first["hyperparameters"]["lr"] == "0.01"
+    # The scratch defaults (weights=none): AdamW at its own lr, batch 16.
+    assert {k: first["hyperparameters"][k] for k in ("optimizer", "lr", "batch-size")} == {
+        "optimizer": "adamw", "lr": "0.001", "batch-size": "16"}
+    # The seeds' space tunes lr alone, which keeps SGD from scratch: its defaults are SGD's.
+    sgd = backend.tuning(name="sgd", static_hyperparameters={"weights": "none"}, trials=1, epochs_max=2,
+                         space="seeds", pruner="none")
+    assert sgd.plan()["default_trial"] == {"lr": "0.01", "batch-size": "16"}  # epochs 10: over 2
     # Without the known-good points, the sampler chooses from the first trial.
     bare = backend.tuning(name="bare", static_hyperparameters={}, trials=1, epochs_max=2,
                           space="full", pruner="none", default_trial=False)

@@ -59,7 +59,21 @@ def test_defaults_depend_on_the_starting_point(monkeypatch: pytest.MonkeyPatch):
     finetune = contract.parse_hyperparameters({"weights": "imagenet"})
     assert finetune == contract.Hyperparameters(weights="imagenet")  # today's behaviour
     assert (finetune.augment, finetune.ema_decay, finetune.mixup_alpha) == ("flip", 0.0, 0.0)
-    # Scratch runs take SCRATCH_DEFAULTS (empty on the evidence so far) over those defaults.
+    # Scratch runs take SCRATCH_DEFAULTS over those defaults; explicit values win.
+    scratch = contract.parse_hyperparameters({"weights": "none"})
+    assert (scratch.optimizer, scratch.lr, scratch.batch_size, scratch.lr_schedule) == ("adamw", 1e-3, 16, "cosine")
+    assert contract.parse_hyperparameters({"weights": "/x/w.pth"}).optimizer == "sgd"
+    # An lr given alone was chosen for SGD (AdamW at 0.01 diverges from scratch): it keeps SGD.
+    lr_only = contract.parse_hyperparameters({"weights": "none", "lr": "0.05"})
+    assert (lr_only.optimizer, lr_only.lr, lr_only.batch_size) == ("sgd", 0.05, 16)
+    # Without an lr, each optimizer starts from its own (torch.optim's AdamW default for adamw).
+    assert contract.parse_hyperparameters({"weights": "none", "optimizer": "sgd"}).lr == 0.01
+    assert contract.parse_hyperparameters({"weights": "imagenet", "optimizer": "adamw"}).lr == 1e-3
+    assert contract.parse_hyperparameters({"optimizer": "adamw", "lr": "0.02"}).lr == 0.02
+    assert contract.recipe_defaults("none")["optimizer"] == "adamw"
+    assert contract.recipe_defaults("imagenet") == contract.Hyperparameters().to_dict()
+    help_text = " ".join(contract.build_arg_parser_help().format_help().split())
+    assert "(adamw with weights=none)" in help_text and "0.01 with sgd, 0.001 with adamw" in help_text
     monkeypatch.setattr(contract, "SCRATCH_DEFAULTS", {"augment": "trivialaugment", "ema_decay": 0.99})
     assert contract.parse_hyperparameters({"weights": "/x/w.pth"}).augment == "flip"
     scratch = contract.parse_hyperparameters({"weights": "none"})

@@ -557,8 +557,8 @@ def demo_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", type=Path, required=True, help="train/valid/test folder (the sample)")
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--image-size", type=int, default=64)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--lr", type=float, default=0.01)
+    p.add_argument("--batch-size", type=int, help="default: the trainer's for --weights")
+    p.add_argument("--lr", type=float, help="default: the trainer's for --weights")
     p.add_argument("--weights", default="none")
 
 

@@ -32,7 +32,7 @@ def pick_test_image(data: Path) -> tuple[Path, str]:
 
 
 def run_demo(settings: Settings, *, data: Path, epochs: int = 2, image_size: int = 64,
-             batch_size: int = 16, lr: float = 0.01, weights: str = "none") -> dict[str, Any]:
+             batch_size: int | None = None, lr: float | None = None, weights: str = "none") -> dict[str, Any]:
     from dogbreed.launcher.invoke import (  # lazy: demo only
         format_predictions,
         invoke_runtime,
@@ -50,8 +50,8 @@ def run_demo(settings: Settings, *, data: Path, epochs: int = 2, image_size: int
                                              endpoint_name="dogbreed-demo"))
     trained = {}
     for arch, name in MODELS:
-        hps = {"model": arch, "epochs": str(epochs), "image-size": str(image_size),
-               "batch-size": str(batch_size), "lr": repr(lr), "weights": weights}
+        hps = {"model": arch, "epochs": str(epochs), "image-size": str(image_size), "weights": weights,
+               **({"batch-size": str(batch_size)} if batch_size else {}), **({"lr": repr(lr)} if lr else {})}
         job = local.train(name=f"demo-{arch.replace('_', '')}", hyperparameters=hps, data=data,
                           echo=False)
         added = local.add_model(name, training_job=job["training_job"])
