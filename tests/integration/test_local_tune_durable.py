@@ -73,6 +73,10 @@ def test_a_killed_study_keeps_its_finished_trials_and_resumes(sample_data: Path,
     first = _tune([*common, "--name", "s", "--trials", "100"], epoch_seconds=0.3)
     try:
         _wait_for(lambda: _states(storage, "s").count("COMPLETE") >= 2, 60, "two finished trials")
+    except AssertionError as exc:  # say what the tuner was doing (it takes ~5 s here, even loaded)
+        first.kill()
+        _, err = first.communicate(timeout=30)
+        raise AssertionError(f"{exc}: states {_states(storage, 's')}; the tuner's log:\n{err[-4000:]}") from None
     finally:
         first.send_signal(signal.SIGKILL)  # no goodbye: nothing runs after this
         first.communicate(timeout=30)
