@@ -71,15 +71,16 @@ def test_a_killed_study_keeps_its_finished_trials_and_resumes(sample_data: Path,
     common = ["--data", str(sample_data), "--workdir", str(work), "--space", "seeds",
               "--pruner", "none", "--epochs-max", "2"]
     first = _tune([*common, "--name", "s", "--trials", "100"], epoch_seconds=0.3)
+    waited: AssertionError | None = None
     try:
         _wait_for(lambda: _states(storage, "s").count("COMPLETE") >= 2, 60, "two finished trials")
-    except AssertionError as exc:  # say what the tuner was doing (it takes ~5 s here, even loaded)
-        first.kill()
-        _, err = first.communicate(timeout=30)
-        raise AssertionError(f"{exc}: states {_states(storage, 's')}; the tuner's log:\n{err[-4000:]}") from None
+    except AssertionError as exc:
+        waited = exc
     finally:
         first.send_signal(signal.SIGKILL)  # no goodbye: nothing runs after this
-        first.communicate(timeout=30)
+        _, first_log = first.communicate(timeout=30)
+    if waited:  # say what the tuner was doing (it takes ~5 s here, even loaded)
+        raise AssertionError(f"{waited}: states {_states(storage, 's')}; the tuner's log:\n{first_log[-4000:]}")
     killed = optuna.load_study(study_name="s", storage=storage).trials
     finished = [t.number for t in killed if t.state.name == "COMPLETE"]
     assert len(finished) >= 2

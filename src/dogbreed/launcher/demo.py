@@ -51,7 +51,8 @@ def run_demo(settings: Settings, *, data: Path, epochs: int = 2, image_size: int
     trained = {}
     for arch, name in MODELS:
         hps = {"model": arch, "epochs": str(epochs), "image-size": str(image_size), "weights": weights,
-               **({"batch-size": str(batch_size)} if batch_size else {}), **({"lr": repr(lr)} if lr else {})}
+               **({"batch-size": str(batch_size)} if batch_size is not None else {}),
+               **({"lr": repr(lr)} if lr is not None else {})}
         job = local.train(name=f"demo-{arch.replace('_', '')}", hyperparameters=hps, data=data,
                           echo=False)
         added = local.add_model(name, training_job=job["training_job"])

@@ -20,10 +20,11 @@
   a lone trial is never pruned; later ones: the pruner's next rung) is stopped at once, with an
   ``event=time_budget_short`` line naming the ``--epochs-max``/``--image-size``/``--time-budget``
   that would fit (when no trial has an epoch yet and one fits in the time left, that first epoch
-  finishes first, so the study has a model to name). A study the budget ended names its best trial so far, pruned or not (the best
-  objective at its last reported epoch), with a model: a pruned trial's checkpoint is kept while
-  it is the best so far, and its model is finished from it (the trainer resumes the checkpoint
-  with no epoch left to train: its best epoch's weights, evaluated and exported as any run's).
+  finishes first, so the study has a model to name). A study the budget ended names its best
+  trial so far, pruned or not (the best objective at its last reported epoch), with a model: a
+  pruned trial's checkpoint is kept while it is the best so far, and its model is finished from
+  it (the trainer resumes the checkpoint with no epoch left to train: its best epoch's weights,
+  evaluated and exported as any run's).
 
 Each trial is a :class:`~dogbreed.launcher.local.runs.TrainingRun` (its own process, as a
 SageMaker HPO trial is) or, ``in_process``, an :class:`~dogbreed.launcher.local.runs.InProcessRun`
