@@ -271,3 +271,39 @@ def test_a_pruned_trials_layout_comes_from_its_own_log(tmp_path: Path, log: str,
     (tmp_path / "train.log").write_text(log)
     assert local_tuning.logged_layout(tmp_path / "train.log") == layout
     assert local_tuning.logged_layout(tmp_path / "missing.log") is None
+
+
+def test_a_schema_race_on_a_new_sqlite_study_is_retried(backend: LocalBackend, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two processes opening a new SQLite study together (a second `tune --local`, or anything
+    reading the study) race to create Optuna's tables; the loser's CREATE TABLE fails with "table
+    ... already exists". Seen as a tuner dead at start-up under `make test`: it retries now."""
+    import sqlite3
+
+    import sqlalchemy.exc
+
+    real = optuna.storages.RDBStorage
+    calls: list[int] = []
+
+    def racing(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise sqlalchemy.exc.OperationalError(
+                "CREATE TABLE study_user_attributes", {},
+                sqlite3.OperationalError("table study_user_attributes already exists"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(local_tuning.time, "sleep", lambda seconds: None)
+    monkeypatch.setattr(optuna.storages, "RDBStorage", racing)
+    tuning = backend.tuning(name="race", static_hyperparameters={}, trials=1, epochs_max=2, space="seeds")
+    assert isinstance(tuning.storage(), real) and len(calls) == 2
+
+    # Any other operational error (a locked or unreadable database) is not a race: raised at once.
+    def unreadable(*args, **kwargs):
+        calls.append(1)
+        raise sqlalchemy.exc.OperationalError("SELECT 1", {}, sqlite3.OperationalError("unable to open database file"))
+
+    calls.clear()
+    monkeypatch.setattr(optuna.storages, "RDBStorage", unreadable)
+    with pytest.raises(sqlalchemy.exc.OperationalError, match="unable to open"):
+        tuning.storage()
+    assert len(calls) == 1

@@ -237,7 +237,11 @@ class LocalTuning:
             Path(url[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
         # SQLite: wait for a writer up to 60 s instead of failing at once (several local workers).
         engine = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {"pool_pre_ping": True}
-        from sqlalchemy.exc import IntegrityError, ProgrammingError  # with optuna's storage
+        from sqlalchemy.exc import (  # with optuna's storage
+            IntegrityError,
+            OperationalError,
+            ProgrammingError,
+        )
 
         for attempt in range(SCHEMA_ATTEMPTS):
             try:
@@ -246,10 +250,12 @@ class LocalTuning:
                     return optuna.storages.RDBStorage(url, engine_kwargs=engine,
                                                       heartbeat_interval=HEARTBEAT_SECONDS,
                                                       grace_period=GRACE_SECONDS)
-            except (IntegrityError, ProgrammingError):
-                # Workers started together on an empty database race to create Optuna's
-                # tables (PostgreSQL: "duplicate key ... studydirection"); the loser finds them
-                # made on the next try.
+            except (IntegrityError, ProgrammingError, OperationalError) as exc:
+                # Processes opening an empty database together race to create Optuna's tables
+                # (PostgreSQL: "duplicate key ... studydirection"; SQLite: "table ... already
+                # exists"); the loser finds them made on the next try.
+                if isinstance(exc, OperationalError) and "already exists" not in str(exc):
+                    raise
                 if attempt == SCHEMA_ATTEMPTS - 1:
                     raise
                 time.sleep(0.5 * (attempt + 1))
